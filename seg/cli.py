@@ -1,0 +1,33 @@
+"""Argument types shared by the command-line tools."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """``256MB`` -> 256000000, ``1GiB`` -> 1073741824, ``500000`` -> 500000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match[2].lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 256MB, 1GiB or 500000")
+    return int(float(match[1]) * _UNITS[match[2].lower()])
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """``a,b,,c`` -> (``a``, ``b``, ``c``)."""
+    return tuple(item for item in text.split(",") if item)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``2048x1024`` -> (2048, 1024)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 2048x1024") from None
+    if width < 32 or height < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 32x16")
+    return width, height

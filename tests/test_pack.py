@@ -1,0 +1,325 @@
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seg import cityscapes as cs
+from seg import pack as pack_module
+from seg.manifest import ManifestError, fold_groups, load_manifest, shard_paths, verify
+from seg.pack import Options, PackError, pack
+from seg.synthetic import make_synthetic
+from tools import pack_cityscapes
+
+from .conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_shards(out: Path) -> dict[str, dict[str, list[dict[str, bytes]]]]:
+    """Every sample of every shard, read with tarfile alone: {group: {shard: [sample]}}."""
+    manifest = load_manifest(out)
+    result = {}
+    for group, info in manifest["groups"].items():
+        result[group] = {}
+        for shard in info["shards"]:
+            samples: dict[str, dict[str, bytes]] = {}
+            with tarfile.open(out / shard["name"]) as tar:
+                for member in tar:
+                    key, ext = member.name.split(".", 1)
+                    samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+            result[group][shard["name"]] = list(samples.values())
+    return result
+
+
+def all_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def leftovers(parent: Path) -> list[str]:
+    if not parent.exists():
+        return []
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+@pytest.fixture(scope="module")
+def packed(synthetic_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("packed") / "tiny"
+    pack(synthetic_root, out, Options(shard_size=60_000), progress=False)
+    return out
+
+
+def test_every_frame_exactly_once_and_fold_groups_disjoint_and_complete(synthetic_root, packed):
+    shards = read_shards(packed)
+    keys = Counter(s["__key__"] for group in shards.values() for shard in group.values() for s in shard)
+    expected = {p.name.removesuffix(cs.IMAGE_SUFFIX) for p in synthetic_root.glob("leftImg8bit/*/*/*.png")}
+    assert set(keys) == expected
+    assert set(keys.values()) == {1}
+
+    manifest = load_manifest(packed)
+    train_keys = {p.name.removesuffix(cs.IMAGE_SUFFIX) for p in synthetic_root.glob("leftImg8bit/train/*/*.png")}
+    fold_keys = [{s["__key__"] for shard in shards[f"train-fold{k}"].values() for s in shard} for k in range(5)]
+    for k in range(5):
+        train_groups, _ = fold_groups(manifest, k)
+        train = {s["__key__"] for g in train_groups for shard in shards[g].values() for s in shard}
+        assert train.isdisjoint(fold_keys[k])
+        assert train | fold_keys[k] == train_keys
+    # city mode: a city never spans two folds
+    cities = [{key.split("_")[0] for key in keys_} for keys_ in fold_keys]
+    assert sum(len(c) for c in cities) == len(set().union(*cities)) == TINY["cities"]["train"]
+
+
+def test_samples_hold_original_image_bytes_trainid_labels_and_records(synthetic_root, packed):
+    manifest = load_manifest(packed)
+    for group, group_shards in read_shards(packed).items():
+        for shard, samples in group_shards.items():
+            assert len(samples) == next(s["samples"] for s in manifest["groups"][group]["shards"] if s["name"] == shard)
+            for sample in samples:
+                record = json.loads(sample["json"])
+                assert record["key"] == sample["__key__"]
+                assert record["fold"] == manifest["groups"][group]["fold"]
+                assert (record["width"], record["height"]) == TINY["size"]
+                assert sample["image.png"] == (synthetic_root / record["image"]).read_bytes()
+                if record["split"] == "test":
+                    assert "label.png" not in sample and record["label"] is None
+                    continue
+                ids = np.asarray(Image.open(synthetic_root / record["label"]))
+                label = np.asarray(Image.open(io.BytesIO(sample["label.png"])))
+                np.testing.assert_array_equal(label, cs.ID_TO_TRAINID[ids])
+
+
+def test_manifest_counts_and_class_histograms_match_an_independent_count(synthetic_root, packed):
+    manifest = load_manifest(packed)
+    assert manifest["counts"]["train"] == TINY["counts"]["train"]
+    assert manifest["counts"]["val"] == TINY["counts"]["val"]
+    assert manifest["counts"]["test"] == TINY["counts"]["test"]
+    assert sum(manifest["counts"]["folds"]) == TINY["counts"]["train"]
+    for group, info in manifest["groups"].items():
+        assert info["samples"] == sum(s["samples"] for s in info["shards"])
+        if info["split"] == "test":
+            assert info["class_pixels"] is None
+            continue
+        histogram = np.zeros(256, dtype=np.int64)
+        for path in synthetic_root.glob(f"gtFine/{info['split']}/*/*{cs.LABEL_IDS_SUFFIX}"):
+            if path.parent.name in info["cities"]:
+                histogram += np.bincount(cs.ID_TO_TRAINID[np.asarray(Image.open(path))].ravel(), minlength=256)
+        assert info["class_pixels"] == histogram[:19].tolist(), group
+        assert info["ignore_pixels"] == histogram[255]
+    for shard in (s for g in manifest["groups"].values() for s in g["shards"]):
+        assert shard["bytes"] == (packed / shard["name"]).stat().st_size
+
+
+def test_repacking_gives_byte_identical_shards_and_manifest_whatever_the_workers(synthetic_root, packed, tmp_path):
+    pack(synthetic_root, tmp_path / "tiny", Options(shard_size=60_000), workers=2, progress=False)
+    assert all_files(tmp_path / "tiny") == all_files(packed)
+    assert len(list(packed.glob("*.tar"))) > 6  # several shards per group were cut
+
+
+def test_random_folds_are_balanced_and_seeded(synthetic_root, tmp_path):
+    a = pack(synthetic_root, tmp_path / "a", Options(fold_mode="random", folds=4, seed=3), progress=False)
+    b = pack(synthetic_root, tmp_path / "b", Options(fold_mode="random", folds=4, seed=4), progress=False)
+    assert sorted(a["counts"]["folds"]) == [7, 7, 8, 8]
+    fold_keys = [
+        sorted(s["__key__"] for shard in read_shards(out)["train-fold0"].values() for s in shard)
+        for out in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert fold_keys[0] != fold_keys[1]
+    assert a["options"]["seed"] == 3 and b["options"]["fold_mode"] == "random"
+
+
+def test_selection_cities_are_held_out_of_every_fold(synthetic_root, tmp_path):
+    manifest = pack(synthetic_root, tmp_path / "s", Options(folds=3, selection_cities=("bremen",)), progress=False)
+    assert manifest["groups"]["train-selection"]["cities"] == ["bremen"]
+    for k in range(3):
+        assert "bremen" not in manifest["groups"][f"train-fold{k}"]["cities"]
+    selection = manifest["counts"]["selection"]
+    assert selection == len(list(synthetic_root.glob("leftImg8bit/train/bremen/*.png"))) > 0
+    assert sum(manifest["counts"]["folds"]) + selection == TINY["counts"]["train"]
+
+
+def test_train_id_labels_are_used_as_they_are_when_present(tmp_path):
+    root = tmp_path / "cs"
+    make_synthetic(
+        root,
+        counts={"train": 6, "val": 2, "test": 0},
+        cities={"train": 3, "val": 1, "test": 1},
+        size=(64, 32),
+        train_ids=True,
+        progress=False,
+    )
+    manifest = pack(root, tmp_path / "out", Options(folds=3, splits=("train", "val")), progress=False)
+    assert manifest["source"]["labels"] == {"labelTrainIds": 8}
+    for group in read_shards(tmp_path / "out").values():
+        for sample in (s for shard in group.values() for s in shard):
+            record = json.loads(sample["json"])
+            assert record["label_source"] == "labelTrainIds"
+            assert sample["label.png"] == (root / record["label"]).read_bytes()
+
+
+def test_jpg_image_format_is_an_explicit_lossy_option(synthetic_root, tmp_path):
+    pack(synthetic_root, tmp_path / "jpg", Options(image_format="jpg", jpeg_quality=90), progress=False)
+    sample = next(iter(read_shards(tmp_path / "jpg")["val"].values()))[0]
+    image = Image.open(io.BytesIO(sample["image.jpg"]))
+    assert image.format == "JPEG" and image.size == TINY["size"]
+    assert load_manifest(tmp_path / "jpg")["options"]["jpeg_quality"] == 90
+
+
+def test_verify_passes_then_catches_a_flipped_byte_a_missing_and_a_stray_shard(packed, tmp_path):
+    assert verify(packed) == []
+    out = tmp_path / "copy"
+    out.mkdir()
+    for name, data in all_files(packed).items():
+        (out / name).write_bytes(data)
+    victim = out / "val-000000.tar"
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0x01
+    victim.write_bytes(bytes(data))
+    (out / "test-000000.tar").unlink()
+    (out / "stray-000000.tar").write_bytes(b"x")
+    problems = verify(out, workers=2)
+    assert len(problems) == 3
+    assert any("val-000000.tar" in p and "sha256" in p for p in problems)
+    assert any("test-000000.tar" in p and "missing" in p for p in problems)
+    assert any("stray-000000.tar" in p and "not listed" in p for p in problems)
+    assert pack_cityscapes.main(["--verify", str(out)]) == 1
+
+
+def test_manifest_helpers_name_what_is_wrong(packed, tmp_path):
+    manifest = load_manifest(packed)
+    with pytest.raises(ManifestError, match="fold 5 does not exist"):
+        fold_groups(manifest, 5)
+    with pytest.raises(ManifestError, match="group 'nope'"):
+        shard_paths(packed, manifest, ["nope"])
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(tmp_path)
+
+
+# --- bad input: one clear error naming the file, exit code 2, nothing left behind ---------
+
+
+def _break_missing_label(root: Path) -> str:
+    path = next(root.glob(f"gtFine/train/*/*{cs.LABEL_IDS_SUFFIX}"))
+    path.unlink()
+    return path.name.replace(cs.LABEL_IDS_SUFFIX, cs.IMAGE_SUFFIX)
+
+
+def _break_missing_image(root: Path) -> str:
+    path = next(root.glob("leftImg8bit/val/*/*.png"))
+    path.unlink()
+    return path.name.replace(cs.IMAGE_SUFFIX, cs.LABEL_IDS_SUFFIX)
+
+
+def _break_size(root: Path) -> str:
+    path = sorted(root.glob(f"gtFine/train/*/*{cs.LABEL_IDS_SUFFIX}"))[-1]
+    Image.open(path).resize((32, 16), Image.NEAREST).save(path)
+    return path.name
+
+
+def _break_ids(root: Path) -> str:
+    path = sorted(root.glob(f"gtFine/val/*/*{cs.LABEL_IDS_SUFFIX}"))[-1]
+    ids = np.asarray(Image.open(path)).copy()
+    ids[0, :3] = 200
+    Image.fromarray(ids).save(path)
+    return path.name
+
+
+def _break_truncated_image(root: Path) -> str:
+    path = sorted(root.glob("leftImg8bit/train/*/*.png"))[-1]
+    path.write_bytes(path.read_bytes()[:-40])
+    return path.name
+
+
+def _break_truncated_label(root: Path) -> str:
+    path = sorted(root.glob(f"gtFine/train/*/*{cs.LABEL_IDS_SUFFIX}"))[3]
+    path.write_bytes(path.read_bytes()[:100])
+    return path.name
+
+
+def _break_empty_split(root: Path) -> str:
+    for path in root.glob("leftImg8bit/test/*/*.png"):
+        path.unlink()
+    return "split 'test' has no images"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_break_missing_label, "no label for this image"),
+        (_break_missing_image, "label without an image"),
+        (_break_size, "does not match its image"),
+        (_break_ids, r"values \[200\] are not Cityscapes labelIds"),
+        (_break_truncated_image, "truncated or corrupt"),
+        (_break_truncated_label, "truncated or corrupt"),
+        (_break_empty_split, "--splits"),
+    ],
+)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_input_gets_one_clear_error_and_leaves_nothing(tree, tmp_path, capsys, damage, message, workers):
+    named = damage(tree)
+    out = tmp_path / "shards" / "out"
+    code = pack_cityscapes.main([str(tree), "--out", str(out), "--workers", str(workers), "--shard-size", "20KB"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert named in err and re.search(message, err), err
+    assert err.count("error:") == 1
+    assert not out.exists() and leftovers(out.parent) == []
+
+
+def test_more_folds_than_cities_is_refused(synthetic_root, tmp_path, capsys):
+    code = pack_cityscapes.main([str(synthetic_root), "--out", str(tmp_path / "o"), "--folds", "7"])
+    assert code == 2
+    assert "--folds 7 with --fold-mode city needs at least 7 cities" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_refused_unless_overwrite(synthetic_root, packed, tmp_path, capsys):
+    out = tmp_path / "tiny"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert pack_cityscapes.main([str(synthetic_root), "--out", str(out)]) == 2
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert pack_cityscapes.main([str(synthetic_root), "--out", str(out), "--overwrite", "--shard-size", "60000"]) == 0
+    assert all_files(out) == all_files(packed)
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupt_mid_pack_leaves_nothing_and_keeps_an_existing_output(synthetic_root, packed, tmp_path, monkeypatch):
+    out = tmp_path / "tiny"
+    pack(synthetic_root, out, Options(shard_size=60_000), progress=False)
+    before = all_files(out)
+    real, calls = pack_module.write_shard, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(pack_module, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pack(synthetic_root, out, Options(shard_size=60_000), overwrite=True, progress=False)
+    assert all_files(out) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_the_command_line_as_a_user_runs_it(synthetic_root, tmp_path):
+    out = tmp_path / "shards" / "tiny"
+    run = [sys.executable, str(REPO / "tools" / "pack_cityscapes.py")]
+    packed = subprocess.run([*run, str(synthetic_root), "--out", str(out)], capture_output=True, text=True)
+    assert packed.returncode == 0, packed.stderr
+    assert "packed train 30, val 8, test 4 frames" in packed.stdout
+    verified = subprocess.run([*run, "--verify", str(out)], capture_output=True, text=True)
+    assert verified.returncode == 0 and "every shard matches the manifest" in verified.stdout
+
+
+def test_pack_errors_are_pack_errors(tree):
+    with pytest.raises(PackError, match="--selection-cities nowhere"):
+        pack(tree, tree.parent / "o", Options(selection_cities=("nowhere",)), progress=False)

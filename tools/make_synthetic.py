@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Write a synthetic Cityscapes tree (official layout) of procedural street scenes.
+
+python tools/make_synthetic.py data/synthetic --train 60 --val 20 --test 6 --size 512x256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from seg.atomic import OutputExistsError
+from seg.cli import parse_size
+from seg.synthetic import CITIES, make_synthetic
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="root of the tree to write (leftImg8bit/ and gtFine/ go inside)")
+    for split, images, cities in (("train", 30, 6), ("val", 10, 2), ("test", 6, 2)):
+        parser.add_argument(f"--{split}", type=int, default=images, help=f"{split} images (default {images})")
+        parser.add_argument(
+            f"--{split}-cities",
+            type=int,
+            default=cities,
+            help=f"cities in {split}, at most {len(CITIES[split])} (default {cities})",
+        )
+    parser.add_argument("--size", type=parse_size, default=(2048, 1024), help="WIDTHxHEIGHT (default 2048x1024)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-ids", action="store_true", help="also write *_gtFine_labelTrainIds.png")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing tree")
+    args = parser.parse_args(argv)
+    try:
+        frames = make_synthetic(
+            args.out,
+            counts={s: getattr(args, s) for s in CITIES},
+            cities={s: getattr(args, f"{s}_cities") for s in CITIES},
+            size=args.size,
+            seed=args.seed,
+            workers=args.workers,
+            train_ids=args.train_ids,
+            overwrite=args.overwrite,
+        )
+    except (OutputExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(frames)} frames to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
