@@ -94,13 +94,20 @@ def _check_shard(args: tuple[Path, dict[str, Any]]) -> str | None:
     return None
 
 
-def verify(directory: str | Path, workers: int = 1) -> list[str]:
-    """Check every shard against the manifest (presence, size, sha256); return the problems."""
+def verify(directory: str | Path, workers: int = 1, groups: list[str] | None = None) -> list[str]:
+    """Check shards against the manifest (presence, size, sha256); return the problems.
+
+    ``groups=None`` checks every group and also reports ``.tar`` files the manifest does
+    not list; otherwise only the shards of ``groups`` are checked.
+    """
     directory = Path(directory)
     manifest = load_manifest(directory)
-    listed = [(directory / s["name"], s) for group in manifest["groups"].values() for s in group["shards"]]
-    names = {path.name for path, _ in listed}
-    problems = [f"{p}: not listed in the manifest" for p in sorted(directory.glob("*.tar")) if p.name not in names]
+    selected = manifest["groups"] if groups is None else {g: manifest["groups"][g] for g in groups}
+    listed = [(directory / s["name"], s) for group in selected.values() for s in group["shards"]]
+    problems = []
+    if groups is None:
+        names = {s["name"] for group in manifest["groups"].values() for s in group["shards"]}
+        problems += [f"{p}: not listed in the manifest" for p in sorted(directory.glob("*.tar")) if p.name not in names]
     if workers <= 1:
         results = map(_check_shard, listed)
     else:

@@ -1,0 +1,305 @@
+"""Training and evaluation pipelines over the packed shards (webdataset tar files).
+
+Training: an endless, resampled stream per (rank, worker). Each epoch every worker draws
+shards with replacement and yields exactly its share of a fixed number of batches, so
+every rank takes the same number of steps however the shards divide (fewer shards than
+ranks x workers included), and the order is a pure function of (seed, epoch, rank,
+worker): a run restarted at epoch e sees the stream an uninterrupted run saw.
+
+Evaluation: the samples of the chosen groups, in manifest order, cut into ranks x workers
+contiguous ranges: every sample exactly once, whatever the number of shards; a rank may
+get none and must still join the metric reduction.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from seg.manifest import ManifestError, fold_groups, load_manifest, verify
+from seg.transforms import TrainGeometry, eval_sample, train_sample
+
+ON_ERROR = ("raise", "skip")
+
+
+class DataError(RuntimeError):
+    """A shard or a sample that cannot be read: the message names the shard and the key."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    samples: int
+
+
+def shards_of(directory: str | Path, groups: list[str], checksums: bool = True) -> list[Shard]:
+    """The shards of ``groups``, after checking them against the manifest.
+
+    Missing shards or wrong sizes (and, with ``checksums``, wrong sha256) raise a
+    ManifestError listing every problem, before any training starts.
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    unknown = [g for g in groups if g not in manifest["groups"]]
+    if unknown:
+        raise ManifestError(f"{directory}: no group {unknown[0]!r}; the manifest has {sorted(manifest['groups'])}")
+    if checksums:
+        problems = verify(directory, groups=groups)
+    else:
+        problems = [
+            f"{directory / s['name']}: missing or not {s['bytes']} bytes"
+            for g in groups
+            for s in manifest["groups"][g]["shards"]
+            if not (directory / s["name"]).is_file() or (directory / s["name"]).stat().st_size != s["bytes"]
+        ]
+    if problems:
+        raise ManifestError("shards do not match the manifest:\n  " + "\n  ".join(problems) + "\nrepack the dataset")
+    return [Shard(str(directory / s["name"]), s["samples"]) for g in groups for s in manifest["groups"][g]["shards"]]
+
+
+def read_shard(path: str) -> Iterator[dict[str, Any]]:
+    """The raw samples of one shard ({"__key__", "image.png": bytes, ...}), in order."""
+    key = None
+    try:
+        with open(path, "rb") as stream:
+            files = ({**f, "__url__": path} for f in tar_file_iterator(stream))
+            for sample in group_by_keys(files):
+                key = sample["__key__"]
+                yield sample
+    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+        where = f"after sample {key}" if key else "at its start"
+        raise DataError(f"{path}: unreadable {where} ({e}); verify the shards (--verify) and repack") from None
+
+
+def decode(sample: dict[str, Any], shard: str) -> tuple[Image.Image, Image.Image | None]:
+    """Image (RGB) and label (L, trainIds) of a raw sample."""
+    key = sample["__key__"]
+    try:
+        name = "image.png" if "image.png" in sample else "image.jpg"
+        image = Image.open(io.BytesIO(sample[name]))
+        image.load()
+        label = None
+        if "label.png" in sample:
+            label = Image.open(io.BytesIO(sample["label.png"]))
+            label.load()
+    except KeyError as e:
+        raise DataError(f"{shard}: sample {key} has no {e.args[0]} member; repack the dataset") from None
+    except Exception as e:  # PIL raises several types for broken data
+        raise DataError(f"{shard}: sample {key} cannot be decoded ({e}); verify and repack the dataset") from None
+    if label is not None and label.size != image.size:
+        raise DataError(f"{shard}: sample {key}: label {label.size} and image {image.size} differ; repack")
+    return image.convert("RGB") if image.mode != "RGB" else image, label
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class TrainStream(IterableDataset):
+    """Endless seeded stream of training samples; ``samples_per_epoch`` per worker per epoch.
+
+    Each item: ``image`` (3, H, W) uint8, ``label`` (H, W) uint8, ``key``, and ``skipped``:
+    the samples dropped as unreadable (``on_error="skip"``) since the previous item.
+    """
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        geometry: TrainGeometry,
+        samples_per_epoch: int,
+        seed: int = 0,
+        rank: int = 0,
+        start_epoch: int = 0,
+        shuffle_buffer: int = 64,
+        on_error: str = "raise",
+    ) -> None:
+        if not shards:
+            raise ValueError("no training shards")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error {on_error!r}: choose from {', '.join(ON_ERROR)}")
+        self.shards, self.geometry, self.samples_per_epoch = shards, geometry, samples_per_epoch
+        self.seed, self.rank, self.start_epoch = seed, rank, start_epoch
+        self.shuffle_buffer, self.on_error = shuffle_buffer, on_error
+
+    def _raw(self, rng: random.Random) -> Iterator[tuple[str, dict[str, Any]]]:
+        while True:
+            shard = rng.choice(self.shards).path  # with replacement: no rank or worker ever runs dry
+            try:
+                for sample in read_shard(shard):
+                    yield shard, sample
+            except DataError:
+                if self.on_error == "raise":
+                    raise
+                yield shard, {"__key__": None}  # the rest of this shard is lost: counted as one
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        worker, _ = _worker()
+        rng = random.Random(f"train/{self.seed}/{epoch}/{self.rank}/{worker}")
+        numpy_rng = np.random.default_rng(rng.getrandbits(64))
+        shuffled = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(self._raw(rng))
+        produced = skipped = 0
+        if self.samples_per_epoch == 0:
+            return
+        for shard, raw in shuffled:
+            try:
+                if raw["__key__"] is None:
+                    raise DataError(f"{shard}: truncated")
+                image, label = decode(raw, shard)
+                if label is None:
+                    raise DataError(f"{shard}: sample {raw['__key__']} has no label; training needs labels")
+            except DataError:
+                if self.on_error == "raise":
+                    raise
+                skipped += 1
+                continue
+            image_tensor, label_tensor = train_sample(image, label, self.geometry, numpy_rng)
+            yield {"image": image_tensor, "label": label_tensor, "key": raw["__key__"], "skipped": skipped}
+            produced, skipped = produced + 1, 0
+            if produced == self.samples_per_epoch:
+                return
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.start_epoch
+        while True:
+            yield from self.epoch(epoch)
+            epoch += 1
+
+
+class EvalStream(IterableDataset):
+    """Every sample of ``shards`` exactly once across ranks and workers, in contiguous ranges.
+
+    Each item: ``image`` (3, h, w) uint8 (full resolution, or resized to ``size``), ``label``
+    (H, W) uint8 at the original resolution (absent for unlabelled splits), ``key``.
+    """
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        size: tuple[int, int] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        on_error: str = "raise",
+    ) -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error {on_error!r}: choose from {', '.join(ON_ERROR)}")
+        self.shards, self.size, self.rank, self.world_size, self.on_error = shards, size, rank, world_size, on_error
+
+    def range(self, worker: int, num_workers: int) -> tuple[int, int]:
+        """The [start, stop) of global sample indices that this rank's ``worker`` reads."""
+        total = sum(s.samples for s in self.shards)
+        slots = self.world_size * num_workers
+        slot = self.rank * num_workers + worker
+        return slot * total // slots, (slot + 1) * total // slots
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start, stop = self.range(*_worker())
+        offset = 0
+        for shard in self.shards:
+            first, offset = offset, offset + shard.samples
+            if offset <= start or first >= stop:
+                continue  # no sample of this shard is ours: not even opened
+            try:
+                for index, raw in enumerate(read_shard(shard.path), start=first):
+                    if index >= stop:
+                        break
+                    if index < start:
+                        continue
+                    try:
+                        image, label = decode(raw, shard.path)
+                    except DataError:
+                        if self.on_error == "raise":
+                            raise
+                        continue
+                    image_tensor, label_tensor = eval_sample(image, label, self.size)
+                    item = {"image": image_tensor, "key": raw["__key__"]}
+                    if label_tensor is not None:
+                        item["label"] = label_tensor
+                    yield item
+            except DataError:
+                if self.on_error == "raise":
+                    raise
+                # the rest of a truncated shard is lost; evaluation reports expected - seen
+
+
+def _loader_options(workers: int, pin_memory: bool) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
+    if workers > 0:
+        options |= {"persistent_workers": True, "prefetch_factor": 4, "multiprocessing_context": "fork"}
+    return options
+
+
+def steps_per_epoch(samples: int, batch_size: int, world_size: int, workers: int) -> int:
+    """Batches per rank per epoch: one pass over ``samples`` in expectation, rounded up to a
+    multiple of the loader's workers so that each worker yields whole epochs."""
+    steps = math.ceil(samples / (batch_size * world_size))
+    per = max(workers, 1)
+    return math.ceil(steps / per) * per
+
+
+def train_loader(
+    directory: str | Path,
+    fold: int,
+    geometry: TrainGeometry,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 2,
+    seed: int = 0,
+    start_epoch: int = 0,
+    shuffle_buffer: int = 64,
+    on_error: str = "raise",
+    pin_memory: bool = False,
+    checksums: bool = True,
+) -> tuple[DataLoader, int]:
+    """The loader of fold ``fold``'s training stream and its steps per epoch (the same on every rank).
+
+    Iterate the loader once and take ``steps`` batches per epoch: worker streams are
+    endless and aligned to epochs.
+    """
+    manifest = load_manifest(directory)
+    groups, _ = fold_groups(manifest, fold)
+    shards = shards_of(directory, groups, checksums=checksums)
+    steps = steps_per_epoch(sum(s.samples for s in shards), batch_size, world_size, workers)
+    stream = TrainStream(
+        shards,
+        geometry,
+        samples_per_epoch=steps // max(workers, 1) * batch_size,
+        seed=seed,
+        rank=rank,
+        start_epoch=start_epoch,
+        shuffle_buffer=shuffle_buffer,
+        on_error=on_error,
+    )
+    return DataLoader(stream, batch_size=batch_size, **_loader_options(workers, pin_memory)), steps
+
+
+def eval_loader(
+    directory: str | Path,
+    groups: list[str],
+    batch_size: int = 1,
+    size: tuple[int, int] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 2,
+    on_error: str = "raise",
+    pin_memory: bool = False,
+    checksums: bool = True,
+) -> tuple[DataLoader, int]:
+    """A loader over every sample of ``groups`` exactly once across ranks, and that total."""
+    shards = shards_of(directory, groups, checksums=checksums)
+    stream = EvalStream(shards, size=size, rank=rank, world_size=world_size, on_error=on_error)
+    options = _loader_options(workers, pin_memory) | {"persistent_workers": False}
+    return DataLoader(stream, batch_size=batch_size, **options), sum(s.samples for s in shards)

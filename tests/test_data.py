@@ -1,0 +1,278 @@
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seg import cityscapes as cs
+from seg.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, elastic
+from seg.data import DataError, EvalStream, TrainStream, eval_loader, shards_of, train_loader
+from seg.manifest import ManifestError, load_manifest
+from seg.pack import Options, pack
+from seg.transforms import TrainGeometry, _cat_max_ok, eval_sample, train_sample
+
+GEOMETRY = TrainGeometry(size=(16, 32), base_size=(32, 64))
+
+
+@pytest.fixture(scope="module")
+def many_shards(synthetic_root, tmp_path_factory) -> Path:
+    """Train folds of 1-3 samples per shard: more shards than most ranks x workers."""
+    out = tmp_path_factory.mktemp("data") / "many"
+    pack(synthetic_root, out, Options(shard_size=25_000, folds=3, fold_mode="random"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_shard_per_group(synthetic_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "few"
+    pack(synthetic_root, out, Options(folds=3, fold_mode="random"), progress=False)
+    return out
+
+
+def group_keys(directory: Path, group: str) -> list[str]:
+    keys = []
+    for shard in shards_of(directory, [group]):
+        with tarfile.open(shard.path) as tar:
+            keys += sorted({m.name.split(".")[0] for m in tar})
+    return keys
+
+
+@pytest.mark.parametrize("dataset", ["many_shards", "one_shard_per_group"])
+@pytest.mark.parametrize(("world", "workers"), [(1, 0), (1, 3), (2, 2), (3, 1), (4, 2), (5, 0)])
+def test_eval_reads_every_sample_exactly_once_across_ranks_and_workers(request, dataset, world, workers):
+    directory = request.getfixturevalue(dataset)
+    expected = Counter(group_keys(directory, "val") + group_keys(directory, "train-fold1"))
+    seen: Counter = Counter()
+    per_rank = []
+    for rank in range(world):
+        loader, total = eval_loader(directory, ["val", "train-fold1"], batch_size=2, rank=rank, world_size=world,
+                                    workers=workers)  # fmt: skip
+        keys = [key for batch in loader for key in batch["key"]]
+        per_rank.append(len(keys))
+        seen.update(keys)
+    assert total == sum(expected.values())
+    assert seen == expected
+    assert max(per_rank) - min(per_rank) <= max(workers, 1)  # contiguous ranges: balanced
+
+
+def test_a_rank_with_no_samples_yields_nothing_and_does_not_fail(one_shard_per_group):
+    shards = shards_of(one_shard_per_group, ["val"])
+    total = sum(s.samples for s in shards)
+    empty = EvalStream(shards, rank=0, world_size=total + 1)  # N samples over N + 1 ranks: rank 0 gets none
+    assert empty.range(0, 1) == (0, 0)
+    assert list(empty) == []
+    others = [
+        item["key"] for rank in range(1, total + 1) for item in EvalStream(shards, rank=rank, world_size=total + 1)
+    ]
+    assert len(others) == len(set(others)) == total
+
+
+def test_eval_labels_keep_full_resolution_when_images_are_resized(one_shard_per_group):
+    loader, _ = eval_loader(one_shard_per_group, ["val"], batch_size=1, size=(16, 32), workers=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (1, 3, 16, 32) and batch["image"].dtype == torch.uint8
+    assert batch["label"].shape == (1, 32, 64)
+
+
+@pytest.mark.parametrize("dataset", ["many_shards", "one_shard_per_group"])
+@pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 2), (3, 2)])
+def test_every_rank_takes_the_same_number_of_full_batches(request, dataset, world, workers):
+    directory = request.getfixturevalue(dataset)
+    counts = []
+    for rank in range(world):
+        loader, steps = train_loader(directory, 0, GEOMETRY, batch_size=3, rank=rank, world_size=world,
+                                     workers=workers)  # fmt: skip
+        batches = iter(loader)
+        for _epoch in range(2):
+            sizes = [len(next(batches)["key"]) for _ in range(steps)]
+            assert sizes == [3] * steps
+        counts.append(steps)
+    assert len(set(counts)) == 1
+    train_samples = sum(load_manifest(directory)["counts"]["folds"][1:])
+    assert counts[0] * 3 * world >= train_samples  # an epoch covers the fold's data in expectation
+
+
+def _epochs(directory: Path, start_epoch: int, epochs: int, workers: int = 2) -> list[dict]:
+    loader, steps = train_loader(directory, 2, GEOMETRY, batch_size=2, rank=1, world_size=2, workers=workers,
+                                 seed=7, start_epoch=start_epoch)  # fmt: skip
+    batches = iter(loader)
+    return [next(batches) for _ in range(steps * epochs)]
+
+
+def test_the_stream_after_a_restart_at_an_epoch_is_the_same(many_shards):
+    uninterrupted = _epochs(many_shards, start_epoch=0, epochs=3)
+    restarted = _epochs(many_shards, start_epoch=1, epochs=2)
+    steps = len(uninterrupted) // 3
+    for a, b in zip(uninterrupted[steps:], restarted, strict=True):
+        assert a["key"] == b["key"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert [b["key"] for b in uninterrupted[:steps]] != [b["key"] for b in uninterrupted[steps : 2 * steps]]
+
+
+def test_the_stream_depends_on_the_seed_and_the_rank(many_shards):
+    def keys(seed: int, rank: int) -> list[str]:
+        loader, steps = train_loader(many_shards, 0, GEOMETRY, batch_size=2, rank=rank, world_size=2, workers=0,
+                                     seed=seed)  # fmt: skip
+        batches = iter(loader)
+        return [k for _ in range(steps) for k in next(batches)["key"]]
+
+    assert keys(0, 0) == keys(0, 0)
+    assert keys(0, 0) != keys(1, 0)
+    assert keys(0, 0) != keys(0, 1)
+
+
+# --- geometry keeps image and label aligned ------------------------------------------------
+
+
+def colour_coded(height: int = 128, width: int = 256, seed: int = 0) -> tuple[Image.Image, Image.Image]:
+    """A label of random 32-pixel blocks and an image whose colour is the label's palette colour."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 19, size=(height // 32, width // 32), dtype=np.uint8)
+    label = np.kron(blocks, np.ones((32, 32), dtype=np.uint8))
+    label[:4] = 255
+    return Image.fromarray(cs.colorize(label)), Image.fromarray(label)
+
+
+def alignment(image: np.ndarray, label: np.ndarray) -> float:
+    """Share of labelled pixels whose colour is nearest to their own class's palette colour
+    (HWC image); resampling blends colours only along block edges."""
+    keep = label != 255
+    distance = ((image[..., None, :].astype(int) - cs.PALETTE.astype(int)) ** 2).sum(-1)
+    return float((distance.argmin(-1)[keep] == label[keep]).mean())
+
+
+@pytest.mark.parametrize("mode", ["resize", "scale-crop"])
+@pytest.mark.parametrize("level", ["none", "standard", "advanced"])
+def test_geometry_keeps_labels_aligned_with_the_image(mode, level):
+    image, label = colour_coded()
+    geometry = TrainGeometry(mode=mode, level=level, size=(32, 48), base_size=(128, 256), scale_range=(0.25, 2.0))
+    rng = np.random.default_rng(0)
+    misaligned = []
+    for _ in range(40):
+        image_t, label_t = train_sample(image, label, geometry, rng)
+        assert image_t.shape == (3, 32, 48) and label_t.shape == (32, 48)
+        out_image, out_label = image_t.permute(1, 2, 0).numpy(), label_t.numpy()
+        assert alignment(out_image, out_label) > 0.8
+        misaligned.append(alignment(out_image[:, ::-1], out_label))
+    # a flip applied to one side only would score like this: far lower
+    assert np.mean(misaligned) < 0.5
+
+
+def test_scale_crop_pads_small_scales_with_ignore():
+    image, label = colour_coded()
+    geometry = TrainGeometry("scale-crop", size=(64, 128), level="none", base_size=(64, 128), scale_range=(0.5, 0.5))
+    image_t, label_t = train_sample(image, label, geometry, np.random.default_rng(0))
+    # the 256x128 source scaled to 64x32 fills the top-left; the rest is padding
+    assert (label_t[32:] == 255).all() and (label_t[:, 64:] == 255).all()
+    assert (image_t[:, 32:] == 0).all() and (image_t[:, :, 64:] == 0).all()
+    assert (label_t[4:32, :64] != 255).all()
+
+
+def test_cat_max_ratio_rejects_windows_of_one_class():
+    label = Image.fromarray(np.zeros((32, 32), np.uint8))
+    assert not _cat_max_ok(label, (0, 0, 16, 16), 0.75)
+    mixed = np.zeros((32, 32), np.uint8)
+    mixed[:, 16:] = 5
+    assert _cat_max_ok(Image.fromarray(mixed), (0, 0, 32, 32), 0.75)
+
+
+def test_elastic_moves_labels_with_the_image():
+    image, label = colour_coded(seed=1)
+    images = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 255
+    labels = torch.from_numpy(np.asarray(label))[None]
+    moved, moved_labels = elastic(images, labels, alpha=0.05)
+    assert (moved_labels != labels).float().mean() > 0.02  # it did move things
+    out = (moved[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert alignment(out, moved_labels[0].numpy()) > 0.9
+    assert alignment(out, labels[0].numpy()) < alignment(out, moved_labels[0].numpy())
+
+
+def test_device_augment_normalises_and_level_none_changes_nothing_else():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 19, (2, 8, 8), dtype=torch.uint8)
+    out, out_labels = DeviceAugment("none")(images, labels)
+    expected = (images.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    torch.testing.assert_close(out, expected)
+    assert out_labels.dtype == torch.long and torch.equal(out_labels, labels.long())
+    augmented, _ = DeviceAugment("advanced", channels_last=True)(images, labels)
+    assert augmented.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_eval_sample_resizes_only_the_image():
+    image, label = colour_coded()
+    image_t, label_t = eval_sample(image, label, (32, 64))
+    assert image_t.shape == (3, 32, 64) and label_t.shape == (128, 256)
+    torch.testing.assert_close(label_t, torch.from_numpy(np.asarray(label)))
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def _copy(directory: Path, tmp_path: Path) -> Path:
+    out = tmp_path / directory.name
+    shutil.copytree(directory, out)
+    return out
+
+
+def test_missing_or_changed_shards_are_refused_before_training(one_shard_per_group, tmp_path):
+    directory = _copy(one_shard_per_group, tmp_path)
+    shard = directory / "train-fold1-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"train-fold1-000000.tar: sha256 .* does not match"):
+        train_loader(directory, 0, GEOMETRY, batch_size=2, workers=0)
+    (directory / "val-000000.tar").unlink()
+    with pytest.raises(ManifestError, match=r"val-000000.tar: missing"):
+        eval_loader(directory, ["val"], checksums=False)
+
+
+def _corrupt_member(directory: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    """Overwrite the middle of one image inside a val shard (same size: only decoding fails)."""
+    directory = _copy(directory, tmp_path)
+    shard = directory / "val-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.name.endswith(".image.png"))
+    data = bytearray(shard.read_bytes())
+    middle = member.offset_data + member.size // 2
+    data[middle : middle + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    return directory, str(shard), member.name.split(".")[0]
+
+
+def test_a_corrupt_member_is_an_error_naming_shard_and_key_or_skipped_and_counted(one_shard_per_group, tmp_path):
+    directory, shard, key = _corrupt_member(one_shard_per_group, tmp_path)
+    shards = shards_of(directory, ["val"], checksums=False)
+    with pytest.raises(DataError, match=rf"{shard}: sample {key} cannot be decoded"):
+        list(EvalStream(shards))
+    seen = [item["key"] for item in EvalStream(shards, on_error="skip")]
+    assert key not in seen and len(seen) == sum(s.samples for s in shards) - 1
+
+
+def test_a_truncated_shard_is_an_error_naming_it_or_skipped_and_counted(one_shard_per_group, tmp_path):
+    directory = _copy(one_shard_per_group, tmp_path)
+    shard = directory / "val-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (directory / "manifest.json").write_text(
+        (directory / "manifest.json")
+        .read_text()
+        .replace(str(one_shard_per_group.joinpath("val-000000.tar").stat().st_size), str(shard.stat().st_size), 1)
+    )
+    shards = shards_of(directory, ["val"], checksums=False)
+    with pytest.raises(DataError, match=rf"{shard}: unreadable after sample"):
+        list(EvalStream(shards))
+    seen = list(EvalStream(shards, on_error="skip"))
+    assert 0 < len(seen) < sum(s.samples for s in shards)  # evaluation reports expected - seen
+
+    # training: the loss is counted in the items' "skipped" field, never silent
+    stream = TrainStream(shards, GEOMETRY, samples_per_epoch=20, on_error="skip")
+    items = list(stream.epoch(0))
+    assert len(items) == 20 and sum(item["skipped"] for item in items) > 0
+    with pytest.raises(DataError, match=str(shard)):
+        list(TrainStream(shards, GEOMETRY, samples_per_epoch=20).epoch(0))
