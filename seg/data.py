@@ -26,7 +26,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from seg.manifest import ManifestError, fold_groups, load_manifest, verify
 from seg.transforms import TrainGeometry, eval_sample, train_sample
@@ -69,15 +69,23 @@ def shards_of(directory: str | Path, groups: list[str], checksums: bool = True) 
     return [Shard(str(directory / s["name"]), s["samples"]) for g in groups for s in manifest["groups"][g]["shards"]]
 
 
+def _members(path: str) -> Iterator[dict[str, Any]]:
+    # webdataset's tar_file_iterator opens tars in stream mode ("r|*"), which reads 10 KB
+    # records through Python: 16 ms per 3 MB frame here. A seekable "r:" open reads each
+    # member in one call; webdataset's group_by_keys still assembles the samples.
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if member.isreg():
+                yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": path}
+
+
 def read_shard(path: str) -> Iterator[dict[str, Any]]:
     """The raw samples of one shard ({"__key__", "image.png": bytes, ...}), in order."""
     key = None
     try:
-        with open(path, "rb") as stream:
-            files = ({**f, "__url__": path} for f in tar_file_iterator(stream))
-            for sample in group_by_keys(files):
-                key = sample["__key__"]
-                yield sample
+        for sample in group_by_keys(_members(path)):
+            key = sample["__key__"]
+            yield sample
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         where = f"after sample {key}" if key else "at its start"
         raise DataError(f"{path}: unreadable {where} ({e}); verify the shards (--verify) and repack") from None
