@@ -121,6 +121,8 @@ class TrainStream(IterableDataset):
 
     Each item: ``image`` (3, H, W) uint8, ``label`` (H, W) uint8, ``key``, and ``skipped``:
     the samples dropped as unreadable (``on_error="skip"``) since the previous item.
+    The shuffle buffer holds raw (encoded) samples: about 3 MB each for Cityscapes PNGs,
+    so 32 cost ~100 MB per worker.
     """
 
     def __init__(
@@ -131,7 +133,7 @@ class TrainStream(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         start_epoch: int = 0,
-        shuffle_buffer: int = 64,
+        shuffle_buffer: int = 32,
         on_error: str = "raise",
     ) -> None:
         if not shards:
@@ -267,7 +269,7 @@ def train_loader(
     workers: int = 2,
     seed: int = 0,
     start_epoch: int = 0,
-    shuffle_buffer: int = 64,
+    shuffle_buffer: int = 32,
     on_error: str = "raise",
     pin_memory: bool = False,
     checksums: bool = True,

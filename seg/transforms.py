@@ -64,6 +64,11 @@ def cut(
     """
     height, width = size
     x0, y0, x1, y1 = window
+    if x0 >= 0 and y0 >= 0 and x1 <= image.width and y1 <= image.height:  # the usual case: no padding
+        return (
+            np.asarray(image.resize((width, height), Image.BILINEAR, box=window)),
+            np.asarray(label.resize((width, height), Image.NEAREST, box=window)),
+        )
     sx, sy = width / (x1 - x0), height / (y1 - y0)  # output pixels per source pixel
     # The window clipped to the source, and where that lands in the output.
     cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, image.width), min(y1, image.height)
@@ -120,9 +125,10 @@ def train_sample(
     image_array, label_array = cut(image, label, window, geometry.size)
     if geometry.level != "none" and rng.random() < geometry.flip_p:
         image_array, label_array = image_array[:, ::-1], label_array[:, ::-1]
+    # One copy each, into (3, H, W) and (H, W) tensors that own their memory.
     return (
         torch.from_numpy(np.ascontiguousarray(image_array.transpose(2, 0, 1))),
-        torch.from_numpy(np.ascontiguousarray(label_array)),
+        torch.from_numpy(np.array(label_array)),
     )
 
 
