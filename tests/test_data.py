@@ -182,8 +182,8 @@ def test_cat_max_ratio_rejects_windows_of_one_class():
 
 def test_elastic_moves_labels_with_the_image():
     image, label = colour_coded(seed=1)
-    images = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 255
-    labels = torch.from_numpy(np.asarray(label))[None]
+    images = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+    labels = torch.from_numpy(np.array(label))[None]
     moved, moved_labels = elastic(images, labels, alpha=0.05)
     assert (moved_labels != labels).float().mean() > 0.02  # it did move things
     out = (moved[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

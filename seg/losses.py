@@ -1,0 +1,123 @@
+"""Segmentation losses, computed in fp32 whatever the autocast dtype of the logits.
+
+Every term carries gradient to the logits (the study's own smoothed CE computed its
+log-probabilities under no_grad, so that term never trained; its Dice counted absent
+classes as zero). Each loss returns a scalar; ``CombinedLoss`` also returns its parts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seg.cityscapes import IGNORE_INDEX
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """torch's cross entropy: class weights, ignored pixels, label smoothing (1 - s on the
+    true class, s / C spread over all classes)."""
+    return F.cross_entropy(
+        logits.float(), target.long(), weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing
+    )
+
+
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX, smooth: float = 1.0
+) -> torch.Tensor:
+    """1 - mean Dice over the classes present in ``target``; softmax probabilities vs one-hot
+    targets on valid pixels, per class (2 * intersection + smooth) / (sum_p + sum_t + smooth)."""
+    num_classes = logits.shape[1]
+    probs = logits.float().softmax(dim=1)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target.long(), 0)
+    onehot = F.one_hot(safe_target, num_classes).permute(0, 3, 1, 2).float()
+    mask = valid.unsqueeze(1).float()
+    probs, onehot = probs * mask, onehot * mask
+    dims = (0, 2, 3)
+    intersection = (probs * onehot).sum(dims)
+    target_sum = onehot.sum(dims)
+    dice = (2 * intersection + smooth) / (probs.sum(dims) + target_sum + smooth)
+    present = target_sum > 0
+    if not present.any():
+        return probs.sum() * 0.0  # no valid pixel: zero, still attached to the graph
+    return 1.0 - dice[present].mean()
+
+
+def ohem_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    threshold: float = 0.7,
+    min_kept: int = 100_000,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Cross entropy over the hard pixels only (mmseg's OHEMPixelSampler): those whose
+    probability of the true class is below ``threshold``, and at least ``min_kept`` of the
+    hardest when fewer are below it."""
+    logits = logits.float()
+    target = target.long()
+    valid = target != ignore_index
+    losses = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="none")
+    if not valid.any():
+        return losses.sum() * 0.0
+    with torch.no_grad():
+        true_prob = logits.softmax(dim=1).gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
+        sorted_prob = true_prob[valid].sort().values
+        kth = sorted_prob[min(min_kept, sorted_prob.numel() - 1)]  # as mmseg: strictly below the bar
+        kept = valid & (true_prob < torch.clamp(kth, min=threshold))
+    if not kept.any():
+        return losses.sum() * 0.0
+    if weight is None:
+        return losses[kept].mean()
+    return losses[kept].sum() / weight[target[kept]].sum()
+
+
+class CombinedLoss(nn.Module):
+    """alpha * CE (smoothed, weighted) + (1 - alpha) * Dice; ``alpha=1`` is plain CE."""
+
+    def __init__(
+        self,
+        alpha: float = 0.6,
+        label_smoothing: float = 0.1,
+        class_weights: torch.Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha {alpha}: must be within [0, 1]")
+        self.alpha, self.label_smoothing, self.ignore_index = alpha, label_smoothing, ignore_index
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ce = cross_entropy(logits, target, self.class_weights, self.label_smoothing, self.ignore_index)
+        dice = dice_loss(logits, target, self.ignore_index)
+        total = self.alpha * ce + (1.0 - self.alpha) * dice
+        return total, {"ce": ce.detach(), "dice": dice.detach()}
+
+
+def class_weights_from_pixels(pixels: list[int] | torch.Tensor, kind: str = "inverse-sqrt") -> torch.Tensor:
+    """Class weights from per-class pixel counts (the manifest's ``class_pixels``), mean 1.
+
+    ``inverse``: 1 / frequency; ``inverse-sqrt``: 1 / sqrt(frequency), gentler; ``log``:
+    ENet's 1 / ln(1.02 + frequency). Classes with no pixels get the largest weight seen.
+    """
+    counts = torch.as_tensor(pixels, dtype=torch.float64)
+    frequency = counts / counts.sum()
+    if kind == "inverse":
+        weights = 1.0 / frequency
+    elif kind == "inverse-sqrt":
+        weights = 1.0 / frequency.sqrt()
+    elif kind == "log":
+        weights = 1.0 / torch.log(1.02 + frequency)
+    else:
+        raise ValueError(f"class weight kind {kind!r}: choose from inverse, inverse-sqrt, log")
+    finite = torch.isfinite(weights)
+    weights[~finite] = weights[finite].max() if finite.any() else 1.0
+    return (weights / weights.mean()).float()

@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+
+from seg.losses import CombinedLoss, class_weights_from_pixels, cross_entropy, dice_loss, ohem_cross_entropy
+
+# Two valid pixels and one ignored, three classes: logits (1, 3, 1, 3), targets (1, 1, 3).
+LOGITS = torch.tensor([[[[2.0, 0.0, 5.0]], [[1.0, 3.0, -5.0]], [[0.0, 1.0, 0.0]]]])
+TARGET = torch.tensor([[[0, 1, 255]]])
+
+
+def log_softmax(column: list[float]) -> list[float]:
+    norm = math.log(sum(math.exp(v) for v in column))
+    return [v - norm for v in column]
+
+
+P0 = log_softmax([2.0, 1.0, 0.0])  # pixel 0, true class 0
+P1 = log_softmax([0.0, 3.0, 1.0])  # pixel 1, true class 1
+
+
+def test_cross_entropy_with_smoothing_by_hand():
+    s = 0.1
+    per_pixel = [-((1 - s) * p[t] + s / 3 * sum(p)) for p, t in ((P0, 0), (P1, 1))]
+    assert cross_entropy(LOGITS, TARGET, label_smoothing=s).item() == pytest.approx(sum(per_pixel) / 2, rel=1e-6)
+
+
+def test_cross_entropy_with_class_weights_by_hand():
+    weight = torch.tensor([2.0, 0.5, 1.0])
+    expected = (2.0 * -P0[0] + 0.5 * -P1[1]) / (2.0 + 0.5)
+    assert cross_entropy(LOGITS, TARGET, weight=weight).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dice_by_hand_averages_only_the_classes_present():
+    probs = [[math.exp(v) for v in P0], [math.exp(v) for v in P1]]
+    dice = []
+    for c in (0, 1):  # class 2 is absent from the target: not averaged (the study counted it as 0)
+        intersection = sum(p[c] for p, t in zip(probs, (0, 1), strict=True) if t == c)
+        dice.append((2 * intersection + 1) / (probs[0][c] + probs[1][c] + 1 + 1))
+    assert dice_loss(LOGITS, TARGET).item() == pytest.approx(1 - sum(dice) / 2, rel=1e-6)
+
+
+def test_ohem_keeps_the_hard_pixels_by_hand():
+    p0, p1 = math.exp(P0[0]), math.exp(P1[1])  # true-class probabilities 0.665 and 0.844
+    # threshold 0.7, min_kept 1: only pixel 0 is below 0.7
+    assert ohem_cross_entropy(LOGITS, TARGET, threshold=0.7, min_kept=1).item() == pytest.approx(-P0[0], rel=1e-6)
+    # threshold 0.5 keeps nothing by itself; min_kept 1 keeps pixels below the 2nd-lowest probability
+    assert p0 < p1
+    assert ohem_cross_entropy(LOGITS, TARGET, threshold=0.5, min_kept=1).item() == pytest.approx(-P0[0], rel=1e-6)
+    # a high threshold keeps both
+    expected = (-P0[0] - P1[1]) / 2
+    assert ohem_cross_entropy(LOGITS, TARGET, threshold=0.95, min_kept=1).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_combined_is_alpha_ce_plus_one_minus_alpha_dice():
+    loss = CombinedLoss(alpha=0.6, label_smoothing=0.1)
+    total, parts = loss(LOGITS, TARGET)
+    assert total.item() == pytest.approx(0.6 * parts["ce"].item() + 0.4 * parts["dice"].item(), rel=1e-6)
+    assert parts["ce"].item() == pytest.approx(cross_entropy(LOGITS, TARGET, label_smoothing=0.1).item())
+
+
+LOSSES = {
+    "ce": lambda x, t: cross_entropy(x, t),
+    "ce-smoothed": lambda x, t: cross_entropy(x, t, label_smoothing=0.1),
+    "dice": dice_loss,
+    "ohem": lambda x, t: ohem_cross_entropy(x, t, threshold=0.7, min_kept=2),
+    "combined": lambda x, t: CombinedLoss()(x, t)[0],
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_every_loss_carries_gradient_to_the_logits_and_none_to_ignored_pixels(name):
+    logits = torch.randn(2, 19, 8, 8, requires_grad=True)
+    target = torch.randint(0, 19, (2, 8, 8))
+    target[:, :2] = 255
+    LOSSES[name](logits, target).backward()
+    assert logits.grad[:, :, 2:].abs().sum() > 0
+    assert logits.grad[:, :, :2].abs().sum() == 0
+
+
+def test_the_smoothing_term_trains():
+    """The study's smoothed CE took its log-probabilities under no_grad: the gradient of the
+    smoothed loss must differ from the plain one by exactly the smoothing term's."""
+    logits = torch.randn(1, 19, 4, 4, requires_grad=True)
+    target = torch.randint(0, 19, (1, 4, 4))
+    s = 0.1
+    (grad_smoothed,) = torch.autograd.grad(cross_entropy(logits, target, label_smoothing=s), logits)
+    (grad_plain,) = torch.autograd.grad(cross_entropy(logits, target), logits)
+    uniform = -(logits.log_softmax(1)).mean(1).mean()  # the term the smoothing adds, per pixel averaged
+    (grad_uniform,) = torch.autograd.grad(uniform, logits)
+    torch.testing.assert_close(grad_smoothed, (1 - s) * grad_plain + s * grad_uniform)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_losses_are_fp32_under_autocast(name):
+    logits = torch.randn(1, 19, 8, 8).bfloat16()
+    target = torch.randint(0, 19, (1, 8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert LOSSES[name](logits, target).dtype == torch.float32
+
+
+def test_all_ignored_gives_zero_with_a_graph():
+    logits = torch.randn(1, 19, 4, 4, requires_grad=True)
+    target = torch.full((1, 4, 4), 255)
+    for loss in (dice_loss(logits, target), ohem_cross_entropy(logits, target)):
+        assert loss.item() == 0.0
+        loss.backward()
+
+
+def test_class_weights_from_pixel_counts():
+    weights = class_weights_from_pixels([900, 100, 0], kind="inverse")
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[1] / weights[0] == pytest.approx(9.0)
+    assert weights[2] == weights.max()
+    sqrt = class_weights_from_pixels([900, 100], kind="inverse-sqrt")
+    assert sqrt[1] / sqrt[0] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="class weight kind"):
+        class_weights_from_pixels([1, 2], kind="nope")
