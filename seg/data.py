@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -245,7 +246,10 @@ class EvalStream(IterableDataset):
 
 
 def _loader_options(workers: int, pin_memory: bool) -> dict[str, Any]:
-    options: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
+    # The streams seed themselves; a private generator keeps the DataLoader from drawing its
+    # base seed from the global RNG, whose state a resumed run must find where it was.
+    generator = torch.Generator().manual_seed(0)
+    options: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "generator": generator}
     if workers > 0:
         options |= {"persistent_workers": True, "prefetch_factor": 4, "multiprocessing_context": "fork"}
     return options

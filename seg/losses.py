@@ -3,6 +3,11 @@
 Every term carries gradient to the logits (the study's own smoothed CE computed its
 log-probabilities under no_grad, so that term never trained; its Dice counted absent
 classes as zero). Each loss returns a scalar; ``CombinedLoss`` also returns its parts.
+
+``distributed=True`` makes CE and Dice exact across processes: CE divides by the global
+count of valid (weighted) pixels, Dice uses global per-class sums, and the per-rank values
+are scaled so that DDP's gradient averaging yields the one-process gradient of the whole
+global batch (``seg.distributed``). OHEM stays per process, as in mmseg.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seg.cityscapes import IGNORE_INDEX
+from seg.distributed import all_reduce_sum, at_least_fp32, world_size
 
 
 def cross_entropy(
@@ -20,33 +26,49 @@ def cross_entropy(
     weight: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     ignore_index: int = IGNORE_INDEX,
+    distributed: bool = False,
 ) -> torch.Tensor:
     """torch's cross entropy: class weights, ignored pixels, label smoothing (1 - s on the
     true class, s / C spread over all classes)."""
-    return F.cross_entropy(
-        logits.float(), target.long(), weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing
+    logits, target = at_least_fp32(logits), target.long()
+    if not distributed or world_size() == 1:
+        return F.cross_entropy(logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    total = F.cross_entropy(
+        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
     )
+    valid = target != ignore_index
+    count = weight[target[valid]].sum() if weight is not None else valid.sum().to(logits.dtype)
+    # torch's mean is sum / count; globally: sum of all ranks / count of all ranks
+    return total * world_size() / all_reduce_sum(count.to(logits.dtype)).clamp(min=1e-12)
 
 
 def dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX, smooth: float = 1.0
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    smooth: float = 1.0,
+    distributed: bool = False,
 ) -> torch.Tensor:
     """1 - mean Dice over the classes present in ``target``; softmax probabilities vs one-hot
     targets on valid pixels, per class (2 * intersection + smooth) / (sum_p + sum_t + smooth)."""
     num_classes = logits.shape[1]
-    probs = logits.float().softmax(dim=1)
+    probs = at_least_fp32(logits).softmax(dim=1)
     valid = target != ignore_index
     safe_target = torch.where(valid, target.long(), 0)
-    onehot = F.one_hot(safe_target, num_classes).permute(0, 3, 1, 2).float()
-    mask = valid.unsqueeze(1).float()
+    onehot = F.one_hot(safe_target, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+    mask = valid.unsqueeze(1).to(probs.dtype)
     probs, onehot = probs * mask, onehot * mask
     dims = (0, 2, 3)
-    intersection = (probs * onehot).sum(dims)
-    target_sum = onehot.sum(dims)
-    dice = (2 * intersection + smooth) / (probs.sum(dims) + target_sum + smooth)
+    sums = torch.stack([(probs * onehot).sum(dims), probs.sum(dims), onehot.sum(dims)])
+    if distributed:
+        sums = all_reduce_sum(sums, grad=True)
+    intersection, probs_sum, target_sum = sums
+    dice = (2 * intersection + smooth) / (probs_sum + target_sum + smooth)
     present = target_sum > 0
     if not present.any():
         return probs.sum() * 0.0  # no valid pixel: zero, still attached to the graph
+    # Distributed, every rank holds the global value; the all-reduce's backward sums the
+    # ranks' gradients (x world) and DDP's averaging divides by world: the exact gradient.
     return 1.0 - dice[present].mean()
 
 
@@ -61,7 +83,7 @@ def ohem_cross_entropy(
     """Cross entropy over the hard pixels only (mmseg's OHEMPixelSampler): those whose
     probability of the true class is below ``threshold``, and at least ``min_kept`` of the
     hardest when fewer are below it."""
-    logits = logits.float()
+    logits = at_least_fp32(logits)
     target = target.long()
     valid = target != ignore_index
     losses = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="none")
@@ -88,16 +110,20 @@ class CombinedLoss(nn.Module):
         label_smoothing: float = 0.1,
         class_weights: torch.Tensor | None = None,
         ignore_index: int = IGNORE_INDEX,
+        distributed: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha {alpha}: must be within [0, 1]")
         self.alpha, self.label_smoothing, self.ignore_index = alpha, label_smoothing, ignore_index
+        self.distributed = distributed
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce = cross_entropy(logits, target, self.class_weights, self.label_smoothing, self.ignore_index)
-        dice = dice_loss(logits, target, self.ignore_index)
+        ce = cross_entropy(
+            logits, target, self.class_weights, self.label_smoothing, self.ignore_index, self.distributed
+        )
+        dice = dice_loss(logits, target, self.ignore_index, distributed=self.distributed)
         total = self.alpha * ce + (1.0 - self.alpha) * dice
         return total, {"ce": ce.detach(), "dice": dice.detach()}
 

@@ -1,0 +1,79 @@
+"""Run state on disk: resumable states, exported weights, metric records.
+
+``runs/<experiment>/stage{s}/fold{k}/``
+    config.yaml                the resolved config
+    checkpoints/step-NNNNNNNN/ resumable states (accelerate's save_state), last N plus best
+    best.safetensors (+ .json) weights of the best fold-validation mIoU, with a sidecar
+    model.safetensors (+ .json) final weights
+    metrics.jsonl              one record per log step and per evaluation
+    summary.json               written at the end
+
+A resumable state is written to a hidden temporary folder and renamed into place when every
+rank has finished writing, so a folder named ``step-*`` is always complete; ``latest_state``
+ignores anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from seg.atomic import atomic_write_bytes
+
+STATE = re.compile(r"^step-(\d{8})$")
+WEIGHTS_FORMAT = "seg.deeplabv3plus"
+
+
+def run_dir(runs: str | Path, experiment: str, stage: int, fold: int) -> Path:
+    return Path(runs) / experiment / f"stage{stage}" / f"fold{fold}"
+
+
+def state_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def latest_state(directory: Path) -> Path | None:
+    """The newest complete resumable state under ``directory/checkpoints``."""
+    states = sorted(p for p in (directory / "checkpoints").glob("step-*") if STATE.match(p.name) and p.is_dir())
+    return states[-1] if states else None
+
+
+def prune_states(directory: Path, keep_last: int, keep: set[str]) -> None:
+    """Delete resumable states beyond the newest ``keep_last``, sparing the names in ``keep``."""
+    states = sorted(p for p in (directory / "checkpoints").glob("step-*") if STATE.match(p.name))
+    for state in states[: max(len(states) - keep_last, 0)]:
+        if state.name not in keep:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def export_weights(model: torch.nn.Module, path: Path, sidecar: dict[str, Any]) -> None:
+    """Weights as safetensors plus a JSON sidecar, each written atomically (sidecar last)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata={"format": WEIGHTS_FORMAT})
+    tmp.replace(path)
+    record = {"format": WEIGHTS_FORMAT, **sidecar}
+    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` (main process); on resume, records after the resumed
+    step are dropped, so a resumed run's log reads as if it had never stopped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")

@@ -1,0 +1,160 @@
+"""Typed experiment configuration (OmegaConf structured configs).
+
+A config is this schema, overlaid by a YAML file, overlaid by ``key=value`` overrides from
+the command line. Unknown keys and values of the wrong type are refused with the key's
+name; the resolved config is printed and saved with every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class DataConfig:
+    shards: str = MISSING  # a packed dataset (tools/pack_cityscapes.py)
+    geometry: str = "resize"  # resize (the study) | scale-crop (mmseg)
+    size: list[int] = field(default_factory=lambda: [512, 1024])  # training input (H, W)
+    base_size: list[int] = field(default_factory=lambda: [1024, 2048])  # scale-crop's reference scale
+    level: str = "standard"  # augmentation: none | standard | advanced
+    eval_size: list[int] | None = None  # None: evaluate at full resolution; else resize images to it
+    workers: int = 2  # DataLoader workers per process
+    shuffle_buffer: int = 32
+    on_error: str = "raise"  # raise | skip (and count) unreadable samples
+    checksums: bool = True  # verify shard sha256 before training
+    channels_last: bool = False
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 34  # 18 | 34 | 50 | 101
+    output_stride: int = 8  # 8 | 16
+    aspp_pool_norm: bool = True  # False: batch 1 on a single device trains (see seg/model.py)
+    pretrained: str | None = None  # ImageNet weights in torchvision's ResNet layout (.pth/.safetensors)
+    sync_bn: bool = True  # batch statistics over all processes
+
+
+@dataclass
+class LossConfig:
+    name: str = "combined"  # combined | ce | ohem
+    alpha: float = 0.6  # combined: alpha * CE + (1 - alpha) * Dice
+    label_smoothing: float = 0.1
+    class_weights: str | None = None  # None | inverse | inverse-sqrt | log (from the manifest's pixel counts)
+    ohem_threshold: float = 0.7
+    ohem_min_kept: int = 100_000
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    momentum: float = 0.9  # sgd
+    backbone_lr_mult: float = 1.0
+    clip_grad_norm: float | None = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "plateau"  # constant | poly | cosine | plateau (of the validation mIoU)
+    warmup_iters: int = 0  # linear warm-up from warmup_ratio * lr
+    warmup_ratio: float = 0.1
+    power: float = 0.9  # poly
+    min_lr_ratio: float = 0.05  # cosine floor, and poly's end, as a share of lr
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5  # evaluations without improvement
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = "experiment"
+    runs_dir: str = "runs"
+    epochs: int = 20
+    iters: int | None = None  # when set, train this many iterations instead of epochs (mmseg style)
+    batch_size: int = 8  # per process; global batch = batch_size x processes x grad_accum
+    grad_accum: int = 1
+    precision: str = "no"  # no | bf16 | fp16 (fp16: GPU only, with loss scaling)
+    eval_every: int = 1  # epochs (or, with iters, iterations)
+    eval_val: bool = False  # also evaluate the official val split
+    early_stop_patience: int | None = None  # evaluations without a better fold mIoU
+    ema_decay: float | None = None
+    keep_last: int = 2  # resumable states kept (plus the best)
+    seed: int = 0
+    log_every: int = 10  # iterations
+    deterministic: bool = False
+
+
+@dataclass
+class WandbConfig:
+    project: str = "seg"
+    entity: str | None = None
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    images: int = 4  # predictions logged as overlays per evaluation
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+CHOICES = {
+    "data.geometry": ("resize", "scale-crop"),
+    "data.level": ("none", "standard", "advanced"),
+    "data.on_error": ("raise", "skip"),
+    "model.depth": (18, 34, 50, 101),
+    "model.output_stride": (8, 16),
+    "loss.name": ("combined", "ce", "ohem"),
+    "loss.class_weights": (None, "inverse", "inverse-sqrt", "log"),
+    "optim.name": ("adam", "adamw", "sgd"),
+    "schedule.name": ("constant", "poly", "cosine", "plateau"),
+    "train.precision": ("no", "bf16", "fp16"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"),
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: the message names the key."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema <- YAML file <- ``key=value`` overrides, checked; read-only once resolved."""
+    config = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path} not found")
+            config = OmegaConf.merge(config, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.epochs=5)")
+        config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.to_container(config, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        where = f" in {path}" if path else ""
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config key {key!r}{where}: {e.msg if hasattr(e, 'msg') else e}".split("\n")[0]) from None
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(config, key)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, choices))}")
+    for key in ("data.size", "data.base_size", "data.eval_size"):
+        value = OmegaConf.select(config, key)
+        if value is not None and (len(value) != 2 or min(value) <= 0):
+            raise ConfigError(f"config key {key!r}: {list(value)} is not [height, width]")
+    OmegaConf.set_readonly(config, True)
+    return config
+
+
+def to_dict(config: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,64 @@
+"""Exact distributed evaluation of a model over an evaluation loader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from seg.augment import DeviceAugment
+from seg.distributed import all_reduce_sum
+from seg.metrics import ConfusionMatrix
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class indices at ``size``: logits bilinearly resized to the label's size, then argmax."""
+    logits = model(images)
+    if tuple(logits.shape[2:]) != tuple(size):
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, Any]],
+    device: torch.device,
+    normalise: DeviceAugment,
+    autocast_dtype: torch.dtype | None = None,
+    keep: int = 0,
+) -> tuple[ConfusionMatrix, int, list[dict[str, Any]]]:
+    """The confusion matrix summed over every rank, the number of samples seen over every
+    rank, and up to ``keep`` (image, prediction, label, key) examples of this rank.
+
+    Every rank must call this, even one whose loader is empty: the reduction is collective.
+    """
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(device=device)
+    seen = 0
+    examples: list[dict[str, Any]] = []
+    for batch in batches:
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        inputs, _ = normalise(images, train=False)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            prediction = predict(model, inputs, labels.shape[1:])
+        matrix.update(prediction, labels)
+        seen += images.shape[0]
+        for i in range(min(images.shape[0], keep - len(examples))):
+            examples.append(
+                {
+                    "image": images[i].cpu(),
+                    "prediction": prediction[i].cpu(),
+                    "label": labels[i].cpu(),
+                    "key": batch["key"][i],
+                }
+            )
+    matrix.reduce()
+    total_seen = int(all_reduce_sum(torch.tensor([seen], device=device)).item())
+    model.train(was_training)
+    return matrix, total_seen, examples

@@ -1,0 +1,129 @@
+"""wandb logging from the main process: offline unless an API key is configured.
+
+Runs are grouped by experiment (``group``), typed by stage and fold (``job_type``), named
+``{experiment}-s{stage}-f{fold}`` and identified by that name, so a resumed fold continues
+its run. Everything logged here also lands in ``metrics.jsonl``: nothing depends on wandb
+being reachable; ``wandb sync runs/<experiment>/**/wandb/offline-run-*`` uploads later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seg.cityscapes import CLASS_NAMES
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto``: online when an API key is configured (env or ~/.netrc), else offline."""
+    if mode != "auto":
+        return mode
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+class Tracker:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        run_dir: Path,
+        stage: int,
+        fold: int,
+        main_process: bool,
+    ) -> None:
+        self.run = None
+        settings = config["wandb"]
+        mode = resolve_mode(settings["mode"])
+        if not main_process or mode == "disabled":
+            return
+        import wandb
+
+        experiment = config["train"]["experiment"]
+        name = f"{experiment}-s{stage}-f{fold}"
+        self.run = wandb.init(
+            project=settings["project"],
+            entity=settings["entity"],
+            group=experiment,
+            job_type=f"stage{stage}-fold{fold}",
+            name=name,
+            id=re.sub(r"[^A-Za-z0-9_.-]", "-", name),
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+            mode=mode,
+        )
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(record, step=step)
+
+    def log_evaluation(
+        self, prefix: str, result: dict[str, Any], matrix: torch.Tensor, examples: list[dict], step: int
+    ) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["class", "iou"], data=[[k, v] for k, v in result["iou"].items()])
+        record = {
+            f"{prefix}/miou": result["miou"],
+            f"{prefix}/per_class_iou": table,
+            f"{prefix}/confusion": wandb.Image(confusion_figure(matrix.cpu().numpy())),
+        }
+        labels = dict(enumerate(CLASS_NAMES))
+        record[f"{prefix}/predictions"] = [
+            wandb.Image(
+                example["image"].permute(1, 2, 0).numpy(),
+                caption=example["key"],
+                masks={
+                    "prediction": {
+                        "mask_data": _resize_mask(example["prediction"], example["image"]),
+                        "class_labels": labels,
+                    },
+                    "ground_truth": {
+                        "mask_data": _resize_mask(example["label"], example["image"]),
+                        "class_labels": labels | {255: "ignore"},
+                    },
+                },
+            )
+            for example in examples
+        ]
+        self.run.log(record, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _resize_mask(mask: torch.Tensor, image: torch.Tensor) -> np.ndarray:
+    """A label-sized mask brought to the (possibly resized) image's size, nearest."""
+    size = image.shape[1:]
+    if tuple(mask.shape) != tuple(size):
+        mask = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return mask.numpy().astype(np.uint8)
+
+
+def confusion_figure(matrix: np.ndarray):  # -> matplotlib Figure
+    """The row-normalised confusion matrix as a figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = matrix.sum(1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
+    figure, axes = plt.subplots(figsize=(8, 7))
+    image = axes.imshow(normalised, vmin=0, vmax=1, cmap="Blues")
+    axes.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES, fontsize=7)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    figure.colorbar(image)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,460 @@
+"""Train one fold of one stage.
+
+    accelerate launch [--num_processes N ...] seg/train.py --config configs/X.yaml --fold k \\
+        [--stage s] [--init-from runs/X/stage{s-1}/reduced/model.safetensors] [key=value ...]
+    torchrun --nproc_per_node N seg/train.py ...      python seg/train.py ... (one process)
+
+On a machine without CUDA it runs on the CPU over gloo. State goes to
+``runs/<experiment>/stage{s}/fold{k}/`` (see seg/checkpoint.py). On SIGTERM or SIGUSR1
+every rank stops at the same step, the state is saved, and the process exits with
+EXIT_REQUEUE (75), which slurm/fold.sh turns into a requeue; ``--resume auto`` (the
+default) then continues from the newest complete state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (accelerate launch seg/train.py): make `seg` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from seg.atomic import atomic_write_bytes
+from seg.augment import DeviceAugment
+from seg.checkpoint import MetricsLog, export_weights, latest_state, prune_states, run_dir, state_name
+from seg.config import ConfigError, load_config, to_dict
+from seg.data import DataError, eval_loader, shards_of, train_loader
+from seg.data import steps_per_epoch as epoch_steps
+from seg.distributed import all_reduce_sum, convert_sync_batchnorm
+from seg.evaluate import evaluate
+from seg.losses import CombinedLoss, class_weights_from_pixels, ohem_cross_entropy
+from seg.manifest import ManifestError, fold_groups, load_manifest
+from seg.model import DeepLabV3Plus, WeightsError, load_backbone, read_state_dict
+from seg.schedule import Schedule
+from seg.tracking import Tracker
+from seg.transforms import TrainGeometry
+
+EXIT_REQUEUE = 75  # saved on a preemption signal: requeue and resume
+
+
+@dataclass
+class Progress:
+    """Where the run is: saved with every resumable state."""
+
+    step: int = 0  # micro-batches done
+    best_miou: float = -1.0
+    best_step: int = -1
+    bad_evals: int = 0
+    skipped: int = 0  # unreadable samples skipped (data.on_error=skip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class Preemption:
+    """Remembers SIGTERM / SIGUSR1; ``agreed`` tells every rank the same answer."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/)")
+    parser.add_argument("--fold", type=int, required=True, help="the fold to train (validates on its group)")
+    parser.add_argument("--stage", type=int, default=1)
+    parser.add_argument("--init-from", help="weights to start from (a reduced model of the previous stage)")
+    parser.add_argument("--resume", default="auto", help="auto (newest complete state, if any) | none | a state folder")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=5 data.workers=4")
+    return parser.parse_args(argv)
+
+
+def build_model(config: Any) -> DeepLabV3Plus:
+    return DeepLabV3Plus(config.model.depth, config.model.output_stride, aspp_pool_norm=config.model.aspp_pool_norm)
+
+
+def build_loss(config: Any, class_weights: torch.Tensor | None, distributed: bool) -> torch.nn.Module:
+    loss = config.loss
+    if loss.name == "combined":
+        return CombinedLoss(loss.alpha, loss.label_smoothing, class_weights, distributed=distributed)
+    if loss.name == "ce":
+        return CombinedLoss(1.0, loss.label_smoothing, class_weights, distributed=distributed)
+
+    class OHEM(torch.nn.Module):
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            value = ohem_cross_entropy(logits, target, loss.ohem_threshold, loss.ohem_min_kept, class_weights)
+            return value, {"ohem": value.detach()}
+
+    return OHEM()
+
+
+def build_optimizer(config: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
+    optim = config.optim
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    groups = [{"params": backbone, "lr": optim.lr * optim.backbone_lr_mult}, {"params": head, "lr": optim.lr}]
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    kind = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    return kind(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def train_step(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    clip_grad_norm: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+    """One micro-batch: forward, loss (fp32), backward, and on the last micro-batch of an
+    accumulation the clipped optimizer step. Returns (loss, parts, whether it stepped).
+    Every rank checks that its loss is finite before any collective backward."""
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            logits = model(images)
+        loss, parts = loss_fn(logits, labels)
+        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device))
+        if bad.item() > 0:
+            raise FloatingPointError("the loss is not finite")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and clip_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stepped = accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
+    return loss.detach(), parts, stepped
+
+
+def save_state(accelerator: Accelerator, out: Path, step: int, keep_last: int, keep: set[str]) -> Path:
+    """A resumable state, renamed into place only once every rank has written its part."""
+    final = out / "checkpoints" / state_name(step)
+    if final.exists():
+        return final
+    tmp = out / "checkpoints" / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        prune_states(out, keep_last, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    # --- configuration ---------------------------------------------------------------
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cuda = torch.cuda.is_available()
+    if config.train.precision == "fp16" and not cuda:
+        print("error: config key 'train.precision': fp16 needs a GPU; use bf16 on the CPU", file=sys.stderr)
+        return 2
+
+    # --- processes ---------------------------------------------------------------------
+    accelerator = Accelerator(
+        cpu=not cuda,  # accelerate must be told: gloo on the CPU
+        mixed_precision=config.train.precision,
+        gradient_accumulation_steps=config.train.grad_accum,
+        step_scheduler_with_optimizer=False,
+    )
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    main_process = accelerator.is_main_process
+    out = run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(config).encode())
+        print(OmegaConf.to_yaml(config), flush=True)
+    set_seed(config.train.seed + rank, deterministic=config.train.deterministic)
+
+    # --- data ----------------------------------------------------------------------------
+    data = config.data
+    try:
+        manifest = load_manifest(data.shards)
+        train_groups, val_group = fold_groups(manifest, args.fold)
+        if main_process and data.checksums:
+            shards_of(data.shards, [*train_groups, val_group], checksums=True)
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    accelerator.wait_for_everyone()
+    geometry = TrainGeometry(data.geometry, tuple(data.size), data.level, base_size=tuple(data.base_size))
+    augment = DeviceAugment(data.level, data.channels_last).to(device)
+
+    fold_samples = sum(manifest["groups"][g]["samples"] for g in train_groups)
+    steps_per_epoch = epoch_steps(fold_samples, config.train.batch_size, world, data.workers)
+    total_steps = (
+        config.train.iters * config.train.grad_accum if config.train.iters else config.train.epochs * steps_per_epoch
+    )
+
+    # --- model, loss, optimisation ------------------------------------------------------
+    model = build_model(config)
+    try:
+        if args.init_from:
+            model.load_state_dict(read_state_dict(args.init_from), strict=True)
+        elif config.model.pretrained:
+            missing, unexpected = load_backbone(model, config.model.pretrained)
+            if main_process:
+                print(f"backbone weights: missing {missing or 'none'}, unexpected {unexpected or 'none'}")
+    except (WeightsError, RuntimeError) as e:
+        print(f"error: {e}".split("\n\t")[0], file=sys.stderr)
+        return 2
+    if config.model.sync_bn and world > 1:
+        model = convert_sync_batchnorm(model, cuda)
+    if data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    class_weights = None
+    if config.loss.class_weights:
+        pixels = torch.tensor([manifest["groups"][g]["class_pixels"] for g in train_groups]).sum(0)
+        class_weights = class_weights_from_pixels(pixels, config.loss.class_weights).to(device)
+    loss_fn = build_loss(config, class_weights, distributed=world > 1).to(device)
+    optimizer = build_optimizer(config, model)
+    sched = config.schedule
+    schedule = Schedule(
+        optimizer,
+        sched.name,
+        total_steps // config.train.grad_accum,
+        sched.warmup_iters,
+        sched.warmup_ratio,
+        sched.power,
+        sched.min_lr_ratio,
+        sched.plateau_factor,
+        sched.plateau_patience,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = None
+    if config.train.ema_decay:
+        ema = torch.optim.swa_utils.AveragedModel(
+            accelerator.unwrap_model(model),
+            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.train.ema_decay),
+            use_buffers=True,
+        )
+    progress = Progress()
+    accelerator.register_for_checkpointing(schedule, progress, *([ema] if ema is not None else []))
+
+    # --- resume -------------------------------------------------------------------------
+    state = None if args.resume == "none" else latest_state(out) if args.resume == "auto" else Path(args.resume)
+    if state is not None:
+        accelerator.load_state(str(state))
+        if main_process:
+            print(f"resumed from {state} at step {progress.step}", flush=True)
+    log = MetricsLog(out / "metrics.jsonl", progress.step if state else None) if main_process else None
+    tracker = Tracker(to_dict(config), out, args.stage, args.fold, main_process)
+
+    def record(entry: dict[str, Any]) -> None:
+        entry = {"step": progress.step, "epoch": progress.step / steps_per_epoch, **entry}
+        if log:
+            log.write(entry)
+        tracker.log({k: v for k, v in entry.items() if isinstance(v, int | float)}, progress.step)
+
+    def run_evaluation() -> dict[str, Any]:
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
+        evaluated = ema.module if ema is not None else model
+        results = {}
+        groups = {"fold": [val_group]} | ({"val": ["val"]} if config.train.eval_val else {})
+        for name, group in groups.items():
+            loader, expected = eval_loader(
+                data.shards,
+                group,
+                1,
+                tuple(data.eval_size) if data.eval_size else None,
+                rank,
+                world,
+                data.workers,
+                data.on_error,
+                cuda,
+                checksums=False,
+            )
+            matrix, seen, examples = evaluate(evaluated, loader, device, augment, autocast, config.wandb.images)
+            result = matrix.compute()
+            result["samples"], result["skipped"] = seen, expected - seen
+            results[name] = result
+            record({f"{name}/{k}": v for k, v in result.items() if k != "iou"} | {f"{name}/iou": result["iou"]})
+            tracker.log_evaluation(name, result, matrix.matrix, examples, progress.step)
+        return results
+
+    def sidecar(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "config": to_dict(config),
+            "fold": args.fold,
+            "stage": args.stage,
+            "step": progress.step,
+            "epoch": progress.step / steps_per_epoch,
+            "metrics": metrics,
+        }
+
+    # --- the loop -------------------------------------------------------------------------
+    loader, _ = train_loader(
+        data.shards,
+        args.fold,
+        geometry,
+        config.train.batch_size,
+        rank,
+        world,
+        data.workers,
+        config.train.seed,
+        start_epoch=progress.step // steps_per_epoch,
+        shuffle_buffer=data.shuffle_buffer,
+        on_error=data.on_error,
+        pin_memory=cuda,
+        checksums=False,
+    )
+    batches = iter(loader)
+    for _ in range(progress.step % steps_per_epoch):  # the same stream position as before the stop
+        next(batches)
+    preemption = Preemption()
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.step,
+        disable=not (main_process and sys.stderr.isatty()),
+        desc=f"fold {args.fold}",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    started, window_start, window_steps = time.time(), time.time(), 0
+    last_results: dict[str, Any] = {}
+    exit_code = 0
+    try:
+        while progress.step < total_steps:
+            stop = all_reduce_sum(torch.tensor([1.0 if preemption.requested else 0.0], device=device))
+            if stop.item() > 0:
+                save_state(accelerator, out, progress.step, config.train.keep_last, {state_name(progress.best_step)})
+                if main_process:
+                    print(f"preempted: state saved at step {progress.step}; exit {EXIT_REQUEUE} to requeue", flush=True)
+                exit_code = EXIT_REQUEUE
+                break
+            batch = next(batches)
+            images, labels = augment(
+                batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            )
+            try:
+                loss, parts, stepped = train_step(
+                    model, images, labels, loss_fn, optimizer, accelerator, config.optim.clip_grad_norm
+                )
+            except FloatingPointError:
+                raise FloatingPointError(
+                    f"loss is NaN or inf at step {progress.step} (epoch {progress.step / steps_per_epoch:.2f}): "
+                    f"lower optim.lr, check the data, or use train.precision=bf16 instead of fp16"
+                ) from None
+            if stepped:
+                schedule.step()
+                if ema is not None:
+                    ema.update_parameters(accelerator.unwrap_model(model))
+            progress.step += 1
+            progress.skipped += int(batch["skipped"].sum())
+            window_steps += 1
+            bar.update()
+
+            if progress.step % config.train.log_every == 0 or progress.step == total_steps:
+                values = all_reduce_sum(torch.stack([loss, *parts.values()]).float()) / world
+                seconds = time.time() - window_start
+                per_process = window_steps * config.train.batch_size / max(seconds, 1e-9)
+                entry = {
+                    "train/loss": values[0].item(),
+                    "train/lr": schedule.lr(),
+                    "train/images_per_s": per_process * world,
+                    "train/images_per_s_per_process": per_process,
+                    "train/memory_mb": memory_mb(device),
+                }
+                entry |= {f"train/{k}": v.item() for k, v in zip(parts, values[1:], strict=True)}
+                record(entry)
+                bar.set_postfix(loss=f"{entry['train/loss']:.4f}", lr=f"{entry['train/lr']:.2e}")
+                if main_process and bar.disable:
+                    print(
+                        f"step {progress.step}/{total_steps} loss {entry['train/loss']:.4f} "
+                        f"lr {entry['train/lr']:.2e} {entry['train/images_per_s']:.1f} img/s",
+                        flush=True,
+                    )
+                window_start, window_steps = time.time(), 0
+
+            every = config.train.eval_every * (1 if config.train.iters else steps_per_epoch)
+            if progress.step % every == 0 or progress.step == total_steps:
+                last_results = run_evaluation()
+                miou = last_results["fold"]["miou"]
+                improved = schedule.observe(miou)
+                if improved:
+                    progress.best_miou, progress.best_step, progress.bad_evals = miou, progress.step, 0
+                    if main_process:
+                        export_weights(
+                            accelerator.unwrap_model(ema.module if ema else model),
+                            out / "best.safetensors",
+                            sidecar(last_results),
+                        )
+                else:
+                    progress.bad_evals += 1
+                if main_process:
+                    print(f"step {progress.step}: fold mIoU {miou:.4f} (best {progress.best_miou:.4f})", flush=True)
+                save_state(accelerator, out, progress.step, config.train.keep_last, {state_name(progress.best_step)})
+                patience = config.train.early_stop_patience
+                if patience and progress.bad_evals >= patience:
+                    if main_process:
+                        print(f"early stop: no better fold mIoU in {patience} evaluations", flush=True)
+                    break
+    except (DataError, FloatingPointError) as e:
+        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        bar.close()
+
+    # --- outputs -------------------------------------------------------------------------
+    if exit_code == 0 and main_process:
+        final = accelerator.unwrap_model(ema.module if ema else model)
+        export_weights(final, out / "model.safetensors", sidecar(last_results))
+        summary = {
+            "fold": args.fold,
+            "stage": args.stage,
+            "steps": progress.step,
+            "steps_per_epoch": steps_per_epoch,
+            "processes": world,
+            "best": {"miou": progress.best_miou, "step": progress.best_step},
+            "final": last_results,
+            "skipped_samples": progress.skipped,
+            "seconds": time.time() - started,
+        }
+        atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+        print(f"done: {out} (best fold mIoU {progress.best_miou:.4f} at step {progress.best_step})", flush=True)
+    tracker.finish()
+    accelerator.end_training()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
