@@ -208,7 +208,7 @@ def test_eval_sample_resizes_only_the_image():
     image, label = colour_coded()
     image_t, label_t = eval_sample(image, label, (32, 64))
     assert image_t.shape == (3, 32, 64) and label_t.shape == (128, 256)
-    torch.testing.assert_close(label_t, torch.from_numpy(np.asarray(label)))
+    torch.testing.assert_close(label_t, torch.from_numpy(np.array(label)))
 
 
 # --- bad input ----------------------------------------------------------------------------
