@@ -6,9 +6,9 @@
 
 On a machine without CUDA it runs on the CPU over gloo. State goes to
 ``runs/<experiment>/stage{s}/fold{k}/`` (see seg/checkpoint.py). On SIGTERM or SIGUSR1
-every rank stops at the same step, the state is saved, and the process exits with
-EXIT_REQUEUE (75), which slurm/fold.sh turns into a requeue; ``--resume auto`` (the
-default) then continues from the newest complete state.
+every rank stops at the same step, the state is saved, a PREEMPTED file is written in the
+fold's folder, and every rank exits with EXIT_REQUEUE (75); a job script turns either into
+a requeue, and ``--resume auto`` (the default) continues from the newest complete state.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ from seg.tracking import Tracker
 from seg.transforms import TrainGeometry
 
 EXIT_REQUEUE = 75  # saved on a preemption signal: requeue and resume
+# Written beside the state on preemption, removed when the fold resumes: launchers such as
+# torchrun report a child's 75 as their own exit code 1, so job scripts look for this file.
+PREEMPTED = "PREEMPTED"
 
 
 @dataclass
@@ -276,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.load_state(str(state))
         if main_process:
             print(f"resumed from {state} at step {progress.step}", flush=True)
+            (out / PREEMPTED).unlink(missing_ok=True)
+    finished = (out / "summary.json").exists() and json.loads((out / "summary.json").read_text())
+    if state is not None and finished and (progress.step >= total_steps or finished.get("stopped_early")):
+        if main_process:
+            print(f"{out} is complete (step {progress.step}); nothing to do", flush=True)
+        accelerator.end_training()
+        return 0
     log = MetricsLog(out / "metrics.jsonl", progress.step if state else None) if main_process else None
     tracker = Tracker(to_dict(config), out, args.stage, args.fold, main_process)
 
@@ -351,17 +361,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     started, window_start, window_steps = time.time(), time.time(), 0
     last_results: dict[str, Any] = {}
-    exit_code = 0
+    exit_code, stopped_early = 0, False
     try:
         while progress.step < total_steps:
-            stop = all_reduce_sum(torch.tensor([1.0 if preemption.requested else 0.0], device=device))
-            if stop.item() > 0:
+            batch = next(batches)
+            # One small all-reduce per step: whether any rank was signalled, and the samples
+            # skipped as unreadable on all ranks.
+            flags = torch.tensor([float(preemption.requested), float(batch["skipped"].sum())], device=device)
+            stop, skipped = all_reduce_sum(flags).tolist()
+            if stop > 0:  # this batch is not trained on; a resumed run draws it again
                 save_state(accelerator, out, progress.step, config.train.keep_last, {state_name(progress.best_step)})
                 if main_process:
-                    print(f"preempted: state saved at step {progress.step}; exit {EXIT_REQUEUE} to requeue", flush=True)
+                    marker = {"step": progress.step, "state": state_name(progress.step), "time": time.time()}
+                    atomic_write_bytes(out / PREEMPTED, (json.dumps(marker) + "\n").encode())
+                print(f"rank {rank}: preempted, state saved at step {progress.step}; exit {EXIT_REQUEUE}", flush=True)
                 exit_code = EXIT_REQUEUE
                 break
-            batch = next(batches)
+            progress.skipped += int(skipped)
             images, labels = augment(
                 batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             )
@@ -379,7 +395,6 @@ def main(argv: list[str] | None = None) -> int:
                 if ema is not None:
                     ema.update_parameters(accelerator.unwrap_model(model))
             progress.step += 1
-            progress.skipped += int(batch["skipped"].sum())
             window_steps += 1
             bar.update()
 
@@ -427,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 if patience and progress.bad_evals >= patience:
                     if main_process:
                         print(f"early stop: no better fold mIoU in {patience} evaluations", flush=True)
+                    stopped_early = True
                     break
     except (DataError, FloatingPointError) as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
@@ -447,11 +463,14 @@ def main(argv: list[str] | None = None) -> int:
             "best": {"miou": progress.best_miou, "step": progress.best_step},
             "final": last_results,
             "skipped_samples": progress.skipped,
+            "stopped_early": stopped_early,
             "seconds": time.time() - started,
         }
         atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
         print(f"done: {out} (best fold mIoU {progress.best_miou:.4f} at step {progress.best_step})", flush=True)
     tracker.finish()
+    # Leave together: a launcher (torchrun) stops the other ranks as soon as one exits non-zero.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return exit_code
 
