@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps timed (plus one warm-up)")
     parser.add_argument("--size", type=parse_size, default=(512, 256), help="synthetic frame size")
     parser.add_argument("--frames", type=int, default=24)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow the options
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:

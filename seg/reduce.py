@@ -1,0 +1,242 @@
+"""Reduce a stage's fold models to one, choosing on a selection set that is not the test.
+
+Candidates: each single fold, ``best`` (highest fold-validation mIoU), ``mean`` (all folds),
+``topk`` (mean of the k best), ``greedy`` (soup grown while the selection mIoU does not
+drop); each averaged one also with BN recalibration. Every candidate is evaluated exactly
+(across all processes) on the selection set: the packed ``train-selection`` group by
+default, the official val only when asked (the report then says so). The winner is written
+to ``runs/<experiment>/stage{s}/reduced/`` with a report, a markdown table and a plot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from seg.atomic import atomic_directory
+from seg.augment import DeviceAugment
+from seg.checkpoint import export_weights
+from seg.data import TrainStream, eval_loader, shards_of
+from seg.distributed import convert_sync_batchnorm
+from seg.evaluate import evaluate
+from seg.manifest import SELECTION_GROUP, ManifestError, load_manifest
+from seg.model import DeepLabV3Plus, WeightsError
+from seg.soup import average, greedy_soup, load_fold_models, recalibrate_batchnorm
+from seg.transforms import TrainGeometry
+
+STRATEGIES = ("best", "mean", "topk", "greedy")
+
+
+@dataclass
+class Candidate:
+    name: str
+    folds: list[int]
+    state: dict[str, torch.Tensor]
+    recalibrated: bool = False
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class Reducer:
+    """Evaluates weights on the selection set and recalibrates BN, on every process."""
+
+    def __init__(self, accelerator: Accelerator, config: dict[str, Any], shards: str, group: str) -> None:
+        self.accelerator, self.config, self.shards, self.group = accelerator, config, shards, group
+        model_config = config["model"]
+        self.model = DeepLabV3Plus(
+            model_config["depth"], model_config["output_stride"], aspp_pool_norm=model_config["aspp_pool_norm"]
+        )
+        if accelerator.num_processes > 1:  # recalibration statistics over every process's batches
+            self.model = convert_sync_batchnorm(self.model, accelerator.device.type == "cuda")
+        self.model.to(accelerator.device)
+        self.normalise = DeviceAugment("none").to(accelerator.device)
+
+    def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        self.model.load_state_dict(state)
+        data = self.config["data"]
+        size = tuple(data["eval_size"]) if data["eval_size"] else None
+        loader, _ = eval_loader(
+            self.shards,
+            [self.group],
+            1,
+            size,
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+            data["workers"],
+            checksums=False,
+        )
+        matrix, seen, _ = evaluate(self.model, loader, self.accelerator.device, self.normalise)
+        return matrix.compute() | {"samples": seen}
+
+    def recalibrate(self, state: dict[str, torch.Tensor], batches: int, folds: list[int]) -> dict[str, torch.Tensor]:
+        self.model.load_state_dict(state)
+        data, train = self.config["data"], self.config["train"]
+        geometry = TrainGeometry(data["geometry"], tuple(data["size"]), "none", base_size=tuple(data["base_size"]))
+        shards = shards_of(self.shards, [f"train-fold{k}" for k in folds], checksums=False)
+        stream = TrainStream(
+            shards,
+            geometry,
+            samples_per_epoch=batches * train["batch_size"],
+            seed=train["seed"],
+            rank=self.accelerator.process_index,
+        )
+        loader = torch.utils.data.DataLoader(stream, batch_size=train["batch_size"])
+        device = self.accelerator.device
+        images = (self.normalise(b["image"].to(device), train=False)[0] for b in itertools.islice(loader, batches))
+        recalibrate_batchnorm(self.model, images)
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def reduce_stage(
+    stage_dir: str | Path,
+    shards: str | Path | None = None,
+    folds: list[int] | None = None,
+    strategies: tuple[str, ...] = STRATEGIES,
+    k: int = 3,
+    recalibrate_batches: int = 0,
+    select_on: str = "selection",
+    weights: str = "best",
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """Reduce ``stage_dir/fold*/`` to ``stage_dir/reduced/``; returns the report."""
+    stage_dir = Path(stage_dir)
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if folds is None:
+        folds = sorted(int(p.name.removeprefix("fold")) for p in stage_dir.glob("fold*") if p.name[4:].isdigit())
+    if not folds:
+        raise WeightsError(f"{stage_dir}: no fold*/ folders")
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown:
+        raise ValueError(f"strategy {unknown[0]!r}: choose from {', '.join(STRATEGIES)}")
+    models = load_fold_models(stage_dir, folds, weights)
+    config = models[0].sidecar["config"]
+    shards = str(shards or config["data"]["shards"])
+    manifest = load_manifest(shards)
+    if select_on == "selection":
+        if SELECTION_GROUP not in manifest["groups"]:
+            raise ManifestError(
+                f"{shards} has no selection subset ({SELECTION_GROUP}): pack with --selection-cities, "
+                f"or pass --select-on val (the report will say the official val chose the model)"
+            )
+        group = SELECTION_GROUP
+    elif select_on == "val":
+        group = "val"
+    else:
+        raise ValueError(f"select_on {select_on!r}: selection or val")
+    reducer = Reducer(accelerator, config, shards, group)
+
+    def log(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, flush=True)
+
+    ranked = sorted(models, key=lambda m: -m.miou)
+    candidates = [Candidate(f"fold{m.fold}", [m.fold], m.state) for m in models]
+    if "best" in strategies:
+        candidates.append(Candidate("best", [ranked[0].fold], ranked[0].state))
+    if "mean" in strategies:
+        candidates.append(Candidate("mean", [m.fold for m in models], average([m.state for m in models])))
+    if "topk" in strategies:
+        top = ranked[: min(k, len(ranked))]
+        candidates.append(Candidate(f"top{len(top)}", [m.fold for m in top], average([m.state for m in top])))
+    for candidate in candidates:
+        candidate.result = reducer.evaluate(candidate.state)
+        log(f"{candidate.name:>8}: selection mIoU {candidate.result['miou']:.4f}")
+    if "greedy" in strategies:
+        soup, _ = greedy_soup(models, lambda state: reducer.evaluate(state)["miou"])
+        greedy = Candidate("greedy", [m.fold for m in soup], average([m.state for m in soup]))
+        greedy.result = reducer.evaluate(greedy.state)
+        candidates.append(greedy)
+        log(f"  greedy: folds {greedy.folds}, selection mIoU {greedy.result['miou']:.4f}")
+    if recalibrate_batches > 0:
+        for candidate in [c for c in candidates if len(c.folds) > 1]:
+            state = reducer.recalibrate(candidate.state, recalibrate_batches, folds)
+            recalibrated = Candidate(f"{candidate.name}+bn", candidate.folds, state, recalibrated=True)
+            recalibrated.result = reducer.evaluate(state)
+            candidates.append(recalibrated)
+            log(f"{recalibrated.name:>8}: selection mIoU {recalibrated.result['miou']:.4f}")
+
+    reduced = [c for c in candidates if not c.name.startswith("fold")]
+    winner = max(reduced or candidates, key=lambda c: c.result["miou"])
+    report = {
+        "stage_dir": str(stage_dir),
+        "selection": {"group": group, "is_official_val": group == "val", "samples": winner.result["samples"]},
+        "weights": weights,
+        "folds": {m.fold: {"fold_miou": m.miou, "path": str(m.path)} for m in models},
+        "candidates": [
+            {
+                "name": c.name,
+                "folds": c.folds,
+                "recalibrated": c.recalibrated,
+                "miou": c.result["miou"],
+                "fwiou": c.result["fwiou"],
+                "pixel_accuracy": c.result["pixel_accuracy"],
+                "iou": c.result["iou"],
+            }
+            for c in candidates
+        ],
+        "winner": {"name": winner.name, "folds": winner.folds, "miou": winner.result["miou"]},
+    }
+    if accelerator.is_main_process:
+        with atomic_directory(stage_dir / "reduced", overwrite=True) as tmp:
+            reducer.model.load_state_dict(winner.state)
+            sidecar = {
+                "config": config,
+                "stage": models[0].sidecar["stage"],
+                "reduction": report["winner"],
+                "selection": report["selection"],
+                "metrics": {"selection": winner.result},
+            }
+            export_weights(reducer.model, tmp / "model.safetensors", sidecar)
+            (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+            (tmp / "report.md").write_text(markdown(report))
+            plot(report, tmp / "reduction.png")
+        log(
+            f"winner: {winner.name} (folds {winner.folds}), selection mIoU {winner.result['miou']:.4f} "
+            f"-> {stage_dir / 'reduced' / 'model.safetensors'}"
+        )
+    accelerator.wait_for_everyone()
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    selection = report["selection"]
+    where = "the official val split" if selection["is_official_val"] else f"the held-out `{selection['group']}` group"
+    lines = [
+        f"# Fold reduction: {report['stage_dir']}",
+        "",
+        f"Chosen on {where} ({selection['samples']} images). Winner: **{report['winner']['name']}** "
+        f"(folds {report['winner']['folds']}), mIoU {100 * report['winner']['miou']:.2f}.",
+        "",
+        "| candidate | folds | BN recalibrated | mIoU | fwIoU | pixel acc. |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in report["candidates"]:
+        lines.append(
+            f"| {c['name']} | {', '.join(map(str, c['folds']))} | {'yes' if c['recalibrated'] else 'no'} | "
+            f"{100 * c['miou']:.2f} | {100 * c['fwiou']:.2f} | {100 * c['pixel_accuracy']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c["name"] for c in report["candidates"]]
+    values = [100 * c["miou"] for c in report["candidates"]]
+    colours = ["#9aa5b1" if n.startswith("fold") else "#2f6fb0" for n in names]
+    figure, axes = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4))
+    axes.bar(names, values, color=colours)
+    axes.set_ylabel("selection mIoU (%)")
+    axes.set_title("fold reduction: single folds (grey) and reductions (blue)")
+    axes.tick_params(axis="x", rotation=45)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

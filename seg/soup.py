@@ -1,0 +1,122 @@
+"""Reducing a stage's fold models to one: best, mean, top-k mean, greedy soup, and BN
+recalibration of an averaged model.
+
+Parameters are averaged in float64 and cast back to their dtype; integer buffers (BN's
+``num_batches_tracked``) are averaged the same way and rounded, as the study did. Models of
+different architectures, class counts or configs are refused, naming the difference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seg.checkpoint import WEIGHTS_FORMAT
+from seg.model import WeightsError, read_state_dict
+
+# Config sections that must agree for weights to be averaged (the model's shape and classes).
+MUST_MATCH = ("model.depth", "model.output_stride", "model.aspp_pool_norm")
+
+
+@dataclass
+class FoldModel:
+    fold: int
+    path: Path
+    state: dict[str, torch.Tensor]
+    sidecar: dict[str, Any]
+
+    @property
+    def miou(self) -> float:
+        return float(self.sidecar["metrics"]["fold"]["miou"])
+
+
+def load_fold_models(stage_dir: str | Path, folds: Iterable[int], weights: str = "best") -> list[FoldModel]:
+    """Each fold's ``{weights}.safetensors`` with its sidecar, checked against each other."""
+    stage_dir = Path(stage_dir)
+    models = []
+    for fold in folds:
+        path = stage_dir / f"fold{fold}" / f"{weights}.safetensors"
+        sidecar_path = path.with_suffix(".json")
+        if not path.is_file() or not sidecar_path.is_file():
+            raise WeightsError(f"{path}: fold {fold} has no {weights} weights (did its training finish?)")
+        sidecar = json.loads(sidecar_path.read_text())
+        if sidecar.get("format") != WEIGHTS_FORMAT:
+            raise WeightsError(f"{sidecar_path}: not a seg weights sidecar (format {sidecar.get('format')!r})")
+        models.append(FoldModel(fold, path, read_state_dict(path), sidecar))
+    check_compatible(models)
+    return models
+
+
+def _select(config: dict[str, Any], key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def check_compatible(models: list[FoldModel]) -> None:
+    """Refuse models that cannot be averaged, naming the first difference."""
+    if not models:
+        raise WeightsError("no fold models to reduce")
+    reference = models[0]
+    for other in models[1:]:
+        for key in MUST_MATCH:
+            a, b = _select(reference.sidecar["config"], key), _select(other.sidecar["config"], key)
+            if a != b:
+                raise WeightsError(f"folds {reference.fold} and {other.fold} differ in {key}: {a!r} vs {b!r}")
+        missing = reference.state.keys() ^ other.state.keys()
+        if missing:
+            raise WeightsError(
+                f"folds {reference.fold} and {other.fold} differ in their keys, e.g. {sorted(missing)[0]!r}"
+            )
+        for name, tensor in reference.state.items():
+            theirs = other.state[name]
+            if tensor.shape != theirs.shape or tensor.dtype != theirs.dtype:
+                raise WeightsError(
+                    f"folds {reference.fold} and {other.fold} differ in {name}: "
+                    f"{tuple(tensor.shape)} {tensor.dtype} vs {tuple(theirs.shape)} {theirs.dtype} "
+                    f"(another class count or architecture?)"
+                )
+
+
+def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean, computed in float64; integer tensors rounded back to integers."""
+    if not states:
+        raise ValueError("nothing to average")
+    result = {}
+    for name, first in states[0].items():
+        mean = torch.stack([s[name].to(torch.float64) for s in states]).mean(0)
+        if first.is_floating_point():
+            result[name] = mean.to(first.dtype)
+        else:
+            result[name] = mean.round().to(first.dtype)
+    return result
+
+
+def greedy_soup(
+    models: list[FoldModel], score: Callable[[dict[str, torch.Tensor]], float]
+) -> tuple[list[FoldModel], float]:
+    """Wortsman et al.'s greedy soup: in order of fold score, keep a model in the soup when
+    adding it does not lower the selection score. Starts from the best single fold, so it
+    never scores below it."""
+    ranked = sorted(models, key=lambda m: -m.miou)
+    soup = [ranked[0]]
+    best = score(ranked[0].state)
+    for candidate in ranked[1:]:
+        value = score(average([m.state for m in [*soup, candidate]]))
+        if value >= best:
+            soup, best = [*soup, candidate], value
+    return soup, best
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate every BatchNorm's running statistics over ``batches`` (normalised images)
+    as a cumulative average (torch's ``update_bn``): averaged weights and averaged
+    statistics don't match, so an averaged model needs its own. Only BN buffers change."""
+    torch.optim.swa_utils.update_bn(batches, model)

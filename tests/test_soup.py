@@ -1,0 +1,155 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from seg.checkpoint import export_weights
+from seg.config import load_config, to_dict
+from seg.model import DeepLabV3Plus, WeightsError
+from seg.pack import Options, pack
+from seg.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
+from seg.synthetic import make_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_model(seed: int, depth: int = 18) -> DeepLabV3Plus:
+    torch.manual_seed(seed)
+    return DeepLabV3Plus(depth, 8)
+
+
+def write_fold(stage: Path, fold: int, model: torch.nn.Module, miou: float, **config_overrides: str) -> None:
+    config = load_config(REPO / "configs" / "demo.yaml", [f"{k}={v}" for k, v in config_overrides.items()])
+    (stage / f"fold{fold}").mkdir(parents=True, exist_ok=True)
+    sidecar = {"config": to_dict(config), "fold": fold, "stage": 1, "metrics": {"fold": {"miou": miou}}}
+    export_weights(model, stage / f"fold{fold}" / "best.safetensors", sidecar)
+
+
+def test_the_mean_of_identical_models_is_that_model():
+    state = small_model(0).state_dict()
+    mean = average([state, state, state])
+    for name, tensor in state.items():
+        assert torch.equal(mean[name], tensor), name
+
+
+def test_the_mean_of_two_known_state_dicts_is_their_mean_in_float64():
+    a = {"w": torch.tensor([1.0, 2.0], dtype=torch.float16), "n": torch.tensor(3), "b": torch.tensor([0.1])}
+    b = {"w": torch.tensor([2.0, 5.0], dtype=torch.float16), "n": torch.tensor(6), "b": torch.tensor([0.2])}
+    mean = average([a, b])
+    assert mean["w"].dtype == torch.float16 and mean["w"].tolist() == [1.5, 3.5]
+    assert mean["b"].item() == pytest.approx(0.15)
+    assert mean["n"].dtype == a["n"].dtype and mean["n"].item() == 4  # 4.5 rounds to even
+
+
+def test_integer_buffers_survive_averaging():
+    models = [small_model(seed) for seed in range(3)]
+    for count, model in zip((10, 20, 31), models, strict=True):
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.num_batches_tracked.fill_(count)
+    mean = average([m.state_dict() for m in models])
+    tracked = [k for k in mean if k.endswith("num_batches_tracked")]
+    assert tracked and all(mean[k].dtype == torch.int64 and mean[k].item() == 20 for k in tracked)
+    DeepLabV3Plus(18, 8).load_state_dict(mean)  # a model takes it as it is
+
+
+def _fold(fold: int, miou: float, value: float) -> FoldModel:
+    return FoldModel(fold, Path(f"fold{fold}"), {"w": torch.tensor([value])}, {"metrics": {"fold": {"miou": miou}}})
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_soup_never_scores_below_the_best_single_fold(seed):
+    generator = torch.Generator().manual_seed(seed)
+    models = [_fold(k, torch.rand(1, generator=generator).item(), torch.randn(1, generator=generator).item())
+              for k in range(5)]  # fmt: skip
+    target = torch.randn(1, generator=generator).item()
+
+    def score(state: dict) -> float:  # a selection score peaked somewhere among the folds
+        return -abs(state["w"].item() - target)
+
+    soup, value = greedy_soup(models, score)
+    best_single = max(models, key=lambda m: m.miou)
+    assert soup[0] is best_single
+    assert value >= score(best_single.state)
+    assert value == pytest.approx(score(average([m.state for m in soup])))
+
+
+def test_bn_recalibration_changes_only_bn_buffers():
+    model = small_model(0).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(2, 3, 32, 64) for _ in range(3)]
+    recalibrate_batchnorm(model, batches)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    assert any(k.endswith("running_mean") for k in changed)
+    assert not model.training  # its mode is restored
+
+
+def test_mismatched_or_missing_folds_are_refused_naming_the_difference(tmp_path):
+    write_fold(tmp_path / "depth", 0, small_model(0), 0.5)
+    write_fold(tmp_path / "depth", 1, small_model(1, depth=34), 0.6, **{"model.depth": "34"})
+    with pytest.raises(WeightsError, match=r"folds 0 and 1 differ in model.depth: 18 vs 34"):
+        load_fold_models(tmp_path / "depth", [0, 1])
+
+    write_fold(tmp_path / "classes", 0, small_model(0), 0.5)
+    other = small_model(1)
+    other.classifier = torch.nn.Conv2d(256, 7, 1)
+    write_fold(tmp_path / "classes", 1, other, 0.6)
+    with pytest.raises(WeightsError, match=r"differ in classifier.bias: \(19,\) torch.float32 vs \(7,\)"):
+        load_fold_models(tmp_path / "classes", [0, 1])
+
+    with pytest.raises(WeightsError, match="fold 2 has no best weights"):
+        load_fold_models(tmp_path / "classes", [0, 2])
+    (tmp_path / "classes" / "fold1" / "best.safetensors").write_bytes(b"truncated")
+    with pytest.raises(WeightsError, match="cannot read weights"):
+        load_fold_models(tmp_path / "classes", [0, 1])
+
+
+def test_reduce_folds_end_to_end(tmp_path):
+    """Two folds trained for real, reduced on the held-out selection city."""
+    root = tmp_path / "cityscapes"
+    make_synthetic(root, counts={"train": 14, "val": 2, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
+                   size=(64, 32), progress=False)  # fmt: skip
+    shards = tmp_path / "shards"
+    pack(root, shards, Options(folds=2, splits=("train", "val"), selection_cities=("bochum",)), progress=False)
+    common = [f"data.shards={shards}", f"train.runs_dir={tmp_path / 'runs'}", "data.size=[32,64]",
+              "data.eval_size=null", "data.workers=0", "train.batch_size=2", "wandb.mode=disabled"]  # fmt: skip
+    train = [sys.executable, str(REPO / "seg" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml")]
+    for fold in (0, 1):
+        done = subprocess.run([*train, "--fold", str(fold), *common, "train.epochs=2"],
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+    stage = tmp_path / "runs" / "demo" / "stage1"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "reduce_folds.py"), str(stage), "--recalibrate", "2"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((stage / "reduced" / "report.json").read_text())
+    names = [c["name"] for c in report["candidates"]]
+    assert names[:2] == ["fold0", "fold1"] and {"best", "mean", "top2", "greedy", "mean+bn"} <= set(names)
+    assert report["selection"] == {"group": "train-selection", "is_official_val": False,
+                                   "samples": report["selection"]["samples"]}  # fmt: skip
+    scores = {c["name"]: c["miou"] for c in report["candidates"]}
+    assert scores["greedy"] >= max(scores["fold0"], scores["fold1"]) - 1e-12
+    assert report["winner"]["miou"] == max(v for k, v in scores.items() if not k.startswith("fold"))
+    assert (stage / "reduced" / "reduction.png").is_file() and "| mean |" in (
+        stage / "reduced" / "report.md"
+    ).read_text()
+    weights = load_file(stage / "reduced" / "model.safetensors")
+    assert set(weights) == set(load_file(stage / "fold0" / "best.safetensors"))
+
+    # the reduced model seeds the next stage
+    done = subprocess.run([*train, "--fold", "0", "--stage", "2", "--init-from",
+                           str(stage / "reduced" / "model.safetensors"), *common, "train.epochs=1"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "runs" / "demo" / "stage2" / "fold0" / "model.safetensors").is_file()
+
+    # no selection subset: a clear error pointing at --select-on val
+    pack(root, tmp_path / "plain", Options(folds=2, splits=("train", "val")), progress=False)
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "reduce_folds.py"), str(stage), "--shards",
+                           str(tmp_path / "plain")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 2 and "--select-on val" in done.stderr

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Reduce a stage's fold models to one model that seeds the next stage.
+
+    python tools/reduce_folds.py runs/study/stage1 [--recalibrate 50] [--select-on val]
+    accelerate launch --multi_gpu --num_processes 2 tools/reduce_folds.py runs/study/stage1
+
+Writes runs/<experiment>/stage{s}/reduced/: model.safetensors (+ .json), report.json,
+report.md and reduction.png. Start the next stage with
+    seg/train.py ... --stage s+1 --init-from runs/<experiment>/stage{s}/reduced/model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seg.manifest import ManifestError
+from seg.model import WeightsError
+from seg.reduce import STRATEGIES, reduce_stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage_dir", help="runs/<experiment>/stage{s}, holding fold*/")
+    parser.add_argument("--shards", help="packed dataset (default: the one the folds trained on)")
+    parser.add_argument("--folds", type=int, nargs="+", help="folds to reduce (default: every fold*/)")
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--k", type=int, default=3, help="topk: how many of the best folds to average (default 3)")
+    parser.add_argument(
+        "--recalibrate",
+        type=int,
+        default=0,
+        metavar="BATCHES",
+        help="also try each average with BN statistics re-estimated over this many batches",
+    )
+    parser.add_argument(
+        "--select-on",
+        choices=("selection", "val"),
+        default="selection",
+        help="selection: the packed held-out subset (default); val: the official val split",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("best", "model"),
+        default="best",
+        help="each fold's best (by fold mIoU, default) or final weights",
+    )
+    args = parser.parse_args(argv)
+    try:
+        reduce_stage(
+            args.stage_dir,
+            args.shards,
+            args.folds,
+            tuple(args.strategies),
+            args.k,
+            args.recalibrate,
+            args.select_on,
+            args.weights,
+        )
+    except (WeightsError, ManifestError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
