@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import socket
+import sys
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30}  # fmt: skip
@@ -31,3 +33,25 @@ def parse_size(text: str) -> tuple[int, int]:
     if width < 32 or height < 16:
         raise argparse.ArgumentTypeError(f"{text!r}: at least 32x16")
     return width, height
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(processes: int) -> list[str]:
+    """The command prefix that runs a script in ``processes`` local processes.
+
+    Several processes go through ``accelerate launch --multi_gpu``: that selects accelerate's
+    torchrun launcher, on GPUs and CPUs alike (its ``--cpu`` path starts one process unless
+    MPI is set up); the scripts themselves tell accelerate to use the CPU when there is no
+    CUDA.
+    """
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]  # fmt: skip

@@ -84,8 +84,10 @@ def cut(
 
 
 def _cat_max_ok(label: Image.Image, window: tuple[float, float, float, float], ratio: float) -> bool:
-    """mmseg's check: no single class covers more than ``ratio`` of the window's labelled pixels."""
-    box = tuple(round(v) for v in window)
+    """mmseg's check: no single class covers more than ``ratio`` of the window's labelled pixels
+    (the part of the window inside the image: padding is ignored)."""
+    x0, y0, x1, y1 = window
+    box = (max(round(x0), 0), max(round(y0), 0), min(round(x1), label.width), min(round(y1), label.height))
     counts = np.bincount(np.asarray(label.crop(box)).ravel(), minlength=256)[:NUM_CLASSES]
     return len(np.flatnonzero(counts)) > 1 and counts.max() / counts.sum() < ratio
 

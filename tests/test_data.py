@@ -178,6 +178,8 @@ def test_cat_max_ratio_rejects_windows_of_one_class():
     mixed = np.zeros((32, 32), np.uint8)
     mixed[:, 16:] = 5
     assert _cat_max_ok(Image.fromarray(mixed), (0, 0, 32, 32), 0.75)
+    sidewalk = Image.fromarray(np.ones((32, 32), np.uint8))  # padding beyond the image is not class 0
+    assert not _cat_max_ok(sidewalk, (-16, -16, 48, 48), 0.75)
 
 
 def test_elastic_moves_labels_with_the_image():

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from seg.cli import launch_command
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 from seg.train import EXIT_REQUEUE, main
@@ -37,25 +37,10 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher(processes: int) -> list[str]:
-    """``accelerate launch`` for ``processes`` CPU processes: --multi_gpu selects accelerate's
-    torchrun launcher (its --cpu path starts a single process without MPI); seg/train.py
-    itself tells accelerate to use the CPU when there is no CUDA."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port())]  # fmt: skip
-
-
 def command(shards: Path, runs: Path, *extra: str, processes: int = 1) -> list[str]:
     script = [str(REPO / "seg" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"), "--fold", "0",
               f"data.shards={shards}", f"train.runs_dir={runs}", *TINY, *extra]  # fmt: skip
-    return [sys.executable, *script] if processes == 1 else [*launcher(processes), *script]
+    return [*launch_command(processes), *script]
 
 
 def run(shards: Path, runs: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
@@ -72,7 +57,9 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path):
     harness = str(REPO / "tests" / "ddp_harness.py")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     subprocess.run([sys.executable, harness, str(one), "float64"], check=True, capture_output=True, timeout=300)
-    done = subprocess.run([*launcher(2), harness, str(two), "float64"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*launch_command(2), harness, str(two), "float64"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = torch.load(one), torch.load(two)
     assert (a["world"], b["world"]) == (1, 2)

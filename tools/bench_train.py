@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,22 +22,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from seg.cli import parse_size
+from seg.cli import launch_command, parse_size
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def launch(processes: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port)]  # fmt: skip
 
 
 def main() -> None:
@@ -62,7 +50,8 @@ def main() -> None:
         print(f"{'processes':>9} {'steps/s':>8} {'img/s/process':>14} {'img/s total':>12} {'peak MB/process':>16}")
         for processes in args.processes:
             runs = scratch / f"runs{processes}"
-            command = [*launch(processes), str(REPO / "seg" / "train.py"), "--config", args.config, "--fold", "0",
+            script = [str(REPO / "seg" / "train.py"), "--config", args.config, "--fold", "0"]
+            command = [*launch_command(processes), *script,
                        f"data.shards={scratch / 'shards'}", f"train.runs_dir={runs}", f"train.iters={args.steps + 1}",
                        "train.log_every=1", "train.eval_every=1000000", "wandb.mode=disabled", "data.checksums=false",
                        *args.overrides]  # fmt: skip
