@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from seg.augment import DeviceAugment
 from seg.distributed import all_reduce_sum
+from seg.inference import TestTimeAugmentation, predict_probabilities
 from seg.metrics import ConfusionMatrix
 
 
@@ -30,11 +31,15 @@ def evaluate(
     normalise: DeviceAugment,
     autocast_dtype: torch.dtype | None = None,
     keep: int = 0,
+    tta: TestTimeAugmentation | None = None,
+    export: Callable[[str, torch.Tensor], None] | None = None,
 ) -> tuple[ConfusionMatrix, int, list[dict[str, Any]]]:
     """The confusion matrix summed over every rank, the number of samples seen over every
     rank, and up to ``keep`` (image, prediction, label, key) examples of this rank.
 
     Every rank must call this, even one whose loader is empty: the reduction is collective.
+    ``tta`` selects sliding windows, flips and scales; ``export(key, prediction)`` receives
+    every prediction (trainIds at the label's size).
     """
     was_training = model.training
     model.eval()
@@ -46,8 +51,14 @@ def evaluate(
         labels = batch["label"].to(device, non_blocking=True)
         inputs, _ = normalise(images, train=False)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            prediction = predict(model, inputs, labels.shape[1:])
+            if tta is None:
+                prediction = predict(model, inputs, labels.shape[1:])
+            else:
+                prediction = predict_probabilities(model, inputs, tuple(labels.shape[1:]), tta).argmax(dim=1)
         matrix.update(prediction, labels)
+        if export is not None:
+            for key, single in zip(batch["key"], prediction, strict=True):
+                export(key, single.cpu())
         seen += images.shape[0]
         for i in range(min(images.shape[0], keep - len(examples))):
             examples.append(
