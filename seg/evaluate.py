@@ -6,21 +6,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from seg.augment import DeviceAugment
 from seg.distributed import all_reduce_sum
 from seg.inference import TestTimeAugmentation, predict_probabilities
 from seg.metrics import ConfusionMatrix
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Class indices at ``size``: logits bilinearly resized to the label's size, then argmax."""
-    logits = model(images)
-    if tuple(logits.shape[2:]) != tuple(size):
-        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-    return logits.argmax(dim=1)
 
 
 @torch.no_grad()
@@ -51,10 +41,8 @@ def evaluate(
         labels = batch["label"].to(device, non_blocking=True)
         inputs, _ = normalise(images, train=False)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            if tta is None:
-                prediction = predict(model, inputs, labels.shape[1:])
-            else:
-                prediction = predict_probabilities(model, inputs, tuple(labels.shape[1:]), tta).argmax(dim=1)
+            size = tuple(labels.shape[1:])  # predictions are brought to the label's size
+            prediction = predict_probabilities(model, inputs, size, tta or TestTimeAugmentation()).argmax(dim=1)
         matrix.update(prediction, labels)
         if export is not None:
             for key, single in zip(batch["key"], prediction, strict=True):

@@ -9,7 +9,9 @@ dilated ResNet-34. Depth 34 at output stride 8 is exactly the study's model
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +188,11 @@ class DeepLabV3Plus(nn.Module):
         high = F.interpolate(high, size=low.shape[2:], mode="bilinear", align_corners=False)
         out = self.decoder(torch.cat([high, self.reduce(low)], dim=1))
         return F.interpolate(self.classifier(out), size=x.shape[2:], mode="bilinear", align_corners=False)
+
+
+def from_config(model: Mapping[str, Any]) -> DeepLabV3Plus:
+    """The model a config's ``model`` section (or a sidecar's) describes."""
+    return DeepLabV3Plus(model["depth"], model["output_stride"], aspp_pool_norm=model["aspp_pool_norm"])
 
 
 class WeightsError(ValueError):

@@ -26,7 +26,7 @@ from seg.data import TrainStream, eval_loader, shards_of
 from seg.distributed import convert_sync_batchnorm
 from seg.evaluate import evaluate
 from seg.manifest import SELECTION_GROUP, ManifestError, load_manifest
-from seg.model import DeepLabV3Plus, WeightsError
+from seg.model import WeightsError, from_config
 from seg.soup import average, greedy_soup, load_fold_models, recalibrate_batchnorm
 from seg.transforms import TrainGeometry
 
@@ -47,10 +47,7 @@ class Reducer:
 
     def __init__(self, accelerator: Accelerator, config: dict[str, Any], shards: str, group: str) -> None:
         self.accelerator, self.config, self.shards, self.group = accelerator, config, shards, group
-        model_config = config["model"]
-        self.model = DeepLabV3Plus(
-            model_config["depth"], model_config["output_stride"], aspp_pool_norm=model_config["aspp_pool_norm"]
-        )
+        self.model = from_config(config["model"])
         if accelerator.num_processes > 1:  # recalibration statistics over every process's batches
             self.model = convert_sync_batchnorm(self.model, accelerator.device.type == "cuda")
         self.model.to(accelerator.device)

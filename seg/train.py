@@ -44,7 +44,7 @@ from seg.distributed import all_reduce_sum, convert_sync_batchnorm
 from seg.evaluate import evaluate
 from seg.losses import CombinedLoss, class_weights_from_pixels, ohem_cross_entropy
 from seg.manifest import ManifestError, fold_groups, load_manifest
-from seg.model import DeepLabV3Plus, WeightsError, load_backbone, read_state_dict
+from seg.model import WeightsError, from_config, load_backbone, read_state_dict
 from seg.schedule import Schedule
 from seg.tracking import Tracker
 from seg.transforms import TrainGeometry
@@ -93,10 +93,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", default="auto", help="auto (newest complete state, if any) | none | a state folder")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=5 data.workers=4")
     return parser.parse_args(argv)
-
-
-def build_model(config: Any) -> DeepLabV3Plus:
-    return DeepLabV3Plus(config.model.depth, config.model.output_stride, aspp_pool_norm=config.model.aspp_pool_norm)
 
 
 def build_loss(config: Any, class_weights: torch.Tensor | None, distributed: bool) -> torch.nn.Module:
@@ -229,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # --- model, loss, optimisation ------------------------------------------------------
-    model = build_model(config)
+    model = from_config(config.model)
     try:
         if args.init_from:
             model.load_state_dict(read_state_dict(args.init_from), strict=True)

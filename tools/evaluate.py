@@ -32,7 +32,7 @@ from seg.data import eval_loader
 from seg.evaluate import evaluate
 from seg.inference import TestTimeAugmentation
 from seg.manifest import ManifestError
-from seg.model import DeepLabV3Plus, WeightsError, read_state_dict
+from seg.model import DeepLabV3Plus, WeightsError, from_config, read_state_dict
 from seg.png import encode_gray8
 from seg.tracking import confusion_figure
 
@@ -42,8 +42,7 @@ def load_model(path: Path) -> tuple[DeepLabV3Plus, dict]:
     if not sidecar_path.is_file():
         raise WeightsError(f"{path}: no sidecar {sidecar_path.name}; is this a seg model file?")
     sidecar = json.loads(sidecar_path.read_text())
-    config = sidecar["config"]["model"]
-    model = DeepLabV3Plus(config["depth"], config["output_stride"], aspp_pool_norm=config["aspp_pool_norm"])
+    model = from_config(sidecar["config"]["model"])
     try:
         model.load_state_dict(read_state_dict(path))
     except RuntimeError as e:
