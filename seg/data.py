@@ -56,15 +56,7 @@ def shards_of(directory: str | Path, groups: list[str], checksums: bool = True) 
     unknown = [g for g in groups if g not in manifest["groups"]]
     if unknown:
         raise ManifestError(f"{directory}: no group {unknown[0]!r}; the manifest has {sorted(manifest['groups'])}")
-    if checksums:
-        problems = verify(directory, groups=groups)
-    else:
-        problems = [
-            f"{directory / s['name']}: missing or not {s['bytes']} bytes"
-            for g in groups
-            for s in manifest["groups"][g]["shards"]
-            if not (directory / s["name"]).is_file() or (directory / s["name"]).stat().st_size != s["bytes"]
-        ]
+    problems = verify(directory, groups=groups, checksums=checksums)
     if problems:
         raise ManifestError("shards do not match the manifest:\n  " + "\n  ".join(problems) + "\nrepack the dataset")
     return [Shard(str(directory / s["name"]), s["samples"]) for g in groups for s in manifest["groups"][g]["shards"]]

@@ -81,21 +81,26 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _check_shard(args: tuple[Path, dict[str, Any]]) -> str | None:
-    path, shard = args
+def _check_shard(args: tuple[Path, dict[str, Any], bool]) -> str | None:
+    path, shard, checksum = args
     if not path.is_file():
         return f"{path}: missing (listed in the manifest)"
     size = path.stat().st_size
     if size != shard["bytes"]:
         return f"{path}: {size} bytes, the manifest says {shard['bytes']}"
+    if not checksum:
+        return None
     digest = sha256_file(path)
     if digest != shard["sha256"]:
         return f"{path}: sha256 {digest} does not match the manifest's {shard['sha256']}"
     return None
 
 
-def verify(directory: str | Path, workers: int = 1, groups: list[str] | None = None) -> list[str]:
-    """Check shards against the manifest (presence, size, sha256); return the problems.
+def verify(
+    directory: str | Path, workers: int = 1, groups: list[str] | None = None, checksums: bool = True
+) -> list[str]:
+    """Check shards against the manifest (presence, size and, with ``checksums``, sha256);
+    return the problems.
 
     ``groups=None`` checks every group and also reports ``.tar`` files the manifest does
     not list; otherwise only the shards of ``groups`` are checked.
@@ -103,7 +108,7 @@ def verify(directory: str | Path, workers: int = 1, groups: list[str] | None = N
     directory = Path(directory)
     manifest = load_manifest(directory)
     selected = manifest["groups"] if groups is None else {g: manifest["groups"][g] for g in groups}
-    listed = [(directory / s["name"], s) for group in selected.values() for s in group["shards"]]
+    listed = [(directory / s["name"], s, checksums) for group in selected.values() for s in group["shards"]]
     problems = []
     if groups is None:
         names = {s["name"] for group in manifest["groups"].values() for s in group["shards"]}
