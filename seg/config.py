@@ -106,6 +106,9 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # What changes from stage to stage of the cross-validation chain: stage s (seg/train.py
+    # --stage s) applies entry s, or the last entry beyond the list; e.g. [{}, {optim.lr: 3.0e-5}].
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
 
 CHOICES = {
@@ -127,14 +130,19 @@ class ConfigError(ValueError):
     """A config that cannot be used: the message names the key."""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Schema <- YAML file <- ``key=value`` overrides, checked; read-only once resolved."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), stage: int | None = None
+) -> DictConfig:
+    """Schema <- YAML file <- the file's ``stages`` entry for ``stage`` <- ``key=value``
+    overrides, checked; read-only once resolved."""
     config = OmegaConf.structured(Config)
     try:
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {path} not found")
             config = OmegaConf.merge(config, OmegaConf.load(path))
+        if stage is not None and config.stages:
+            config = apply_stage(config, stage, path)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.epochs=5)")
@@ -153,6 +161,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if value is not None and (len(value) != 2 or min(value) <= 0):
             raise ConfigError(f"config key {key!r}: {list(value)} is not [height, width]")
     OmegaConf.set_readonly(config, True)
+    return config
+
+
+def apply_stage(config: DictConfig, stage: int, path: str | Path | None) -> DictConfig:
+    """The config with its ``stages`` entry for ``stage`` applied (dotted keys)."""
+    index = min(stage, len(config.stages)) - 1
+    for key, value in config.stages[index].items():
+        try:
+            OmegaConf.update(config, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            reason = e.msg if hasattr(e, "msg") else e
+            raise ConfigError(f"config key {key!r} in stages[{index}] of {path}: {reason}".split("\n")[0]) from None
     return config
 
 

@@ -9,14 +9,17 @@ dilated ResNet-34. Depth 34 at output stride 8 is exactly the study's model
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
+from seg.checkpoint import WEIGHTS_FORMAT
 from seg.cityscapes import NUM_CLASSES
 
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
@@ -246,3 +249,34 @@ def _depth(model: DeepLabV3Plus) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_model(path: str | Path) -> tuple[DeepLabV3Plus, dict[str, Any]]:
+    """A model file of ours (safetensors with ``format: seg.deeplabv3plus`` metadata and its
+    JSON sidecar) as an eval-mode model on the CPU, and the sidecar."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type for a torn or foreign file
+        raise WeightsError(f"{path}: not a readable safetensors file ({e}); truncated? copy it again") from None
+    if metadata.get("format") != WEIGHTS_FORMAT:
+        raise WeightsError(
+            f"{path}: not a seg model file (format {metadata.get('format')!r}, expected {WEIGHTS_FORMAT!r}); "
+            f"pass a model written by training or tools/reduce_folds.py"
+        )
+    sidecar_path = path.with_suffix(".json")
+    if not sidecar_path.is_file():
+        raise WeightsError(f"{path}: no sidecar {sidecar_path.name}; copy it along with the model")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+        model = from_config(sidecar["config"]["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightsError(f"{sidecar_path}: not a seg model sidecar ({type(e).__name__}: {e})") from None
+    try:
+        model.load_state_dict(read_state_dict(path))
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: does not fit the model its sidecar describes ({str(e).splitlines()[0]})") from None
+    return model.eval(), sidecar

@@ -28,6 +28,7 @@ from seg.evaluate import evaluate
 from seg.manifest import SELECTION_GROUP, ManifestError, load_manifest
 from seg.model import WeightsError, from_config
 from seg.soup import average, greedy_soup, load_fold_models, recalibrate_batchnorm
+from seg.tracking import log_reduction
 from seg.transforms import TrainGeometry
 
 STRATEGIES = ("best", "mean", "topk", "greedy")
@@ -144,7 +145,8 @@ def reduce_stage(
         candidate.result = reducer.evaluate(candidate.state)
         log(f"{candidate.name:>8}: selection mIoU {candidate.result['miou']:.4f}")
     if "greedy" in strategies:
-        soup, _ = greedy_soup(models, lambda state: reducer.evaluate(state)["miou"])
+        singles = [c.result["miou"] for c in candidates[: len(models)]]  # each fold alone, evaluated above
+        soup, _ = greedy_soup(models, lambda state: reducer.evaluate(state)["miou"], singles)
         greedy = Candidate("greedy", [m.fold for m in soup], average([m.state for m in soup]))
         greedy.result = reducer.evaluate(greedy.state)
         candidates.append(greedy)
@@ -192,6 +194,9 @@ def reduce_stage(
             (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
             (tmp / "report.md").write_text(markdown(report))
             plot(report, tmp / "reduction.png")
+        # A summary run in the experiment's wandb group, beside the folds' runs (not inside
+        # reduced/, which a repeated reduction replaces).
+        log_reduction(config, models[0].sidecar["stage"], report, stage_dir, stage_dir / "reduced" / "reduction.png")
         log(
             f"winner: {winner.name} (folds {winner.folds}), selection mIoU {winner.result['miou']:.4f} "
             f"-> {stage_dir / 'reduced' / 'model.safetensors'}"

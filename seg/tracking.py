@@ -20,9 +20,12 @@ from seg.cityscapes import CLASS_NAMES
 
 
 def resolve_mode(mode: str) -> str:
-    """``auto``: online when an API key is configured (env or ~/.netrc), else offline."""
+    """``auto``: WANDB_MODE if set (job scripts set offline), else online when an API key is
+    configured (env or ~/.netrc), else offline."""
     if mode != "auto":
         return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
     return "online" if has_key else "offline"
@@ -99,6 +102,53 @@ class Tracker:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def log_reduction(config: dict[str, Any], stage: int, report: dict[str, Any], out_dir: Path, plot: Path) -> None:
+    """A summary run of a stage's fold reduction (main process), in the experiment's group:
+    the candidates as a table, the winner as summary fields, the reduction plot as an image.
+
+    Named and identified ``{experiment}-s{stage}-reduce``, so a repeated reduction continues
+    its run; nothing is written when the mode is ``disabled``.
+    """
+    settings = config["wandb"]
+    mode = resolve_mode(settings["mode"])
+    if mode == "disabled":
+        return
+    import wandb
+
+    experiment = config["train"]["experiment"]
+    name = f"{experiment}-s{stage}-reduce"
+    run = wandb.init(
+        project=settings["project"],
+        entity=settings["entity"],
+        group=experiment,
+        job_type=f"stage{stage}-reduce",
+        name=name,
+        id=re.sub(r"[^A-Za-z0-9_.-]", "-", name),
+        resume="allow",
+        dir=str(out_dir),
+        config=config,
+        mode=mode,
+    )
+    columns = ["name", "folds", "recalibrated", "miou", "fwiou", "pixel_accuracy"]
+    rows = [
+        [c["name"], ", ".join(map(str, c["folds"])), c["recalibrated"], c["miou"], c["fwiou"], c["pixel_accuracy"]]
+        for c in report["candidates"]
+    ]
+    run.log({"reduction/candidates": wandb.Table(columns=columns, data=rows), "reduction/plot": wandb.Image(str(plot))})
+    winner, selection = report["winner"], report["selection"]
+    run.summary.update(
+        {
+            "winner/name": winner["name"],
+            "winner/folds": ", ".join(map(str, winner["folds"])),
+            "winner/miou": winner["miou"],
+            "selection/group": selection["group"],
+            "selection/is_official_val": selection["is_official_val"],
+            "selection/samples": selection["samples"],
+        }
+    )
+    run.finish()
 
 
 def _resize_mask(mask: torch.Tensor, image: torch.Tensor) -> np.ndarray:

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch seg/train.py
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stage", type=int, default=1)
     parser.add_argument("--init-from", help="weights to start from (a reduced model of the previous stage)")
     parser.add_argument("--resume", default="auto", help="auto (newest complete state, if any) | none | a state folder")
+    parser.add_argument(
+        "--print-run-dir", action="store_true", help="print the fold's folder and exit (for job scripts)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=5 data.workers=4")
     return parser.parse_args(argv)
 
@@ -179,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- configuration ---------------------------------------------------------------
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, args.stage)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.print_run_dir:
+        print(run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold))
+        return 0
     cuda = torch.cuda.is_available()
     if config.train.precision == "fp16" and not cuda:
         print("error: config key 'train.precision': fp16 needs a GPU; use bf16 on the CPU", file=sys.stderr)
@@ -203,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(config).encode())
         print(OmegaConf.to_yaml(config), flush=True)
     set_seed(config.train.seed + rank, deterministic=config.train.deterministic)
+    # Where each rank runs, for the summary: torchrun's GROUP_RANK is the machine rank.
+    machines = gather_object([(int(os.environ.get("GROUP_RANK", 0)), os.environ.get("SLURMD_NODENAME", ""))])
 
     # --- data ----------------------------------------------------------------------------
     data = config.data
@@ -455,7 +463,10 @@ def main(argv: list[str] | None = None) -> int:
             "stage": args.stage,
             "steps": progress.step,
             "steps_per_epoch": steps_per_epoch,
+            "init_from": args.init_from,
             "processes": world,
+            "machines": sorted({rank for rank, _ in machines}),
+            "nodes": sorted({name for _, name in machines if name}),
             "best": {"miou": progress.best_miou, "step": progress.best_step},
             "final": last_results,
             "skipped_samples": progress.skipped,

@@ -31,7 +31,7 @@ def model_and_shards(tmp_path_factory) -> tuple[Path, Path]:
     pack(root / "cityscapes", root / "shards", Options(folds=2, splits=("train", "val")), progress=False)
     torch.manual_seed(0)
     model = DeepLabV3Plus(18, 8).eval()
-    config = load_config(REPO / "configs" / "demo.yaml", [f"data.shards={root / 'shards'}"])
+    config = load_config(REPO / "configs" / "demo.yaml", [f"data.shards={root / 'shards'}", "model.output_stride=8"])
     export_weights(model, root / "model.safetensors", {"config": to_dict(config), "metrics": {}})
     return root / "model.safetensors", root / "shards"
 

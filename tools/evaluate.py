@@ -32,22 +32,9 @@ from seg.data import eval_loader
 from seg.evaluate import evaluate
 from seg.inference import TestTimeAugmentation
 from seg.manifest import ManifestError
-from seg.model import DeepLabV3Plus, WeightsError, from_config, read_state_dict
+from seg.model import WeightsError, load_model
 from seg.png import encode_gray8
 from seg.tracking import confusion_figure
-
-
-def load_model(path: Path) -> tuple[DeepLabV3Plus, dict]:
-    sidecar_path = path.with_suffix(".json")
-    if not sidecar_path.is_file():
-        raise WeightsError(f"{path}: no sidecar {sidecar_path.name}; is this a seg model file?")
-    sidecar = json.loads(sidecar_path.read_text())
-    model = from_config(sidecar["config"]["model"])
-    try:
-        model.load_state_dict(read_state_dict(path))
-    except RuntimeError as e:
-        raise WeightsError(f"{path}: does not fit the model its sidecar describes ({str(e).splitlines()[0]})") from None
-    return model, sidecar
 
 
 def markdown(result: dict, title: str) -> str:

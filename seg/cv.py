@@ -1,0 +1,251 @@
+"""The cross-validation chain: S stages of K folds, each stage reduced to the model that
+seeds the next (the study's recipe).
+
+    ./launch cv configs/X.yaml --stages 2 [--folds K] [--nodes N --gpus G] [key=value ...]
+    ./launch cv configs/X.yaml --stages 2 --local [--processes P] [key=value ...]
+
+On Slurm, every stage is one job array of slurm/fold.sh (a task per fold, each over
+``--nodes`` machines) and one slurm/reduce.sh job that waits for the whole array
+(``afterok``); the next stage's array waits for that reduce job and starts from its model.
+The whole chain is submitted at once and the job ids are printed. ``--local`` runs the same
+chain here: each fold through ``accelerate launch`` with P processes, folds in turn. Either
+way a rerun skips what is finished: a fold with its summary.json, a stage whose reduced model
+is newer than its folds' models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from seg.cli import launch_command
+from seg.config import ConfigError, load_config
+from seg.manifest import ManifestError, load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Chain:
+    """What a chain runs: the same arguments on Slurm and locally."""
+
+    config: str
+    overrides: list[str]
+    stages: int
+    folds: list[int]
+    experiment_dir: Path
+    reduce_args: list[str] = field(default_factory=list)
+    first_init: str | None = None  # a model seeding stage 1 (e.g. a previous experiment's)
+
+    def stage_dir(self, stage: int) -> Path:
+        return self.experiment_dir / f"stage{stage}"
+
+    def reduced(self, stage: int) -> Path:
+        return self.stage_dir(stage) / "reduced" / "model.safetensors"
+
+    def train_args(self, stage: int) -> list[str]:
+        """seg/train.py's arguments after ``--config`` for every fold of ``stage`` (the fold
+        is added per task)."""
+        init = str(self.reduced(stage - 1)) if stage > 1 else self.first_init
+        seed = ["--init-from", init] if init else []
+        return ["--stage", str(stage), *seed, *self.overrides]
+
+    def logs(self) -> Path:
+        return self.experiment_dir / "logs"
+
+
+def plan(
+    config: str,
+    overrides: list[str],
+    stages: int,
+    folds: int | None = None,
+    reduce_args: list[str] | None = None,
+    first_init: str | None = None,
+) -> Chain:
+    """Resolve the config of every stage here, so a bad key fails before anything runs."""
+    resolved = load_config(config, overrides, 1)
+    for stage in range(2, stages + 1):
+        load_config(config, overrides, stage)
+    packed = load_manifest(resolved.data.shards)["options"]["folds"]
+    folds = packed if folds is None else folds
+    if not 1 <= folds <= packed:
+        raise ConfigError(f"--folds {folds}: {resolved.data.shards} was packed with {packed} folds (1..{packed})")
+    if stages < 1:
+        raise ConfigError(f"--stages {stages}: at least 1")
+    experiment_dir = Path(resolved.train.runs_dir) / resolved.train.experiment
+    return Chain(config, list(overrides), stages, list(range(folds)), experiment_dir, reduce_args or [], first_init)
+
+
+# --- this machine ------------------------------------------------------------------------
+
+
+def fold_done(chain: Chain, stage: int, fold: int) -> bool:
+    return (chain.stage_dir(stage) / f"fold{fold}" / "summary.json").exists()
+
+
+def reduction_done(chain: Chain, stage: int) -> bool:
+    reduced = chain.reduced(stage)
+    if not reduced.exists():
+        return False
+    models = [chain.stage_dir(stage) / f"fold{k}" / "model.safetensors" for k in chain.folds]
+    return all(m.exists() and m.stat().st_mtime <= reduced.stat().st_mtime for m in models)
+
+
+def run_logged(command: list[str], log: Path) -> int:
+    """Run ``command``, its output both on this terminal and appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"$ {shlex.join(command)}    (log: {log})", flush=True)
+    with open(log, "ab") as f, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as p:
+        assert p.stdout is not None
+        for line in p.stdout:
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            f.write(line)
+            f.flush()
+    return p.returncode
+
+
+def run_local(chain: Chain, processes: int) -> int:
+    """Every stage, fold after fold, then its reduction; stops at the first failure."""
+    launcher = launch_command(processes)
+    for stage in range(1, chain.stages + 1):
+        for fold in chain.folds:
+            if fold_done(chain, stage, fold):
+                print(f"stage {stage} fold {fold}: done before, skipped", flush=True)
+                continue
+            train = [str(REPO / "seg" / "train.py"), "--config", chain.config, "--fold", str(fold)]
+            command = [*launcher, *train, *chain.train_args(stage)]
+            if code := run_logged(command, chain.logs() / f"stage{stage}-fold{fold}.log"):
+                print(f"error: stage {stage} fold {fold} failed (exit {code})", file=sys.stderr)
+                return code
+        if reduction_done(chain, stage):
+            print(f"stage {stage}: reduced before, skipped", flush=True)
+            continue
+        command = [*launcher, str(REPO / "tools" / "reduce_folds.py"), str(chain.stage_dir(stage)), *chain.reduce_args]
+        command += ["--folds", *map(str, chain.folds)]
+        if code := run_logged(command, chain.logs() / f"stage{stage}-reduce.log"):
+            print(f"error: stage {stage} reduction failed (exit {code})", file=sys.stderr)
+            return code
+    print(f"done: final model {chain.reduced(chain.stages)}", flush=True)
+    return 0
+
+
+# --- Slurm ---------------------------------------------------------------------------------
+
+
+def sbatch(args: list[str], env: dict[str, str] | None = None) -> str:
+    """Submit; the job id (``--parsable`` prints ``id[;cluster]``)."""
+    command = ["sbatch", "--parsable", *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed: {done.stderr.strip()}")
+    return done.stdout.strip().split(";")[0]
+
+
+def submit(
+    chain: Chain,
+    nodes: int,
+    gpus: int,
+    processes: int,
+    sbatch_args: list[str],
+    submit_job: Callable[[list[str], dict[str, str]], str] = sbatch,
+) -> list[tuple[int, str, str]]:
+    """Submit every stage's array and reduce job with their dependencies; (stage, array id,
+    reduce id) per stage. ``processes`` per node is used only on CPU nodes (``gpus == 0``).
+    If a submission fails, the jobs already submitted are cancelled: half a chain would
+    wait forever on jobs that never come."""
+    logs = chain.logs()
+    logs.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"SEG_PROCS_PER_NODE": str(gpus or processes)}
+    resources = ["--nodes", str(nodes), "--ntasks-per-node", "1", *(["--gpus-per-node", str(gpus)] if gpus else [])]
+    jobs: list[tuple[int, str, str]] = []
+    after = None
+    try:
+        for stage in range(1, chain.stages + 1):
+            name = f"{chain.experiment_dir.name}-s{stage}"
+            array = submit_job(
+                [
+                    f"--array={','.join(map(str, chain.folds))}",
+                    f"--job-name={name}",
+                    f"--output={logs / f'stage{stage}-fold%a-%A.log'}",
+                    *resources,
+                    *([f"--dependency=afterok:{after}"] if after else []),
+                    *sbatch_args,
+                    str(REPO / "slurm" / "fold.sh"),
+                    chain.config,
+                    *chain.train_args(stage),
+                ],
+                env,
+            )
+            jobs.append((stage, array, ""))
+            after = submit_job(
+                [
+                    f"--dependency=afterok:{array}",
+                    f"--job-name={name}-reduce",
+                    f"--output={logs / f'stage{stage}-reduce-%j.log'}",
+                    "--nodes=1",
+                    "--ntasks=1",
+                    *(["--gpus-per-node=1"] if gpus else []),
+                    *sbatch_args,
+                    str(REPO / "slurm" / "reduce.sh"),
+                    str(chain.stage_dir(stage)),
+                    *chain.reduce_args,
+                    "--folds",
+                    *map(str, chain.folds),
+                ],
+                env,
+            )
+            jobs[-1] = (stage, array, after)
+    except (RuntimeError, OSError):
+        submitted = [job for _, array, reduce in jobs for job in (array, reduce) if job]
+        if submitted:
+            subprocess.run(["scancel", *submitted], check=False)
+        raise
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="./launch cv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", help="experiment YAML (configs/)")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every fold, e.g. train.epochs=40")
+    parser.add_argument("--stages", type=int, default=1)
+    parser.add_argument("--folds", type=int, help="run folds 0..K-1 (default: all the dataset was packed with)")
+    parser.add_argument("--init-from", help="a model seeding stage 1 (default: the config's backbone weights)")
+    parser.add_argument("--local", action="store_true", help="run here, fold after fold, instead of on Slurm")
+    parser.add_argument("--processes", type=int, default=1, help="processes per fold (--local) or per CPU node")
+    parser.add_argument("--nodes", type=int, default=1, help="Slurm: machines per fold")
+    parser.add_argument("--gpus", type=int, default=0, help="Slurm: GPUs per machine (one process each)")
+    parser.add_argument("--sbatch", default="", help='Slurm: more sbatch options, e.g. "-p gpu -t 8:00:00"')
+    parser.add_argument(
+        "--reduce", default="--recalibrate 20", help='tools/reduce_folds.py options (default "--recalibrate 20")'
+    )
+    args = parser.parse_intermixed_args(argv)
+    try:
+        chain = plan(args.config, args.overrides, args.stages, args.folds, shlex.split(args.reduce), args.init_from)
+    except (ConfigError, ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.local:
+        return run_local(chain, args.processes)
+    try:
+        jobs = submit(chain, args.nodes, args.gpus, args.processes, shlex.split(args.sbatch))
+    except (RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for stage, array, reduce in jobs:
+        print(f"stage {stage}: folds {array} (array {','.join(map(str, chain.folds))}), reduce {reduce}")
+    print(f"logs: {chain.logs()}/   final model: {chain.reduced(chain.stages)}")
+    print(f"watch: squeue -u $USER    cancel: scancel {' '.join(j for _, a, r in jobs for j in (a, r))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

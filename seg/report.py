@@ -1,0 +1,618 @@
+"""An offline report of an experiment: training curves, per-class IoU, folds, reductions, evaluation.
+
+Reads only what the runs leave on disk (``stage{s}/fold{k}/metrics.jsonl`` and
+``summary.json``, ``stage{s}/reduced/report.json``, tools/evaluate.py's ``metrics.json``):
+no wandb, no network. Writes PNGs and a ``report.md`` that embeds them, as one folder
+(default ``runs/<experiment>/report/``) that appears complete or not at all. Pieces that are
+not there yet (a fold still running, a stage not reduced) are noted in the report, not fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seg.atomic import atomic_directory
+from seg.cityscapes import CLASS_NAMES
+
+STAGE = re.compile(r"^stage(\d+)$")
+FOLD = re.compile(r"^fold(\d+)$")
+# Where tools/evaluate.py's metrics.json is looked for: its default (beside the model, eval-<split>/)
+# and an --out of the experiment's own (runs/<experiment>/evaluation*/, possibly one level deeper).
+EVALUATION_GLOBS = (
+    "eval*/metrics.json",
+    "eval*/*/metrics.json",
+    "stage*/reduced/eval*/metrics.json",
+    "stage*/fold*/eval*/metrics.json",
+)
+
+
+class ReportError(ValueError):
+    """An input that cannot be read, or an output that cannot be written: the message names the file."""
+
+
+@dataclass
+class Fold:
+    stage: int
+    fold: int
+    path: Path
+    train: list[dict[str, Any]]  # log records (train/loss, train/lr, ...)
+    evals: list[dict[str, Any]]  # evaluation records (fold/miou, fold/iou, optionally val/...)
+    summary: dict[str, Any] | None  # None until the fold finishes
+    preempted: bool
+
+    @property
+    def status(self) -> str:
+        if self.summary is not None:
+            return "stopped early" if self.summary.get("stopped_early") else "done"
+        return "preempted" if self.preempted else "in progress"
+
+    @property
+    def best(self) -> tuple[float, int] | None:
+        """(best fold mIoU, its step): the summary's, else the first maximum of the records."""
+        if self.summary is not None and self.summary.get("best", {}).get("step", -1) >= 0:
+            return float(self.summary["best"]["miou"]), int(self.summary["best"]["step"])
+        if not self.evals:
+            return None
+        record = max(self.evals, key=lambda r: r["fold/miou"])  # max keeps the first of equals
+        return float(record["fold/miou"]), int(record["step"])
+
+    @property
+    def final_miou(self) -> float | None:
+        return float(self.evals[-1]["fold/miou"]) if self.evals else None
+
+    @property
+    def epochs(self) -> float:
+        return max((float(r["epoch"]) for r in self.train + self.evals), default=0.0)
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.summary is None or "seconds" not in self.summary else float(self.summary["seconds"])
+
+
+@dataclass
+class Stage:
+    stage: int
+    path: Path
+    folds: list[Fold] = field(default_factory=list)
+    reduction: dict[str, Any] | None = None  # reduced/report.json
+
+    def winner(self) -> dict[str, Any] | None:
+        """The winning candidate's entry of the reduction report."""
+        if self.reduction is None:
+            return None
+        name = self.reduction["winner"]["name"]
+        return next((c for c in self.reduction["candidates"] if c["name"] == name), None)
+
+    def best_fold(self) -> Fold | None:
+        ranked = [f for f in self.folds if f.best is not None and f.evals]
+        return max(ranked, key=lambda f: f.best[0]) if ranked else None
+
+
+@dataclass
+class Evaluation:
+    path: Path  # the folder holding metrics.json
+    label: str  # that folder, relative to the experiment
+    result: dict[str, Any]
+
+
+@dataclass
+class Experiment:
+    path: Path
+    name: str
+    stages: list[Stage]
+    evaluations: list[Evaluation]
+    notes: list[str]  # what was skipped or is incomplete, for the report
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not valid JSON ({e}); rerun what wrote it, or delete it") from None
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The records of a ``metrics.jsonl`` and whether an unterminated last line was left out
+    (a fold writing as we read); any other line that is not a record is an error naming it."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read it ({e.strerror})") from None
+    lines = text.split("\n")
+    records, torn = [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it yet: being appended
+                torn = True
+                break
+            raise ReportError(f"{path}:{number}: not a JSON record ({e.msg}); fix or delete that line") from None
+        if not isinstance(record, dict) or "step" not in record or "epoch" not in record:
+            raise ReportError(f"{path}:{number}: not a metrics record (no 'step' or 'epoch'); fix or delete that line")
+        records.append(record)
+    return records, torn
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Everything the report shows, read from ``runs/<experiment>/``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path}: not a folder; pass runs/<experiment>")
+    if not any(path.glob("stage*/fold*/metrics.jsonl")):
+        raise ReportError(f"{path}: not an experiment folder (no stage*/fold*/metrics.jsonl); pass runs/<experiment>")
+    notes: list[str] = []
+    stages = []
+    for stage_dir in _numbered(path, STAGE):
+        stage = Stage(int(STAGE.match(stage_dir.name)[1]), stage_dir)
+        where = f"stage{stage.stage}"
+        for fold_dir in _numbered(stage_dir, FOLD):
+            name = f"{where}/{fold_dir.name}"
+            if not (fold_dir / "metrics.jsonl").is_file():
+                notes.append(f"{name}: no metrics.jsonl yet; skipped")
+                continue
+            records, torn = read_metrics(fold_dir / "metrics.jsonl")
+            if not records:
+                notes.append(f"{name}: metrics.jsonl is empty (nothing logged yet); skipped")
+                continue
+            summary = read_json(fold_dir / "summary.json") if (fold_dir / "summary.json").is_file() else None
+            fold = Fold(
+                stage.stage,
+                int(FOLD.match(fold_dir.name)[1]),
+                fold_dir,
+                [r for r in records if "train/loss" in r],
+                [r for r in records if "fold/miou" in r],
+                summary,
+                (fold_dir / "PREEMPTED").is_file(),
+            )
+            stage.folds.append(fold)
+            if summary is None:
+                state = "preempted, waiting to resume" if fold.preempted else "still running or stopped"
+                notes.append(f"{name}: {state} (no summary.json); shown as far as it got (step {records[-1]['step']})")
+            if torn:
+                notes.append(f"{name}: the last line of metrics.jsonl is incomplete (being written); left out")
+            if not fold.evals:
+                notes.append(f"{name}: no evaluation yet; no mIoU to show")
+        if (stage_dir / "reduced" / "report.json").is_file():
+            stage.reduction = read_json(stage_dir / "reduced" / "report.json")
+        else:
+            notes.append(f"{where}: not reduced yet (no reduced/report.json; see tools/reduce_folds.py)")
+        stages.append(stage)
+    evaluations = []
+    for metrics in sorted({p for pattern in EVALUATION_GLOBS for p in path.glob(pattern)}):
+        result = read_json(metrics)
+        label = metrics.parent.relative_to(path).as_posix()
+        if "miou" not in result or not isinstance(result.get("iou"), dict):
+            notes.append(f"{label}/metrics.json: not an evaluation result of tools/evaluate.py; skipped")
+            continue
+        evaluations.append(Evaluation(metrics.parent, label, result))
+    return Experiment(path, path.resolve().name, stages, evaluations, notes)
+
+
+def _numbered(parent: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """Sub-folders whose name matches ``pattern`` (stage3, fold12), in numeric order."""
+    found = [p for p in parent.iterdir() if p.is_dir() and pattern.match(p.name)]
+    return sorted(found, key=lambda p: int(pattern.match(p.name)[1]))
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def write_report(experiment_dir: Path, out: Path | None = None) -> Path:
+    """Write the report of ``experiment_dir`` to ``out`` (default ``experiment_dir/report``),
+    replacing an earlier report there; returns ``out``."""
+    experiment = load_experiment(experiment_dir)
+    out = Path(out) if out is not None else Path(experiment_dir) / "report"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").is_file())):
+        raise ReportError(f"{out}: exists and is not a report folder; choose another --out")
+    with atomic_directory(out, overwrite=True) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a report meant to be shared
+        figures = plot_all(experiment, tmp)
+        (tmp / "report.md").write_text(markdown(experiment, figures))
+    return out
+
+
+def markdown(experiment: Experiment, figures: dict[str, str]) -> str:
+    """The report; ``figures`` maps a figure's role to its file name in the report folder."""
+    lines = [
+        f"# Experiment report: {experiment.name}",
+        "",
+        f"From the metrics.jsonl, summary.json and reduced/report.json files under `{experiment.path}`. "
+        "Fold mIoU is measured on each fold's held-out group, a reduction's on its selection set, "
+        "so the two are not directly comparable.",
+        "",
+    ]
+    if experiment.notes:
+        lines += ["## Skipped or incomplete", "", *(f"- {note}" for note in experiment.notes), ""]
+
+    lines += [
+        "## Overview",
+        "",
+        "| stage | folds | mean best fold mIoU | best fold | reduced winner | winner selection mIoU |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for stage in experiment.stages:
+        bests = [f.best[0] for f in stage.folds if f.best is not None]
+        done = sum(f.summary is not None for f in stage.folds)
+        best_fold = stage.best_fold()
+        winner = stage.reduction["winner"] if stage.reduction else None
+        lines.append(
+            f"| {stage.stage} | {done} done of {len(stage.folds)} | {_pct(float(np.mean(bests)) if bests else None)} | "
+            f"{f'fold{best_fold.fold}' if best_fold else 'n/a'} | {winner['name'] if winner else 'not reduced'} | "
+            f"{_pct(winner['miou'] if winner else None)} |"
+        )
+    lines.append("")
+    for role, title in (("by_stage", "mIoU per fold and stage"), ("fold_miou", "fold mIoU during training")):
+        if role in figures:
+            lines += [f"![{title}]({figures[role]})", ""]
+
+    for stage in experiment.stages:
+        lines += [f"## Stage {stage.stage}", ""]
+        if stage.folds:
+            lines += [
+                "| fold | status | best mIoU | best step | final mIoU | epochs | seconds |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for fold in stage.folds:
+                best = fold.best
+                seconds = "n/a" if fold.seconds is None else f"{fold.seconds:.0f}"
+                lines.append(
+                    f"| {fold.fold} | {fold.status} | {_pct(best[0] if best else None)} | "
+                    f"{best[1] if best else 'n/a'} | {_pct(fold.final_miou)} | {fold.epochs:.2f} | {seconds} |"
+                )
+            lines.append("")
+        else:
+            lines += ["No fold has logged anything yet.", ""]
+        if f"training{stage.stage}" in figures:
+            lines += [f"![stage {stage.stage} training]({figures[f'training{stage.stage}']})", ""]
+        lines += _reduction_lines(stage)
+
+    if "iou_history" in figures:
+        lines += [
+            "## Per-class IoU during training",
+            "",
+            "Fold-validation IoU per class at each evaluation, for the best fold of each stage.",
+            "",
+            f"![per-class IoU history]({figures['iou_history']})",
+            "",
+        ]
+    if "reduction" in figures:
+        lines += ["## Reduction comparison", "", f"![reduction candidates]({figures['reduction']})", ""]
+    lines += _evaluation_lines(experiment)
+    lines += _final_lines(experiment, figures)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _reduction_lines(stage: Stage) -> list[str]:
+    lines = [f"### Stage {stage.stage} reduction", ""]
+    report = stage.reduction
+    if report is None:
+        return [*lines, "Not reduced yet: no `reduced/report.json`.", ""]
+    selection = report["selection"]
+    where = "the official val split" if selection["is_official_val"] else f"the held-out `{selection['group']}` group"
+    winner = report["winner"]
+    lines += [
+        f"Chosen on {where} ({selection['samples']} images). Winner: **{winner['name']}** "
+        f"(folds {', '.join(map(str, winner['folds']))}), mIoU {_pct(winner['miou'])}.",
+        "",
+        "| candidate | folds | BN recalibrated | mIoU | fwIoU | pixel acc. |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in report["candidates"]:
+        name = f"**{c['name']}**" if c["name"] == winner["name"] else c["name"]
+        lines.append(
+            f"| {name} | {', '.join(map(str, c['folds']))} | {'yes' if c['recalibrated'] else 'no'} | "
+            f"{_pct(c['miou'])} | {_pct(c.get('fwiou'))} | {_pct(c.get('pixel_accuracy'))} |"
+        )
+    return [*lines, ""]
+
+
+def _evaluation_lines(experiment: Experiment) -> list[str]:
+    lines = ["## Evaluation", ""]
+    if not experiment.evaluations:
+        return [*lines, "No evaluation result (tools/evaluate.py's metrics.json) found in the experiment.", ""]
+    lines += [
+        "| result | model | split | images | mode | flip | scales | mIoU | fwIoU | pixel acc. |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for evaluation in experiment.evaluations:
+        r, tta = evaluation.result, evaluation.result.get("tta", {})
+        scales = ", ".join(f"{s:g}" for s in tta.get("scales", [])) or "n/a"
+        lines.append(
+            f"| `{evaluation.label}` | `{r.get('model', 'n/a')}` | {r.get('split', 'n/a')} | "
+            f"{r.get('samples', 'n/a')} | "
+            f"{tta.get('mode', 'n/a')} | {'yes' if tta.get('flip') else 'no'} | {scales} | {_pct(r['miou'])} | "
+            f"{_pct(r.get('fwiou'))} | {_pct(r.get('pixel_accuracy'))} |"
+        )
+    return [*lines, ""]
+
+
+def final_columns(experiment: Experiment) -> list[tuple[str, dict[str, float]]]:
+    """Per-class IoU of the final model, from every source there is: each evaluation result,
+    the last reduction's winner (selection set); failing both, the last stage's best fold."""
+    columns = [(f"{e.label} ({e.result.get('split', '?')})", e.result["iou"]) for e in experiment.evaluations]
+    reduced = [s for s in experiment.stages if s.winner() is not None]
+    if reduced:
+        stage = reduced[-1]
+        columns.append((f"stage {stage.stage} winner {stage.winner()['name']} (selection)", stage.winner()["iou"]))
+    if not columns:
+        for stage in reversed(experiment.stages):
+            fold = stage.best_fold()
+            if fold is not None:
+                at_best = [r for r in fold.evals if r["step"] == fold.best[1]]
+                record = at_best[0] if at_best else max(fold.evals, key=lambda r: r["fold/miou"])
+                columns.append((f"stage {stage.stage} fold {fold.fold} best (fold val)", record.get("fold/iou", {})))
+                break
+    return columns
+
+
+def _final_lines(experiment: Experiment, figures: dict[str, str]) -> list[str]:
+    lines = ["## Final model: per-class IoU", ""]
+    columns = final_columns(experiment)
+    if not columns:
+        return [*lines, "No per-class IoU yet (no evaluation, reduction or fold evaluation).", ""]
+    lines += [f"| class | {' | '.join(name for name, _ in columns)} |", f"| --- |{' --- |' * len(columns)}"]
+    for name in _class_order([iou for _, iou in columns]):
+        lines.append(f"| {name} | {' | '.join(_pct(iou.get(name)) for _, iou in columns)} |")
+    means = [_pct(_nanmean(list(iou.values()))) for _, iou in columns]
+    lines.append(f"| **mean** | {' | '.join(means)} |")
+    lines.append("")
+    if "final" in figures:
+        lines += [f"![final per-class IoU]({figures['final']})", ""]
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def _nanmean(values: list[float]) -> float | None:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _class_order(ious: list[dict[str, float]]) -> list[str]:
+    """Cityscapes' trainId order, then any other class names in the order they come."""
+    names = [n for n in CLASS_NAMES if any(n in iou for iou in ious)]
+    for iou in ious:
+        names += [n for n in iou if n not in names]
+    return names
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def _pyplot():  # -> the matplotlib.pyplot module, on the file-only backend
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colour(fold: int) -> Any:
+    # One colour per fold number in every figure, so fold k reads the same everywhere.
+    return _pyplot().get_cmap("tab10")(fold % 10)
+
+
+def plot_all(experiment: Experiment, out: Path) -> dict[str, str]:
+    """Draw every figure there is data for into ``out``; returns role -> file name."""
+    figures: dict[str, str] = {}
+    for stage in experiment.stages:
+        if any(f.train for f in stage.folds):
+            figures[f"training{stage.stage}"] = _save(plot_training(stage), out / f"stage{stage.stage}_training.png")
+    evaluated = [s for s in experiment.stages if any(f.evals for f in s.folds)]
+    if evaluated:
+        figures["fold_miou"] = _save(plot_fold_miou(evaluated), out / "fold_miou.png")
+        figures["iou_history"] = _save(plot_iou_history(evaluated), out / "iou_history.png")
+    if evaluated or any(s.reduction for s in experiment.stages):
+        figures["by_stage"] = _save(plot_by_stage(experiment.stages), out / "miou_by_stage.png")
+    reduced = [s for s in experiment.stages if s.reduction is not None]
+    if reduced:
+        figures["reduction"] = _save(plot_reductions(reduced), out / "reduction.png")
+    columns = final_columns(experiment)
+    if columns:
+        figures["final"] = _save(plot_final(columns), out / "final_per_class_iou.png")
+    return figures
+
+
+def _save(figure: Any, path: Path) -> str:
+    figure.savefig(path, dpi=100)
+    _pyplot().close(figure)
+    return path.name
+
+
+def plot_training(stage: Stage) -> Any:
+    plt = _pyplot()
+    figure, (loss, lr) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    for fold in stage.folds:
+        if not fold.train:
+            continue
+        epochs = [r["epoch"] for r in fold.train]
+        loss.plot(epochs, [r["train/loss"] for r in fold.train], color=_colour(fold.fold), label=f"fold {fold.fold}")
+        if all("train/lr" in r for r in fold.train):
+            lr.plot(epochs, [r["train/lr"] for r in fold.train], color=_colour(fold.fold), label=f"fold {fold.fold}")
+    loss.set(title=f"stage {stage.stage}: training loss", xlabel="epoch", ylabel="loss")
+    lr.set(title=f"stage {stage.stage}: learning rate (head)", xlabel="epoch", ylabel="learning rate")
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    for axes in (loss, lr):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    return figure
+
+
+def plot_fold_miou(stages: list[Stage]) -> Any:
+    plt = _pyplot()
+    figure, panels = plt.subplots(
+        1, len(stages), figsize=(max(6, 5 * len(stages)), 4), sharey=True, squeeze=False, layout="constrained"
+    )
+    for axes, stage in zip(panels[0], stages, strict=True):
+        for fold in stage.folds:
+            if not fold.evals:
+                continue
+            colour = _colour(fold.fold)
+            epochs = [r["epoch"] for r in fold.evals]
+            axes.plot(
+                epochs, [100 * r["fold/miou"] for r in fold.evals], "o-", ms=3, color=colour, label=f"fold {fold.fold}"
+            )
+            best = max(fold.evals, key=lambda r: r["fold/miou"])
+            axes.plot(best["epoch"], 100 * best["fold/miou"], "*", ms=12, color=colour, mec="black", mew=0.5)
+            val = [r for r in fold.evals if "val/miou" in r]
+            if val:
+                axes.plot(
+                    [r["epoch"] for r in val],
+                    [100 * r["val/miou"] for r in val],
+                    "--",
+                    color=colour,
+                    label=f"fold {fold.fold} (official val)",
+                )
+        axes.set(title=f"stage {stage.stage} (star: best)", xlabel="epoch")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    panels[0][0].set_ylabel("fold-validation mIoU (%)")
+    return figure
+
+
+def plot_iou_history(stages: list[Stage]) -> Any:
+    plt = _pyplot()
+    folds = [s.best_fold() for s in stages]
+    names = _class_order([r.get("fold/iou", {}) for f in folds for r in f.evals])
+    widths = [max(len(f.evals), 3) for f in folds]
+    figure, panels = plt.subplots(
+        1,
+        len(folds),
+        figsize=(3 + sum(0.35 * w + 1.5 for w in widths), 6),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+        gridspec_kw={"width_ratios": widths},
+    )
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    image = None
+    for axes, fold in zip(panels[0], folds, strict=True):
+        matrix = np.array([[r.get("fold/iou", {}).get(n, math.nan) for r in fold.evals] for n in names], dtype=float)
+        image = axes.imshow(
+            np.ma.masked_invalid(100 * matrix), aspect="auto", cmap=cmap, vmin=0, vmax=100, interpolation="nearest"
+        )
+        ticks = np.unique(np.linspace(0, len(fold.evals) - 1, min(len(fold.evals), 10)).round().astype(int))
+        axes.set_xticks(ticks, [f"{fold.evals[i]['epoch']:.3g}" for i in ticks], fontsize=7)
+        axes.set(title=f"stage {fold.stage}, fold {fold.fold} (best)", xlabel="epoch of the evaluation")
+    panels[0][0].set_yticks(range(len(names)), names, fontsize=8)
+    figure.colorbar(image, ax=panels[0].tolist(), label="fold-validation IoU (%), grey: class absent")
+    return figure
+
+
+def plot_by_stage(stages: list[Stage]) -> Any:
+    plt = _pyplot()
+    groups = []  # per stage: (label, value, colour, legend label, is the reduced winner)
+    for stage in stages:
+        bars = [
+            (f"{100 * f.best[0]:.1f}", 100 * f.best[0], _colour(f.fold), f"fold {f.fold} (best, fold val)", False)
+            for f in stage.folds
+            if f.best is not None
+        ]
+        if stage.reduction is not None:
+            winner = stage.reduction["winner"]
+            bars.append(
+                (
+                    f"{winner['name']}\n{100 * winner['miou']:.1f}",
+                    100 * winner["miou"],
+                    "white",
+                    "reduced winner (selection set)",
+                    True,
+                )
+            )
+        groups.append(bars)
+    width = 0.8 / max(max(len(g) for g in groups), 2)
+    figure, axes = plt.subplots(figsize=(max(7, 0.5 * sum(len(g) for g in groups) + 4), 4.5), layout="constrained")
+    labelled: set[str] = set()
+    for x, bars in enumerate(groups):
+        for slot, (text, value, colour, label, reduced) in enumerate(bars):
+            drawn = axes.bar(
+                x + width * (slot - (len(bars) - 1) / 2),
+                value,
+                width,
+                color=colour,
+                edgecolor="black" if reduced else None,
+                hatch="//" if reduced else None,
+                label=None if label in labelled else label,
+            )
+            axes.bar_label(drawn, labels=[text], fontsize=7)
+            labelled.add(label)
+    axes.set_xticks(range(len(stages)), [f"stage {s.stage}" for s in stages])
+    axes.set(ylabel="mIoU (%)", title="best mIoU per fold and stage, and the reduced model")
+    axes.margins(y=0.15)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return figure
+
+
+def plot_reductions(stages: list[Stage]) -> Any:
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    kinds = {"single fold": "#9aa5b1", "reduction": "#2f6fb0", "winner": "#d9822b"}
+    most = max(len(s.reduction["candidates"]) for s in stages)
+    figure, panels = plt.subplots(
+        len(stages), 1, figsize=(max(7, 0.8 * most + 3), 3.8 * len(stages)), squeeze=False, layout="constrained"
+    )
+    for axes, stage in zip(panels[:, 0], stages, strict=True):
+        report = stage.reduction
+        names = [c["name"] for c in report["candidates"]]
+        values = [100 * c["miou"] for c in report["candidates"]]
+        kind = [
+            "winner" if n == report["winner"]["name"] else "single fold" if n.startswith("fold") else "reduction"
+            for n in names
+        ]
+        bars = axes.bar(names, values, color=[kinds[k] for k in kind])
+        axes.bar_label(bars, fmt="%.2f", fontsize=7)
+        # The candidates differ by little: start the axis near the lowest so the gaps show.
+        axes.set_ylim(max(0.0, math.floor(min(values)) - 2), math.ceil(max(values)) + 1)
+        selection = report["selection"]
+        where = "official val" if selection["is_official_val"] else selection["group"]
+        axes.set(
+            ylabel="selection mIoU (%)",
+            title=f"stage {stage.stage} reduction, chosen on {where} ({selection['samples']} images)",
+        )
+        axes.tick_params(axis="x", rotation=45)
+        axes.grid(axis="y", alpha=0.3)
+        axes.legend(
+            handles=[Patch(color=c, label=k) for k, c in kinds.items()],
+            fontsize=8,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1),
+        )
+    return figure
+
+
+def plot_final(columns: list[tuple[str, dict[str, float]]]) -> Any:
+    plt = _pyplot()
+    names = _class_order([iou for _, iou in columns])
+    width = 0.8 / len(columns)
+    figure, axes = plt.subplots(figsize=(12, 4.5), layout="constrained")
+    for i, (label, iou) in enumerate(columns):
+        values = [100 * iou.get(n, math.nan) for n in names]
+        axes.bar(np.arange(len(names)) - 0.4 + width * (i + 0.5), np.nan_to_num(values), width, label=label)
+    axes.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    axes.set(ylabel="IoU (%)", title="final model: per-class IoU", ylim=(0, 100))
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
+    return figure

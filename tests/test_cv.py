@@ -1,0 +1,105 @@
+"""The cross-validation chain (seg/cv.py): what it submits, in which order, and what it skips."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seg import cv
+from seg.config import ConfigError
+from seg.pack import Options, pack
+from seg.synthetic import make_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cv") / "cityscapes"
+    make_synthetic(root, counts={"train": 9, "val": 2, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
+                   size=(64, 32), progress=False)  # fmt: skip
+    pack(root, root.parent / "shards", Options(folds=3, splits=("train", "val")), progress=False)
+    return root.parent / "shards"
+
+
+def chain(shards: Path, runs: Path, stages: int = 2, folds: int | None = None) -> cv.Chain:
+    return cv.plan(CONFIG, [f"data.shards={shards}", f"train.runs_dir={runs}"], stages, folds, ["--recalibrate", "3"])
+
+
+def test_the_chain_is_submitted_stage_by_stage_with_its_dependencies(shards, tmp_path):
+    calls = []
+
+    def recorder(args: list[str], env: dict[str, str]) -> str:
+        calls.append((args, env))
+        return str(100 + len(calls))
+
+    plan = chain(shards, tmp_path / "runs", folds=2)
+    jobs = cv.submit(plan, nodes=2, gpus=0, processes=3, sbatch_args=["--time", "1:00:00"], submit_job=recorder)
+    assert jobs == [(1, "101", "102"), (2, "103", "104")]
+    (array1, _), (reduce1, _), (array2, _), (reduce2, _) = calls
+    assert "--array=0,1" in array1 and "--nodes" in array1 and array1[array1.index("--nodes") + 1] == "2"
+    assert not any(a.startswith("--dependency") for a in array1)
+    assert "--dependency=afterok:101" in reduce1 and "--dependency=afterok:102" in array2
+    assert "--dependency=afterok:103" in reduce2
+    assert array1[array1.index("--time") + 1] == "1:00:00"
+    # stage 1 starts from the config's weights, stage 2 from stage 1's reduced model
+    assert "--init-from" not in array1
+    stage1 = tmp_path / "runs" / "demo" / "stage1"
+    assert array2[array2.index("--init-from") + 1] == str(stage1 / "reduced" / "model.safetensors")
+    assert array2[array2.index(str(REPO / "slurm" / "fold.sh")) + 1 :][:3] == [CONFIG, "--stage", "2"]
+    assert reduce1[reduce1.index(str(REPO / "slurm" / "reduce.sh")) + 1] == str(stage1)
+    assert reduce1[-5:] == ["--recalibrate", "3", "--folds", "0", "1"]
+    assert calls[0][1]["SEG_PROCS_PER_NODE"] == "3"
+    # logs per fold and stage under the experiment's folder
+    assert f"--output={tmp_path / 'runs' / 'demo' / 'logs' / 'stage1-fold%a-%A.log'}" in array1
+
+
+def test_a_failed_submission_cancels_what_was_submitted(shards, tmp_path, monkeypatch):
+    cancelled = []
+    monkeypatch.setattr(cv.subprocess, "run", lambda command, **kw: cancelled.append(command))
+
+    submitted = []
+
+    def fails_third(args: list[str], env: dict[str, str]) -> str:
+        if len(submitted) == 2:
+            raise RuntimeError("sbatch: error: invalid partition specified: gpu")
+        submitted.append(str(201 + len(submitted)))
+        return submitted[-1]
+
+    with pytest.raises(RuntimeError, match="invalid partition"):
+        cv.submit(chain(shards, tmp_path / "runs"), 1, 1, 1, [], submit_job=fails_third)
+    assert cancelled == [["scancel", "201", "202"]]
+
+
+def test_bad_input_fails_before_anything_is_submitted(shards, tmp_path):
+    with pytest.raises(ConfigError, match="packed with 3 folds"):
+        chain(shards, tmp_path, folds=4)
+    with pytest.raises(ConfigError, match="--stages 0"):
+        chain(shards, tmp_path, stages=0)
+    done = subprocess.run([sys.executable, "-m", "seg.cv", CONFIG, "--stages", "1", "train.epochz=3",
+                           f"data.shards={shards}"], capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert done.returncode == 2 and "epochz" in done.stderr
+
+
+def test_finished_folds_and_reductions_are_skipped(shards, tmp_path):
+    plan = chain(shards, tmp_path / "runs", folds=2)
+    assert not cv.fold_done(plan, 1, 0) and not cv.reduction_done(plan, 1)
+    for fold in (0, 1):
+        folder = plan.stage_dir(1) / f"fold{fold}"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"weights")
+    (plan.stage_dir(1) / "fold0" / "summary.json").write_text("{}")
+    assert cv.fold_done(plan, 1, 0) and not cv.fold_done(plan, 1, 1)
+    plan.reduced(1).parent.mkdir(parents=True)
+    plan.reduced(1).write_bytes(b"reduced")
+    assert cv.reduction_done(plan, 1)
+    # a fold retrained after the reduction makes it stale
+    model = plan.stage_dir(1) / "fold1" / "model.safetensors"
+    stat = plan.reduced(1).stat()
+    os.utime(model, (stat.st_atime, stat.st_mtime + 10))
+    assert not cv.reduction_done(plan, 1)

@@ -1,0 +1,275 @@
+"""tools/report.py on hand-written run folders, and the reduction's wandb summary run."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seg.cityscapes import CLASS_NAMES
+from seg.report import ReportError, load_experiment, write_report
+from seg.tracking import log_reduction
+from tests.test_train import _wandb_run_record
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def iou(seed: float) -> dict[str, float]:
+    values = {name: 0.2 + 0.7 * ((seed * (i + 3)) % 1.0) for i, name in enumerate(CLASS_NAMES)}
+    values["train"] = math.nan  # a class absent from the fold: NaN, as ConfusionMatrix.compute writes it
+    return values
+
+
+def write_fold(stage_dir: Path, fold: int, evaluations: int, finished: bool = True, torn: bool = False) -> float:
+    """A fold's metrics.jsonl (two log records per epoch, an evaluation per epoch), and its
+    summary.json when ``finished``; returns its best mIoU."""
+    out = stage_dir / f"fold{fold}"
+    out.mkdir(parents=True)
+    records, steps_per_epoch = [], 10
+    for epoch in range(1, evaluations + 1):
+        for step in (epoch * steps_per_epoch - 5, epoch * steps_per_epoch):
+            records.append(
+                {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "train/loss": 3.0 / (1 + step / 7) + 0.01 * fold,
+                    "train/lr": 1e-3 * (1 - step / 100),
+                    "train/ce": 2.0,
+                    "train/dice": 0.5,
+                    "train/images_per_s": 12.5,
+                }
+            )
+        miou = 0.3 + 0.04 * epoch - 0.003 * epoch**2 + 0.011 * fold
+        step = epoch * steps_per_epoch
+        records.append(
+            {
+                "step": step,
+                "epoch": float(epoch),
+                "fold/miou": miou,
+                "fold/fwiou": miou + 0.2,
+                "fold/pixel_accuracy": miou + 0.3,
+                "fold/iou": iou(miou),
+            }
+        )
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    if torn:
+        text += '{"epoch": 9.5, "step": 95, "train/lo'  # a fold writing its next line as we read
+    (out / "metrics.jsonl").write_text(text)
+    evals = [r for r in records if "fold/miou" in r]
+    best = max(evals, key=lambda r: r["fold/miou"])
+    if finished:
+        summary = {
+            "fold": fold,
+            "stage": 1,
+            "steps": evals[-1]["step"],
+            "steps_per_epoch": steps_per_epoch,
+            "best": {"miou": best["fold/miou"], "step": best["step"]},
+            "final": {},
+            "stopped_early": False,
+            "seconds": 123.4 + fold,
+        }
+        (out / "summary.json").write_text(json.dumps(summary))
+    return best["fold/miou"]
+
+
+def reduction_report(stage_dir: Path, folds: list[int]) -> dict:
+    candidates = [{"name": f"fold{k}", "folds": [k], "recalibrated": False, "miou": 0.40 + 0.01 * k} for k in folds]
+    candidates += [
+        {"name": "best", "folds": [folds[-1]], "recalibrated": False, "miou": 0.40 + 0.01 * folds[-1]},
+        {"name": "mean", "folds": folds, "recalibrated": False, "miou": 0.455},
+        {"name": "mean+bn", "folds": folds, "recalibrated": True, "miou": 0.4612},
+    ]
+    for c in candidates:
+        c |= {"fwiou": c["miou"] + 0.2, "pixel_accuracy": c["miou"] + 0.3, "iou": iou(c["miou"])}
+    return {
+        "stage_dir": str(stage_dir),
+        "selection": {"group": "train-selection", "is_official_val": False, "samples": 12},
+        "weights": "best",
+        "folds": {str(k): {"fold_miou": 0.5, "path": str(stage_dir / f"fold{k}" / "best.safetensors")} for k in folds},
+        "candidates": candidates,
+        "winner": {"name": "mean+bn", "folds": folds, "miou": 0.4612},
+    }
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> tuple[Path, dict[str, float]]:
+    """Stage 1: folds 0-2 done, fold 3 running (a torn last line), fold 4 with an empty log,
+    reduced. Stage 2: two folds done, not reduced. An evaluation of the stage-1 model."""
+    root = tmp_path / "runs" / "study"
+    best = {}
+    for fold in range(3):
+        best[f"stage1/fold{fold}"] = write_fold(root / "stage1", fold, 6)
+    best["stage1/fold3"] = write_fold(root / "stage1", 3, 2, finished=False, torn=True)
+    (root / "stage1" / "fold4").mkdir()
+    (root / "stage1" / "fold4" / "metrics.jsonl").write_text("")
+    (root / "stage1" / "reduced").mkdir()
+    (root / "stage1" / "reduced" / "report.json").write_text(json.dumps(reduction_report(root / "stage1", [0, 1, 2])))
+    for fold in range(2):
+        best[f"stage2/fold{fold}"] = write_fold(root / "stage2", fold, 4)
+    (root / "evaluation").mkdir()
+    result = {
+        "miou": 0.4321,
+        "fwiou": 0.61,
+        "pixel_accuracy": 0.8,
+        "mean_accuracy": 0.5,
+        "iou": iou(0.4321),
+        "samples": 5,
+        "expected": 5,
+        "split": "val",
+        "shards": "shards/x",
+        "model": str(root / "stage1" / "reduced" / "model.safetensors"),
+        "tta": {"mode": "slide", "crop": [512, 1024], "stride": [341, 683], "scales": [0.75, 1.0], "flip": True},
+    }
+    (root / "evaluation" / "metrics.json").write_text(json.dumps(result))
+    return root, best
+
+
+def test_the_report_renders_offline_with_every_piece_and_notes_what_is_missing(experiment, monkeypatch):
+    root, best = experiment
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the report must not touch the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    out = write_report(root)
+    assert out == root / "report"
+    names = {p.name for p in out.iterdir()}
+    expected = {
+        "report.md",
+        "stage1_training.png",
+        "stage2_training.png",
+        "fold_miou.png",
+        "iou_history.png",
+        "miou_by_stage.png",
+        "reduction.png",
+        "final_per_class_iou.png",
+    }
+    assert names == expected
+    for png in out.glob("*.png"):
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.width > 100 and image.height > 100
+            image.verify()
+
+    text = (out / "report.md").read_text()
+    for png in names - {"report.md"}:
+        assert f"]({png})" in text  # embedded with a relative link
+    for fold, miou in best.items():
+        assert f"{100 * miou:.2f}" in text, fold
+    assert "| 0 | done | " in text and "| 3 | in progress | " in text
+    assert "stage1/fold3: still running or stopped (no summary.json)" in text
+    assert "stage1/fold3: the last line of metrics.jsonl is incomplete" in text
+    assert "stage1/fold4: metrics.jsonl is empty" in text and "| 4 |" not in text
+    assert "stage2: not reduced yet" in text
+    assert "**mean+bn**" in text and "| mean | 0, 1, 2 | no | 45.50 |" in text
+    assert "| `evaluation` |" in text and "| 43.21 |" in text and "| slide | yes | 0.75, 1 |" in text
+    # the final model's per-class table: the evaluation and the last reduction's winner
+    assert "| class | evaluation (val) | stage 1 winner mean+bn (selection) |" in text
+    assert f"| road | {100 * iou(0.4321)['road']:.2f} | {100 * iou(0.4612)['road']:.2f} |" in text
+    assert "| train | n/a | n/a |" in text
+    assert [len(s.folds) for s in load_experiment(root).stages] == [4, 2]
+
+
+def running_fold(root: Path) -> Path:
+    """An experiment whose only fold has logged twice and not evaluated yet."""
+    (root / "stage1" / "fold0").mkdir(parents=True)
+    records = [{"step": s, "epoch": s / 10, "train/loss": 2.0 - s / 10, "train/lr": 1e-3} for s in (5, 10)]
+    (root / "stage1" / "fold0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_the_command_line_and_its_errors(tmp_path):
+    root = running_fold(tmp_path / "fresh")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "report.py"), str(root), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "r" / "report.md").is_file() and not (root / "report").exists()
+
+    from tools.report import main
+
+    assert main([str(tmp_path)]) == 2  # not an experiment folder
+    assert main([str(root / "stage1")]) == 2
+
+    # a second run replaces the report as a whole
+    (tmp_path / "r" / "stale.png").write_bytes(b"old")
+    assert main([str(root), "--out", str(tmp_path / "r")]) == 0
+    assert not (tmp_path / "r" / "stale.png").exists() and (tmp_path / "r" / "report.md").is_file()
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    assert main([str(root), "--out", str(tmp_path / "precious")]) == 2  # not replaced: not a report folder
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_errors_name_the_file_and_the_line(experiment, capsys):
+    root, _ = experiment
+    with pytest.raises(ReportError, match=r"not an experiment folder \(no stage\*/fold\*/metrics.jsonl\)"):
+        write_report(root / "evaluation")
+
+    log = root / "stage2" / "fold1" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    lines[2] = lines[2][:40]  # a damaged line in the middle, not one being written
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ReportError, match=rf"{log}:3: not a JSON record"):
+        write_report(root)
+    assert not (root / "report").exists()  # nothing half-written
+
+    from tools.report import main
+
+    assert main([str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{log}:3:" in err
+
+    log.write_text('{"step": 5, "epoch": 0.5, "train/loss": 1.0}\n[1, 2]\n')
+    with pytest.raises(ReportError, match=r"metrics.jsonl:2: not a metrics record"):
+        write_report(root)
+
+
+def test_a_stage_with_nothing_but_running_folds_is_reported(tmp_path):
+    root = running_fold(tmp_path / "fresh")
+    out = write_report(root, tmp_path / "out")
+    text = (out / "report.md").read_text()
+    assert "stage1/fold0: no evaluation yet" in text and "No evaluation result" in text
+    assert "No per-class IoU yet" in text
+    assert {p.name for p in out.iterdir()} == {"report.md", "stage1_training.png"}
+
+
+def test_log_reduction_writes_an_offline_run_in_the_experiment_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    stage = tmp_path / "runs" / "study" / "stage2"
+    report = reduction_report(stage, [0, 1, 2])
+    plot = tmp_path / "reduction.png"
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(plot)
+    config = {"train": {"experiment": "study"}, "wandb": {"project": "seg", "entity": None, "mode": "disabled"}}
+
+    log_reduction(config, 2, report, tmp_path / "disabled", plot)
+    assert not (tmp_path / "disabled").exists()
+
+    config["wandb"]["mode"] = "offline"
+    out = stage / "reduced"
+    out.mkdir(parents=True)
+    log_reduction(config, 2, report, out, plot)
+    import wandb
+
+    wandb.teardown()  # the service may still be writing the run's file when finish() returns
+    (record_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    run = _wandb_run_record(record_file.read_bytes())
+    assert (run.run_group, run.job_type, run.display_name, run.run_id) == (
+        "study",
+        "stage2-reduce",
+        "study-s2-reduce",
+        "study-s2-reduce",
+    )
+    data = record_file.read_bytes()
+    assert b"reduction/candidates" in data and b"mean+bn" in data

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Write an experiment's report from its files alone (offline: no wandb, no network).
+
+    python tools/report.py runs/study
+    python tools/report.py runs/study --out /tmp/study-report
+
+Reads every stage{s}/fold{k}/metrics.jsonl and summary.json, stage{s}/reduced/report.json and
+tools/evaluate.py's metrics.json (eval*/ or evaluation*/ in the experiment, eval-*/ beside a
+model); writes OUT/report.md with its PNGs (default OUT: runs/<experiment>/report/, replaced
+as a whole). Folds still running and stages not reduced yet are noted in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seg.report import ReportError, write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", type=Path, help="runs/<experiment>, holding stage*/fold*/")
+    parser.add_argument("--out", type=Path, help="report folder (default: runs/<experiment>/report)")
+    args = parser.parse_args(argv)
+    try:
+        out = write_report(args.experiment, args.out)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
