@@ -35,6 +35,9 @@ import pytest
 
 CLUSTER_SH = Path(__file__).resolve().parents[1] / "slurm" / "testing" / "cluster.sh"
 LOCK_PATH = Path("/tmp/seg-slurm-cluster.lock")
+# The directories of clusters started and not yet stopped: a test process killed before its
+# teardown leaves its daemons running, and the next holder of the lock stops them.
+REGISTRY = Path("/tmp/seg-slurm-clusters")
 LOCK_TIMEOUT_S = 3600.0
 # States after which a job (or an array task) never runs again.
 FINISHED = {
@@ -176,6 +179,7 @@ def machine_lock(timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
                     raise TimeoutError(f"another Slurm test cluster held {LOCK_PATH} for {timeout} s") from None
                 time.sleep(0.5)
         _lock_fd = fd
+        stop_stale_clusters()  # nobody else holds the lock: whatever is registered is stale
     _lock_depth += 1
     try:
         yield
@@ -183,6 +187,18 @@ def machine_lock(timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         _lock_depth -= 1
         if _lock_depth == 0:
             os.close(_lock_fd)  # closing releases the lock
+
+
+def stop_stale_clusters() -> None:
+    for directory in REGISTRY.read_text().split("\n") if REGISTRY.exists() else []:
+        if directory and Path(directory).is_dir():
+            subprocess.run(["bash", str(CLUSTER_SH), "stop", directory], capture_output=True, timeout=120)
+    REGISTRY.unlink(missing_ok=True)
+
+
+def _register(directory: Path, present: bool) -> None:
+    listed = [d for d in (REGISTRY.read_text().split("\n") if REGISTRY.exists() else []) if d and d != str(directory)]
+    REGISTRY.write_text("\n".join([*listed, *([str(directory)] if present else [])]) + "\n")
 
 
 def slurm_missing_reason() -> str | None:
@@ -215,11 +231,13 @@ def running_cluster(directory: Path) -> Iterator[SlurmCluster]:
         directory.mkdir(parents=True, exist_ok=True)
         cluster = SlurmCluster(directory.resolve())
         try:
+            _register(cluster.dir, True)
             _cluster_sh("start", str(cluster.dir))
             yield cluster
         finally:
             daemons = cluster.daemons()  # before stop, which removes the pid files
             _cluster_sh("stop", str(cluster.dir))
+            _register(cluster.dir, False)
             left = [f"{pid}: {program}" for pid, program in daemons.items() if alive(pid, program)]
             left += processes_mentioning(str(cluster.conf))
             assert not left, f"daemons of {cluster.dir} still run after stop: {left}"

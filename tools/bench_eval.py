@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Evaluation speed at full resolution, per test-time mode: whole image, sliding window,
+each with and without flip (and at several scales with --scales).
+
+    python tools/bench_eval.py                              # the study's R34 OS 8 at 2048x1024
+    python tools/bench_eval.py --frames 1 --precision bf16
+    python tools/bench_eval.py --size 256x128 --frames 1 --depth 18 --scales 0.75 1.0 1.25
+
+In-process and without start-up: the model is built once and --frames synthetic frames are
+rendered in memory; each mode gets one untimed warm-up prediction, then
+seg.inference.predict_probabilities plus the argmax is timed per image over the frames
+(the same call and autocast as seg/evaluate.py; data loading and the confusion matrix are
+left out). Sliding windows use tools/evaluate.py's defaults (1024x512 crops, stride 683x341).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+from seg.augment import DeviceAugment
+from seg.cli import parse_size
+from seg.inference import TestTimeAugmentation, predict_probabilities
+from seg.model import DeepLabV3Plus, count_parameters
+from seg.synthetic import paint_labels, render_image
+
+MODES = ("whole", "slide", "whole+flip", "slide+flip")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def frames(count: int, width: int, height: int, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` synthetic street scenes as uint8 (1, 3, H, W) tensors."""
+    images = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        image = render_image(rng, paint_labels(rng, width, height))
+        images.append(torch.from_numpy(image.transpose(2, 0, 1).copy())[None])
+    return images
+
+
+def forward_passes(tta: TestTimeAugmentation, height: int, width: int) -> int:
+    """Model calls per image: views x windows (the window count of seg.inference._slide)."""
+    total = 0
+    for scale in tta.scales:
+        h, w = (round(height * scale), round(width * scale)) if scale != 1.0 else (height, width)
+        windows = 1
+        if tta.mode == "slide":
+            crop_h, crop_w = min(tta.crop[0], h), min(tta.crop[1], w)
+            rows = max(h - crop_h + tta.stride[0] - 1, 0) // tta.stride[0] + 1
+            cols = max(w - crop_w + tta.stride[1] - 1, 0) // tta.stride[1] + 1
+            windows = rows * cols
+        total += windows * (2 if tta.flip else 1)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=parse_size, default=(2048, 1024), help="frame WIDTHxHEIGHT (default 2048x1024)")
+    parser.add_argument("--frames", type=int, default=3, help="timed images per mode (after one warm-up)")
+    parser.add_argument("--depth", type=int, default=34, choices=(18, 34, 50, 101))
+    parser.add_argument("--output-stride", type=int, default=8, choices=(8, 16))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--scales", type=float, nargs="+", help="also run every mode averaged over these scales")
+    parser.add_argument("--crop", type=parse_size, default=(1024, 512), help="slide window WIDTHxHEIGHT")
+    parser.add_argument("--stride", type=parse_size, default=(683, 341), help="slide step WIDTHxHEIGHT")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.frames < 1:
+        parser.error("--frames must be at least 1")
+    device = torch.device(args.device)
+    if args.precision == "fp16" and device.type != "cuda":
+        sys.exit("error: --precision fp16 needs a GPU; use bf16 on the CPU (as training does)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    width, height = args.size
+    crop, stride = (args.crop[1], args.crop[0]), (args.stride[1], args.stride[0])  # (H, W)
+    dtype = PRECISIONS[args.precision]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(args.depth, args.output_stride).eval().to(device)
+    normalise = DeviceAugment("none").to(device)
+    start = time.perf_counter()
+    images = [normalise(frame.to(device), train=False)[0] for frame in frames(args.frames, width, height)]
+    render_s = time.perf_counter() - start
+
+    runs: list[tuple[str, TestTimeAugmentation]] = []
+    for mode in args.modes:
+        base, flip = mode.removesuffix("+flip"), mode.endswith("+flip")
+        runs.append((mode, TestTimeAugmentation(base, crop, stride, (1.0,), flip)))
+    if args.scales:
+        label = ",".join(f"{s:g}" for s in args.scales)
+        for mode in args.modes:
+            base, flip = mode.removesuffix("+flip"), mode.endswith("+flip")
+            runs.append((f"{mode}@{label}", TestTimeAugmentation(base, crop, stride, tuple(args.scales), flip)))
+
+    name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"torch {torch.__version__}, device {args.device} ({name}), threads {torch.get_num_threads()}, "
+          f"precision {args.precision}")  # fmt: skip
+    print(f"model R{args.depth} OS {args.output_stride} ({count_parameters(model):,} parameters); "
+          f"{args.frames} synthetic frames at {width}x{height} (rendered in {render_s:.1f} s, not timed); "
+          f"slide crop {args.crop[0]}x{args.crop[1]} stride {args.stride[0]}x{args.stride[1]}")  # fmt: skip
+    print(f"{'mode':<26} {'passes':>6} {'s/img':>8} {'min s':>8} {'img/s':>8} {'x whole':>8}")
+    whole_s = None
+    for label, tta in runs:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            predict_probabilities(model, images[0], (height, width), tta).argmax(dim=1)  # warm-up, untimed
+            sync()
+            times = []
+            for image in images:
+                start = time.perf_counter()
+                predict_probabilities(model, image, (height, width), tta).argmax(dim=1)
+                sync()
+                times.append(time.perf_counter() - start)
+        per_image = sum(times) / len(times)
+        if label == "whole":
+            whole_s = per_image
+        ratio = f"{per_image / whole_s:>8.2f}" if whole_s else f"{'-':>8}"
+        passes = forward_passes(tta, height, width)
+        print(f"{label:<26} {passes:>6} {per_image:>8.2f} {min(times):>8.2f} {1 / per_image:>8.3f} {ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
