@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from seg.distributed import convert_sync_batchnorm
 from seg.evaluate import evaluate
 from seg.manifest import SELECTION_GROUP, ManifestError, load_manifest
 from seg.model import WeightsError, from_config
-from seg.soup import average, greedy_soup, load_fold_models, recalibrate_batchnorm
+from seg.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
 from seg.tracking import log_reduction
 from seg.transforms import TrainGeometry
 
@@ -37,10 +38,13 @@ STRATEGIES = ("best", "mean", "topk", "greedy")
 @dataclass
 class Candidate:
     name: str
-    folds: list[int]
-    state: dict[str, torch.Tensor]
+    models: list[FoldModel]  # averaged (one model: itself)
     recalibrated: bool = False
     result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folds(self) -> list[int]:
+        return [m.fold for m in self.models]
 
 
 class Reducer:
@@ -132,30 +136,45 @@ def reduce_stage(
         if accelerator.is_main_process:
             print(message, flush=True)
 
+    # Each distinct set of folds is evaluated (and recalibrated) once: ``best`` is one of the
+    # folds, top-k of k folds is the mean, the greedy soup is one of the soups it tried.
+    results: dict[tuple[tuple[int, ...], bool], dict[str, Any]] = {}
+    recalibrated_states: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+
+    def score_of(folds: list[int], state: Callable[[], dict[str, torch.Tensor]], bn: bool = False) -> dict[str, Any]:
+        key = (tuple(sorted(folds)), bn)
+        if key not in results:
+            results[key] = reducer.evaluate(state())
+        return results[key]
+
+    def mean_of(chosen: list[FoldModel]) -> Callable[[], dict[str, torch.Tensor]]:
+        return lambda: chosen[0].state if len(chosen) == 1 else average([m.state for m in chosen])
+
     ranked = sorted(models, key=lambda m: -m.miou)
-    candidates = [Candidate(f"fold{m.fold}", [m.fold], m.state) for m in models]
+    candidates = [Candidate(f"fold{m.fold}", [m]) for m in models]
     if "best" in strategies:
-        candidates.append(Candidate("best", [ranked[0].fold], ranked[0].state))
+        candidates.append(Candidate("best", [ranked[0]]))
     if "mean" in strategies:
-        candidates.append(Candidate("mean", [m.fold for m in models], average([m.state for m in models])))
+        candidates.append(Candidate("mean", models))
     if "topk" in strategies:
-        top = ranked[: min(k, len(ranked))]
-        candidates.append(Candidate(f"top{len(top)}", [m.fold for m in top], average([m.state for m in top])))
+        candidates.append(Candidate(f"top{min(k, len(ranked))}", ranked[:k]))
     for candidate in candidates:
-        candidate.result = reducer.evaluate(candidate.state)
+        candidate.result = score_of(candidate.folds, mean_of(candidate.models))
         log(f"{candidate.name:>8}: selection mIoU {candidate.result['miou']:.4f}")
     if "greedy" in strategies:
-        singles = [c.result["miou"] for c in candidates[: len(models)]]  # each fold alone, evaluated above
-        soup, _ = greedy_soup(models, lambda state: reducer.evaluate(state)["miou"], singles)
-        greedy = Candidate("greedy", [m.fold for m in soup], average([m.state for m in soup]))
-        greedy.result = reducer.evaluate(greedy.state)
+        soup, _ = greedy_soup(models, lambda chosen: score_of([m.fold for m in chosen], mean_of(chosen))["miou"])
+        greedy = Candidate("greedy", soup)
+        greedy.result = score_of(greedy.folds, mean_of(soup))
         candidates.append(greedy)
         log(f"  greedy: folds {greedy.folds}, selection mIoU {greedy.result['miou']:.4f}")
     if recalibrate_batches > 0:
-        for candidate in [c for c in candidates if len(c.folds) > 1]:
-            state = reducer.recalibrate(candidate.state, recalibrate_batches, folds)
-            recalibrated = Candidate(f"{candidate.name}+bn", candidate.folds, state, recalibrated=True)
-            recalibrated.result = reducer.evaluate(state)
+        for candidate in [c for c in candidates if len(c.models) > 1]:
+            key = tuple(sorted(candidate.folds))
+            if key not in recalibrated_states:
+                averaged = average([m.state for m in candidate.models])
+                recalibrated_states[key] = reducer.recalibrate(averaged, recalibrate_batches, folds)
+            recalibrated = Candidate(f"{candidate.name}+bn", candidate.models, recalibrated=True)
+            recalibrated.result = score_of(candidate.folds, lambda key=key: recalibrated_states[key], bn=True)
             candidates.append(recalibrated)
             log(f"{recalibrated.name:>8}: selection mIoU {recalibrated.result['miou']:.4f}")
 
@@ -182,7 +201,8 @@ def reduce_stage(
     }
     if accelerator.is_main_process:
         with atomic_directory(stage_dir / "reduced", overwrite=True) as tmp:
-            reducer.model.load_state_dict(winner.state)
+            winning = recalibrated_states[tuple(sorted(winner.folds))] if winner.recalibrated else None
+            reducer.model.load_state_dict(winning or mean_of(winner.models)())
             sidecar = {
                 "config": config,
                 "stage": models[0].sidecar["stage"],

@@ -99,20 +99,16 @@ def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return result
 
 
-def greedy_soup(
-    models: list[FoldModel],
-    score: Callable[[dict[str, torch.Tensor]], float],
-    single_scores: list[float] | None = None,
-) -> tuple[list[FoldModel], float]:
+def greedy_soup(models: list[FoldModel], score: Callable[[list[FoldModel]], float]) -> tuple[list[FoldModel], float]:
     """Wortsman et al.'s greedy soup: in order of each fold's own selection score, keep a
-    model in the soup when adding it does not lower the selection score. It starts from the
-    fold that scores best on the selection set, so it never scores below any single fold.
-    ``single_scores`` (each model's score alone) saves evaluating them again."""
-    singles = single_scores if single_scores is not None else [score(m.state) for m in models]
+    model in the soup when adding it does not lower the selection score of the soup (the
+    mean of its models, which ``score`` evaluates). It starts from the fold that scores best
+    on the selection set, so it never scores below any single fold."""
+    singles = [score([m]) for m in models]
     order = sorted(range(len(models)), key=lambda i: -singles[i])
     soup, best = [models[order[0]]], singles[order[0]]
     for i in order[1:]:
-        value = score(average([m.state for m in [*soup, models[i]]]))
+        value = score([*soup, models[i]])
         if value >= best:
             soup, best = [*soup, models[i]], value
     return soup, best

@@ -31,6 +31,31 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_key else "offline"
 
 
+def start_run(config: dict[str, Any], run_dir: Path, job_type: str, suffix: str):  # -> wandb Run | None
+    """A run in the experiment's group, named and identified ``{experiment}-{suffix}`` (so a
+    resumed job continues its run), or None when wandb is disabled."""
+    settings = config["wandb"]
+    mode = resolve_mode(settings["mode"])
+    if mode == "disabled":
+        return None
+    import wandb
+
+    experiment = config["train"]["experiment"]
+    name = f"{experiment}-{suffix}"
+    return wandb.init(
+        project=settings["project"],
+        entity=settings["entity"],
+        group=experiment,
+        job_type=job_type,
+        name=name,
+        id=re.sub(r"[^A-Za-z0-9_.-]", "-", name),
+        resume="allow",
+        dir=str(run_dir),
+        config=config,
+        mode=mode,
+    )
+
+
 class Tracker:
     def __init__(
         self,
@@ -40,27 +65,7 @@ class Tracker:
         fold: int,
         main_process: bool,
     ) -> None:
-        self.run = None
-        settings = config["wandb"]
-        mode = resolve_mode(settings["mode"])
-        if not main_process or mode == "disabled":
-            return
-        import wandb
-
-        experiment = config["train"]["experiment"]
-        name = f"{experiment}-s{stage}-f{fold}"
-        self.run = wandb.init(
-            project=settings["project"],
-            entity=settings["entity"],
-            group=experiment,
-            job_type=f"stage{stage}-fold{fold}",
-            name=name,
-            id=re.sub(r"[^A-Za-z0-9_.-]", "-", name),
-            resume="allow",
-            dir=str(run_dir),
-            config=config,
-            mode=mode,
-        )
+        self.run = start_run(config, run_dir, f"stage{stage}-fold{fold}", f"s{stage}-f{fold}") if main_process else None
 
     def log(self, record: dict[str, Any], step: int) -> None:
         if self.run is not None:
@@ -111,26 +116,11 @@ def log_reduction(config: dict[str, Any], stage: int, report: dict[str, Any], ou
     Named and identified ``{experiment}-s{stage}-reduce``, so a repeated reduction continues
     its run; nothing is written when the mode is ``disabled``.
     """
-    settings = config["wandb"]
-    mode = resolve_mode(settings["mode"])
-    if mode == "disabled":
+    run = start_run(config, out_dir, f"stage{stage}-reduce", f"s{stage}-reduce")
+    if run is None:
         return
     import wandb
 
-    experiment = config["train"]["experiment"]
-    name = f"{experiment}-s{stage}-reduce"
-    run = wandb.init(
-        project=settings["project"],
-        entity=settings["entity"],
-        group=experiment,
-        job_type=f"stage{stage}-reduce",
-        name=name,
-        id=re.sub(r"[^A-Za-z0-9_.-]", "-", name),
-        resume="allow",
-        dir=str(out_dir),
-        config=config,
-        mode=mode,
-    )
     columns = ["name", "folds", "recalibrated", "miou", "fwiou", "pixel_accuracy"]
     rows = [
         [c["name"], ", ".join(map(str, c["folds"])), c["recalibrated"], c["miou"], c["fwiou"], c["pixel_accuracy"]]

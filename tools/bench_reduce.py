@@ -176,8 +176,8 @@ def main() -> None:
 
         print()
         print(f"{'phase (timed alone)':<40} {'calls':>5} {'s/call':>8} {'s total':>8}")
-        for name, calls, seconds in rows:
-            print(f"{name:<40} {calls:>5} {seconds / calls:>8.2f} {seconds:>8.2f}")
+        for name, count, seconds in rows:
+            print(f"{name:<40} {count:>5} {seconds / count:>8.2f} {seconds:>8.2f}")
         print()
         print(f"{'reduce_stage, once':<40} {'calls':>5} {'s/call':>8} {'s total':>8}")
         for name, times in calls.items():
