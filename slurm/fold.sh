@@ -61,11 +61,11 @@ srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
         --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" seg/train.py "$@"
 ' fold.sh --config "$CONFIG" --fold "$FOLD" "$@" &
 SRUN=$!
-while true; do  # a trapped signal interrupts `wait`: wait again until srun has really ended
-    code=0
-    wait "$SRUN" || code=$?
-    kill -0 "$SRUN" 2>/dev/null || break
-done
+# A trapped signal interrupts `wait`: wait again until srun has really ended, then take its
+# exit status (bash keeps it for a waited-for background job).
+while kill -0 "$SRUN" 2>/dev/null; do wait "$SRUN" || true; done
+code=0
+wait "$SRUN" || code=$?
 
 MARKER="$RUN_DIR/PREEMPTED"
 if [[ $code -eq 75 || ( -f $MARKER && $MARKER -nt $STARTED ) ]]; then

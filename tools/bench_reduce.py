@@ -33,7 +33,6 @@ import torch
 from accelerate import Accelerator
 
 import seg.reduce
-import seg.soup
 from seg.checkpoint import export_weights
 from seg.cli import parse_size
 from seg.config import load_config, to_dict
@@ -44,12 +43,10 @@ from seg.soup import average, load_fold_models
 from seg.synthetic import CITIES, Frame, write_frame
 
 REPO = Path(__file__).resolve().parents[1]
-# What reduce_stage calls, timed inside it: seg.reduce's own names (and seg.soup's average,
-# which greedy_soup calls).
+# What reduce_stage calls, timed inside it (seg.reduce's own names).
 INSIDE = (
     ("load_fold_models", (seg.reduce, "load_fold_models")),
-    ("average (mean, topk, greedy soup)", (seg.reduce, "average")),
-    ("average (greedy_soup trials)", (seg.soup, "average")),
+    ("average (mean, topk, greedy soups)", (seg.reduce, "average")),
     ("Reducer() (build the model)", (Reducer, "__init__")),
     ("Reducer.evaluate", (Reducer, "evaluate")),
     ("Reducer.recalibrate", (Reducer, "recalibrate")),
