@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from seg import cv
-from seg.config import ConfigError
+from seg.config import ConfigError, load_config
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 
@@ -103,3 +103,16 @@ def test_finished_folds_and_reductions_are_skipped(shards, tmp_path):
     stat = plan.reduced(1).stat()
     os.utime(model, (stat.st_atime, stat.st_mtime + 10))
     assert not cv.reduction_done(plan, 1)
+
+
+def test_each_stage_applies_its_entry_of_the_config_and_bad_keys_name_the_entry(tmp_path):
+    config = tmp_path / "x.yaml"
+    config.write_text("data: {shards: s}\noptim: {lr: 1.0e-3}\nstages: [{}, {optim.lr: 3.0e-4, loss.alpha: 0.5}]\n")
+    assert load_config(config, [], 1).optim.lr == 1.0e-3
+    assert load_config(config, [], 2).optim.lr == 3.0e-4
+    later = load_config(config, [], 5)  # beyond the list: the last entry
+    assert (later.optim.lr, later.loss.alpha) == (3.0e-4, 0.5)
+    assert load_config(config, ["optim.lr=0.1"], 2).optim.lr == 0.1  # the command line wins
+    config.write_text("data: {shards: s}\nstages:\n  - {}\n  - {optim.lx: 3.0e-4}\n")
+    with pytest.raises(ConfigError, match=r"'optim.lx' in stages\[1\]"):
+        load_config(config, [], 2)
