@@ -28,6 +28,7 @@ from seg.distributed import convert_sync_batchnorm
 from seg.evaluate import evaluate
 from seg.manifest import SELECTION_GROUP, ManifestError, load_manifest
 from seg.model import WeightsError, from_config
+from seg.report import reduction_summary
 from seg.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
 from seg.tracking import log_reduction
 from seg.transforms import TrainGeometry
@@ -226,23 +227,7 @@ def reduce_stage(
 
 
 def markdown(report: dict[str, Any]) -> str:
-    selection = report["selection"]
-    where = "the official val split" if selection["is_official_val"] else f"the held-out `{selection['group']}` group"
-    lines = [
-        f"# Fold reduction: {report['stage_dir']}",
-        "",
-        f"Chosen on {where} ({selection['samples']} images). Winner: **{report['winner']['name']}** "
-        f"(folds {report['winner']['folds']}), mIoU {100 * report['winner']['miou']:.2f}.",
-        "",
-        "| candidate | folds | BN recalibrated | mIoU | fwIoU | pixel acc. |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for c in report["candidates"]:
-        lines.append(
-            f"| {c['name']} | {', '.join(map(str, c['folds']))} | {'yes' if c['recalibrated'] else 'no'} | "
-            f"{100 * c['miou']:.2f} | {100 * c['fwiou']:.2f} | {100 * c['pixel_accuracy']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join([f"# Fold reduction: {report['stage_dir']}", "", *reduction_summary(report)]) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

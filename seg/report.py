@@ -302,13 +302,17 @@ def markdown(experiment: Experiment, figures: dict[str, str]) -> str:
 
 def _reduction_lines(stage: Stage) -> list[str]:
     lines = [f"### Stage {stage.stage} reduction", ""]
-    report = stage.reduction
-    if report is None:
+    if stage.reduction is None:
         return [*lines, "Not reduced yet: no `reduced/report.json`.", ""]
-    selection = report["selection"]
+    return [*lines, *reduction_summary(stage.reduction), ""]
+
+
+def reduction_summary(report: dict[str, Any]) -> list[str]:
+    """Where a reduction chose, its winner, and every candidate's scores as a markdown table
+    (the winner in bold): for reduced/report.md and the experiment's report."""
+    selection, winner = report["selection"], report["winner"]
     where = "the official val split" if selection["is_official_val"] else f"the held-out `{selection['group']}` group"
-    winner = report["winner"]
-    lines += [
+    lines = [
         f"Chosen on {where} ({selection['samples']} images). Winner: **{winner['name']}** "
         f"(folds {', '.join(map(str, winner['folds']))}), mIoU {_pct(winner['miou'])}.",
         "",
@@ -321,7 +325,7 @@ def _reduction_lines(stage: Stage) -> list[str]:
             f"| {name} | {', '.join(map(str, c['folds']))} | {'yes' if c['recalibrated'] else 'no'} | "
             f"{_pct(c['miou'])} | {_pct(c.get('fwiou'))} | {_pct(c.get('pixel_accuracy'))} |"
         )
-    return [*lines, ""]
+    return lines
 
 
 def _evaluation_lines(experiment: Experiment) -> list[str]:
