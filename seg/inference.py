@@ -6,11 +6,14 @@ Class probabilities are accumulated at the label's size and averaged over every 
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from seg.cli import parse_size
 
 
 @dataclass(frozen=True)
@@ -26,13 +29,32 @@ class TestTimeAugmentation:
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"mode {self.mode!r}: whole or slide")
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """The command-line options of a tool that predicts (tools/evaluate.py, tools/predict.py)."""
+        parser.add_argument("--mode", choices=("whole", "slide"), default=cls.mode)
+        parser.add_argument("--crop", type=parse_size, default=cls.crop[::-1], help="slide window WIDTHxHEIGHT")
+        parser.add_argument("--stride", type=parse_size, default=cls.stride[::-1], help="slide step WIDTHxHEIGHT")
+        parser.add_argument("--flip", action="store_true", help="also predict the mirrored image")
+        parser.add_argument("--scales", type=float, nargs="+", default=list(cls.scales))
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> TestTimeAugmentation:
+        return cls(args.mode, args.crop[::-1], args.stride[::-1], tuple(args.scales), args.flip)  # (H, W)
+
+
+def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The sliding windows over a (height, width) image: (rows, columns, window height, window width)."""
+    crop_h, crop_w = min(crop[0], height), min(crop[1], width)
+    rows = max(height - crop_h + stride[0] - 1, 0) // stride[0] + 1
+    cols = max(width - crop_w + stride[1] - 1, 0) // stride[1] + 1
+    return rows, cols, crop_h, crop_w
+
 
 def _slide(model: nn.Module, image: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
     """Logits of overlapping windows, averaged where they overlap (mmseg's slide_inference)."""
     n, _, height, width = image.shape
-    crop_h, crop_w = min(crop[0], height), min(crop[1], width)
-    rows = max(height - crop_h + stride[0] - 1, 0) // stride[0] + 1
-    cols = max(width - crop_w + stride[1] - 1, 0) // stride[1] + 1
+    rows, cols, crop_h, crop_w = slide_windows(height, width, crop, stride)
     logits = None
     count = torch.zeros(1, 1, height, width, device=image.device)
     for row in range(rows):

@@ -24,7 +24,7 @@ import torch
 
 from seg.augment import DeviceAugment
 from seg.cli import parse_size
-from seg.inference import TestTimeAugmentation, predict_probabilities
+from seg.inference import TestTimeAugmentation, predict_probabilities, slide_windows
 from seg.model import DeepLabV3Plus, count_parameters
 from seg.synthetic import paint_labels, render_image
 
@@ -43,15 +43,13 @@ def frames(count: int, width: int, height: int, seed: int = 0) -> list[torch.Ten
 
 
 def forward_passes(tta: TestTimeAugmentation, height: int, width: int) -> int:
-    """Model calls per image: views x windows (the window count of seg.inference._slide)."""
+    """Model calls per image: views x windows."""
     total = 0
     for scale in tta.scales:
         h, w = (round(height * scale), round(width * scale)) if scale != 1.0 else (height, width)
         windows = 1
         if tta.mode == "slide":
-            crop_h, crop_w = min(tta.crop[0], h), min(tta.crop[1], w)
-            rows = max(h - crop_h + tta.stride[0] - 1, 0) // tta.stride[0] + 1
-            cols = max(w - crop_w + tta.stride[1] - 1, 0) // tta.stride[1] + 1
+            rows, cols, _, _ = slide_windows(h, w, tta.crop, tta.stride)
             windows = rows * cols
         total += windows * (2 if tta.flip else 1)
     return total

@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", help="packed dataset (default: the one in the model's config)")
     parser.add_argument("--split", default="val", help="a group of the manifest: val (default), train-fold0, ...")
     parser.add_argument("--input-size", type=parse_size, help="resize images to WIDTHxHEIGHT (default: full)")
-    parser.add_argument("--mode", choices=("whole", "slide"), default="whole")
-    parser.add_argument("--crop", type=parse_size, default=(1024, 512), help="slide window WIDTHxHEIGHT")
-    parser.add_argument("--stride", type=parse_size, default=(683, 341), help="slide step WIDTHxHEIGHT")
-    parser.add_argument("--flip", action="store_true", help="also predict the mirrored image")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    TestTimeAugmentation.add_arguments(parser)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="where the report goes (default: beside the model)")
     parser.add_argument("--export", type=Path, help="write predictions as labelIds PNGs here")
@@ -104,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tta = TestTimeAugmentation(args.mode, (args.crop[1], args.crop[0]), (args.stride[1], args.stride[0]),
-                               tuple(args.scales), args.flip)  # fmt: skip
+    tta = TestTimeAugmentation.from_arguments(args)
     export = None
     if args.export:
         args.export.mkdir(parents=True, exist_ok=True)

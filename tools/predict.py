@@ -41,19 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="a .safetensors model with its .json sidecar")
     parser.add_argument("images", nargs="+", type=Path, help="image files or folders")
     parser.add_argument("--out", type=Path, required=True, help="where the PNGs go")
-    parser.add_argument("--mode", choices=("whole", "slide"), default="whole")
-    parser.add_argument("--crop", type=parse_size, default=(1024, 512), help="slide window WIDTHxHEIGHT")
-    parser.add_argument("--stride", type=parse_size, default=(683, 341), help="slide step WIDTHxHEIGHT")
-    parser.add_argument("--flip", action="store_true", help="also predict the mirrored image")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    TestTimeAugmentation.add_arguments(parser)
     parser.add_argument(
         "--size", type=parse_size, help="resize the model's input to WIDTHxHEIGHT (outputs keep the image's size)"
     )
     parser.add_argument("--alpha", type=alpha, default=0.5, help="weight of the colours in the overlay (default 0.5)")
     args = parser.parse_args(argv)
 
-    tta = TestTimeAugmentation(args.mode, (args.crop[1], args.crop[0]), (args.stride[1], args.stride[0]),
-                               tuple(args.scales), args.flip)  # fmt: skip
+    tta = TestTimeAugmentation.from_arguments(args)
     size = (args.size[1], args.size[0]) if args.size else None
     bar = tqdm(disable=not sys.stderr.isatty(), unit="image", dynamic_ncols=True)
     try:
