@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch seg/train.py
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -284,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         if main_process:
             print(f"resumed from {state} at step {progress.step}", flush=True)
             (out / PREEMPTED).unlink(missing_ok=True)
-    finished = (out / "summary.json").exists() and json.loads((out / "summary.json").read_text())
+    # Rank 0 reads the summary of an earlier, finished run and tells the others: a rank that
+    # read it itself, later, could find the summary this very run writes when it is done
+    # (at once, when the resumed state is already past the end) and leave alone.
+    summary_path = out / "summary.json"
+    earlier = json.loads(summary_path.read_text()) if main_process and summary_path.exists() else None
+    finished = broadcast_object_list([earlier])[0]
     if state is not None and finished and (progress.step >= total_steps or finished.get("stopped_early")):
         if main_process:
             print(f"{out} is complete (step {progress.step}); nothing to do", flush=True)
@@ -473,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             "stopped_early": stopped_early,
             "seconds": time.time() - started,
         }
-        atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+        atomic_write_bytes(summary_path, (json.dumps(summary, indent=1) + "\n").encode())
         print(f"done: {out} (best fold mIoU {progress.best_miou:.4f} at step {progress.best_step})", flush=True)
     tracker.finish()
     # Leave together: a launcher (torchrun) stops the other ranks as soon as one exits non-zero.
