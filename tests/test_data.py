@@ -1,3 +1,5 @@
+import itertools
+import random
 import shutil
 import tarfile
 from collections import Counter
@@ -278,3 +280,54 @@ def test_a_truncated_shard_is_an_error_naming_it_or_skipped_and_counted(one_shar
     assert len(items) == 20 and sum(item["skipped"] for item in items) > 0
     with pytest.raises(DataError, match=str(shard)):
         list(TrainStream(shards, GEOMETRY, samples_per_epoch=20).epoch(0))
+
+
+def _truncate_mid_member(directory: Path, tmp_path: Path) -> tuple[Path, Path, list[str], str]:
+    """A copy whose first train-fold1 shard is cut in the middle of a member, the manifest
+    left as it was (as a torn copy would leave it): its keys and the first one torn."""
+    directory = _copy(directory, tmp_path)
+    shard = directory / "train-fold1-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar if m.isreg()]
+    keys = list(dict.fromkeys(m.name.split(".")[0] for m in members))
+    torn = members[len(members) // 2]
+    shard.write_bytes(shard.read_bytes()[: torn.offset_data + torn.size // 2])
+    return directory, shard, keys, torn.name.split(".")[0]
+
+
+def test_a_truncated_shard_without_checksums_trains_on_what_is_readable_or_is_refused_naming_the_key(
+    one_shard_per_group, tmp_path
+):
+    directory, shard, keys, torn = _truncate_mid_member(one_shard_per_group, tmp_path)
+    readable = keys.index(torn)
+    # on_error=skip: the loader accepts it; an epoch counts every sample the shard lacks
+    loader, _ = train_loader(directory, 0, GEOMETRY, batch_size=2, workers=0, checksums=False, on_error="skip")
+    (shards,) = shards_of(directory, ["train-fold1"], checksums=False, sizes=False)
+    stream = TrainStream([shards], GEOMETRY, samples_per_epoch=readable * 3, on_error="skip")
+    items = list(stream.epoch(0))
+    assert {item["key"] for item in items} <= set(keys[:readable]) and len(items) == readable * 3
+    assert sum(item["skipped"] for item in items) >= len(keys) - readable
+    raw = [sample["__key__"] for _, sample in itertools.islice(stream._raw(random.Random(0)), readable + 1)]
+    assert raw == [*keys[:readable], None]  # every complete sample, then the loss of all the rest at once:
+    assert next(s for _, s in stream._raw(random.Random(0)) if s["__key__"] is None)["lost"] == len(keys) - readable
+    assert next(iter(loader))["image"].shape[0] == 2
+    # on_error=raise: refused up front, naming the shard and its first unreadable sample
+    with pytest.raises(
+        ManifestError, match=rf"{shard}: unreadable after sample {keys[readable - 1]}; first unreadable sample {torn}"
+    ):
+        train_loader(directory, 0, GEOMETRY, batch_size=2, workers=0, checksums=False)
+    with pytest.raises(DataError, match=rf"first unreadable sample {torn}"):
+        list(TrainStream([shards], GEOMETRY, samples_per_epoch=len(keys)).epoch(0))
+
+
+def test_a_shard_cut_at_a_member_boundary_is_short_not_silent(one_shard_per_group, tmp_path):
+    directory = _copy(one_shard_per_group, tmp_path)
+    shard = directory / "val-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar if m.isreg()]
+    cut = members[len(members) // 2]
+    shard.write_bytes(shard.read_bytes()[: cut.offset])  # tarfile reads this as a shorter tar
+    (shards,) = shards_of(directory, ["val"], checksums=False, sizes=False)
+    with pytest.raises(DataError, match=rf"ends after \d+ of its {shards.samples} samples"):
+        list(EvalStream([shards]))
+    assert 0 < len(list(EvalStream([shards], on_error="skip"))) < shards.samples
