@@ -9,8 +9,9 @@
     summary.json               written at the end
 
 A resumable state is written to a hidden temporary folder and renamed into place when every
-rank has finished writing, so a folder named ``step-*`` is always complete; ``latest_state``
-ignores anything else.
+rank has finished writing, and an old one is renamed to a hidden name before it is deleted,
+so a folder named ``step-*`` is always complete; ``latest_state`` ignores anything else and
+``prune_states`` removes the leftovers of a kill.
 """
 
 from __future__ import annotations
@@ -44,12 +45,26 @@ def latest_state(directory: Path) -> Path | None:
     return states[-1] if states else None
 
 
+def is_state(path: Path) -> bool:
+    """Whether ``path`` looks like a resumable state written by seg/train.py (accelerate's
+    ``save_state`` with the run's progress registered)."""
+    return path.is_dir() and (path / "custom_checkpoint_0.pkl").is_file()
+
+
 def prune_states(directory: Path, keep_last: int, keep: set[str]) -> None:
-    """Delete resumable states beyond the newest ``keep_last``, sparing the names in ``keep``."""
-    states = sorted(p for p in (directory / "checkpoints").glob("step-*") if STATE.match(p.name))
+    """Delete resumable states beyond the newest ``keep_last``, sparing the names in ``keep``,
+    and the leftovers of a killed save or prune (hidden ``.step-*`` folders). Only the main
+    process, with no save in flight. Each state is renamed out of the way first: a kill
+    mid-delete leaves a hidden leftover, never a torn ``step-*``."""
+    checkpoints = directory / "checkpoints"
+    states = sorted(p for p in checkpoints.glob("step-*") if STATE.match(p.name))
     for state in states[: max(len(states) - keep_last, 0)]:
         if state.name not in keep:
-            shutil.rmtree(state, ignore_errors=True)
+            doomed = state.with_name(f".{state.name}.deleting")
+            shutil.rmtree(doomed, ignore_errors=True)
+            state.rename(doomed)
+    for leftover in checkpoints.glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def export_weights(model: torch.nn.Module, path: Path, sidecar: dict[str, Any]) -> None:

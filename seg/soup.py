@@ -48,6 +48,11 @@ def load_fold_models(stage_dir: str | Path, folds: Iterable[int], weights: str =
         sidecar = json.loads(sidecar_path.read_text())
         if sidecar.get("format") != WEIGHTS_FORMAT:
             raise WeightsError(f"{sidecar_path}: not a seg weights sidecar (format {sidecar.get('format')!r})")
+        if not isinstance((sidecar.get("metrics") or {}).get("fold"), dict):
+            raise WeightsError(
+                f"{sidecar_path}: fold {fold} has no fold-validation metrics (its run ended without a final "
+                f"evaluation); rerun its training command to finish it"
+            )
         models.append(FoldModel(fold, path, read_state_dict(path), sidecar))
     check_compatible(models)
     return models
