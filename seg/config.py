@@ -86,6 +86,7 @@ class TrainConfig:
     keep_last: int = 2  # resumable states kept (plus the best)
     seed: int = 0
     log_every: int = 10  # iterations
+    save_every: int | None = None  # also save a resumable state every this many iterations (None: at evaluations only)
     deterministic: bool = False
 
 
@@ -126,6 +127,54 @@ CHOICES = {
 }
 
 
+# Numeric ranges: key -> (low, high, low included, high included); None is no bound. A key
+# whose value may be None (off) is checked only when set.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "data.workers": (0, None, True, False),
+    "data.shuffle_buffer": (1, None, True, False),
+    "loss.alpha": (0, 1, True, True),
+    "loss.label_smoothing": (0, 1, True, False),
+    "loss.ohem_threshold": (0, 1, False, True),
+    "loss.ohem_min_kept": (1, None, True, False),
+    "optim.lr": (0, None, False, False),
+    "optim.weight_decay": (0, None, True, False),
+    "optim.momentum": (0, 1, True, False),
+    "optim.backbone_lr_mult": (0, None, True, False),
+    "optim.clip_grad_norm": (0, None, False, False),
+    "schedule.warmup_iters": (0, None, True, False),
+    "schedule.warmup_ratio": (0, 1, True, True),
+    "schedule.power": (0, None, False, False),
+    "schedule.min_lr_ratio": (0, 1, True, True),
+    "schedule.plateau_factor": (0, 1, False, True),
+    "schedule.plateau_patience": (0, None, True, False),
+    "train.epochs": (1, None, True, False),
+    "train.iters": (1, None, True, False),
+    "train.batch_size": (1, None, True, False),
+    "train.grad_accum": (1, None, True, False),
+    "train.eval_every": (1, None, True, False),
+    "train.early_stop_patience": (1, None, True, False),
+    "train.ema_decay": (0, 1, False, False),
+    "train.keep_last": (1, None, True, False),
+    "train.seed": (0, None, True, False),
+    "train.log_every": (1, None, True, False),
+    "train.save_every": (1, None, True, False),
+    "wandb.images": (0, None, True, False),
+}
+
+
+def describe_range(low: float | None, high: float | None, low_in: bool, high_in: bool) -> str:
+    """(0, 1, True, False) -> '0 <= value < 1'; (1, None, True, False) -> 'value >= 1'."""
+    if high is None:
+        return f"value {'>=' if low_in else '>'} {low}"
+    return f"{low} {'<=' if low_in else '<'} value {'<=' if high_in else '<'} {high}"
+
+
+def in_range(value: float, low: float | None, high: float | None, low_in: bool, high_in: bool) -> bool:
+    above = low is None or (value >= low if low_in else value > low)
+    below = high is None or (value <= high if high_in else value < high)
+    return above and below and value == value  # NaN is in no range
+
+
 class ConfigError(ValueError):
     """A config that cannot be used: the message names the key."""
 
@@ -136,6 +185,7 @@ def load_config(
     """Schema <- YAML file <- the file's ``stages`` entry for ``stage`` <- ``key=value``
     overrides, checked; read-only once resolved."""
     config = OmegaConf.structured(Config)
+    where = f" in {path}" if path else ""
     try:
         if path is not None:
             if not Path(path).is_file():
@@ -143,25 +193,41 @@ def load_config(
             config = OmegaConf.merge(config, OmegaConf.load(path))
         if stage is not None and config.stages:
             config = apply_stage(config, stage, path)
+        where = " on the command line"
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.epochs=5)")
         config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+        where = ""
         OmegaConf.to_container(config, throw_on_missing=True)
     except OmegaConfBaseException as e:
-        where = f" in {path}" if path else ""
         key = getattr(e, "full_key", None)
         raise ConfigError(f"config key {key!r}{where}: {e.msg if hasattr(e, 'msg') else e}".split("\n")[0]) from None
+    check_values(config, path, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
+    OmegaConf.set_readonly(config, True)
+    return config
+
+
+def check_values(config: DictConfig, path: str | Path | None, overridden: set[str]) -> None:
+    """Choices, sizes and numeric ranges, each refused with its key, its value, what is valid
+    and where the value came from."""
+
+    def refuse(key: str, problem: str) -> None:
+        source = " (on the command line)" if key in overridden else f" (in {path})" if path else ""
+        raise ConfigError(f"config key {key!r}{source}: {problem}")
+
     for key, choices in CHOICES.items():
         value = OmegaConf.select(config, key)
         if value not in choices:
-            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, choices))}")
+            refuse(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
     for key in ("data.size", "data.base_size", "data.eval_size"):
         value = OmegaConf.select(config, key)
         if value is not None and (len(value) != 2 or min(value) <= 0):
-            raise ConfigError(f"config key {key!r}: {list(value)} is not [height, width]")
-    OmegaConf.set_readonly(config, True)
-    return config
+            refuse(key, f"{list(value)} is not [height, width]")
+    for key, bounds in RANGES.items():
+        value = OmegaConf.select(config, key)
+        if value is not None and not in_range(value, *bounds):
+            refuse(key, f"{value!r} is out of range; valid: {describe_range(*bounds)}")
 
 
 def apply_stage(config: DictConfig, stage: int, path: str | Path | None) -> DictConfig:
