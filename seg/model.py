@@ -241,6 +241,62 @@ def load_backbone(model: DeepLabV3Plus, path: str | Path) -> tuple[list[str], li
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
+def load_weights(model: DeepLabV3Plus, path: str | Path, config: Mapping[str, Any] | None = None) -> None:
+    """Load a whole model's weights (``--init-from``). A file that does not fit is refused in
+    one line: the file, the first missing, unexpected and mismatched keys with their shapes,
+    and the likely cause (its sidecar's model, when it has one, against ``config``)."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = sorted((k for k in state if k not in own), key=lambda k: k.endswith("num_batches_tracked"))
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if not (missing or unexpected or mismatched):
+        model.load_state_dict(state)
+        return
+
+    def first(keys: list[str], show: Any) -> str:
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        return f"{len(keys)}, e.g. " + ", ".join(show(k) for k in keys[:3]) + more
+
+    problems = [f"missing {first(missing, lambda k: f'{k} {tuple(own[k].shape)}')}"] if missing else []
+    problems += [f"unexpected {first(unexpected, lambda k: f'{k} {tuple(state[k].shape)}')}"] if unexpected else []
+    shapes = lambda k: f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"  # noqa: E731
+    problems += [f"other shapes {first(mismatched, shapes)}"] if mismatched else []
+    raise WeightsError(
+        f"{path}: does not fit the depth-{_depth(model)} model of this config: {'; '.join(problems)}. "
+        f"Likely cause: {_misfit_cause(Path(path), state, missing, own, config)}"
+    )
+
+
+def _misfit_cause(
+    path: Path, state: Mapping[str, torch.Tensor], missing: list[str], own: Mapping[str, Any], config: Any
+) -> str:
+    sidecar = path.with_suffix(".json")
+    theirs: Any = None
+    if sidecar.is_file():
+        try:
+            theirs = json.loads(sidecar.read_text())["config"]["model"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            theirs = None
+    if theirs is not None and config is not None:
+        differ = [f"model.{k}={theirs.get(k)!r} there, {config[k]!r} here" for k in ("depth", "aspp_pool_norm")]
+        differ = [d for d, k in zip(differ, ("depth", "aspp_pool_norm"), strict=True) if theirs.get(k) != config[k]]
+        if differ:
+            return f"its sidecar describes another model ({'; '.join(differ)}): set the same model keys"
+    if len(missing) == len(own):
+        if any(k.startswith("layer1.") or k == "fc.weight" for k in state):
+            return "an ImageNet backbone in torchvision's layout, not a seg model: pass it as model.pretrained"
+        return "not a seg DeepLabV3+ model (weights of another network)"
+    differing = [*missing, *(k for k in state if k not in own or state[k].shape != own[k].shape)]
+    if any(k.startswith("backbone.") for k in differing):
+        return "a model of another ResNet depth: set model.depth to the file's"
+    if any(k.startswith("aspp.pool") for k in differing):
+        return "model.aspp_pool_norm differs from the file's"
+    if "classifier.weight" in state and state["classifier.weight"].shape != own["classifier.weight"].shape:
+        return "a model of another class count"
+    return "a model of another architecture: model.depth or model.aspp_pool_norm differ from the file's"
+
+
 def _depth(model: DeepLabV3Plus) -> int:
     layers = tuple(len(getattr(model.backbone, f"layer{i}")) for i in range(1, 5))
     kind = "basic" if isinstance(model.backbone.layer1[0], BasicBlock) else "bottleneck"

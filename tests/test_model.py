@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -112,3 +114,25 @@ def test_weights_of_another_depth_are_refused_naming_the_key(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="cannot read weights"):
         load_backbone(DeepLabV3Plus(34, 8), tmp_path / "junk.pth")
+
+
+def test_init_from_weights_that_do_not_fit_names_the_file_the_keys_with_shapes_and_the_cause(tmp_path):
+    from seg.model import load_weights
+
+    deeper = DeepLabV3Plus(34, 16)
+    path = tmp_path / "depth34.safetensors"
+    save_file({k: v.contiguous() for k, v in deeper.state_dict().items()}, str(path))
+    with pytest.raises(WeightsError) as error:
+        load_weights(DeepLabV3Plus(18, 16), path, {"depth": 18, "aspp_pool_norm": True})
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message
+    assert re.search(r"unexpected 96, e.g. backbone.layer1.2.\w+.\w+ \(64,( 64, 3, 3)?\)", message)
+    assert "another ResNet depth: set model.depth" in message
+    torchvision_layout = tmp_path / "resnet34.safetensors"
+    backbone = {k.removeprefix("backbone."): v.contiguous() for k, v in deeper.state_dict().items() if "backbone" in k}
+    save_file(backbone, str(torchvision_layout))
+    with pytest.raises(
+        WeightsError, match=r"missing \d+, e.g. backbone.conv1.weight \(64, 3, 7, 7\).*model.pretrained"
+    ):
+        load_weights(DeepLabV3Plus(34, 16), torchvision_layout)
+    load_weights(DeepLabV3Plus(34, 8), path)  # another output stride has the same weights
