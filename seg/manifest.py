@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 from pathlib import Path
 from typing import Any
+
+from seg import parallel
 
 FORMAT = "seg.cityscapes-shards"
 FORMAT_VERSION = 1
@@ -96,6 +97,10 @@ def _check_shard(args: tuple[Path, dict[str, Any], bool]) -> str | None:
     return None
 
 
+def _check_shard_numbered(numbered: tuple[int, tuple[Path, dict[str, Any], bool]]) -> tuple[int, str | None]:
+    return numbered[0], _check_shard(numbered[1])
+
+
 def verify(
     directory: str | Path, workers: int = 1, groups: list[str] | None = None, checksums: bool = True
 ) -> list[str]:
@@ -113,9 +118,6 @@ def verify(
     if groups is None:
         names = {s["name"] for group in manifest["groups"].values() for s in group["shards"]}
         problems += [f"{p}: not listed in the manifest" for p in sorted(directory.glob("*.tar")) if p.name not in names]
-    if workers <= 1:
-        results = map(_check_shard, listed)
-    else:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = pool.map(_check_shard, listed)
-    return problems + [r for r in results if r]
+    with parallel.unordered(_check_shard_numbered, enumerate(listed), workers) as numbered:
+        results = dict(numbered)
+    return problems + [results[i] for i in range(len(listed)) if results[i]]

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
-import signal
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from seg import cityscapes as cs
+from seg import parallel
 from seg.atomic import atomic_directory
 from seg.manifest import FORMAT, FORMAT_VERSION, MANIFEST, SELECTION_GROUP, fold_group, group_fold
 from seg.png import encode_gray8
@@ -331,6 +330,7 @@ def write_shard(root: Path, out: Path, job: ShardJob, options: Options) -> Shard
         writer = wds.TarWriter(hashing, user="seg", group="seg", mode=0o444, encoder=False, mtime=0)
         try:
             for source in job.samples:
+                parallel.check_stop()  # the parent gave up (an error in another shard, Ctrl-C): stop now
                 sample, sample_histogram = _sample(root, source, job.fold, options)
                 writer.write(sample)
                 histogram += sample_histogram
@@ -339,10 +339,6 @@ def write_shard(root: Path, out: Path, job: ShardJob, options: Options) -> Shard
     return ShardResult(
         job.name, job.group, len(job.samples), hashing.bytes, hashing.sha256.hexdigest(), histogram.tolist()
     )
-
-
-def _worker_init() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
 
 
 def _write_shard_star(args: tuple) -> ShardResult:
@@ -427,20 +423,15 @@ def pack(
         args = [(root, tmp, job, options) for job in sorted(jobs, key=lambda j: -j.planned_bytes)]
         results = []
         bar = tqdm(total=sum(len(j.samples) for j in jobs), desc="pack", unit="img", disable=not progress)
-        if workers <= 1:
-            outputs = map(_write_shard_star, args)
-        else:
-            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
-            outputs = pool.imap_unordered(_write_shard_star, args)
         try:
-            for result in outputs:
-                results.append(result)
-                bar.update(result.samples)
+            # On an error or Ctrl-C, leaving this block cancels the shards not yet started and
+            # waits for the running ones, which stop within one sample (seg/parallel.py).
+            with parallel.unordered(_write_shard_star, args, workers) as outputs:
+                for result in outputs:
+                    results.append(result)
+                    bar.update(result.samples)
         finally:
             bar.close()
-            if workers > 1:
-                pool.terminate()  # on error or Ctrl-C: stop the other shards at once
-                pool.join()
         manifest = build_manifest(root, groups, results, options)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -12,7 +12,6 @@ Every image is a pure function of (seed, split, city, sequence number).
 from __future__ import annotations
 
 import io
-import multiprocessing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from seg import cityscapes as cs
+from seg import parallel
 from seg.atomic import atomic_directory
 
 # The cities of the real splits, so that synthetic trees look like real ones.
@@ -285,13 +285,8 @@ def make_synthetic(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         jobs = [(tmp, frame, width, height, seed, train_ids) for frame in frames]
         bar = tqdm(total=len(jobs), desc="synthesize", unit="img", disable=not progress)
-        if workers <= 1:
-            for job in jobs:
-                _write_frame_star(job)
+        with parallel.unordered(_write_frame_star, jobs, workers) as done:
+            for _ in done:
                 bar.update()
-        else:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for _ in pool.imap_unordered(_write_frame_star, jobs):
-                    bar.update()
         bar.close()
     return frames

@@ -1,13 +1,16 @@
 import io
 import json
+import os
 import re
 import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -323,3 +326,67 @@ def test_the_command_line_as_a_user_runs_it(synthetic_root, tmp_path):
 def test_pack_errors_are_pack_errors(tree):
     with pytest.raises(PackError, match="--selection-cities nowhere"):
         pack(tree, tree.parent / "o", Options(selection_cities=("nowhere",)), progress=False)
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.mark.timeout(240)
+def test_the_error_path_never_hangs_with_several_workers_on_a_busy_machine(tree, tmp_path):
+    """Issue 11: ``Pool.terminate()`` in the error path could kill a worker that held the
+    result queue's lock and then wait forever (about once in 300 errors on a loaded machine).
+    Thirty error exits with 4 workers and 2 CPU hogs: each one quick, nothing left behind."""
+    for path in sorted(tree.glob(f"gtFine/train/*/*{cs.LABEL_IDS_SUFFIX}"))[1::4]:
+        ids = np.asarray(Image.open(path)).copy()
+        ids[0, :3] = 200
+        Image.fromarray(ids).save(path)
+    before = _children()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    slowest = 0.0
+    try:
+        for i in range(30):
+            out = tmp_path / "shards" / f"out{i}"
+            start = time.monotonic()
+            with pytest.raises(PackError, match=r"values \[200\] are not Cityscapes labelIds"):
+                pack(tree, out, Options(shard_size=1), workers=4, progress=False)
+            slowest = max(slowest, time.monotonic() - start)
+            assert not out.exists() and leftovers(out.parent) == []
+            assert _children() - before == {h.pid for h in hogs}, "pool workers outlived pack()"
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert slowest < 60, f"an error exit took {slowest:.0f} s"
+
+
+def test_ctrl_c_with_workers_stops_them_within_a_sample_and_leaves_nothing(synthetic_root, tmp_path):
+    """Ctrl-C reaches the packer only (workers ignore SIGINT); the workers see the stop and
+    end within one sample, the packer waits for them and removes its partial output."""
+    out, saw_stop = tmp_path / "shards" / "tiny", tmp_path / "worker-saw-the-stop"
+    script = f"""
+import os, signal, sys, time
+from seg import pack, parallel
+real = pack.write_shard
+def write_shard(root, out, job, options):
+    if not job.name.startswith("train-fold1-"):
+        return real(root, out, job, options)
+    os.kill(os.getppid(), signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while not parallel.stopping() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if parallel.stopping():
+        open({str(saw_stop)!r}, "a").close()
+    return real(root, out, job, options)
+pack.write_shard = write_shard
+pack.pack({str(synthetic_root)!r}, {str(out)!r}, pack.Options(shard_size=1), workers=2, progress=False)
+"""
+    packer = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    _, stderr = packer.communicate(timeout=120)
+    assert packer.returncode != 0 and "KeyboardInterrupt" in stderr, stderr
+    assert saw_stop.exists()
+    assert not out.exists() and leftovers(out.parent) == []
+    with pytest.raises(ProcessLookupError):  # no worker outlived the packer
+        os.killpg(packer.pid, 0)
