@@ -185,6 +185,7 @@ def test_cat_max_ratio_rejects_windows_of_one_class():
 
 
 def test_elastic_moves_labels_with_the_image():
+    torch.manual_seed(0)  # the displacement field: the thresholds hold with wide margins over 300 seeds
     image, label = colour_coded(seed=1)
     images = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
     labels = torch.from_numpy(np.array(label))[None]

@@ -38,6 +38,7 @@ def test_every_depth_and_output_stride_maps_the_input_to_19_logits(depth, output
 
 
 def test_kaiming_fan_out_init_and_unit_batch_norm():
+    torch.manual_seed(0)
     model = DeepLabV3Plus(18, 8)
     conv = model.backbone.layer3[0].conv1  # 256 x 128 x 3 x 3: fan_out = 256 * 9
     expected_std = (2.0 / (256 * 9)) ** 0.5
