@@ -18,7 +18,9 @@ from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 from tests.slurm_cluster import FINISHED, SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
+# The time limit counts the test alone (func_only): the session's cluster may first wait for
+# another one on this machine (tests/slurm_cluster.py). Its own waits add up to about 1350 s.
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.timeout(1800, func_only=True)]
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16

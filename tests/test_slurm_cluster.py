@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import (
+    LOCK_TIMEOUT_S,
     SlurmCluster,
     alive,
     cluster_dir,
@@ -17,7 +18,9 @@ from tests.slurm_cluster import (
     slurm_missing_reason,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
+# func_only: the time limit counts the test, not the session cluster's start (which may wait
+# for another cluster on this machine).
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.timeout(600, func_only=True)]
 
 
 def wait_for(cluster: SlurmCluster, job: int, expected: str, timeout: float = 30.0) -> None:
@@ -80,6 +83,7 @@ def test_node_address(slurm_cluster: SlurmCluster) -> None:
     assert "NodeAddr=127.0.0.1 " in slurm_cluster.run(["scontrol", "show", "node", "n1"])
 
 
+@pytest.mark.timeout(LOCK_TIMEOUT_S + 900)  # its private cluster may wait for the machine's lock
 def test_stop_leaves_nothing_running(tmp_path: Path) -> None:
     """A private cluster (the session's one stops at the end, checked by the fixture the same way)."""
     if reason := slurm_missing_reason():
