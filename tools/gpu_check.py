@@ -1,0 +1,649 @@
+#!/usr/bin/env python
+"""The prepared GPU check: is the CUDA path right, and how fast is it?
+
+    ./launch gpu-check                     # on a machine with CUDA: about 3-4 minutes
+    python tools/gpu_check.py --tiny       # anywhere: a small model, seconds (the test suite runs it)
+    python tools/gpu_check.py --json out.json --budget 200 --peak-tflops 989
+
+Correctness
+  cpu-vs-cuda    one training batch of the study's model (R34, OS8) in fp32 on the CPU and on
+                 CUDA, dropout off, BN on batch statistics; loss and every gradient compared
+                 with an fp64 CPU reference. Pass: CUDA's fp32 (TF32 off) is as close to fp64
+                 as the CPU's own fp32 is, within a factor of 10 (or 1e-4 relative, whichever
+                 is larger): both differ from fp64 only by rounding and summation order, so
+                 the CPU's error is the yardstick for "the same computation". CUDA with TF32
+                 convolutions (torch's default) is reported beside it, not judged.
+  bf16 / fp16    a few steps of seg.train.train_step through accelerate (fp16 with its loss
+                 scaling) on one fixed batch: every loss finite, the last below the first.
+  syncbn         torch's SyncBatchNorm kernels over NCCL (one process per GPU; with one GPU a
+                 one-process NCCL group, which runs the same kernels and collectives but not
+                 a cross-GPU reduction) against BatchNorm2d on the whole batch on the CPU:
+                 outputs, input/weight gradients and running statistics.
+Speed (CUDA only)
+  train          images/s and peak memory of seg.train.train_step (device augmentation,
+                 loss, backward, clipping, Adam) at 512x1024 for R34/R50/R101 at OS8, batch 8
+                 and 4, fp32/bf16/fp16, channels_last on and off, torch.compile on and off;
+                 model FLOP utilisation against the device's dense bf16 peak.
+  eval           full-resolution (1024x2048) images/s for whole / slide / whole+flip.
+  loader         seg's training pipeline, one worker = one core, images/s; the cores it would
+                 take to feed the fastest study-model configuration.
+
+The speed grid runs most important first and stops starting new rows after --budget seconds
+(the rest are listed as skipped). Prints a table; --json writes everything. Exit status 1
+if a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from seg.atomic import atomic_write_bytes
+from seg.augment import DeviceAugment
+from seg.cityscapes import IGNORE_INDEX, NUM_CLASSES
+from seg.inference import TestTimeAugmentation, predict_probabilities
+from seg.losses import CombinedLoss
+from seg.model import DeepLabV3Plus
+
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity), matched as
+# substrings of torch.cuda.get_device_name, most specific first. --peak-tflops overrides.
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+    ("A6000", 155.0),
+    ("V100", 125.0),  # fp16: V100 has no bf16
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a small model and input on the CPU (seconds)")
+    parser.add_argument("--json", type=Path, help="write every result here")
+    parser.add_argument("--budget", type=float, default=170.0, help="seconds after which no new speed row starts")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: from its name)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--no-loader", action="store_true", help="skip the loader measurement")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    started = time.perf_counter()
+    report: dict[str, Any] = {"environment": environment(cuda), "tiny": args.tiny}
+    print(format_environment(report["environment"]), flush=True)
+    # tiny: R18 on a small input, so the same code runs on any CPU in seconds
+    depth, size, batch = (18, (32, 64), 2) if args.tiny else (34, (256, 512), 2)
+
+    checks: list[dict[str, Any]] = []
+    report["checks"] = checks
+    # fp64 on the CPU is slow: the comparison runs at half the mixed-precision checks' input
+    half = (size[0] // 2, size[1] // 2) if cuda else size
+    checks.append(run_check("cpu-vs-cuda", lambda: check_cpu_vs_cuda(depth, half, batch, cuda)))
+    for precision in ("bf16", "fp16"):
+        checks.append(run_check(precision, lambda p=precision: check_mixed_precision(p, depth, size, cuda)))
+    checks.append(run_check("syncbn", lambda: check_sync_batchnorm(cuda)))
+    print(format_checks(checks), flush=True)
+
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its kernels
+        peak = args.peak_tflops or device_peak_tflops(torch.cuda.get_device_name())
+        deadline = started + args.budget
+        report["peak_bf16_tflops"] = peak
+        report["train"] = train_speed_grid(peak, deadline, compile_rows=not args.no_compile)
+        print(format_train(report["train"]), flush=True)
+        report["eval"] = eval_speed(deadline)
+        print(format_eval(report["eval"]), flush=True)
+    else:
+        # The CPU runs the same measuring code on the tiny model, one row each.
+        tiny = SpeedRow(depth=18, batch=2, precision="fp32", channels_last=False, compile=False, size=(32, 64))
+        report["train"] = [measure_train(tiny, torch.device("cpu"), peak=None, steps=2, warmup=1)]
+        print(format_train(report["train"]), flush=True)
+        tta = TestTimeAugmentation("slide", (32, 64), (24, 48))
+        report["eval"] = [measure_eval(18, (64, 128), tta, torch.device("cpu"), images=1)]
+        print(format_eval(report["eval"]), flush=True)
+    if not args.no_loader:
+        study_rows = [r for r in report["train"] if r["status"] == "ok" and r["depth"] in (34, 18)]
+        fastest = max((r["images_per_s"] for r in study_rows), default=None)
+        try:
+            report["loader"] = loader_speed(args.tiny, fastest)
+        except Exception as e:  # reported, not fatal
+            report["loader"] = {"pipeline": "seg train pipeline", "images_per_s_per_core": f"error: {e}"}
+        print(format_loader(report["loader"]), flush=True)
+
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    failed = [c["name"] for c in checks if c["status"] == "fail"]
+    report["passed"] = not failed
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+    print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'} in {report['seconds']} s")
+    return 1 if failed else 0
+
+
+# --- environment ---------------------------------------------------------------------------
+
+
+def environment(cuda: bool) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            device=torch.cuda.get_device_name(0),
+            devices=torch.cuda.device_count(),
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            nccl=_version(torch.cuda.nccl.version()),
+        )
+    else:
+        env["device"] = "cpu"
+    return env
+
+
+def _version(version: int | tuple[int, ...]) -> str:
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
+def device_peak_tflops(name: str) -> float | None:
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+
+
+# --- correctness ------------------------------------------------------------------------------
+
+
+def run_check(name: str, check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A check's result dict with its name and status; an exception is a failure, not a crash."""
+    started = time.perf_counter()
+    try:
+        result = check()
+    except Exception as e:
+        result = {"status": "fail", "error": f"{type(e).__name__}: {e}"}
+    result = {"name": name, **result, "seconds": round(time.perf_counter() - started, 1)}
+    print(f"  {name}: {result['status']} ({result['seconds']} s)", flush=True)
+    return result
+
+
+def fixed_batch(size: tuple[int, int], batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and labels with blocks of classes and some ignored pixels, from a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    h, w = size
+    images = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=generator)
+    coarse = torch.randint(0, NUM_CLASSES, (batch, 1, max(h // 16, 1), max(w // 16, 1)), generator=generator)
+    labels = F.interpolate(coarse.float(), size=size, mode="nearest").squeeze(1).long()
+    labels[torch.rand(labels.shape, generator=generator) < 0.05] = IGNORE_INDEX
+    # images that say something about their labels, so a few steps can lower the loss
+    tint = (labels.clamp(max=NUM_CLASSES - 1) * 13 % 256).to(torch.uint8).unsqueeze(1)
+    return (images // 2 + tint // 2).to(torch.uint8), labels
+
+
+def study_model(depth: int, seed: int = 0) -> DeepLabV3Plus:
+    torch.manual_seed(seed)
+    return DeepLabV3Plus(depth, 8)
+
+
+def without_dropout(model: nn.Module) -> nn.Module:
+    """Dropout draws from each device's own generator; for a CPU-vs-CUDA comparison it must go."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def loss_and_gradients(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str, dtype: torch.dtype
+) -> tuple[float, torch.Tensor]:
+    """The combined loss of one training batch and every gradient, flattened, in fp64 on the CPU."""
+    model = model.to(device=device, dtype=dtype).train()
+    model.zero_grad(set_to_none=True)
+    augment = DeviceAugment("none").to(device)
+    x, y = augment(images.to(device), labels.to(device), train=False)
+    loss, _ = CombinedLoss(alpha=0.6, label_smoothing=0.1)(model(x.to(dtype)), y)
+    loss.backward()
+    grads = torch.cat([p.grad.reshape(-1).double().cpu() for p in model.parameters()])
+    return loss.item(), grads
+
+
+def relative_error(value: torch.Tensor | float, reference: torch.Tensor | float) -> float:
+    value, reference = torch.as_tensor(value, dtype=torch.float64), torch.as_tensor(reference, dtype=torch.float64)
+    return float((value - reference).norm() / reference.norm().clamp(min=1e-30))
+
+
+def check_cpu_vs_cuda(depth: int, size: tuple[int, int], batch: int, cuda: bool) -> dict[str, Any]:
+    images, labels = fixed_batch(size, batch)
+    model = without_dropout(study_model(depth))
+    reference = loss_and_gradients(copy.deepcopy(model), images, labels, "cpu", torch.float64)
+    cpu = loss_and_gradients(copy.deepcopy(model), images, labels, "cpu", torch.float32)
+    errors = {"cpu_fp32": _errors(cpu, reference)}
+    if not cuda:
+        return {"status": "skipped", "reason": "no CUDA: only the CPU's fp32 error was measured", "errors": errors}
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    batch_on_cuda = (images, labels, "cuda", torch.float32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        errors["cuda_fp32"] = _errors(loss_and_gradients(copy.deepcopy(model), *batch_on_cuda), reference)
+        torch.backends.cudnn.allow_tf32 = True  # torch's default for convolutions: what fp32 training runs
+        errors["cuda_tf32"] = _errors(loss_and_gradients(copy.deepcopy(model), *batch_on_cuda), reference)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    tolerance = {key: max(10 * errors["cpu_fp32"][key], 1e-4) for key in ("loss", "gradients")}
+    passed = all(errors["cuda_fp32"][key] <= tolerance[key] for key in tolerance)
+    return {"status": "pass" if passed else "fail", "errors": errors, "tolerance": tolerance,
+            "model": f"R{depth}-OS8", "input": f"{batch}x{size[1]}x{size[0]}"}  # fmt: skip
+
+
+def _errors(result: tuple[float, torch.Tensor], reference: tuple[float, torch.Tensor]) -> dict[str, float]:
+    return {"loss": relative_error(result[0], reference[0]), "gradients": relative_error(result[1], reference[1])}
+
+
+@contextlib.contextmanager
+def fresh_accelerator(precision: str, cpu: bool) -> Iterator[Any]:
+    """An Accelerator with this precision; accelerate keeps one state per process, so it is
+    reset before and after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        # accelerate (and train.precision) call fp32 "no"
+        mixed = "no" if precision == "fp32" else precision
+        yield Accelerator(cpu=cpu, mixed_precision=mixed, step_scheduler_with_optimizer=False)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def check_mixed_precision(precision: str, depth: int, size: tuple[int, int], cuda: bool) -> dict[str, Any]:
+    if precision == "fp16" and not cuda:
+        return {"status": "skipped", "reason": "fp16 loss scaling needs CUDA (the CPU trains in bf16)"}
+    from seg.train import train_step
+
+    steps = 8
+    with fresh_accelerator(precision, cpu=not cuda) as accelerator:
+        model = without_dropout(study_model(depth)).to(accelerator.device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        augment = DeviceAugment("none").to(accelerator.device)
+        images, labels = augment(*[t.to(accelerator.device) for t in fixed_batch(size, 4)], train=False)
+        loss_fn = CombinedLoss(0.6, 0.1).to(accelerator.device)
+        losses, skipped = [], 0
+        for _ in range(steps):
+            loss, _, stepped = train_step(model, images, labels, loss_fn, optimizer, accelerator, 1.0)
+            losses.append(float(loss))
+            skipped += not stepped
+        scaler = getattr(accelerator, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None else None
+    finite = all(math.isfinite(v) for v in losses)
+    lowered = finite and losses[-1] < losses[0]
+    return {"status": "pass" if lowered else "fail", "losses": [round(v, 4) for v in losses],
+            "skipped_steps": skipped, "loss_scale": scale}  # fmt: skip
+
+
+def check_sync_batchnorm(cuda: bool) -> dict[str, Any]:
+    if not cuda:
+        return {"status": "skipped", "reason": "torch's SyncBatchNorm kernels run on CUDA only; the CPU path "
+                "(seg.distributed.CPUSyncBatchNorm over gloo) is pinned by tests/test_model.py"}  # fmt: skip
+    gpus = torch.cuda.device_count()
+    runs: dict[str, dict[str, Any]] = {}
+    if gpus >= 2:
+        runs[f"nccl, {gpus} processes on {gpus} GPUs"] = _spawn_syncbn(gpus, "nccl", one_gpu=False)
+    else:
+        # NCCL refuses two ranks on one GPU; gloo moves CUDA tensors through the host, so two
+        # processes on one GPU still run torch's kernels with a real cross-process reduction.
+        runs["nccl, 1 process"] = _syncbn_compare(0, 1, f"file://{tempfile.mkdtemp()}/store", "nccl", 0)
+        runs["gloo, 2 processes on one GPU"] = _spawn_syncbn(2, "gloo", one_gpu=True)
+    passed = all(run["status"] == "pass" for run in runs.values())
+    return {"status": "pass" if passed else "fail", "runs": runs}
+
+
+def _spawn_syncbn(world: int, backend: str, one_gpu: bool) -> dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as scratch:
+        mp.spawn(_syncbn_worker, args=(world, scratch, backend, one_gpu), nprocs=world, join=True)
+        return json.loads((Path(scratch) / "rank0.json").read_text())
+
+
+def _syncbn_worker(rank: int, world: int, scratch: str, backend: str, one_gpu: bool) -> None:
+    result = _syncbn_compare(rank, world, f"file://{scratch}/store", backend, 0 if one_gpu else rank)
+    if rank == 0:
+        (Path(scratch) / "rank0.json").write_text(json.dumps(result))
+
+
+def _syncbn_compare(rank: int, world: int, init: str, backend: str, gpu: int) -> dict[str, Any]:
+    """Each rank normalises its slice of one batch with torch's SyncBatchNorm; the result must
+    equal BatchNorm2d over the whole batch in fp64 on the CPU."""
+    from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction
+
+    torch.cuda.set_device(gpu)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        channels, per_rank = 64, 4
+        whole = torch.randn(per_rank * world, channels, 33, 65, generator=generator, dtype=torch.float64) * 3 + 1
+        weight = torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5
+        bias = torch.randn(channels, generator=generator, dtype=torch.float64)
+        upstream = torch.randn(whole.shape, generator=generator, dtype=torch.float64)
+
+        reference = nn.BatchNorm2d(channels, dtype=torch.float64).train()
+        with torch.no_grad():
+            reference.weight.copy_(weight)
+            reference.bias.copy_(bias)
+        x_ref = whole.clone().requires_grad_(True)
+        y_ref = reference(x_ref)
+        (y_ref * upstream).sum().backward()
+
+        device = torch.device("cuda", gpu)
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        x = whole[rows].float().to(device).requires_grad_(True)
+        w = weight.float().to(device).requires_grad_(True)
+        b = bias.float().to(device).requires_grad_(True)
+        running_mean, running_var = torch.zeros(channels, device=device), torch.ones(channels, device=device)
+        out = SyncBatchNormFunction.apply(x, w, b, running_mean, running_var, 1e-5, 0.1, dist.group.WORLD, world)
+        (out * upstream[rows].float().to(device)).sum().backward()
+        # weight/bias gradients are per-rank partial sums in torch's SyncBatchNorm (DDP adds them)
+        grad_w, grad_b = w.grad.clone(), b.grad.clone()
+        dist.all_reduce(grad_w)
+        dist.all_reduce(grad_b)
+        errors = {
+            "output": relative_error(out.detach().cpu(), y_ref.detach()[rows]),
+            "grad_input": relative_error(x.grad.cpu(), x_ref.grad[rows]),
+            "grad_weight": relative_error(grad_w.cpu(), reference.weight.grad),
+            "grad_bias": relative_error(grad_b.cpu(), reference.bias.grad),
+            "running_mean": relative_error(running_mean.cpu(), reference.running_mean),
+            "running_var": relative_error(running_var.cpu(), reference.running_var),
+        }
+    finally:
+        dist.destroy_process_group()
+    tolerance = 1e-4  # fp32 against fp64 over 4x33x65 values per channel and rank
+    return {"status": "pass" if max(errors.values()) <= tolerance else "fail", "errors": errors, "tolerance": tolerance}
+
+
+# --- speed ---------------------------------------------------------------------------------------
+
+
+class SpeedRow(dict):
+    """One training configuration to time."""
+
+    def __init__(self, depth: int, batch: int, precision: str, channels_last: bool, compile: bool,
+                 size: tuple[int, int] = (512, 1024)) -> None:  # fmt: skip
+        super().__init__(depth=depth, batch=batch, precision=precision, channels_last=channels_last,
+                         compile=compile, size=f"{size[1]}x{size[0]}")  # fmt: skip
+        self.input_size = size
+
+
+def speed_grid(compile_rows: bool) -> list[SpeedRow]:
+    """Most important first: the study's model in every precision and layout and compiled (its
+    first step compiles, ~1 min), then the mmseg backbones, then the smaller batch."""
+    rows = [SpeedRow(34, 8, p, cl, False) for p in ("bf16", "fp32", "fp16") for cl in (True, False)]
+    rows += [SpeedRow(34, 8, "bf16", True, True)] if compile_rows else []
+    rows += [SpeedRow(d, 8, p, True, False) for d in (50, 101) for p in ("bf16", "fp32")]
+    rows += [SpeedRow(d, 4, "bf16", True, False) for d in (34, 50, 101)]
+    rows += [SpeedRow(34, 4, "bf16", True, True), SpeedRow(101, 8, "bf16", True, True)] if compile_rows else []
+    return rows
+
+
+def train_speed_grid(peak: float | None, deadline: float, compile_rows: bool) -> list[dict[str, Any]]:
+    results = []
+    for row in speed_grid(compile_rows):
+        if time.perf_counter() > deadline:
+            results.append({**row, "status": "skipped", "reason": "time budget spent"})
+            continue
+        results.append(measure_train(row, torch.device("cuda"), peak))
+        print("  " + format_train_row(results[-1]), flush=True)
+    return results
+
+
+_FLOPS_CACHE: dict[tuple[int, tuple[int, int]], float] = {}
+
+
+def training_flops(depth: int, size: tuple[int, int], device: torch.device) -> float:
+    """Forward + backward FLOPs of one image (torch's FLOP counter: convolutions and matmuls)."""
+    if (depth, size) not in _FLOPS_CACHE:
+        model = study_model(depth).to(device)
+        x = torch.randn(1, 3, *size, device=device)
+        counter = FlopCounterMode(display=False)
+        model.eval()  # BN on running statistics: batch 1 is allowed, and the FLOPs are the same
+        with counter:
+            model(x).sum().backward()
+        _FLOPS_CACHE[(depth, size)] = float(counter.get_total_flops())
+        del model
+    return _FLOPS_CACHE[(depth, size)]
+
+
+def measure_train(
+    row: SpeedRow, device: torch.device, peak: float | None, steps: int = 10, warmup: int = 3
+) -> dict[str, Any]:
+    """seg.train.train_step timed on device-resident uint8 batches (the loader is measured apart)."""
+    from seg.train import train_step
+
+    cuda = device.type == "cuda"
+    result: dict[str, Any] = dict(row)
+    try:
+        with fresh_accelerator(row["precision"], cpu=not cuda) as accelerator:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            model = study_model(row["depth"]).to(device)
+            if row["channels_last"]:
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-3)
+            model, optimizer = accelerator.prepare(model, optimizer)
+            if row["compile"]:
+                model = torch.compile(model)
+            augment = DeviceAugment("standard", row["channels_last"]).to(device)
+            loss_fn = CombinedLoss(0.6, 0.1, torch.ones(NUM_CLASSES, device=device)).to(device)
+            images, labels = (t.to(device) for t in fixed_batch(row.input_size, row["batch"]))
+
+            def step() -> None:
+                x, y = augment(images, labels)
+                train_step(model, x, y, loss_fn, optimizer, accelerator, 1.0)
+
+            started = time.perf_counter()
+            for _ in range(warmup):
+                step()
+            synchronize(cuda)
+            result["warmup_s"] = round(time.perf_counter() - started, 1)
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            synchronize(cuda)
+            elapsed = time.perf_counter() - started
+        result["images_per_s"] = round(steps * row["batch"] / elapsed, 2)
+        result["step_ms"] = round(1000 * elapsed / steps, 1)
+        if cuda:
+            result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        flops = training_flops(row["depth"], row.input_size, device)
+        result["tflop_per_image"] = round(flops / 1e12, 3)
+        if peak:
+            result["mfu_percent"] = round(100 * result["images_per_s"] * flops / (peak * 1e12), 1)
+        result["status"] = "ok"
+    except torch.cuda.OutOfMemoryError:
+        result.update(status="oom")
+    except Exception as e:  # a row that breaks (a compile failure, say) is reported, not fatal
+        result.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    finally:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return result
+
+
+def synchronize(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def eval_speed(deadline: float) -> list[dict[str, Any]]:
+    """Full-resolution inference of the study's model: bf16, channels_last, one image at a time."""
+    modes = [
+        TestTimeAugmentation("whole"),
+        TestTimeAugmentation("slide"),
+        TestTimeAugmentation("whole", flip=True),
+        TestTimeAugmentation("slide", flip=True),
+    ]
+    results = []
+    for tta in modes:
+        if time.perf_counter() > deadline + 30:  # evaluation is short: a little past the budget
+            results.append({"mode": describe(tta), "status": "skipped", "reason": "time budget spent"})
+            continue
+        try:
+            results.append(measure_eval(34, (1024, 2048), tta, torch.device("cuda"), images=5))
+        except Exception as e:  # reported, not fatal
+            results.append({"mode": describe(tta), "status": f"error: {type(e).__name__}: {str(e)[:200]}"})
+    return results
+
+
+def describe(tta: TestTimeAugmentation) -> str:
+    return tta.mode + ("+flip" if tta.flip else "")
+
+
+def measure_eval(
+    depth: int, size: tuple[int, int], tta: TestTimeAugmentation, device: torch.device, images: int
+) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    model = study_model(depth).to(device).eval().to(memory_format=torch.channels_last)
+    augment = DeviceAugment("none", channels_last=True).to(device)
+    image, _ = fixed_batch(size, 1)
+    x, _ = augment(image.to(device), train=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    with autocast:
+        predict_probabilities(model, x, size, tta)  # warm-up
+        synchronize(cuda)
+        started = time.perf_counter()
+        for _ in range(images):
+            predict_probabilities(model, x, size, tta).argmax(1)
+        synchronize(cuda)
+    elapsed = time.perf_counter() - started
+    return {"mode": describe(tta), "depth": depth, "size": f"{size[1]}x{size[0]}", "precision": "bf16",
+            "images_per_s": round(images / elapsed, 2), "status": "ok"}  # fmt: skip
+
+
+def loader_speed(tiny: bool, train_images_per_s: float | None) -> dict[str, Any]:
+    """seg's training pipeline with one loader worker (one core), on full-resolution PNG shards."""
+    from seg.data import train_loader
+    from seg.pack import Options, pack
+    from seg.synthetic import make_synthetic
+    from seg.transforms import TrainGeometry
+
+    frame, train_size, frames = ((256, 128), (64, 128), 8) if tiny else ((2048, 1024), (512, 1024), 24)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        root = Path(scratch) / "cityscapes"
+        workers = min(os.cpu_count() or 1, 8)
+        make_synthetic(root, counts={"train": frames, "val": 0, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
+                       size=frame, workers=workers, progress=False)  # fmt: skip
+        pack(root, Path(scratch) / "shards", Options(splits=("train",), folds=3), workers=workers, progress=False)
+        geometry = TrainGeometry("resize", train_size, "standard")
+        loader, steps = train_loader(Path(scratch) / "shards", 0, geometry, batch_size=2, rank=0, world_size=1,
+                                     workers=1, seed=0)  # fmt: skip
+        batches = iter(loader)
+        next(batches)  # worker start-up
+        started, seen = time.perf_counter(), 0
+        for _ in range(max(steps - 1, 1)):
+            seen += next(batches)["image"].shape[0]
+        per_core = seen / (time.perf_counter() - started)
+    result: dict[str, Any] = {"pipeline": f"PNG {frame[0]}x{frame[1]} -> {train_size[1]}x{train_size[0]}, standard",
+                              "images_per_s_per_core": round(per_core, 2)}  # fmt: skip
+    if train_images_per_s:
+        result["cores_to_feed_fastest_row"] = math.ceil(train_images_per_s / per_core)
+        result["fastest_row_images_per_s"] = train_images_per_s
+    return result
+
+
+# --- printing ------------------------------------------------------------------------------------
+
+
+def format_environment(env: dict[str, Any]) -> str:
+    keys = ("device", "devices", "capability", "memory_gib", "torch", "cuda", "cudnn", "nccl", "cpu_cores")
+    return "gpu-check on " + ", ".join(f"{k} {env[k]}" for k in keys if k in env)
+
+
+def format_checks(checks: list[dict[str, Any]]) -> str:
+    lines = ["| check | status | details |", "| --- | --- | --- |"]
+    for check in checks:
+        details = {k: v for k, v in check.items() if k not in ("name", "status", "seconds")}
+        lines.append(f"| {check['name']} | {check['status']} | {_short(details)} |")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_short(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "[" + " ".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+TRAIN_HEADER = ("| model | batch | precision | channels_last | compile | images/s | step ms | peak GiB | "
+                "TFLOP/img | MFU % |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
+
+
+def format_train_row(r: dict[str, Any]) -> str:
+    cells = [f"R{r['depth']}-OS8 {r['size']}", r["batch"], r["precision"], "on" if r["channels_last"] else "off",
+             "on" if r["compile"] else "off"]  # fmt: skip
+    if r["status"] == "ok":
+        cells += [r["images_per_s"], r["step_ms"], r.get("peak_memory_gib", "-"), r["tflop_per_image"],
+                  r.get("mfu_percent", "-")]  # fmt: skip
+    else:
+        cells += [r["status"] + (f": {r.get('error') or r.get('reason')}" if r.get("error") or r.get("reason") else "")]
+        cells += [""] * 4
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def format_train(rows: list[dict[str, Any]]) -> str:
+    return "\n".join([TRAIN_HEADER, *map(format_train_row, rows)])
+
+
+def format_eval(rows: list[dict[str, Any]]) -> str:
+    lines = ["| evaluation | input | images/s |", "| --- | --- | --- |"]
+    for r in rows:
+        rate = r.get("images_per_s", r["status"])
+        lines.append(f"| {r['mode']} | {r.get('size', '')} | {rate} |")
+    return "\n".join(lines)
+
+
+def format_loader(loader: dict[str, Any]) -> str:
+    line = f"loader: {loader['pipeline']}: {loader['images_per_s_per_core']} images/s per core"
+    if "cores_to_feed_fastest_row" in loader:
+        line += (f"; feeding {loader['fastest_row_images_per_s']} images/s takes "
+                 f"{loader['cores_to_feed_fastest_row']} cores")  # fmt: skip
+    return line
+
+
+if __name__ == "__main__":
+    sys.exit(main())
