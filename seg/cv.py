@@ -23,10 +23,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from seg.cli import launch_command
 from seg.config import ConfigError, load_config
 from seg.manifest import ManifestError, load_manifest
+from seg.reduce import add_arguments, selection_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,18 +70,37 @@ def plan(
     reduce_args: list[str] | None = None,
     first_init: str | None = None,
 ) -> Chain:
-    """Resolve the config of every stage here, so a bad key fails before anything runs."""
+    """Check here everything the chain will need, so that a chain that cannot finish fails
+    before anything runs: every stage's config, the folds, the reduce options and the
+    selection set they choose on."""
+    if stages < 1:
+        raise ConfigError(f"--stages {stages}: at least 1")
     resolved = load_config(config, overrides, 1)
     for stage in range(2, stages + 1):
         load_config(config, overrides, stage)
-    packed = load_manifest(resolved.data.shards)["options"]["folds"]
+    manifest = load_manifest(resolved.data.shards)
+    packed = manifest["options"]["folds"]
     folds = packed if folds is None else folds
     if not 1 <= folds <= packed:
         raise ConfigError(f"--folds {folds}: {resolved.data.shards} was packed with {packed} folds (1..{packed})")
-    if stages < 1:
-        raise ConfigError(f"--stages {stages}: at least 1")
+    reduce_options = parse_reduce_options(reduce_args or [])
+    selection_group(load_manifest(reduce_options.shards) if reduce_options.shards else manifest,
+                    reduce_options.shards or resolved.data.shards, reduce_options.select_on)  # fmt: skip
     experiment_dir = Path(resolved.train.runs_dir) / resolved.train.experiment
     return Chain(config, list(overrides), stages, list(range(folds)), experiment_dir, reduce_args or [], first_init)
+
+
+class _ReduceOptionParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse would print and exit
+        raise ConfigError(f"--reduce: {message} (tools/reduce_folds.py --help lists its options)")
+
+
+def parse_reduce_options(reduce_args: list[str]) -> argparse.Namespace:
+    """The reduce step's options, parsed as tools/reduce_folds.py will parse them."""
+    if "--folds" in reduce_args:
+        raise ConfigError("--reduce: --folds is set by the chain (use ./launch cv --folds)")
+    parser = _ReduceOptionParser(prog="tools/reduce_folds.py", add_help=False, allow_abbrev=False)
+    return add_arguments(parser).parse_args(reduce_args)
 
 
 # --- this machine ------------------------------------------------------------------------
@@ -148,6 +169,12 @@ def sbatch(args: list[str], env: dict[str, str] | None = None) -> str:
     return done.stdout.strip().split(";")[0]
 
 
+def after_ok(job: str) -> list[str]:
+    """Start once ``job`` has succeeded; if it fails, Slurm removes the dependant instead of
+    leaving it pending (DependencyNeverSatisfied) until cancelled by hand."""
+    return [f"--dependency=afterok:{job}", "--kill-on-invalid-dep=yes"]
+
+
 def submit(
     chain: Chain,
     nodes: int,
@@ -175,7 +202,7 @@ def submit(
                     f"--job-name={name}",
                     f"--output={logs / f'stage{stage}-fold%a-%A.log'}",
                     *resources,
-                    *([f"--dependency=afterok:{after}"] if after else []),
+                    *(after_ok(after) if after else []),
                     *sbatch_args,
                     str(REPO / "slurm" / "fold.sh"),
                     chain.config,
@@ -186,7 +213,7 @@ def submit(
             jobs.append((stage, array, ""))
             after = submit_job(
                 [
-                    f"--dependency=afterok:{array}",
+                    *after_ok(array),
                     f"--job-name={name}-reduce",
                     f"--output={logs / f'stage{stage}-reduce-%j.log'}",
                     "--nodes=1",

@@ -10,6 +10,7 @@ to ``runs/<experiment>/stage{s}/reduced/`` with a report, a markdown table and a
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 from collections.abc import Callable
@@ -34,6 +35,60 @@ from seg.tracking import log_reduction
 from seg.transforms import TrainGeometry
 
 STRATEGIES = ("best", "mean", "topk", "greedy")
+SELECTION_WORDS = {"selection": "selection-set mIoU", "val": "official-val mIoU"}
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: at least {minimum}")
+        return value
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """tools/reduce_folds.py's options; ``./launch cv --reduce "..."`` parses them with these
+    too, so a bad option fails before a chain is submitted."""
+    parser.add_argument("--shards", help="packed dataset (default: the one the folds trained on)")
+    parser.add_argument("--folds", type=int, nargs="+", help="folds to reduce (default: every fold*/)")
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--k", type=_at_least(1), default=3, help="topk: how many best folds to average (default 3)")
+    parser.add_argument(
+        "--recalibrate",
+        type=_at_least(0),
+        default=0,
+        metavar="BATCHES",
+        help="also try each average with BN statistics re-estimated over this many batches",
+    )
+    parser.add_argument(
+        "--select-on",
+        choices=tuple(SELECTION_WORDS),
+        default="selection",
+        help="selection: the packed held-out subset (default); val: the official val split",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("best", "model"),
+        default="best",
+        help="each fold's best (by fold mIoU, default) or final weights",
+    )
+    return parser
+
+
+def selection_group(manifest: dict[str, Any], shards: str | Path, select_on: str) -> str:
+    """The packed group that chooses the reduced model."""
+    if select_on == "selection":
+        if SELECTION_GROUP not in manifest["groups"]:
+            raise ManifestError(
+                f"{shards} has no selection subset ({SELECTION_GROUP}): pack with --selection-cities, "
+                f"or pass --select-on val (the report will say the official val chose the model)"
+            )
+        return SELECTION_GROUP
+    if select_on == "val":
+        return "val"
+    raise ValueError(f"select_on {select_on!r}: selection or val")
 
 
 @dataclass
@@ -119,19 +174,9 @@ def reduce_stage(
     models = load_fold_models(stage_dir, folds, weights)
     config = models[0].sidecar["config"]
     shards = str(shards or config["data"]["shards"])
-    manifest = load_manifest(shards)
-    if select_on == "selection":
-        if SELECTION_GROUP not in manifest["groups"]:
-            raise ManifestError(
-                f"{shards} has no selection subset ({SELECTION_GROUP}): pack with --selection-cities, "
-                f"or pass --select-on val (the report will say the official val chose the model)"
-            )
-        group = SELECTION_GROUP
-    elif select_on == "val":
-        group = "val"
-    else:
-        raise ValueError(f"select_on {select_on!r}: selection or val")
+    group = selection_group(load_manifest(shards), shards, select_on)
     reducer = Reducer(accelerator, config, shards, group)
+    scored = SELECTION_WORDS[select_on]  # the log says what the report says chose the model
 
     def log(message: str) -> None:
         if accelerator.is_main_process:
@@ -161,13 +206,13 @@ def reduce_stage(
         candidates.append(Candidate(f"top{min(k, len(ranked))}", ranked[:k]))
     for candidate in candidates:
         candidate.result = score_of(candidate.folds, mean_of(candidate.models))
-        log(f"{candidate.name:>8}: selection mIoU {candidate.result['miou']:.4f}")
+        log(f"{candidate.name:>8}: {scored} {100 * candidate.result['miou']:.1f}")
     if "greedy" in strategies:
         soup, _ = greedy_soup(models, lambda chosen: score_of([m.fold for m in chosen], mean_of(chosen))["miou"])
         greedy = Candidate("greedy", soup)
         greedy.result = score_of(greedy.folds, mean_of(soup))
         candidates.append(greedy)
-        log(f"  greedy: folds {greedy.folds}, selection mIoU {greedy.result['miou']:.4f}")
+        log(f"  greedy: folds {greedy.folds}, {scored} {100 * greedy.result['miou']:.1f}")
     if recalibrate_batches > 0:
         for candidate in [c for c in candidates if len(c.models) > 1]:
             key = tuple(sorted(candidate.folds))
@@ -177,7 +222,7 @@ def reduce_stage(
             recalibrated = Candidate(f"{candidate.name}+bn", candidate.models, recalibrated=True)
             recalibrated.result = score_of(candidate.folds, lambda key=key: recalibrated_states[key], bn=True)
             candidates.append(recalibrated)
-            log(f"{recalibrated.name:>8}: selection mIoU {recalibrated.result['miou']:.4f}")
+            log(f"{recalibrated.name:>8}: {scored} {100 * recalibrated.result['miou']:.1f}")
 
     reduced = [c for c in candidates if not c.name.startswith("fold")]
     winner = max(reduced or candidates, key=lambda c: c.result["miou"])
@@ -219,7 +264,7 @@ def reduce_stage(
         # reduced/, which a repeated reduction replaces).
         log_reduction(config, models[0].sidecar["stage"], report, stage_dir, stage_dir / "reduced" / "reduction.png")
         log(
-            f"winner: {winner.name} (folds {winner.folds}), selection mIoU {winner.result['miou']:.4f} "
+            f"winner: {winner.name} (folds {winner.folds}), {scored} {100 * winner.result['miou']:.1f} "
             f"-> {stage_dir / 'reduced' / 'model.safetensors'}"
         )
     accelerator.wait_for_everyone()

@@ -69,8 +69,14 @@ wait "$SRUN" || code=$?
 
 MARKER="$RUN_DIR/PREEMPTED"
 if [[ $code -eq 75 || ( -f $MARKER && $MARKER -nt $STARTED ) ]]; then
-    echo "fold.sh: state saved ($(cat "$MARKER" 2>/dev/null)); requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+    # `scontrol requeue` TERMs this script: that is the requeue itself, not a new preemption
+    trap '' TERM USR1
+    step=$(grep -oP '"step": \K[0-9]+' "$MARKER" 2>/dev/null || echo "?")
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        echo "fold.sh: preempted at step $step, state saved, but the requeue failed: submit this fold again"
+        exit 1
+    fi
+    echo "fold.sh: preempted at step $step, state saved, requeued (Slurm starts it again in about 2 minutes)"
     exit 0
 fi
 echo "fold.sh: training exited with $code"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from seg import cv
 from seg.config import ConfigError, load_config
+from seg.manifest import ManifestError
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 
@@ -28,7 +30,9 @@ def shards(tmp_path_factory) -> Path:
 
 
 def chain(shards: Path, runs: Path, stages: int = 2, folds: int | None = None) -> cv.Chain:
-    return cv.plan(CONFIG, [f"data.shards={shards}", f"train.runs_dir={runs}"], stages, folds, ["--recalibrate", "3"])
+    # these shards have no selection subset: the reduction chooses on val
+    overrides = [f"data.shards={shards}", f"train.runs_dir={runs}"]
+    return cv.plan(CONFIG, overrides, stages, folds, ["--recalibrate", "3", "--select-on", "val"])
 
 
 def test_the_chain_is_submitted_stage_by_stage_with_its_dependencies(shards, tmp_path):
@@ -53,7 +57,10 @@ def test_the_chain_is_submitted_stage_by_stage_with_its_dependencies(shards, tmp
     assert array2[array2.index("--init-from") + 1] == str(stage1 / "reduced" / "model.safetensors")
     assert array2[array2.index(str(REPO / "slurm" / "fold.sh")) + 1 :][:3] == [CONFIG, "--stage", "2"]
     assert reduce1[reduce1.index(str(REPO / "slurm" / "reduce.sh")) + 1] == str(stage1)
-    assert reduce1[-5:] == ["--recalibrate", "3", "--folds", "0", "1"]
+    assert reduce1[-7:] == ["--recalibrate", "3", "--select-on", "val", "--folds", "0", "1"]
+    # a dependant of a failed job is removed by Slurm, not left pending forever
+    for dependant in (reduce1, array2, reduce2):
+        assert "--kill-on-invalid-dep=yes" in dependant
     assert calls[0][1]["SEG_PROCS_PER_NODE"] == "3"
     # logs per fold and stage under the experiment's folder
     assert f"--output={tmp_path / 'runs' / 'demo' / 'logs' / 'stage1-fold%a-%A.log'}" in array1
@@ -84,6 +91,34 @@ def test_bad_input_fails_before_anything_is_submitted(shards, tmp_path):
     done = subprocess.run([sys.executable, "-m", "seg.cv", CONFIG, "--stages", "1", "train.epochz=3",
                            f"data.shards={shards}"], capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert done.returncode == 2 and "epochz" in done.stderr
+
+
+def test_a_chain_that_cannot_reduce_is_refused_before_anything_is_submitted(shards, tmp_path):
+    overrides = [f"data.shards={shards}", f"train.runs_dir={tmp_path}"]
+    with pytest.raises(ManifestError, match=r"no selection subset.*--select-on val"):
+        cv.plan(CONFIG, overrides, 2, None, ["--recalibrate", "3"])
+    for options, message in [
+        (["--recalibrate", "-1"], "--recalibrate: -1: at least 0"),
+        (["--k", "0"], "--k: 0: at least 1"),
+        (["--strategies", "median"], "invalid choice: 'median'"),
+        (["--select-on", "test"], "invalid choice: 'test'"),
+        (["--recalibrat", "3", "--select-on", "val"], "unrecognized arguments"),
+        (["--folds", "0", "--select-on", "val"], "--folds is set by the chain"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            cv.plan(CONFIG, overrides, 2, None, options)
+    # The command as a user runs it, with an sbatch that records every call: nothing submitted.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch-calls"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 1\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "seg.cv", CONFIG, "--stages", "2", *overrides],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "no selection subset" in done.stderr and "--select-on val" in done.stderr
+    assert not calls.exists()
 
 
 def test_finished_folds_and_reductions_are_skipped(shards, tmp_path):

@@ -113,7 +113,7 @@ def test_cv_chain_with_two_node_folds_a_preemption_and_reductions(slurm_cluster:
 
     # The preempted fold: requeued once, resumed from its saved state, its record unbroken.
     log = next((experiment / "logs").glob(f"stage1-fold0-{array1}.log")).read_text()
-    assert "requeueing" in log and "restart 1" in log and "resumed from" in log
+    assert "state saved, requeued" in log and "restart 1" in log and "resumed from" in log
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
     assert steps == list(range(1, STEPS + 1))
     assert not (metrics.parent / "PREEMPTED").exists()

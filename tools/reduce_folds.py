@@ -20,35 +20,15 @@ if __package__ in (None, ""):
 
 from seg.manifest import ManifestError
 from seg.model import WeightsError
-from seg.reduce import STRATEGIES, reduce_stage
+from seg.reduce import add_arguments, reduce_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("stage_dir", help="runs/<experiment>/stage{s}, holding fold*/")
-    parser.add_argument("--shards", help="packed dataset (default: the one the folds trained on)")
-    parser.add_argument("--folds", type=int, nargs="+", help="folds to reduce (default: every fold*/)")
-    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
-    parser.add_argument("--k", type=int, default=3, help="topk: how many of the best folds to average (default 3)")
-    parser.add_argument(
-        "--recalibrate",
-        type=int,
-        default=0,
-        metavar="BATCHES",
-        help="also try each average with BN statistics re-estimated over this many batches",
-    )
-    parser.add_argument(
-        "--select-on",
-        choices=("selection", "val"),
-        default="selection",
-        help="selection: the packed held-out subset (default); val: the official val split",
-    )
-    parser.add_argument(
-        "--weights",
-        choices=("best", "model"),
-        default="best",
-        help="each fold's best (by fold mIoU, default) or final weights",
-    )
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         reduce_stage(
