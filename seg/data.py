@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import signal
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,9 +135,18 @@ def _ignore_signals(worker: int) -> None:
     process group, so a Slurm preemption (TERM to every process), a job script's USR1 and a
     terminal's Ctrl-C reach them too; torch's worker handler would die of TERM and Python's
     would raise KeyboardInterrupt, and the trainer would crash on its dead worker instead of
-    saving. The trainer ends its workers itself when it leaves."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    saving. USR1 and INT are ignored; TERM is ignored unless the trainer sends it (torch and
+    multiprocessing end leftover workers with it, and wait for them)."""
+    for sig in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the thread: it inherits the mask
+    threading.Thread(target=_exit_on_parents_term, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_parents_term(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def decode(sample: dict[str, Any], shard: str) -> tuple[Image.Image, Image.Image | None]:
