@@ -9,8 +9,12 @@ On a machine without CUDA it runs on the CPU over gloo. State goes to
 every rank stops at the same step, the state is saved, a PREEMPTED file is written in the
 fold's folder, and every rank exits with EXIT_REQUEUE (75); a job script turns either into
 a requeue, and ``--resume auto`` (the default) continues from the newest complete state.
+SIGINT (Ctrl-C) stops and saves the same way, without the marker, and exits
+EXIT_INTERRUPTED (130). The handlers are installed before anything else (seg/signals.py):
+a signal during start-up stops the run before its first step. Data workers ignore all three.
 """
 
+# ruff: noqa: E402 (the signal handlers are installed before the heavy imports)
 from __future__ import annotations
 
 import argparse
@@ -18,15 +22,20 @@ import json
 import os
 import resource
 import shutil
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script (accelerate launch seg/train.py): make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seg.signals import Signals
+
+# Caught from here on, before the imports that take seconds: a signal during them is not lost.
+EARLY_SIGNALS = Signals().install() if __name__ == "__main__" else None
 
 import torch
 from accelerate import Accelerator
@@ -36,7 +45,7 @@ from tqdm import tqdm
 
 from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment
-from seg.checkpoint import MetricsLog, export_weights, latest_state, prune_states, run_dir, state_name
+from seg.checkpoint import MetricsLog, export_weights, is_state, latest_state, prune_states, run_dir, state_name
 from seg.config import ConfigError, load_config, to_dict
 from seg.data import DataError, eval_loader, shards_of, train_loader
 from seg.data import steps_per_epoch as epoch_steps
@@ -44,12 +53,13 @@ from seg.distributed import all_reduce_sum, convert_sync_batchnorm
 from seg.evaluate import evaluate
 from seg.losses import CombinedLoss, class_weights_from_pixels, ohem_cross_entropy
 from seg.manifest import ManifestError, fold_groups, load_manifest
-from seg.model import WeightsError, from_config, load_backbone, read_state_dict
+from seg.model import WeightsError, from_config, load_backbone, load_weights
 from seg.schedule import Schedule
 from seg.tracking import Tracker
 from seg.transforms import TrainGeometry
 
-EXIT_REQUEUE = 75  # saved on a preemption signal: requeue and resume
+EXIT_REQUEUE = 75  # saved on a preemption signal (TERM, USR1): requeue and resume
+EXIT_INTERRUPTED = 130  # saved on Ctrl-C (INT): stopped by hand, rerun to resume
 # Written beside the state on preemption, removed when the fold resumes: launchers such as
 # torchrun report a child's 75 as their own exit code 1, so job scripts look for this file.
 PREEMPTED = "PREEMPTED"
@@ -64,24 +74,13 @@ class Progress:
     best_step: int = -1
     bad_evals: int = 0
     skipped: int = 0  # unreadable samples skipped (data.on_error=skip)
+    final: dict[str, Any] = field(default_factory=dict)  # the latest evaluation: a run resumed at its end reports it
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-
-
-class Preemption:
-    """Remembers SIGTERM / SIGUSR1; ``agreed`` tells every rank the same answer."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._request)
-
-    def _request(self, signum: int, frame: object) -> None:
-        self.requested = True
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -177,9 +176,80 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def refusal(args: argparse.Namespace, config: Any) -> str | None:
+    """What makes the run impossible, found before any process group or wandb run exists."""
+    if config.train.precision == "fp16" and not torch.cuda.is_available():
+        return "config key 'train.precision': fp16 needs a GPU; use bf16 on the CPU"
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    per_norm = config.train.batch_size * (world if config.model.sync_bn else 1)
+    if per_norm == 1 and config.model.aspp_pool_norm:
+        return (
+            f"config key 'train.batch_size': 1 image per BatchNorm ({world} process(es), model.sync_bn="
+            f"{config.model.sync_bn}) leaves the ASPP image-pooling BatchNorm one value per channel; "
+            f"set model.aspp_pool_norm=false (or use 2+ processes with model.sync_bn=true)"
+        )
+    if args.resume not in ("auto", "none") and not is_state(Path(args.resume)):
+        return (
+            f"--resume {args.resume}: not a resumable state (a runs/.../checkpoints/step-NNNNNNNN folder); "
+            f"pass auto, none or such a folder"
+        )
+    return None
 
+
+def refused_together(accelerator: Accelerator, error: str | None) -> bool:
+    """Every rank's verdict to every rank: on an error of any rank, the main process prints
+    the first one and every rank leaves the process group, none left waiting at a barrier."""
+    first = next((e for e in gather_object([error]) if e), None)
+    if first:
+        if accelerator.is_main_process:
+            print(f"error: {first}", file=sys.stderr, flush=True)
+        accelerator.end_training()
+    return first is not None
+
+
+def agreed_signal(signals: Signals, device: torch.device, skipped: float = 0.0) -> tuple[int, float]:
+    """One small all-reduce: the exit code every rank takes for the signals any rank caught
+    (0: go on; a preemption outranks a Ctrl-C), and the samples skipped on all ranks."""
+    flags = torch.tensor([float(signals.preempted), float(signals.interrupted), skipped], device=device)
+    preempted, interrupted, skipped = all_reduce_sum(flags).tolist()
+    return (EXIT_REQUEUE if preempted else EXIT_INTERRUPTED if interrupted else 0), skipped
+
+
+def stop_on_signal(accelerator: Accelerator, out: Path, progress: Progress, keep_last: int, code: int) -> None:
+    """Every rank, at the same step: save (when there is a step to save), write the PREEMPTED
+    marker for a requeue, and say so: a line per rank on preemption, one line on Ctrl-C."""
+    saved = progress.step > 0
+    if saved:
+        save_state(accelerator, out, progress.step, keep_last, {state_name(progress.best_step)})
+    what = f"state saved at step {progress.step}" if saved else "nothing to save before the first step"
+    if code == EXIT_REQUEUE:
+        if accelerator.is_main_process:
+            state = state_name(progress.step) if saved else None
+            marker = {"step": progress.step, "state": state, "time": time.time()}
+            atomic_write_bytes(out / PREEMPTED, (json.dumps(marker) + "\n").encode())
+        print(f"rank {accelerator.process_index}: preempted, {what}; exit {code}", flush=True)
+    elif accelerator.is_main_process:
+        print(f"interrupted: {what} in {out}; rerun the same command to resume; exit {code}", flush=True)
+
+
+def stream_at(loader: torch.utils.data.DataLoader, position: int) -> Iterator[dict[str, Any]]:
+    """The loader's stream, ``position`` batches into the epoch: where a stopped run left it."""
+    batches = iter(loader)
+    for _ in range(position):
+        next(batches)
+    return batches
+
+
+def main(argv: list[str] | None = None) -> int:
+    signals = (EARLY_SIGNALS or Signals()).install()
+    try:
+        return train(parse_args(argv), signals)
+    finally:
+        if EARLY_SIGNALS is None:  # a caller in the same process gets its handlers back; a
+            signals.restore()  # script keeps them to its end: a launcher's TERM as it leaves is no crash
+
+
+def train(args: argparse.Namespace, signals: Signals) -> int:
     # --- configuration ---------------------------------------------------------------
     try:
         config = load_config(args.config, args.overrides, args.stage)
@@ -190,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         print(run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold))
         return 0
     cuda = torch.cuda.is_available()
-    if config.train.precision == "fp16" and not cuda:
-        print("error: config key 'train.precision': fp16 needs a GPU; use bf16 on the CPU", file=sys.stderr)
+    error = refusal(args, config)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
     # --- processes ---------------------------------------------------------------------
@@ -207,22 +278,23 @@ def main(argv: list[str] | None = None) -> int:
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(config).encode())
+        (out / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's
         print(OmegaConf.to_yaml(config), flush=True)
     set_seed(config.train.seed + rank, deterministic=config.train.deterministic)
     # Where each rank runs, for the summary: torchrun's GROUP_RANK is the machine rank.
     machines = gather_object([(int(os.environ.get("GROUP_RANK", 0)), os.environ.get("SLURMD_NODENAME", ""))])
 
     # --- data ----------------------------------------------------------------------------
-    data = config.data
+    data, error = config.data, None
     try:
         manifest = load_manifest(data.shards)
         train_groups, val_group = fold_groups(manifest, args.fold)
-        if main_process and data.checksums:
-            shards_of(data.shards, [*train_groups, val_group], checksums=True)
+        if main_process:  # presence; sizes (under on_error=raise) or sha256 (data.checksums)
+            shards_of(data.shards, [*train_groups, val_group], data.checksums, sizes=data.on_error == "raise")
     except ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
+        error = str(e)
+    if refused_together(accelerator, error):
         return 2
-    accelerator.wait_for_everyone()
     geometry = TrainGeometry(data.geometry, tuple(data.size), data.level, base_size=tuple(data.base_size))
     augment = DeviceAugment(data.level, data.channels_last).to(device)
 
@@ -236,13 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     model = from_config(config.model)
     try:
         if args.init_from:
-            model.load_state_dict(read_state_dict(args.init_from), strict=True)
+            load_weights(model, args.init_from, config.model)
         elif config.model.pretrained:
             missing, unexpected = load_backbone(model, config.model.pretrained)
             if main_process:
                 print(f"backbone weights: missing {missing or 'none'}, unexpected {unexpected or 'none'}")
     except (WeightsError, RuntimeError) as e:
-        print(f"error: {e}".split("\n\t")[0], file=sys.stderr)
+        error = str(e).split("\n\t")[0]
+    if refused_together(accelerator, error):
         return 2
     if config.model.sync_bn and world > 1:
         model = convert_sync_batchnorm(model, cuda)
@@ -280,10 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     # --- resume -------------------------------------------------------------------------
     state = None if args.resume == "none" else latest_state(out) if args.resume == "auto" else Path(args.resume)
     if state is not None:
-        accelerator.load_state(str(state))
+        try:
+            accelerator.load_state(str(state))
+        except (RuntimeError, ValueError, OSError, KeyError) as e:
+            error = f"cannot resume from {state} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        if refused_together(accelerator, error):
+            return 2
         if main_process:
             print(f"resumed from {state} at step {progress.step}", flush=True)
-            (out / PREEMPTED).unlink(missing_ok=True)
     # Rank 0 reads the summary of an earlier, finished run and tells the others: a rank that
     # read it itself, later, could find the summary this very run writes when it is done
     # (at once, when the resumed state is already past the end) and leave alone.
@@ -341,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     # --- the loop -------------------------------------------------------------------------
+    patience = config.train.early_stop_patience
+    stopped_early = bool(patience and progress.bad_evals >= patience)  # resumed after its early stop
+    exit_code, _ = agreed_signal(signals, device)  # signalled during start-up: stop before the first step
     loader, _ = train_loader(
         data.shards,
         args.fold,
@@ -356,10 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         pin_memory=cuda,
         checksums=False,
     )
-    batches = iter(loader)
-    for _ in range(progress.step % steps_per_epoch):  # the same stream position as before the stop
-        next(batches)
-    preemption = Preemption()
+    batches = stream_at(loader, progress.step % steps_per_epoch) if not exit_code else iter(())
     bar = tqdm(
         total=total_steps,
         initial=progress.step,
@@ -369,22 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         dynamic_ncols=True,
     )
     started, window_start, window_steps = time.time(), time.time(), 0
-    last_results: dict[str, Any] = {}
-    exit_code, stopped_early = 0, False
     try:
-        while progress.step < total_steps:
+        if exit_code:
+            stop_on_signal(accelerator, out, progress, config.train.keep_last, exit_code)
+        while not exit_code and not stopped_early and progress.step < total_steps:
             batch = next(batches)
-            # One small all-reduce per step: whether any rank was signalled, and the samples
-            # skipped as unreadable on all ranks.
-            flags = torch.tensor([float(preemption.requested), float(batch["skipped"].sum())], device=device)
-            stop, skipped = all_reduce_sum(flags).tolist()
-            if stop > 0:  # this batch is not trained on; a resumed run draws it again
-                save_state(accelerator, out, progress.step, config.train.keep_last, {state_name(progress.best_step)})
-                if main_process:
-                    marker = {"step": progress.step, "state": state_name(progress.step), "time": time.time()}
-                    atomic_write_bytes(out / PREEMPTED, (json.dumps(marker) + "\n").encode())
-                print(f"rank {rank}: preempted, state saved at step {progress.step}; exit {EXIT_REQUEUE}", flush=True)
-                exit_code = EXIT_REQUEUE
+            exit_code, skipped = agreed_signal(signals, device, float(batch["skipped"].sum()))
+            if exit_code:  # this batch is not trained on; a resumed run draws it again
+                stop_on_signal(accelerator, out, progress, config.train.keep_last, exit_code)
                 break
             progress.skipped += int(skipped)
             images, labels = augment(
@@ -431,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
 
             every = config.train.eval_every * (1 if config.train.iters else steps_per_epoch)
             if progress.step % every == 0 or progress.step == total_steps:
-                last_results = run_evaluation()
-                miou = last_results["fold"]["miou"]
+                progress.final = run_evaluation()
+                miou = progress.final["fold"]["miou"]
                 improved = schedule.observe(miou)
                 if improved:
                     progress.best_miou, progress.best_step, progress.bad_evals = miou, progress.step, 0
@@ -440,19 +509,21 @@ def main(argv: list[str] | None = None) -> int:
                         export_weights(
                             accelerator.unwrap_model(ema.module if ema else model),
                             out / "best.safetensors",
-                            sidecar(last_results),
+                            sidecar(progress.final),
                         )
                 else:
                     progress.bad_evals += 1
                 if main_process:
                     print(f"step {progress.step}: fold mIoU {miou:.4f} (best {progress.best_miou:.4f})", flush=True)
                 save_state(accelerator, out, progress.step, config.train.keep_last, {state_name(progress.best_step)})
-                patience = config.train.early_stop_patience
                 if patience and progress.bad_evals >= patience:
                     if main_process:
                         print(f"early stop: no better fold mIoU in {patience} evaluations", flush=True)
                     stopped_early = True
-                    break
+            if config.train.save_every and progress.step % config.train.save_every == 0:
+                save_state(accelerator, out, progress.step, config.train.keep_last, {state_name(progress.best_step)})
+        if not exit_code and not progress.final:  # resumed at the end from a state that lacks it
+            progress.final = run_evaluation()
     except (DataError, FloatingPointError) as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 1
@@ -462,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- outputs -------------------------------------------------------------------------
     if exit_code == 0 and main_process:
         final = accelerator.unwrap_model(ema.module if ema else model)
-        export_weights(final, out / "model.safetensors", sidecar(last_results))
+        export_weights(final, out / "model.safetensors", sidecar(progress.final))
         summary = {
             "fold": args.fold,
             "stage": args.stage,
@@ -473,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             "machines": sorted({rank for rank, _ in machines}),
             "nodes": sorted({name for _, name in machines if name}),
             "best": {"miou": progress.best_miou, "step": progress.best_step},
-            "final": last_results,
+            "final": progress.final,
             "skipped_samples": progress.skipped,
             "stopped_early": stopped_early,
             "seconds": time.time() - started,

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from seg.cli import launch_command
 from seg.pack import Options, pack
+from seg.soup import load_fold_models
 from seg.synthetic import make_synthetic
 from seg.train import EXIT_REQUEUE, main
 
@@ -152,14 +154,81 @@ def test_sigusr1_on_one_rank_stops_every_rank_at_the_same_step_with_the_requeue_
     assert not (out / "PREEMPTED").exists() and (out / "summary.json").exists()
 
 
-def test_sigterm_to_a_single_process_exits_75(shards, tmp_path):
+def test_sigterm_to_every_process_with_data_workers_saves_and_exits_75(shards, tmp_path):
+    """A Slurm preemption signals every process of the job, data workers included; a job
+    script's USR1 may reach a worker too. Workers ignore both; the trainer saves."""
+    job = subprocess.Popen(command(shards, tmp_path, "train.epochs=20", "data.workers=2"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)  # fmt: skip
+    metrics = tmp_path / FOLD / "metrics.jsonl"
+    _wait_for(lambda: _steps(metrics) >= 2, job)
+    workers = psutil.Process(job.pid).children()
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGUSR1)
+    reached = _steps(metrics)
+    _wait_for(lambda: _steps(metrics) >= reached + 2, job)  # it trains on, the worker alive
+    os.killpg(job.pid, signal.SIGTERM)  # the whole process group, as Slurm does
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == EXIT_REQUEUE, stderr[-3000:]
+    assert re.search(rf"rank 0: preempted, state saved at step \d+; exit {EXIT_REQUEUE}", stdout)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    marker = json.loads((tmp_path / FOLD / "PREEMPTED").read_text())
+    assert (tmp_path / FOLD / "checkpoints" / marker["state"]).is_dir()
+
+
+def _catches(pid: int, sig: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
+def test_a_signal_during_start_up_stops_before_the_first_step_with_exit_75(shards, tmp_path):
     job = subprocess.Popen(command(shards, tmp_path, "train.epochs=20"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
-    _wait_for(lambda: _steps(tmp_path / FOLD / "metrics.jsonl") >= 2, job)
+    _wait_for(lambda: _catches(job.pid, signal.SIGTERM), job, timeout=120)
+    assert not (tmp_path / FOLD / "config.yaml").exists()  # still importing: long before the loop
     job.send_signal(signal.SIGTERM)
-    job.communicate(timeout=300)
-    assert job.returncode == EXIT_REQUEUE
-    assert (tmp_path / FOLD / "PREEMPTED").is_file()
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == EXIT_REQUEUE, stderr[-3000:]
+    assert f"rank 0: preempted, nothing to save before the first step; exit {EXIT_REQUEUE}" in stdout
+    assert json.loads((tmp_path / FOLD / "PREEMPTED").read_text())["state"] is None
+    assert not (tmp_path / FOLD / "checkpoints").exists() and _steps(tmp_path / FOLD / "metrics.jsonl") == 0
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_saves_and_exits_130(shards, tmp_path):
+    job = subprocess.Popen(command(shards, tmp_path, "train.epochs=20", processes=2), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+    out = tmp_path / FOLD
+    _wait_for(lambda: _steps(out / "metrics.jsonl") >= 3, job)
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    os.kill(ranks[1].pid, signal.SIGINT)
+    stdout, stderr = job.communicate(timeout=300)
+    (step,) = re.findall(
+        r"interrupted: state saved at step (\d+) in .*; rerun the same command to resume; exit 130", stdout
+    )
+    # torchrun reports the first rank's 130 as its own 1 (and ends the others as they leave)
+    assert "exitcode  : 130" in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert (out / "checkpoints" / f"step-{int(step):08d}").is_dir() and not (out / "PREEMPTED").exists()
+
+
+def test_state_is_saved_every_n_steps_and_a_run_killed_before_its_summary_still_reports_its_metrics(shards, tmp_path):
+    """save_every is not tied to evaluations; a run killed after its last state but before
+    summary.json resumes at the end and reports the final evaluation the state carries."""
+    extra = ["train.epochs=2", "train.eval_every=5", "train.save_every=1", "train.keep_last=2"]
+    assert run(shards, tmp_path, *extra).returncode == 0
+    out = tmp_path / FOLD
+    summary = json.loads((out / "summary.json").read_text())
+    steps = summary["steps"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{steps - 1:08d}", f"step-{steps:08d}"]
+    for name in ("summary.json", "model.json", "model.safetensors"):  # killed after the last state
+        (out / name).unlink()
+    again = run(shards, tmp_path, *extra)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["final"] == summary["final"] and resumed["final"]["fold"]["miou"] >= 0
+    (model,) = load_fold_models(tmp_path / "demo" / "stage1", [0], "model")
+    assert model.miou == summary["final"]["fold"]["miou"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "fold/miou" in r] == [steps]
 
 
 def test_bf16_training_logs_an_offline_wandb_run_with_group_and_job_type(shards, tmp_path):
@@ -204,6 +273,42 @@ def test_a_non_finite_loss_stops_with_an_error_naming_the_step(shards, tmp_path)
 def test_a_bad_config_key_is_a_clear_error(shards, capsys):
     argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--fold", "0", f"data.shards={shards}", "train.epoch=3"]
     assert main(argv) == 2
-    assert "config key 'train.epoch'" in capsys.readouterr().err
+    assert "config key 'train.epoch' on the command line" in capsys.readouterr().err
     assert main([*argv[:-1], "train.precision=fp16"]) == 2
     assert "fp16 needs a GPU" in capsys.readouterr().err
+
+
+def test_runs_that_cannot_work_are_refused_in_one_line_before_any_process_group_or_wandb_run(shards, tmp_path, capsys):
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--fold", "0", f"data.shards={shards}",
+            f"train.runs_dir={tmp_path}", "wandb.mode=offline"]  # fmt: skip
+    assert main([*argv, "train.batch_size=1"]) == 2
+    assert "set model.aspp_pool_norm=false" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume {tmp_path}: not a resumable state") and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())  # no run folder, no wandb run
+
+
+def test_a_refusal_on_rank_0_ends_every_rank_with_exit_2_and_no_barrier_crash(shards, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    shard = next(broken.glob("train-fold1-*.tar"))
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # same size: only the checksum (rank 0's check) sees it
+    shard.write_bytes(bytes(data))
+    done = run(broken, tmp_path / "runs", processes=2)
+    assert done.returncode != 0
+    assert done.stderr.count("does not match the manifest") == 1 and "Connection closed" not in done.stderr
+    assert "exitcode  : 2" in done.stderr and "SIGABRT" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_truncated_shard_trains_on_its_readable_samples_under_skip_without_checksums(shards, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    shard = next(broken.glob("train-fold1-*.tar"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size * 2 // 3])
+    done = run(broken, tmp_path / "runs", "train.epochs=3", "data.checksums=false", "data.on_error=skip")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "runs" / FOLD / "summary.json").read_text())["skipped_samples"] > 0
+    refused = run(broken, tmp_path / "runs2", "train.epochs=1", "data.checksums=false")
+    assert refused.returncode == 2 and f"{shard}: unreadable after sample" in refused.stderr, refused.stderr[-3000:]
