@@ -13,7 +13,6 @@ get none and must still join the metric reduction.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import random
@@ -32,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
+from seg.decode import decode_jpeg, decode_png
 from seg.manifest import ManifestError, fold_groups, load_manifest, verify
 from seg.transforms import TrainGeometry, eval_sample, train_sample
 
@@ -153,20 +153,16 @@ def decode(sample: dict[str, Any], shard: str) -> tuple[Image.Image, Image.Image
     """Image (RGB) and label (L, trainIds) of a raw sample."""
     key = sample["__key__"]
     try:
-        name = "image.png" if "image.png" in sample else "image.jpg"
-        image = Image.open(io.BytesIO(sample[name]))
-        image.load()
-        label = None
-        if "label.png" in sample:
-            label = Image.open(io.BytesIO(sample["label.png"]))
-            label.load()
+        png = "image.png" in sample
+        image = decode_png(sample["image.png"], "RGB") if png else decode_jpeg(sample["image.jpg"])
+        label = decode_png(sample["label.png"], "L") if "label.png" in sample else None
     except KeyError as e:
         raise DataError(f"{shard}: sample {key} has no {e.args[0]} member; repack the dataset") from None
     except Exception as e:  # PIL raises several types for broken data
         raise DataError(f"{shard}: sample {key} cannot be decoded ({e}); verify and repack the dataset") from None
     if label is not None and label.size != image.size:
         raise DataError(f"{shard}: sample {key}: label {label.size} and image {image.size} differ; repack")
-    return image.convert("RGB") if image.mode != "RGB" else image, label
+    return image, label
 
 
 def _worker() -> tuple[int, int]:
@@ -325,6 +321,12 @@ def steps_per_epoch(samples: int, batch_size: int, world_size: int, workers: int
     return math.ceil(steps / per) * per
 
 
+def packed_size(manifest: dict[str, Any]) -> tuple[int, int] | None:
+    """(H, W) the train split was stored at (``pack --resize``), or None: original resolution."""
+    resize = manifest["options"].get("resize")
+    return (resize["height"], resize["width"]) if resize else None
+
+
 def train_loader(
     directory: str | Path,
     fold: int,
@@ -347,6 +349,9 @@ def train_loader(
     """
     manifest = load_manifest(directory)
     groups, _ = fold_groups(manifest, fold)
+    problem = geometry.source_problem(packed_size(manifest))
+    if problem:
+        raise ManifestError(f"{directory}: {problem}")
     shards = shards_of(directory, groups, checksums=checksums, sizes=on_error == "raise")
     steps = steps_per_epoch(sum(s.samples for s in shards), batch_size, world_size, workers)
     stream = TrainStream(

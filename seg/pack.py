@@ -28,7 +28,7 @@ from seg import cityscapes as cs
 from seg import parallel
 from seg.atomic import atomic_directory
 from seg.manifest import FORMAT, FORMAT_VERSION, MANIFEST, SELECTION_GROUP, fold_group, group_fold
-from seg.png import encode_gray8
+from seg.png import encode_gray8, encode_rgb8
 
 FOLD_MODES = ("city", "random")
 IMAGE_FORMATS = ("png", "jpg")
@@ -61,6 +61,9 @@ class Options:
     shard_size: int = 256 * 2**20
     image_format: str = "png"
     jpeg_quality: int = 95
+    # (H, W) the train split's frames are stored at (image bilinear, label nearest), or None
+    # for the original resolution; val and test always keep theirs (see pack())
+    resize: tuple[int, int] | None = None
 
 
 # --- scanning --------------------------------------------------------------------------
@@ -267,8 +270,11 @@ def _read_png(path: Path, data: bytes, what: str) -> Image.Image:
     return image
 
 
-def _label(root: Path, source: Source, size: tuple[int, int]) -> tuple[bytes, np.ndarray]:
-    """The trainId label PNG and its 256-bin trainId histogram."""
+def _label(
+    root: Path, source: Source, size: tuple[int, int], resize: tuple[int, int] | None
+) -> tuple[bytes, np.ndarray]:
+    """The trainId label PNG and its 256-bin trainId histogram, resized to ``resize`` (H, W)
+    with nearest neighbours when given."""
     path = root / source.label
     data = path.read_bytes()
     label = _read_png(path, data, "label")
@@ -287,17 +293,30 @@ def _label(root: Path, source: Source, size: tuple[int, int]) -> tuple[bytes, np
             f"{path}: values {bad} are not Cityscapes {source.label_kind} (valid: {min(valid)}..{max(valid)}); "
             f"is this the right file?"
         )
-    if source.label_kind == "labelTrainIds":
+    if source.label_kind == "labelTrainIds" and resize is None:
         return data, histogram  # already what we store: keep the original bytes
-    train_histogram = np.bincount(cs.ID_TO_TRAINID, weights=histogram, minlength=256).astype(np.int64)
-    train_ids = np.asarray(label.point(cs.ID_TO_TRAINID.tolist()))
-    return encode_gray8(train_ids), train_histogram
+    train_ids = label if source.label_kind == "labelTrainIds" else label.point(cs.ID_TO_TRAINID.tolist())
+    if resize is not None:
+        train_ids = train_ids.resize(resize[::-1], Image.NEAREST)
+    train_ids = np.asarray(train_ids)
+    return encode_gray8(train_ids), np.bincount(train_ids.ravel(), minlength=256).astype(np.int64)
 
 
 def _sample(root: Path, source: Source, fold: int | None, options: Options) -> tuple[dict[str, Any], np.ndarray]:
     image_path = root / source.image
     image_data = image_path.read_bytes()
     image = _read_png(image_path, image_data, "image")
+    source_size = image.size
+    resize = options.resize if source.split == "train" else None
+    if resize is not None:
+        if resize[0] > image.height or resize[1] > image.width:
+            raise PackError(
+                f"{image_path}: --resize {resize[1]}x{resize[0]} is larger than the image "
+                f"({image.width}x{image.height}); packing stores frames at or below their resolution"
+            )
+        image = image.convert("RGB").resize(resize[::-1], Image.BILINEAR)  # Pillow filters: no aliasing
+        if options.image_format == "png":
+            image_data = encode_rgb8(np.asarray(image))
     if options.image_format == "jpg":
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="JPEG", quality=options.jpeg_quality)
@@ -309,6 +328,8 @@ def _sample(root: Path, source: Source, fold: int | None, options: Options) -> t
         "fold": fold,
         "width": image.size[0],
         "height": image.size[1],
+        "source_width": source_size[0],
+        "source_height": source_size[1],
         "image": source.image,
         "label": source.label,
         "label_source": source.label_kind,
@@ -316,7 +337,7 @@ def _sample(root: Path, source: Source, fold: int | None, options: Options) -> t
     sample = {"__key__": source.key, f"image.{options.image_format}": image_data}
     histogram = np.zeros(256, dtype=np.int64)
     if source.label is not None:
-        sample["label.png"], histogram = _label(root, source, image.size)
+        sample["label.png"], histogram = _label(root, source, source_size, resize)
     sample["json"] = json.dumps(record, sort_keys=True).encode()
     return sample, histogram
 
@@ -389,6 +410,8 @@ def build_manifest(root: Path, groups: dict[str, list[Source]], results: list[Sh
             "shard_size": options.shard_size,
             "image_format": options.image_format,
             "jpeg_quality": options.jpeg_quality if options.image_format == "jpg" else None,
+            # the train split's stored size (val and test keep their resolution), or null
+            "resize": {"height": options.resize[0], "width": options.resize[1]} if options.resize else None,
         },
         "classes": {"names": list(cs.CLASS_NAMES), "ignore_index": cs.IGNORE_INDEX},
         "counts": dict(counts),

@@ -54,6 +54,26 @@ class TrainGeometry:
         if self.level not in LEVELS:
             raise ValueError(f"augmentation level {self.level!r}: choose from {', '.join(LEVELS)}")
 
+    def source_problem(self, packed: tuple[int, int] | None) -> str | None:
+        """Why frames stored at ``packed`` (H, W; None: their original resolution) don't fit
+        this geometry, or None. Shards packed at the training size serve ``resize`` at that
+        very size only: anything else would be a silent second rescale."""
+        if packed is None:
+            return None
+        stored = f"{packed[1]}x{packed[0]}"
+        if self.mode == "scale-crop":
+            return (
+                f"the shards' train split is stored at {stored} (packed with --resize), but geometry scale-crop "
+                f"scales frames against data.base_size {self.base_size[1]}x{self.base_size[0]} of the original "
+                f"resolution: pack without --resize"
+            )
+        if tuple(packed) != tuple(self.size):
+            return (
+                f"the shards' train split is stored at {stored} (packed with --resize), but data.size is "
+                f"{self.size[1]}x{self.size[0]}: set data.size=[{packed[0]},{packed[1]}], or pack at your training size"
+            )
+        return None
+
 
 def cut(
     image: Image.Image, label: Image.Image, window: tuple[float, float, float, float], size: tuple[int, int]

@@ -332,3 +332,20 @@ def test_a_shard_cut_at_a_member_boundary_is_short_not_silent(one_shard_per_grou
     with pytest.raises(DataError, match=rf"ends after \d+ of its {shards.samples} samples"):
         list(EvalStream([shards]))
     assert 0 < len(list(EvalStream([shards], on_error="skip"))) < shards.samples
+
+
+def test_shards_packed_at_the_training_size_train_at_that_size_and_refuse_any_other(synthetic_root, tmp_path):
+    out = tmp_path / "resized"
+    pack(synthetic_root, out, Options(folds=3, resize=(16, 32)), progress=False)
+    loader, steps = train_loader(out, 0, TrainGeometry(size=(16, 32)), batch_size=2, workers=0, seed=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (2, 3, 16, 32) and batch["label"].shape == (2, 16, 32) and steps > 0
+    labelled = batch["label"][batch["label"] != cs.IGNORE_INDEX]
+    assert labelled.numel() > 0 and int(labelled.max()) < cs.NUM_CLASSES
+    with pytest.raises(ManifestError, match=r"stored at 32x16 .* data.size is 64x32: set data.size=\[16,32\]"):
+        train_loader(out, 0, TrainGeometry(size=(32, 64)), batch_size=2, workers=0)
+    with pytest.raises(ManifestError, match=r"scale-crop .* pack without --resize"):
+        train_loader(out, 0, TrainGeometry("scale-crop", size=(16, 32), base_size=(32, 64)), batch_size=2, workers=0)
+    # val keeps its full resolution: evaluation compares with the original labels
+    val = next(iter(eval_loader(out, ["val"], size=(16, 32), workers=0)[0]))
+    assert val["image"].shape == (1, 3, 16, 32) and val["label"].shape == (1, 32, 64)

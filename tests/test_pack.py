@@ -390,3 +390,39 @@ pack.pack({str(synthetic_root)!r}, {str(out)!r}, pack.Options(shard_size=1), wor
     assert not out.exists() and leftovers(out.parent) == []
     with pytest.raises(ProcessLookupError):  # no worker outlived the packer
         os.killpg(packer.pid, 0)
+
+
+def test_resize_stores_the_train_split_at_the_training_size_and_keeps_val_and_test(synthetic_root, tmp_path):
+    out = tmp_path / "resized"
+    pack(synthetic_root, out, Options(folds=3, resize=(16, 32)), progress=False)
+    manifest = load_manifest(out)
+    assert manifest["options"]["resize"] == {"height": 16, "width": 32}
+    for group, group_shards in read_shards(out).items():
+        pixels = np.zeros(256, dtype=np.int64)
+        for samples in group_shards.values():
+            for sample in samples:
+                record = json.loads(sample["json"])
+                image = Image.open(io.BytesIO(sample["image.png"]))
+                stored = (32, 16) if record["split"] == "train" else TINY["size"]
+                assert image.size == (record["width"], record["height"]) == stored
+                assert (record["source_width"], record["source_height"]) == TINY["size"]
+                if record["split"] == "test":
+                    continue
+                # the label: the full-resolution trainIds resized with nearest neighbours
+                ids = Image.fromarray(cs.ID_TO_TRAINID[np.asarray(Image.open(synthetic_root / record["label"]))])
+                expected = np.asarray(ids.resize(stored, Image.NEAREST))
+                label = np.asarray(Image.open(io.BytesIO(sample["label.png"])))
+                np.testing.assert_array_equal(label, expected)
+                pixels += np.bincount(label.ravel(), minlength=256)
+                if record["split"] == "train":  # the image: Pillow's bilinear (antialiased) resize
+                    source = Image.open(synthetic_root / record["image"]).convert("RGB")
+                    resized = np.asarray(source.resize(stored, Image.BILINEAR))
+                    np.testing.assert_array_equal(np.asarray(image), resized)
+        if manifest["groups"][group]["class_pixels"] is not None:  # class weights see what training sees
+            assert manifest["groups"][group]["class_pixels"] == pixels[: cs.NUM_CLASSES].tolist()
+
+
+def test_resize_larger_than_the_frames_is_refused(synthetic_root, tmp_path):
+    with pytest.raises(PackError, match="larger than the image"):
+        pack(synthetic_root, tmp_path / "big", Options(resize=(64, 128)), progress=False)
+    assert leftovers(tmp_path) == []

@@ -8,6 +8,7 @@ The train split becomes K fold groups (train-fold{k}-NNNNNN.tar): fold k trains 
 groups but k and validates on group k. The official val and test splits get their own
 shards (test: images only). Images keep their original PNG bytes unless --image-format jpg
 (lossy: decoded and re-encoded at --jpeg-quality). Labels are stored as trainId PNGs.
+--resize WxH stores the train split at that size (the training input), val and test as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from seg import cityscapes as cs
 from seg.atomic import OutputExistsError
-from seg.cli import parse_bytes, parse_list
+from seg.cli import parse_bytes, parse_list, parse_size
 from seg.manifest import ManifestError, verify
 from seg.pack import FOLD_MODES, IMAGE_FORMATS, Options, PackError, pack
 
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         help="png: original bytes (default); jpg: lossy re-encode, smaller and faster to decode",
     )
     parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument(
+        "--resize",
+        type=parse_size,
+        help="store the train split at WIDTHxHEIGHT (e.g. 1024x512, the study's input): a quarter of the "
+        "pixels to decode per training sample; val and test keep full resolution for evaluation",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--verify", metavar="DIR", help="check packed shards against their manifest, then exit")
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size,
             image_format=args.image_format,
             jpeg_quality=args.jpeg_quality,
+            resize=args.resize[::-1] if args.resize else None,  # (H, W) inside
         )
         manifest = pack(args.root, out, options, workers=args.workers, overwrite=args.overwrite)
     except (PackError, OutputExistsError, ManifestError) as e:
