@@ -1,0 +1,473 @@
+"""tools/compare.py on fold folders written here in the format seg/train.py writes: its
+statistics against scipy.stats, every refusal, unfinished folds, bad files, the CLI and wandb."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from seg.cityscapes import CLASS_NAMES
+from seg.compare import (
+    CompareError,
+    NotComparableError,
+    compare,
+    paired_t_test,
+    smallest_wilcoxon_p,
+    t_cdf,
+    t_interval,
+    t_ppf,
+    wilcoxon_signed_rank,
+)
+
+stats = pytest.importorskip("scipy.stats")  # a test dependency only (setup.cfg's test extra)
+pytestmark = pytest.mark.timeout(120)
+
+REPO = Path(__file__).resolve().parents[1]
+CITIES = ["aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf", "erfurt", "hamburg", "hanover", "jena"]
+
+
+# --- writing runs as seg/train.py, tools/pack_cityscapes.py, reduce and evaluate do ------------
+
+
+def manifest(folds: int = 5, selection: tuple[str, ...] = ("ulm",), image_format: str = "png", root: str = "/data/cs"):
+    """A manifest.json in seg/pack.py's layout: per group its cities, samples, histogram, shards."""
+
+    def group(name: str, split: str, cities: list[str], samples: int, fold: int | None = None) -> dict:
+        digest = hashlib.sha256(f"{name}{cities}{samples}{image_format}".encode()).hexdigest()
+        entry = {"split": split, "cities": cities, "samples": samples, "class_pixels": [1000] * 19,
+                 "ignore_pixels": 50, "shards": [{"name": f"{name}-000000.tar", "samples": samples,
+                                                  "bytes": 4096 * samples, "sha256": digest}]}  # fmt: skip
+        return entry | ({"fold": fold} if fold is not None else {})
+
+    groups = {
+        f"train-fold{k}": group(f"train-fold{k}", "train", CITIES[2 * k : 2 * k + 2], 10 + k, k) for k in range(folds)
+    }
+    if selection:
+        groups["train-selection"] = group("train-selection", "train", list(selection), 4)
+    groups["val"] = group("val", "val", ["frankfurt"], 6)
+    return {
+        "format": "seg.cityscapes-shards",
+        "format_version": 1,
+        "source": {"root": root, "labels": {"labelIds": 70}},
+        "options": {"folds": folds, "fold_mode": "city", "seed": 0, "selection_cities": list(selection),
+                    "selection_fraction": 0.0, "splits": ["train", "val"], "shard_size": 268435456,
+                    "image_format": image_format, "jpeg_quality": 95 if image_format == "jpg" else None},
+        "classes": {"names": list(CLASS_NAMES), "ignore_index": 255},
+        "counts": {"train": sum(g["samples"] for g in groups.values() if g["split"] == "train"), "val": 6,
+                   "folds": [10 + k for k in range(folds)], "selection": 4 if selection else 0},
+        "groups": groups,
+    }  # fmt: skip
+
+
+def write_shards(path: Path, content: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "manifest.json").write_text(json.dumps(content, indent=1) + "\n")
+    return path
+
+
+def per_class(miou: float, seed: int) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    values = {name: float(np.clip(miou + rng.normal(0, 0.15), 0, 1)) for name in CLASS_NAMES}
+    values["train"] = math.nan  # a class absent from the fold: ConfusionMatrix.compute's NaN
+    return values
+
+
+def result(miou: float, seed: int) -> dict:
+    """An evaluation result as ConfusionMatrix.compute writes it, plus samples and skipped."""
+    return {"miou": miou, "fwiou": miou + 0.2, "pixel_accuracy": miou + 0.3, "mean_accuracy": miou + 0.1,
+            "iou": per_class(miou, seed), "pixels": 16482, "samples": 10, "skipped": 0}  # fmt: skip
+
+
+def write_fold(runs: Path, experiment: str, fold: int, final: float, best: float, shards: Path,
+               stage: int = 1, finished: bool = True) -> Path:  # fmt: skip
+    """stage{s}/fold{k}/ as seg/train.py leaves it: config.yaml, metrics.jsonl (log and
+    evaluation records), model.json and summary.json (the last two only when finished)."""
+    out = runs / experiment / f"stage{stage}" / f"fold{fold}"
+    out.mkdir(parents=True)
+    config = {
+        "data": {"shards": str(shards), "size": [32, 64], "level": "standard"},
+        "model": {"depth": 18, "output_stride": 16},
+        "train": {"experiment": experiment, "runs_dir": str(runs), "epochs": 2, "seed": 0},
+        "wandb": {"project": "seg", "entity": None, "mode": "disabled", "images": 2},
+    }
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    seed = 1000 * stage + 10 * fold + sum(map(ord, experiment))
+    evaluations = [(3, best, result(best, seed + 1)), (6, final, result(final, seed))]
+    records = []
+    for step in range(1, 7):
+        records.append({"epoch": step / 3, "step": step, "train/ce": 2.0, "train/dice": 0.9, "train/loss": 1.5,
+                        "train/lr": 1e-3, "train/images_per_s": 10.0, "train/images_per_s_per_process": 10.0,
+                        "train/memory_mb": 700.0})  # fmt: skip
+        for at, _, evaluation in evaluations:
+            if at == step:
+                records.append({"epoch": step / 3, "step": step} | {f"fold/{k}": v for k, v in evaluation.items()})
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    if not finished:
+        return out
+    best_step = 3 if best > final else 6
+    sidecar = {"config": config, "fold": fold, "stage": stage, "step": 6, "epoch": 2.0,
+               "metrics": {"fold": evaluations[1][2]}, "format": "seg-deeplabv3plus"}  # fmt: skip
+    (out / "model.json").write_text(json.dumps(sidecar, indent=1) + "\n")
+    summary = {"fold": fold, "stage": stage, "steps": 6, "steps_per_epoch": 3, "init_from": None, "processes": 1,
+               "machines": [0], "nodes": [], "best": {"miou": max(best, final), "step": best_step},
+               "final": {"fold": evaluations[1][2]}, "skipped_samples": 0, "stopped_early": False,
+               "seconds": 45.4}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return out
+
+
+def write_reduction(runs: Path, experiment: str, folds: list[int], miou: float, stage: int = 1) -> None:
+    """reduced/report.json as seg/reduce.py writes it, and tools/evaluate.py's eval-val/metrics.json."""
+    stage_dir = runs / experiment / f"stage{stage}"
+    reduced = stage_dir / "reduced"
+    reduced.mkdir(parents=True)
+    candidates = [{"name": f"fold{k}", "folds": [k], "recalibrated": False} | result(miou - 0.01 * (k + 1), k)
+                  for k in folds]  # fmt: skip
+    candidates.append({"name": "mean+bn", "folds": folds, "recalibrated": True} | result(miou, 99))
+    report = {
+        "stage_dir": str(stage_dir),
+        "selection": {"group": "train-selection", "is_official_val": False, "samples": 4},
+        "weights": "best",
+        "folds": {str(k): {"fold_miou": 0.5, "path": str(stage_dir / f"fold{k}" / "best.safetensors")} for k in folds},
+        "candidates": [{k: v for k, v in c.items() if k not in ("mean_accuracy", "pixels", "samples", "skipped")}
+                       for c in candidates],
+        "winner": {"name": "mean+bn", "folds": folds, "miou": miou},
+    }  # fmt: skip
+    (reduced / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (reduced / "eval-val").mkdir()
+    evaluation = result(miou - 0.02, 7) | {"expected": 6, "split": "val", "shards": "x",
+                                           "model": str(reduced / "model.safetensors"),
+                                           "tta": {"mode": "whole", "scales": [1.0], "flip": False}}  # fmt: skip
+    (reduced / "eval-val" / "metrics.json").write_text(json.dumps(evaluation, indent=1) + "\n")
+
+
+BASE = [0.412, 0.398, 0.455, 0.391, 0.420]
+VARIANT = [0.431, 0.405, 0.468, 0.387, 0.441]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    """Two finished 5-fold experiments on the same shards; A also reduced and evaluated."""
+    runs = tmp_path / "runs"
+    shards = write_shards(tmp_path / "shards" / "cityscapes", manifest())
+    for k in range(5):
+        write_fold(runs, "A", k, BASE[k], BASE[k] + 0.01 * (k % 2), shards)
+        write_fold(runs, "B", k, VARIANT[k], VARIANT[k] - 0.005, shards)
+    write_reduction(runs, "A", list(range(5)), 0.47)
+    return runs / "A", runs / "B"
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def test_the_statistics_equal_scipys():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 4, 5, 6, 8, 10, 20):
+        for _ in range(10):
+            a = rng.normal(0.5, 0.05, n)
+            b = a + rng.normal(0.01, 0.02, n)
+            t, p = paired_t_test(b, a)
+            expected = stats.ttest_rel(b, a)
+            assert t == pytest.approx(expected.statistic, rel=1e-10)
+            assert p == pytest.approx(expected.pvalue, rel=1e-9)
+            d = b - a
+            low, high = stats.t.interval(0.95, n - 1, loc=d.mean(), scale=stats.sem(d))
+            assert t_interval(d) == pytest.approx((low, high), rel=1e-10)
+            w, pw, used = wilcoxon_signed_rank(d)
+            exact = stats.wilcoxon(b, a, method="exact")
+            assert (w, used) == (exact.statistic, n)
+            assert pw == pytest.approx(exact.pvalue, rel=1e-12)
+    for df in (1, 2, 4, 9, 30):
+        for q in (1e-6, 0.025, 0.5, 0.9, 0.975, 0.999):
+            assert t_ppf(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-12, abs=1e-14)
+        for x in (-7.0, -1.3, 0.0, 0.4, 2.776):
+            assert t_cdf(x, df) == pytest.approx(stats.t.cdf(x, df), rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # scipy, on constant differences
+def test_wilcoxon_is_exact_with_ties_and_zeros_and_knows_its_floor():
+    # the smallest two-sided p with 5 pairs: all five of one sign, 2 / 2^5
+    assert smallest_wilcoxon_p(5) == 0.0625 == stats.wilcoxon([0.01, 0.02, 0.03, 0.04, 0.05]).pvalue
+    assert wilcoxon_signed_rank([0.01, 0.02, 0.03, 0.04, 0.05])[:2] == (0.0, 0.0625)
+    # ties share their mean rank and the distribution counts every sign assignment exactly
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        d = rng.choice([-3.0, -1.0, 1.0, 2.0, 3.0, 0.0], size=7)
+        w, p, n = wilcoxon_signed_rank(d)
+        kept = d[d != 0]
+        ranks = stats.rankdata(np.abs(kept))
+        if len(kept) == 0:
+            assert math.isnan(p) and n == 0
+            continue
+        observed = ranks[kept > 0].sum()
+        sums = [sum(r for r, s in zip(ranks, signs, strict=True) if s)
+                for signs in itertools.product((0, 1), repeat=len(kept))]  # fmt: skip
+        tail = min(sum(s <= observed for s in sums), sum(s >= observed for s in sums)) / len(sums)
+        assert p == pytest.approx(min(1.0, 2 * tail), rel=1e-12)
+        assert w == min(observed, ranks.sum() - observed) and n == len(kept)
+    assert wilcoxon_signed_rank([1.0, -2.0, 2.0, 4.0, 5.0])[:2] == (2.5, 0.25)
+    # equal non-zero differences: t is infinite and p 0, as scipy says; all zero: undefined
+    assert paired_t_test([1.5, 2.5, 3.5], [1.0, 2.0, 3.0]) == (math.inf, 0.0)
+    expected = stats.ttest_rel([1.5, 2.5, 3.5], [1.0, 2.0, 3.0])
+    assert (expected.statistic, expected.pvalue) == (math.inf, 0.0)
+    assert all(math.isnan(x) for x in paired_t_test([1.0, 2.0], [1.0, 2.0]))
+
+
+# --- the comparison -----------------------------------------------------------------------------
+
+
+def test_the_comparison_pairs_folds_and_its_numbers_equal_scipys(pair):
+    a, b = pair
+    result = compare([a, b])
+    assert result["stage"] == 1 and result["baseline"] == "A" and result["use"] == "final"
+    (p,) = result["pairs"]
+    assert p["folds"] == [0, 1, 2, 3, 4] and p["differences"] == pytest.approx(np.subtract(VARIANT, BASE))
+    ttest = stats.ttest_rel(VARIANT, BASE)
+    assert (p["t"], p["t_p"]) == pytest.approx((ttest.statistic, ttest.pvalue), rel=1e-10)
+    d = np.subtract(VARIANT, BASE)
+    assert p["difference"]["ci"] == pytest.approx(
+        stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d)), rel=1e-10
+    )
+    assert p["wilcoxon_p"] == pytest.approx(stats.wilcoxon(VARIANT, BASE).pvalue, rel=1e-12)
+    assert p["wilcoxon_smallest_p"] == 0.0625 and (p["better_in"], p["worse_in"]) == (4, 1)
+    base = result["experiments"][0]
+    assert base["summary"]["mean"] == pytest.approx(np.mean(BASE))
+    assert base["summary"]["std"] == pytest.approx(np.std(BASE, ddof=1))
+    assert base["summary"]["ci"] == pytest.approx(
+        stats.t.interval(0.95, 4, loc=np.mean(BASE), scale=stats.sem(BASE)), rel=1e-10
+    )
+    assert base["reduced"]["winner"] == "mean+bn" and base["reduced"]["selection"] == pytest.approx(0.47)
+    assert base["evaluations"][0]["label"] == "stage1/reduced/eval-val"
+    assert base["evaluations"][0]["value"] == pytest.approx(0.45)
+    assert result["experiments"][1]["reduced"] is None
+    fold1 = base["folds"][1]  # best (step 3) above final on odd folds
+    assert (fold1["final"], fold1["best"], fold1["best_step"]) == pytest.approx((0.398, 0.408, 3))
+    # per class: absent classes (NaN) left out, the rest averaged over folds
+    classes = {c["class"]: c for c in p["classes"]}
+    assert "train" not in classes and classes["road"]["n"] == 5
+    assert set(p["moved_most"]) <= set(classes)
+    # the best evaluation, fwIoU and one class's IoU as the metric
+    assert compare([a, b], use="best")["pairs"][0]["baseline_values"][1] == pytest.approx(0.408)
+    assert compare([a, b], metric="fwiou")["pairs"][0]["differences"] == pytest.approx(d)
+    road = compare([a, b], metric="class:road")["pairs"][0]
+
+    def final_road(experiment: Path, k: int) -> float:
+        summary = json.loads((experiment / "stage1" / f"fold{k}" / "summary.json").read_text())
+        return summary["final"]["fold"]["iou"]["road"]
+
+    expected_road = [final_road(b, k) - final_road(a, k) for k in range(5)]
+    assert road["differences"] == pytest.approx(expected_road)
+    assert classes["road"]["difference"] == pytest.approx(np.mean(expected_road))
+    assert road["t_p"] == pytest.approx(stats.ttest_rel(expected_road, np.zeros(5)).pvalue, rel=1e-10)
+    with pytest.raises(CompareError, match="--metric class:roads: use miou, fwiou or class:NAME"):
+        compare([a, b], metric="class:roads")
+    assert all(math.isnan(f["value"]) for f in compare([a, b], metric="class:train")["experiments"][0]["folds"])
+
+
+def test_a_pair_on_other_shards_fold_assignment_or_selection_is_refused_naming_why(tmp_path, pair):
+    a, _ = pair
+    runs = a.parent
+
+    def variant(name: str, content: dict | None, shards: Path | None = None) -> Path:
+        shards = shards or write_shards(tmp_path / "shards" / name, content)
+        for k in range(5):
+            write_fold(runs, name, k, VARIANT[k], VARIANT[k], shards)
+        return runs / name
+
+    # the same data packed again somewhere else (another source folder): comparable
+    assert compare([a, variant("copy", manifest(root="/elsewhere/cs"))])["pairs"][0]["folds"] == [0, 1, 2, 3, 4]
+
+    swapped = manifest()
+    swapped["groups"]["train-fold0"], swapped["groups"]["train-fold1"] = (
+        swapped["groups"]["train-fold1"], swapped["groups"]["train-fold0"])  # fmt: skip
+    with pytest.raises(NotComparableError, match=r"different fold assignment: fold 0 holds out 10 images of aachen, "
+                       r"bochum in A \(.*\) but 11 images of bremen, cologne in swapped"):  # fmt: skip
+        compare([a, variant("swapped", swapped)])
+    with pytest.raises(NotComparableError, match="A's shards have 5 folds, three's 3"):
+        compare([a, variant("three", manifest(folds=3))], allow_missing=True)
+    with pytest.raises(NotComparableError, match=r"different selection set: 4 images of ulm in A, 4 images of "
+                       r"weimar in weimar"):  # fmt: skip
+        compare([a, variant("weimar", manifest(selection=("weimar",)))])
+    with pytest.raises(NotComparableError, match=r"different shards: manifest hash \w{12} .* differing in "
+                       r"groups.train-fold0, .*options.image_format"):  # fmt: skip
+        compare([a, variant("jpeg", manifest(image_format="jpg"))])
+    # no manifest to check: the same recorded path is accepted with a note, another is refused
+    gone = tmp_path / "gone"
+    with pytest.raises(NotComparableError, match=rf"trained on .*cityscapes, gone on {gone}, and the manifest"):
+        compare([a, variant("gone", None, shards=gone)])
+    lost = compare([variant("lost1", None, shards=gone), variant("lost2", None, shards=gone)])
+    assert any("manifest.json not found for lost1" in note for note in lost["notes"])
+    # the folds of one experiment on different shards
+    mixed = variant("mixed", manifest())
+    other = write_shards(tmp_path / "shards" / "other", manifest())
+    config = yaml.safe_load((mixed / "stage1" / "fold3" / "config.yaml").read_text())
+    config["data"]["shards"] = str(other)
+    (mixed / "stage1" / "fold3" / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(NotComparableError, match="mixed: the folds of stage1 trained on different shards"):
+        compare([a, mixed])
+
+
+def test_a_fold_on_one_side_only_is_refused_unless_allowed(pair):
+    a, b = pair
+    import shutil
+
+    shutil.rmtree(b / "stage1" / "fold4")
+    with pytest.raises(NotComparableError, match=r"fold 4 of A is missing from B \(.*stage1 has folds 0, 1, 2, 3\); "
+                       r"pass --allow-missing"):  # fmt: skip
+        compare([a, b])
+    with pytest.raises(NotComparableError, match="fold 4 of A is missing from B"):
+        compare([b, a])  # named the other way round as well
+    result = compare([a, b], allow_missing=True)
+    assert result["pairs"][0]["folds"] == [0, 1, 2, 3]
+    assert "fold 4 of A is missing from B: left out (--allow-missing)" in result["notes"]
+    with pytest.raises(CompareError, match="has no stage2/"):
+        compare([a, b], stage=2)
+    with pytest.raises(CompareError, match="given twice"):
+        compare([a, a.parent / "A"])
+
+
+def test_an_unfinished_fold_is_listed_and_left_out_and_an_unfinished_stage_is_refused(pair, tmp_path):
+    a, b = pair
+    (b / "stage1" / "fold2" / "summary.json").unlink()
+    (b / "stage1" / "fold2" / "model.json").unlink()
+    (b / "stage1" / "fold3" / "summary.json").unlink()
+    (b / "stage1" / "fold3" / "PREEMPTED").write_text('{"step": 3, "state": "step-00000003"}\n')
+    result = compare([a, b])
+    assert result["pairs"][0]["folds"] == [0, 1, 4]
+    assert "B: stage1/fold2 is in progress (no summary.json); left out" in result["notes"]
+    assert "B: stage1/fold3 is preempted (no summary.json); left out" in result["notes"]
+    assert "A vs B: fold 2, 3 not finished on both sides; left out" in result["notes"]
+    statuses = [f["status"] for f in result["experiments"][1]["folds"]]
+    assert statuses == ["done", "done", "in progress", "preempted", "done"]
+
+    shards = write_shards(tmp_path / "s2", manifest())
+    write_fold(a.parent, "C", 0, 0.4, 0.4, shards, stage=1, finished=False)
+    with pytest.raises(CompareError, match=r"stage1: no fold has finished \(fold0: in progress\)"):
+        compare([a, a.parent / "C"])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "summary.json").write_text('{"fold": 0, "best": {"mi'), r"summary.json: not valid JSON"),
+        (lambda f: (f / "summary.json").write_text('{"fold": 0, "best": {"miou": 0.4}, "final": {}}'),
+         r"summary.json: best.step is missing, expected int"),
+        (lambda f: (f / "summary.json").write_text("[1, 2]"), r"summary.json: expected a JSON object, found list"),
+        (lambda f: (f / "metrics.jsonl").write_text('{"step": 1, "epoch": 0.3}\n{"step": 2, "ep\n{}\n'),
+         r"metrics.jsonl:2: not a JSON record"),
+        (lambda f: (f / "config.yaml").write_text("data: [unclosed\n"), r"config.yaml: not a readable YAML config"),
+        (lambda f: (f.parent / "reduced").mkdir() or (f.parent / "reduced" / "report.json").write_text('{"x": 1}'),
+         r"report.json: selection is missing, expected dict"),
+    ],
+)  # fmt: skip
+def test_a_malformed_file_is_an_error_naming_it(pair, damage, message, capsys):
+    a, b = pair
+    fold = b / "stage1" / "fold1"
+    damage(fold)
+    with pytest.raises(CompareError, match=message):
+        compare([a, b])
+    from tools.compare import main
+
+    assert main([str(a), str(b), "--out", str(a.parent / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(b / "stage1") in err
+    assert not (a.parent / "out").exists()
+
+
+def test_the_command_line_end_to_end(pair):
+    a, b = pair
+    env = os.environ | {"MPLBACKEND": "Agg"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "compare.py"), str(a), str(b)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=a.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = a.parent / "comparisons" / "A-vs-B-stage1"
+    assert {p.name for p in out.iterdir()} == {
+        "compare.md", "compare.json", "per_fold.png", "differences.png", "per_class.png"}  # fmt: skip
+    assert stat.S_IMODE(out.stat().st_mode) & 0o055 == 0o055  # readable by others under umask 022
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path
+    for png in out.glob("*.png"):
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.width > 100
+    text = (out / "compare.md").read_text()
+    # mIoU in percent everywhere: the per-fold table, the differences, means and the reduced model
+    assert "| 0 | **41.20** | 41.20 | **43.10** | 43.10 | +1.90 |" in text
+    assert "| 1 | **39.80** | 40.80 | **40.50** | 40.50 | +0.70 |" in text
+    assert f"| A | 5 | {100 * np.mean(BASE):.2f} | {100 * np.std(BASE, ddof=1):.2f} |" in text
+    assert "| mean+bn | 47.00 (train-selection) | 45.00 (`stage1/reduced/eval-val`) |" in text
+    d = np.subtract(VARIANT, BASE)
+    low, high = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
+    ttest = stats.ttest_rel(VARIANT, BASE)
+    assert (f"| B | 0, 1, 2, 3, 4 | {100 * d.mean():+.2f} | [{100 * low:+.2f}, {100 * high:+.2f}] | "
+            f"{ttest.statistic:.3f} (4) | {ttest.pvalue:.4f} | 1 | 0.1250 | 4 / 1 |") in text  # fmt: skip
+    assert "cannot give a p-value below 0.0625" in text and "so it can never reach 0.05" in text
+    assert "## Per class: B - A" in text and "Moved most: up" in text
+    assert "![per-class differences](per_class.png)" in text
+    # the printed tables are the file's
+    assert "| 0 | **41.20** | 41.20 | **43.10** | 43.10 | +1.90 |" in done.stdout
+    assert f"comparison: {out / 'compare.md'}" in done.stdout
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["pairs"][0]["t_p"] == pytest.approx(ttest.pvalue, rel=1e-10)
+    assert saved["experiments"][0]["folds"][0]["iou"]["train"] is None  # strict JSON: NaN -> null
+
+    # a rerun replaces it; an --out that holds something else is refused
+    (out / "stale.png").write_bytes(b"old")
+    from tools.compare import main
+
+    assert main([str(a), str(b)]) == 0 and not (out / "stale.png").exists()
+    (a.parent / "precious").mkdir()
+    (a.parent / "precious" / "notes.txt").write_text("keep")
+    assert main([str(a), str(b), "--out", str(a.parent / "precious")]) == 2
+    assert (a.parent / "precious" / "notes.txt").read_text() == "keep"
+
+
+def test_three_experiments_against_the_baseline(pair, tmp_path):
+    a, b = pair
+    shards = Path(yaml.safe_load((a / "stage1" / "fold0" / "config.yaml").read_text())["data"]["shards"])
+    for k in range(5):
+        write_fold(a.parent, "C", k, BASE[k] - 0.01, BASE[k], shards)
+    from tools.compare import main
+
+    assert main([str(a), str(b), str(a.parent / "C"), "--out", str(tmp_path / "three")]) == 0
+    saved = json.loads((tmp_path / "three" / "compare.json").read_text())
+    assert [p["candidate"] for p in saved["pairs"]] == ["B", "C"]
+    assert saved["pairs"][1]["differences"] == pytest.approx([-0.01] * 5)
+    assert saved["pairs"][1]["t_p"] is None or saved["pairs"][1]["t_p"] < 1e-6  # constant differences
+    assert {"per_class_1.png", "per_class_2.png"} <= {p.name for p in (tmp_path / "three").iterdir()}
+
+
+def test_wandb_logs_one_offline_compare_run_grouped_by_the_experiments(pair, tmp_path, monkeypatch):
+    a, b = pair
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    from tools.compare import main
+
+    out = tmp_path / "cmp"
+    assert main([str(a), str(b), "--out", str(out), "--wandb"]) == 0
+    import wandb
+
+    wandb.teardown()
+    (record_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    from tests.test_train import _wandb_run_record
+
+    run = _wandb_run_record(record_file.read_bytes())
+    assert (run.job_type, run.run_group, run.display_name) == ("compare", "compare-A-vs-B", "compare-A-vs-B-s1")
+    data = record_file.read_bytes()
+    assert b"compare/pairs" in data and b"compare/classes" in data and b"compare/figures" in data
