@@ -67,6 +67,40 @@ def elastic(
     return moved, moved_labels.squeeze(1).to(labels.dtype)
 
 
+def cut_on_device(
+    images: torch.Tensor, labels: torch.Tensor, windows: torch.Tensor, flips: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``seg.transforms.cut`` and its flip, on the training device: each sample's window of
+    whole uint8 frames resized to ``size`` (H, W), image bilinear with antialiasing (as
+    Pillow), label nearest (pixel centres, as Pillow), padded with 0 / 255 outside the frame.
+
+    The window is cut at whole source pixels (Pillow's box is sub-pixel), so the two paths
+    differ by at most half a source pixel of shift; image and label always share the cut.
+    """
+    height, width = size
+    out_images = torch.zeros(images.shape[0], 3, height, width, dtype=torch.uint8, device=images.device)
+    out_labels = torch.full((labels.shape[0], height, width), 255, dtype=labels.dtype, device=labels.device)
+    source_h, source_w = images.shape[2:]
+    for i, (x0, y0, x1, y1) in enumerate(windows.tolist()):
+        sx, sy = width / (x1 - x0), height / (y1 - y0)  # output pixels per source pixel
+        cx0, cy0 = max(round(x0), 0), max(round(y0), 0)  # the window clipped to the frame
+        cx1, cy1 = min(round(x1), source_w), min(round(y1), source_h)
+        ox0, oy0 = max(round((cx0 - x0) * sx), 0), max(round((cy0 - y0) * sy), 0)  # where it lands
+        ow, oh = min(round((cx1 - cx0) * sx), width - ox0), min(round((cy1 - cy0) * sy), height - oy0)
+        if ow <= 0 or oh <= 0 or cx1 <= cx0 or cy1 <= cy0:
+            continue
+        crop = images[i : i + 1, :, cy0:cy1, cx0:cx1].float()
+        resized = F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=False, antialias=True)
+        out_images[i, :, oy0 : oy0 + oh, ox0 : ox0 + ow] = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+        label_crop = labels[i : i + 1, None, cy0:cy1, cx0:cx1].float()
+        label = F.interpolate(label_crop, size=(oh, ow), mode="nearest-exact")
+        out_labels[i, oy0 : oy0 + oh, ox0 : ox0 + ow] = label[0, 0].to(labels.dtype)
+    flipped = flips.to(images.device).bool()
+    out_images[flipped] = out_images[flipped].flip(-1)
+    out_labels[flipped] = out_labels[flipped].flip(-1)
+    return out_images, out_labels
+
+
 class DeviceAugment(nn.Module):
     """uint8 (N, 3, H, W) images and (N, H, W) labels in; normalised float images and
     long labels out. ``train=False`` only normalises."""

@@ -28,6 +28,9 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip (and count) unreadable samples
     checksums: bool = True  # verify shard sha256 before training
     channels_last: bool = False
+    # True: workers only decode and draw each sample's window; the cut and resize run batched
+    # on the training device (seg.augment.cut_on_device), fewer CPU cores per GPU
+    geometry_on_device: bool = False
 
 
 @dataclass

@@ -39,15 +39,15 @@ EARLY_SIGNALS = Signals().install() if __name__ == "__main__" else None
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from seg.atomic import atomic_write_bytes
-from seg.augment import DeviceAugment
+from seg.augment import DeviceAugment, cut_on_device
 from seg.checkpoint import MetricsLog, export_weights, is_state, latest_state, prune_states, run_dir, state_name
 from seg.config import ConfigError, load_config, to_dict
-from seg.data import DataError, eval_loader, shards_of, train_loader
+from seg.data import DataError, eval_loader, packed_size, shards_of, train_loader
 from seg.data import steps_per_epoch as epoch_steps
 from seg.distributed import all_reduce_sum, convert_sync_batchnorm
 from seg.evaluate import evaluate
@@ -196,6 +196,34 @@ def refusal(args: argparse.Namespace, config: Any) -> str | None:
     return None
 
 
+def complete_before(args: argparse.Namespace, config: Any) -> dict[str, Any] | None:
+    """The summary of an earlier run of this fold that already did all this run would do, from
+    the fold's files alone (nothing loaded, no process group). Read before the process group
+    exists, it cannot be this run's own summary: no rank writes one before every rank joined."""
+    out = run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold)
+    summary_path = out / "summary.json"
+    if args.resume == "none" or not summary_path.is_file() or (out / PREEMPTED).exists():
+        return None
+    try:
+        summary = json.loads(summary_path.read_text())
+        manifest = load_manifest(config.data.shards)
+        train_groups, _ = fold_groups(manifest, args.fold)
+    except (json.JSONDecodeError, ManifestError, OSError):
+        return None  # the run itself will say what is wrong
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    samples = sum(manifest["groups"][g]["samples"] for g in train_groups)
+    per_epoch = epoch_steps(samples, config.train.batch_size, world, config.data.workers)
+    total = config.train.iters * config.train.grad_accum if config.train.iters else config.train.epochs * per_epoch
+    return summary if summary.get("stopped_early") or summary.get("steps", -1) >= total else None
+
+
+def preempted_exit_code() -> int:
+    """EXIT_REQUEUE, or what SEG_PREEMPTED_EXIT asks for: slurm/fold.sh asks for 0, since a
+    launcher (torchrun) reports a child's 75 as a failure with a traceback, and the script
+    reads the PREEMPTED marker instead."""
+    return int(os.environ.get("SEG_PREEMPTED_EXIT", EXIT_REQUEUE))
+
+
 def refused_together(accelerator: Accelerator, error: str | None) -> bool:
     """Every rank's verdict to every rank: on an error of any rank, the main process prints
     the first one and every rank leaves the process group, none left waiting at a barrier."""
@@ -227,7 +255,7 @@ def stop_on_signal(accelerator: Accelerator, out: Path, progress: Progress, keep
             state = state_name(progress.step) if saved else None
             marker = {"step": progress.step, "state": state, "time": time.time()}
             atomic_write_bytes(out / PREEMPTED, (json.dumps(marker) + "\n").encode())
-        print(f"rank {accelerator.process_index}: preempted, {what}; exit {code}", flush=True)
+        print(f"rank {accelerator.process_index}: preempted, {what}; exit {preempted_exit_code()}", flush=True)
     elif accelerator.is_main_process:
         print(f"interrupted: {what} in {out}; rerun the same command to resume; exit {code}", flush=True)
 
@@ -264,6 +292,12 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    done = complete_before(args, config)
+    if done is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            out = run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold)
+            print(f"{out} is complete (step {done['steps']}); nothing to do", flush=True)
+        return 0
 
     # --- processes ---------------------------------------------------------------------
     accelerator = Accelerator(
@@ -289,13 +323,14 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     try:
         manifest = load_manifest(data.shards)
         train_groups, val_group = fold_groups(manifest, args.fold)
-        if main_process:  # presence; sizes (under on_error=raise) or sha256 (data.checksums)
+        geometry = TrainGeometry(data.geometry, tuple(data.size), data.level, base_size=tuple(data.base_size))
+        error = geometry.source_problem(packed_size(manifest))
+        if main_process and not error:  # presence; sizes (under on_error=raise) or sha256 (data.checksums)
             shards_of(data.shards, [*train_groups, val_group], data.checksums, sizes=data.on_error == "raise")
     except ManifestError as e:
         error = str(e)
     if refused_together(accelerator, error):
         return 2
-    geometry = TrainGeometry(data.geometry, tuple(data.size), data.level, base_size=tuple(data.base_size))
     augment = DeviceAugment(data.level, data.channels_last).to(device)
 
     fold_samples = sum(manifest["groups"][g]["samples"] for g in train_groups)
@@ -361,17 +396,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
             return 2
         if main_process:
             print(f"resumed from {state} at step {progress.step}", flush=True)
-    # Rank 0 reads the summary of an earlier, finished run and tells the others: a rank that
-    # read it itself, later, could find the summary this very run writes when it is done
-    # (at once, when the resumed state is already past the end) and leave alone.
     summary_path = out / "summary.json"
-    earlier = json.loads(summary_path.read_text()) if main_process and summary_path.exists() else None
-    finished = broadcast_object_list([earlier])[0]
-    if state is not None and finished and (progress.step >= total_steps or finished.get("stopped_early")):
-        if main_process:
-            print(f"{out} is complete (step {progress.step}); nothing to do", flush=True)
-        accelerator.end_training()
-        return 0
     log = MetricsLog(out / "metrics.jsonl", progress.step if state else None) if main_process else None
     tracker = Tracker(to_dict(config), out, args.stage, args.fold, main_process)
 
@@ -435,6 +460,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         on_error=data.on_error,
         pin_memory=cuda,
         checksums=False,
+        geometry_on_device=data.geometry_on_device,
     )
     batches = stream_at(loader, progress.step % steps_per_epoch) if not exit_code else iter(())
     bar = tqdm(
@@ -456,9 +482,10 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
                 stop_on_signal(accelerator, out, progress, config.train.keep_last, exit_code)
                 break
             progress.skipped += int(skipped)
-            images, labels = augment(
-                batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
-            )
+            images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            if data.geometry_on_device:
+                images, labels = cut_on_device(images, labels, batch["window"], batch["flip"], geometry.size)
+            images, labels = augment(images, labels)
             try:
                 loss, parts, stepped = train_step(
                     model, images, labels, loss_fn, optimizer, accelerator, config.optim.clip_grad_norm
@@ -555,7 +582,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     # Leave together: a launcher (torchrun) stops the other ranks as soon as one exits non-zero.
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return exit_code
+    return preempted_exit_code() if exit_code == EXIT_REQUEUE else exit_code
 
 
 if __name__ == "__main__":

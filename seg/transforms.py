@@ -139,19 +139,42 @@ def train_window(
     return window
 
 
+def train_params(
+    geometry: TrainGeometry, label: Image.Image, rng: np.random.Generator
+) -> tuple[tuple[float, float, float, float], bool]:
+    """A sample's source window and whether it is flipped: every random draw of its geometry,
+    in one order, so the CPU and device paths see the same stream."""
+    window = train_window(geometry, label, rng)
+    return window, bool(geometry.level != "none" and rng.random() < geometry.flip_p)
+
+
 def train_sample(
     image: Image.Image, label: Image.Image, geometry: TrainGeometry, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One training sample: (3, H, W) uint8 image and (H, W) uint8 label tensors."""
-    window = train_window(geometry, label, rng)
+    window, flip = train_params(geometry, label, rng)
     image_array, label_array = cut(image, label, window, geometry.size)
-    if geometry.level != "none" and rng.random() < geometry.flip_p:
+    if flip:
         image_array, label_array = image_array[:, ::-1], label_array[:, ::-1]
     # One copy each, into (3, H, W) and (H, W) tensors that own their memory.
     return (
         torch.from_numpy(np.ascontiguousarray(image_array.transpose(2, 0, 1))),
         torch.from_numpy(np.array(label_array)),
     )
+
+
+def decoded_sample(
+    image: Image.Image, label: Image.Image, geometry: TrainGeometry, rng: np.random.Generator
+) -> dict[str, torch.Tensor]:
+    """A training sample for geometry on the device (``seg.augment.cut_on_device``): the whole
+    decoded frame, its window (x0, y0, x1, y1) and flip; the worker only decodes and draws."""
+    window, flip = train_params(geometry, label, rng)
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))),
+        "label": torch.from_numpy(np.array(label)),
+        "window": torch.tensor(window, dtype=torch.float64),
+        "flip": torch.tensor(flip),
+    }
 
 
 def eval_sample(

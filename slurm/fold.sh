@@ -10,7 +10,7 @@
 #
 # Time limits and preemption: Slurm signals this script (USR1, 3 minutes before the limit;
 # TERM on preemption); it passes USR1 to the training processes, which save their state,
-# write PREEMPTED in the fold's folder and exit 75. The job then requeues itself, and the
+# write PREEMPTED in the fold's folder and exit. The job then requeues itself, and the
 # rerun resumes from the saved state (seg/train.py --resume auto). Slurm signals every
 # process of a step, so the launchers, data workers and wandb's service are started with
 # USR1 ignored: only the training processes, which handle it, react. (A preemption's own
@@ -30,6 +30,9 @@ CONFIG=${1:?"usage: sbatch --array=0-4 slurm/fold.sh configs/X.yaml [--stage S] 
 shift
 export PYTHONUNBUFFERED=1
 export WANDB_MODE=${WANDB_MODE:-offline}  # compute nodes rarely reach the internet: wandb sync later
+# A preempted fold exits 0 here, not 75: torchrun reports a child's 75 as a failure with a
+# traceback (and srun as "Exited with exit code 1"); this script reads PREEMPTED instead.
+export SEG_PREEMPTED_EXIT=0
 
 RUN_DIR=$("$PY" seg/train.py --config "$CONFIG" --fold "$FOLD" "$@" --print-run-dir)
 NODES=${SLURM_JOB_NUM_NODES:-1}

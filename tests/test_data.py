@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from seg import cityscapes as cs
-from seg.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, elastic
+from seg.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, cut_on_device, elastic
 from seg.data import DataError, EvalStream, TrainStream, eval_loader, shards_of, train_loader
 from seg.manifest import ManifestError, load_manifest
 from seg.pack import Options, pack
-from seg.transforms import TrainGeometry, _cat_max_ok, eval_sample, train_sample
+from seg.transforms import TrainGeometry, _cat_max_ok, decoded_sample, eval_sample, train_sample
 
 GEOMETRY = TrainGeometry(size=(16, 32), base_size=(32, 64))
 
@@ -147,15 +147,26 @@ def alignment(image: np.ndarray, label: np.ndarray) -> float:
     return float((distance.argmin(-1)[keep] == label[keep]).mean())
 
 
+def sample_on(path: str, image: Image.Image, label: Image.Image, geometry: TrainGeometry, rng) -> tuple:
+    """A training sample cut in the worker (``cpu``) or on the device, from the same draws."""
+    if path == "cpu":
+        return train_sample(image, label, geometry, rng)
+    raw = decoded_sample(image, label, geometry, rng)
+    images, labels = cut_on_device(raw["image"][None], raw["label"][None], raw["window"][None], raw["flip"][None],
+                                   geometry.size)  # fmt: skip
+    return images[0], labels[0]
+
+
+@pytest.mark.parametrize("path", ["cpu", "device"])
 @pytest.mark.parametrize("mode", ["resize", "scale-crop"])
 @pytest.mark.parametrize("level", ["none", "standard", "advanced"])
-def test_geometry_keeps_labels_aligned_with_the_image(mode, level):
+def test_geometry_keeps_labels_aligned_with_the_image(mode, level, path):
     image, label = colour_coded()
     geometry = TrainGeometry(mode=mode, level=level, size=(32, 48), base_size=(128, 256), scale_range=(0.25, 2.0))
     rng = np.random.default_rng(0)
     misaligned = []
     for _ in range(40):
-        image_t, label_t = train_sample(image, label, geometry, rng)
+        image_t, label_t = sample_on(path, image, label, geometry, rng)
         assert image_t.shape == (3, 32, 48) and label_t.shape == (32, 48)
         out_image, out_label = image_t.permute(1, 2, 0).numpy(), label_t.numpy()
         assert alignment(out_image, out_label) > 0.8
@@ -164,10 +175,11 @@ def test_geometry_keeps_labels_aligned_with_the_image(mode, level):
     assert np.mean(misaligned) < 0.5
 
 
-def test_scale_crop_pads_small_scales_with_ignore():
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_scale_crop_pads_small_scales_with_ignore(path):
     image, label = colour_coded()
     geometry = TrainGeometry("scale-crop", size=(64, 128), level="none", base_size=(64, 128), scale_range=(0.5, 0.5))
-    image_t, label_t = train_sample(image, label, geometry, np.random.default_rng(0))
+    image_t, label_t = sample_on(path, image, label, geometry, np.random.default_rng(0))
     # the 256x128 source scaled to 64x32 fills the top-left; the rest is padding
     assert (label_t[32:] == 255).all() and (label_t[:, 64:] == 255).all()
     assert (image_t[:, 32:] == 0).all() and (image_t[:, :, 64:] == 0).all()
@@ -349,3 +361,34 @@ def test_shards_packed_at_the_training_size_train_at_that_size_and_refuse_any_ot
     # val keeps its full resolution: evaluation compares with the original labels
     val = next(iter(eval_loader(out, ["val"], size=(16, 32), workers=0)[0]))
     assert val["image"].shape == (1, 3, 16, 32) and val["label"].shape == (1, 32, 64)
+
+
+@pytest.mark.parametrize("mode", ["resize", "scale-crop"])
+def test_geometry_on_the_device_matches_the_workers_from_the_same_stream(one_shard_per_group, mode):
+    """Same seed, same draws: the same samples, windows and flips; the cut itself differs only
+    by the sub-pixel part of the window (whole source pixels on the device)."""
+    geometry = TrainGeometry(mode, size=(16, 32), base_size=(32, 64), level="standard")
+    options = {"batch_size": 4, "workers": 0, "seed": 3}
+    cpu = next(iter(train_loader(one_shard_per_group, 0, geometry, **options)[0]))
+    raw = next(iter(train_loader(one_shard_per_group, 0, geometry, geometry_on_device=True, **options)[0]))
+    assert raw["key"] == cpu["key"] and raw["image"].shape[2:] == (32, 64)
+    images, labels = cut_on_device(raw["image"], raw["label"], raw["window"], raw["flip"], geometry.size)
+    assert images.shape == cpu["image"].shape and labels.shape == cpu["label"].shape
+    assert (labels == cpu["label"]).float().mean() > 0.8
+    assert (images.float() - cpu["image"].float()).abs().mean() < 24
+
+
+def test_a_whole_frame_at_its_own_size_is_cut_exactly_on_the_device():
+    image, label = colour_coded(height=64, width=96)
+    images = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+    labels = torch.from_numpy(np.array(label))[None]
+    window = torch.tensor([[0.0, 0.0, 96.0, 64.0]], dtype=torch.float64)
+    out_images, out_labels = cut_on_device(images, labels, window, torch.tensor([False]), (64, 96))
+    assert torch.equal(out_images, images) and torch.equal(out_labels, labels)
+    flipped, flipped_labels = cut_on_device(images, labels, window, torch.tensor([True]), (64, 96))
+    assert torch.equal(flipped, images.flip(-1)) and torch.equal(flipped_labels, labels.flip(-1))
+    # half size: the label is Pillow's nearest, the image close to Pillow's antialiased bilinear
+    half, half_labels = cut_on_device(images, labels, window, torch.tensor([False]), (32, 48))
+    np.testing.assert_array_equal(half_labels[0].numpy(), np.asarray(label.resize((48, 32), Image.NEAREST)))
+    pillow = np.asarray(image.resize((48, 32), Image.BILINEAR)).astype(int)
+    assert np.abs(half[0].permute(1, 2, 0).numpy().astype(int) - pillow).mean() < 3

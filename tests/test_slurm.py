@@ -114,6 +114,10 @@ def test_cv_chain_with_two_node_folds_a_preemption_and_reductions(slurm_cluster:
     # The preempted fold: requeued once, resumed from its saved state, its record unbroken.
     log = next((experiment / "logs").glob(f"stage1-fold0-{array1}.log")).read_text()
     assert "state saved, requeued" in log and "restart 1" in log and "resumed from" in log
+    # a preemption reads as one: no launcher traceback, no failed task, one reaction per signal
+    for failure in ("Traceback", "ChildFailedError", "Exited with exit code"):
+        assert failure not in log, log[-3000:]
+    assert log.count("received: asking the fold to save") == 1, log[-3000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
     assert steps == list(range(1, STEPS + 1))
     assert not (metrics.parent / "PREEMPTED").exists()
@@ -127,3 +131,21 @@ def test_cv_chain_with_two_node_folds_a_preemption_and_reductions(slurm_cluster:
     for array, reduce in ((array1, reduce1), (array2, reduce2)):
         assert min(times(reduce, "StartTime")) >= max(times(array, "EndTime"))
     assert min(times(array2, "StartTime")) >= max(times(reduce1, "EndTime"))
+
+
+def test_a_chain_that_cannot_reduce_is_never_submitted(slurm_cluster: SlurmCluster, tmp_path: Path):
+    root = tmp_path / "cityscapes"
+    make_synthetic(root, counts={"train": 6, "val": 1, "test": 0}, cities={"train": 2, "val": 1, "test": 1},
+                   size=(64, 32), progress=False)  # fmt: skip
+    shards = tmp_path / "shards"
+    pack(root, shards, Options(folds=2, splits=("train", "val")), progress=False)  # no selection subset
+    before = slurm_cluster.env | {"SEG_PYTHON": sys.executable}
+    queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=before, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "seg.cv", str(REPO / "configs" / "demo.yaml"), "--stages", "2",
+         f"data.shards={shards}", f"train.runs_dir={tmp_path / 'runs'}", *TINY],
+        capture_output=True, text=True, env=before, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "no selection subset" in done.stderr and "--select-on val" in done.stderr
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=before, check=True)
+    assert after.stdout == queued.stdout  # nothing was submitted
