@@ -2,6 +2,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -366,6 +367,7 @@ def test_ctrl_c_with_workers_stops_them_within_a_sample_and_leaves_nothing(synth
     out, saw_stop = tmp_path / "shards" / "tiny", tmp_path / "worker-saw-the-stop"
     script = f"""
 import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
 from seg import pack, parallel
 real = pack.write_shard
 def write_shard(root, out, job, options):
@@ -384,7 +386,11 @@ pack.pack({str(synthetic_root)!r}, {str(out)!r}, pack.Options(shard_size=1), wor
     packer = subprocess.Popen(
         [sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    _, stderr = packer.communicate(timeout=120)
+    try:
+        _, stderr = packer.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(packer.pid, signal.SIGKILL)  # leave nothing running
+        raise
     assert packer.returncode != 0 and "KeyboardInterrupt" in stderr, stderr
     assert saw_stop.exists()
     assert not out.exists() and leftovers(out.parent) == []
