@@ -71,13 +71,15 @@ def cut_on_device(
     images: torch.Tensor, labels: torch.Tensor, windows: torch.Tensor, flips: torch.Tensor, size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``seg.transforms.cut`` and its flip, on the training device: each sample's window of
-    whole uint8 frames resized to ``size`` (H, W), image bilinear with antialiasing (as
+    whole uint8 frames ((N, H, W, 3) images as decoded, (N, H, W) labels) resized to ``size``
+    (H, W) into (N, 3, H, W) images and (N, H, W) labels, image bilinear with antialiasing (as
     Pillow), label nearest (pixel centres, as Pillow), padded with 0 / 255 outside the frame.
 
     The window is cut at whole source pixels (Pillow's box is sub-pixel), so the two paths
     differ by at most half a source pixel of shift; image and label always share the cut.
     """
     height, width = size
+    images = images.permute(0, 3, 1, 2)  # the layout change costs the device, not the workers
     out_images = torch.zeros(images.shape[0], 3, height, width, dtype=torch.uint8, device=images.device)
     out_labels = torch.full((labels.shape[0], height, width), 255, dtype=labels.dtype, device=labels.device)
     source_h, source_w = images.shape[2:]

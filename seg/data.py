@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from seg.decode import decode_jpeg, decode_png
+from seg.decode import decode_jpeg, decode_png, jpeg_array, png_array
 from seg.manifest import ManifestError, fold_groups, load_manifest, verify
 from seg.transforms import TrainGeometry, decoded_sample, eval_sample, train_sample
 
@@ -149,19 +148,25 @@ def _exit_on_parents_term(parent: int) -> None:
             os._exit(0)
 
 
-def decode(sample: dict[str, Any], shard: str) -> tuple[Image.Image, Image.Image | None]:
-    """Image (RGB) and label (L, trainIds) of a raw sample."""
+def decode(sample: dict[str, Any], shard: str, arrays: bool = False) -> tuple[Any, Any]:
+    """Image (RGB) and label (trainIds; None if the sample has none) of a raw sample: Pillow
+    images, or with ``arrays`` (H, W, 3) and (H, W) uint8 arrays."""
     key = sample["__key__"]
     try:
         png = "image.png" in sample
-        image = decode_png(sample["image.png"], "RGB") if png else decode_jpeg(sample["image.jpg"])
-        label = decode_png(sample["label.png"], "L") if "label.png" in sample else None
+        if arrays:
+            image = png_array(sample["image.png"], "RGB") if png else jpeg_array(sample["image.jpg"])
+            label = png_array(sample["label.png"], "L") if "label.png" in sample else None
+        else:
+            image = decode_png(sample["image.png"], "RGB") if png else decode_jpeg(sample["image.jpg"])
+            label = decode_png(sample["label.png"], "L") if "label.png" in sample else None
     except KeyError as e:
         raise DataError(f"{shard}: sample {key} has no {e.args[0]} member; repack the dataset") from None
-    except Exception as e:  # PIL raises several types for broken data
+    except Exception as e:  # each decoder raises its own types for broken data
         raise DataError(f"{shard}: sample {key} cannot be decoded ({e}); verify and repack the dataset") from None
-    if label is not None and label.size != image.size:
-        raise DataError(f"{shard}: sample {key}: label {label.size} and image {image.size} differ; repack")
+    sizes = (image.shape[:2], label.shape) if arrays else (image.size, label.size if label is not None else None)
+    if label is not None and sizes[0] != sizes[1]:
+        raise DataError(f"{shard}: sample {key}: label {sizes[1]} and image {sizes[0]} differ; repack")
     return image, label
 
 
@@ -229,7 +234,7 @@ class TrainStream(IterableDataset):
                 skipped += raw["lost"]
                 continue
             try:
-                image, label = decode(raw, shard)
+                image, label = decode(raw, shard, arrays=self.geometry_on_device)
                 if label is None:
                     raise DataError(f"{shard}: sample {raw['__key__']} has no label; training needs labels")
             except DataError:

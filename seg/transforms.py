@@ -164,14 +164,15 @@ def train_sample(
 
 
 def decoded_sample(
-    image: Image.Image, label: Image.Image, geometry: TrainGeometry, rng: np.random.Generator
+    image: np.ndarray, label: np.ndarray, geometry: TrainGeometry, rng: np.random.Generator
 ) -> dict[str, torch.Tensor]:
     """A training sample for geometry on the device (``seg.augment.cut_on_device``): the whole
-    decoded frame, its window (x0, y0, x1, y1) and flip; the worker only decodes and draws."""
-    window, flip = train_params(geometry, label, rng)
+    decoded frame as it came from the decoder ((H, W, 3) image, (H, W) label: no copy, no
+    transpose here), its window (x0, y0, x1, y1) and flip; the worker only decodes and draws."""
+    window, flip = train_params(geometry, Image.fromarray(label), rng)  # "L" shares the array's memory
     return {
-        "image": torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))),
-        "label": torch.from_numpy(np.array(label)),
+        "image": torch.from_numpy(image),
+        "label": torch.from_numpy(label),
         "window": torch.tensor(window, dtype=torch.float64),
         "flip": torch.tensor(flip),
     }

@@ -151,7 +151,7 @@ def sample_on(path: str, image: Image.Image, label: Image.Image, geometry: Train
     """A training sample cut in the worker (``cpu``) or on the device, from the same draws."""
     if path == "cpu":
         return train_sample(image, label, geometry, rng)
-    raw = decoded_sample(image, label, geometry, rng)
+    raw = decoded_sample(np.array(image), np.array(label), geometry, rng)
     images, labels = cut_on_device(raw["image"][None], raw["label"][None], raw["window"][None], raw["flip"][None],
                                    geometry.size)  # fmt: skip
     return images[0], labels[0]
@@ -371,7 +371,7 @@ def test_geometry_on_the_device_matches_the_workers_from_the_same_stream(one_sha
     options = {"batch_size": 4, "workers": 0, "seed": 3}
     cpu = next(iter(train_loader(one_shard_per_group, 0, geometry, **options)[0]))
     raw = next(iter(train_loader(one_shard_per_group, 0, geometry, geometry_on_device=True, **options)[0]))
-    assert raw["key"] == cpu["key"] and raw["image"].shape[2:] == (32, 64)
+    assert raw["key"] == cpu["key"] and raw["image"].shape[1:] == (32, 64, 3)
     images, labels = cut_on_device(raw["image"], raw["label"], raw["window"], raw["flip"], geometry.size)
     assert images.shape == cpu["image"].shape and labels.shape == cpu["label"].shape
     assert (labels == cpu["label"]).float().mean() > 0.8
@@ -380,15 +380,16 @@ def test_geometry_on_the_device_matches_the_workers_from_the_same_stream(one_sha
 
 def test_a_whole_frame_at_its_own_size_is_cut_exactly_on_the_device():
     image, label = colour_coded(height=64, width=96)
-    images = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+    frames = torch.from_numpy(np.array(image))[None]  # (N, H, W, 3), as decoded
+    images = frames.permute(0, 3, 1, 2)
     labels = torch.from_numpy(np.array(label))[None]
     window = torch.tensor([[0.0, 0.0, 96.0, 64.0]], dtype=torch.float64)
-    out_images, out_labels = cut_on_device(images, labels, window, torch.tensor([False]), (64, 96))
+    out_images, out_labels = cut_on_device(frames, labels, window, torch.tensor([False]), (64, 96))
     assert torch.equal(out_images, images) and torch.equal(out_labels, labels)
-    flipped, flipped_labels = cut_on_device(images, labels, window, torch.tensor([True]), (64, 96))
+    flipped, flipped_labels = cut_on_device(frames, labels, window, torch.tensor([True]), (64, 96))
     assert torch.equal(flipped, images.flip(-1)) and torch.equal(flipped_labels, labels.flip(-1))
     # half size: the label is Pillow's nearest, the image close to Pillow's antialiased bilinear
-    half, half_labels = cut_on_device(images, labels, window, torch.tensor([False]), (32, 48))
+    half, half_labels = cut_on_device(frames, labels, window, torch.tensor([False]), (32, 48))
     np.testing.assert_array_equal(half_labels[0].numpy(), np.asarray(label.resize((48, 32), Image.NEAREST)))
     pillow = np.asarray(image.resize((48, 32), Image.BILINEAR)).astype(int)
     assert np.abs(half[0].permute(1, 2, 0).numpy().astype(int) - pillow).mean() < 3

@@ -1,125 +1,162 @@
 #!/usr/bin/env python
-"""Training-loader throughput, side by side on the same full-resolution frames.
+"""Training-loader throughput per CPU core, every variant side by side in one run.
 
-    python tools/bench_loader.py                  # makes 24 synthetic 2048x1024 frames
-    python tools/bench_loader.py --root /data/cityscapes
+    python tools/bench_loader.py                    # 16 synthetic 2048x1024 frames, 8 copies each
+    python tools/bench_loader.py --root /data/cityscapes --json loader.json
 
-(a) seg's train pipeline over packed shards (PNG, then JPEG shards), at the study's geometry
-    (resize to 512x1024, standard augmentation's geometric part);
-(b) the usual way: a map-style Dataset reading the PNGs from the Cityscapes tree with PIL,
-    mapping labelIds to trainIds and resizing both;
-(c) the bound: decode image and label, nothing else.
-Each at 1 and 2 DataLoader workers; images/s in total and per worker.
+The study's recipe (resize to 512x1024, standard augmentation's geometry) over seg's shards:
+full-size PNG, full-size JPEG and train-size PNG (``pack --resize 1024x512``), each with the
+geometry in the workers (the resize window cut by Pillow) and on the device (workers only
+decode and draw; ``data.geometry_on_device``); beside each, its decode-only bound (read the
+shard, decode image and label, nothing else). Today's pipeline before this bench's changes
+(Pillow decoding, full-size PNG, geometry in the workers) is the first row, the baseline.
+
+Per core: one process, one thread, no loader workers: what one worker costs. A GPU that
+trains N images/s needs N / rate cores of loader.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
-from seg import cityscapes as cs
+from seg import decode
+from seg.atomic import atomic_write_bytes
 from seg.cli import parse_size
-from seg.data import train_loader
+from seg.data import read_shard, shards_of, train_loader
+from seg.manifest import fold_groups, load_manifest
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 from seg.transforms import TrainGeometry
 
-
-class FolderDataset(Dataset):
-    """(b) and (c): frames read from the Cityscapes tree."""
-
-    def __init__(self, root: Path, size: tuple[int, int] | None) -> None:
-        self.images = sorted(root.glob("leftImg8bit/train/*/*.png"))
-        self.size = size  # None: decode only
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        path = self.images[index]
-        label_path = Path(str(path).replace("leftImg8bit", "gtFine", 1).replace(cs.IMAGE_SUFFIX, cs.LABEL_IDS_SUFFIX))
-        image, label = Image.open(path).convert("RGB"), Image.open(label_path)
-        image.load()
-        label.load()
-        if self.size is None:
-            return torch.zeros(1), torch.zeros(1)
-        height, width = self.size
-        image = image.resize((width, height), Image.BILINEAR)
-        train_ids = cs.ID_TO_TRAINID[np.asarray(label.resize((width, height), Image.NEAREST))]
-        return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), torch.from_numpy(train_ids)
+SHARDS = {  # name: (image format, resize the train split)
+    "full-size PNG": ("png", False),
+    "full-size JPEG": ("jpg", False),
+    "train-size PNG": ("png", True),
+}
 
 
-def rate(batches, images: int, batch_size: int) -> float:
-    iterator = iter(batches)
-    next(iterator)  # workers started, first batch in
-    start = time.perf_counter()
-    for _ in range(images // batch_size):
-        next(iterator)
-    return images / (time.perf_counter() - start)
+@contextlib.contextmanager
+def pillow_only() -> Iterator[None]:
+    """Decode as the loader did before libspng/libjpeg-turbo: Pillow alone."""
+    saved = decode.pyspng, decode.simplejpeg
+    decode.pyspng = decode.simplejpeg = None
+    try:
+        yield
+    finally:
+        decode.pyspng, decode.simplejpeg = saved
 
 
-def folder_rate(root: Path, size: tuple[int, int] | None, workers: int, images: int, batch_size: int) -> float:
-    dataset = FolderDataset(root, size)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, persistent_workers=True)
-    return rate(loader, images, batch_size)
+def timed(produce: Callable[[], int], seconds: float) -> float:
+    """Items per second of ``produce`` (which returns how many it made), over >= ``seconds``."""
+    produce()  # warm-up
+    made, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        made += produce()
+    return made / (time.perf_counter() - started)
+
+
+def pipeline_rate(shards: Path, geometry: TrainGeometry, on_device: bool, seconds: float) -> float:
+    loader, _ = train_loader(shards, 0, geometry, batch_size=2, workers=0, checksums=False,
+                             geometry_on_device=on_device)  # fmt: skip
+    batches = iter(loader)
+    return timed(lambda: next(batches)["image"].shape[0], seconds)
+
+
+def decode_rate(shards: Path, seconds: float) -> float:
+    """Read fold 0's training shards and decode image and label to arrays, nothing else: the
+    least a worker does (what the device geometry leaves it)."""
+    groups, _ = fold_groups(load_manifest(shards), 0)
+    paths = [shard.path for shard in shards_of(shards, groups, checksums=False)]
+    stream = (sample for _ in iter(int, 1) for path in paths for sample in read_shard(path))
+
+    def one() -> int:
+        sample = next(stream)
+        png = "image.png" in sample
+        decode.png_array(sample["image.png"], "RGB") if png else decode.jpeg_array(sample["image.jpg"])
+        decode.png_array(sample["label.png"], "L")
+        return 1
+
+    return timed(one, seconds)
+
+
+def replicate(root: Path, times: int) -> None:
+    """Copies of every train frame under new sequence numbers: epochs long beside the shuffle
+    buffer (32 raw samples, refilled each epoch), as with real Cityscapes, without drawing
+    more frames. The copies decode exactly like their originals."""
+    for path in sorted(root.glob("*/train/*/*.png")):
+        city, seq, rest = path.name.split("_", 2)
+        for k in range(1, times):
+            shutil.copyfile(path, path.with_name(f"{city}_{int(seq) + 1000 * k:06d}_{rest}"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", help="a Cityscapes tree (default: make a synthetic one in a temporary folder)")
-    parser.add_argument("--frames", type=int, default=24, help="synthetic train frames (default 24)")
+    parser.add_argument("--frames", type=int, default=16, help="synthetic train frames (default 16)")
     parser.add_argument("--size", type=parse_size, default=(1024, 512), help="training input WIDTHxHEIGHT")
-    parser.add_argument("--images", type=int, default=48, help="images timed per measurement")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    size = (args.size[1], args.size[0])
+    size = (args.size[1], args.size[0])  # (H, W)
+    torch.set_num_threads(1)  # one core
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     try:
         root = Path(args.root) if args.root else scratch / "cityscapes"
         if not args.root:
-            print(f"making {args.frames} synthetic 2048x1024 frames...")
-            make_synthetic(
-                root,
-                counts={"train": args.frames, "val": 0, "test": 0},
-                cities={"train": 6, "val": 1, "test": 1},
-                workers=2,
-                progress=False,
-            )
-        for image_format in ("png", "jpg"):
-            options = Options(splits=("train",), shard_size=64 * 2**20, image_format=image_format)
-            pack(root, scratch / image_format, options, workers=2, progress=False)
+            print(f"making {args.frames} synthetic 2048x1024 frames...", flush=True)
+            make_synthetic(root, counts={"train": args.frames, "val": 0, "test": 0},
+                           cities={"train": 4, "val": 1, "test": 1}, workers=2, progress=False)  # fmt: skip
+            replicate(root, 8)
+        for name, (image_format, resize) in SHARDS.items():
+            options = Options(folds=2, splits=("train",), image_format=image_format, resize=size if resize else None)
+            pack(root, scratch / name.replace(" ", "-"), options, workers=2, progress=False)
         geometry = TrainGeometry(mode="resize", size=size, level="standard")
 
-        rows = []
-        for workers in args.workers:
-            for name, image_format in (("(a) seg shards, png", "png"), ("(a) seg shards, jpg", "jpg")):
-                loader, _ = train_loader(
-                    scratch / image_format, 0, geometry, args.batch_size, workers=workers, checksums=False
-                )
-                rows.append((name, workers, rate(loader, args.images, args.batch_size)))
-            rows.append(("(b) folder + PIL", workers, folder_rate(root, size, workers, args.images, args.batch_size)))
-            rows.append(("(c) decode only", workers, folder_rate(root, None, workers, args.images, args.batch_size)))
+        rows: list[dict] = []
 
-        print(f"\ninput {size[1]}x{size[0]}, batch {args.batch_size}, {args.images} images timed per row")
-        print(f"{'pipeline':<22} {'workers':>7} {'img/s':>8} {'img/s/worker':>13}")
-        for name, workers, value in rows:
-            print(f"{name:<22} {workers:>7} {value:>8.1f} {value / workers:>13.1f}")
-        table = {(name, workers): value for name, workers, value in rows}
-        for workers in args.workers:
-            a, b, c = (table[n, workers] for n in ("(a) seg shards, png", "(b) folder + PIL", "(c) decode only"))
-            jpg = table["(a) seg shards, jpg", workers]
-            print(f"{workers} worker(s): png (a)/(b) {a / b:.2f}x, (a)/(c) {a / c:.2f}x; jpg (a)/(b) {jpg / b:.2f}x")
+        def add(shards: str, decoder: str, geometry_where: str, rate: float) -> None:
+            rows.append({"shards": shards, "decoder": decoder, "geometry": geometry_where, "images_per_s": rate})
+            print(f"  {shards:<15} {decoder:<8} {geometry_where:<12} {rate:6.1f} images/s per core", flush=True)
+
+        print(f"per core, input {size[1]}x{size[0]}, standard level, {args.seconds:g} s per row:", flush=True)
+        with pillow_only():
+            add("full-size PNG", "Pillow", "workers", pipeline_rate(scratch / "full-size-PNG", geometry, False,
+                                                                   args.seconds))  # fmt: skip
+        fast = "libspng" if decode.pyspng else "Pillow"
+        for name in SHARDS:
+            shards = scratch / name.replace(" ", "-")
+            decoder = ("libjpeg" if decode.simplejpeg else "Pillow") if "JPEG" in name else fast
+            for on_device in (False, True):
+                where = "device" if on_device else "workers"
+                add(name, decoder, where, pipeline_rate(shards, geometry, on_device, args.seconds))
+            add(name, decoder, "decode only", decode_rate(shards, args.seconds))
+
+        baseline = rows[0]["images_per_s"]
+        bound = {r["shards"]: r["images_per_s"] for r in rows if r["geometry"] == "decode only"}
+        print("\n| shards | decoder | geometry | images/s per core | vs today | vs its decode-only bound |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            r["vs_today"] = r["images_per_s"] / baseline
+            r["vs_decode_bound"] = r["images_per_s"] / bound[r["shards"]]
+            print(f"| {r['shards']} | {r['decoder']} | {r['geometry']} | {r['images_per_s']:.1f} | "
+                  f"{r['vs_today']:.2f}x | {r['vs_decode_bound']:.2f} |")  # fmt: skip
+        goal = next(r for r in rows if r["shards"] == "train-size PNG" and r["geometry"] == "device")
+        print(
+            f"\ntrain-size PNG, geometry on the device: {goal['vs_today']:.1f}x today's full-size PNG "
+            f"pipeline per core (goal >= 4x), {goal['vs_decode_bound']:.2f} of its decode-only bound (goal >= 0.9)"
+        )
+        if args.json:
+            atomic_write_bytes(args.json, (json.dumps(rows, indent=1) + "\n").encode())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
