@@ -305,7 +305,10 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         mixed_precision=config.train.precision,
         gradient_accumulation_steps=config.train.grad_accum,
         step_scheduler_with_optimizer=False,
+        dynamo_backend="inductor" if config.train.compile else "no",
     )
+    # fixed input sizes: let cuDNN time its kernels once (the GPU check measures with it on)
+    torch.backends.cudnn.benchmark = cuda and not config.train.deterministic
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main_process = accelerator.is_main_process
     out = run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold)
