@@ -1,10 +1,17 @@
-"""Atomic writes: a file or a whole directory appears complete or not at all."""
+"""Atomic writes: a file or a whole directory appears complete or not at all.
+
+What appears gets the modes a plain ``open()`` or ``mkdir`` would give it under the
+process's umask (``tempfile`` creates its files 0600 and folders 0700, which on a shared
+cluster would hide shards, models and results from the rest of a team); a file that
+replaces an existing one keeps that file's mode, as writing it in place would.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +21,18 @@ class OutputExistsError(FileExistsError):
     """The output is already there and the caller did not ask to overwrite it."""
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask``
+    alone can only read it by setting it, a race with any other thread creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that becomes ``path`` on success.
@@ -21,7 +40,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     On any exception (Ctrl-C included) the temporary directory is removed and an existing
     ``path`` is left untouched. With ``overwrite`` an existing ``path`` is replaced only
     after the new one is complete. A hard kill can leave a ``.<name>.partial-*`` directory,
-    never a ``path`` that looks complete but is not.
+    never a ``path`` that looks complete but is not. The directory gets a plain ``mkdir``'s
+    mode (0777 less the umask).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -29,6 +49,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700, as mkdir would have made it
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -43,11 +64,17 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename. The file gets
+    a plain ``open()``'s mode: an existing file's, else 0666 less the umask."""
     path = Path(path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # mkstemp's 0600, as open() would have made it
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from seg.atomic import atomic_write_bytes
 
@@ -70,9 +70,8 @@ def prune_states(directory: Path, keep_last: int, keep: set[str]) -> None:
 def export_weights(model: torch.nn.Module, path: Path, sidecar: dict[str, Any]) -> None:
     """Weights as safetensors plus a JSON sidecar, each written atomically (sidecar last)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": WEIGHTS_FORMAT})
-    tmp.replace(path)
+    # through atomic_write_bytes: save_file would create the file 0600 whatever the umask
+    atomic_write_bytes(path, save(state, metadata={"format": WEIGHTS_FORMAT}))
     record = {"format": WEIGHTS_FORMAT, **sidecar}
     atomic_write_bytes(path.with_suffix(".json"), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
 

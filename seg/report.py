@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,9 +220,6 @@ def write_report(experiment_dir: Path, out: Path | None = None) -> Path:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").is_file())):
         raise ReportError(f"{out}: exists and is not a report folder; choose another --out")
     with atomic_directory(out, overwrite=True) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a report meant to be shared
         figures = plot_all(experiment, tmp)
         (tmp / "report.md").write_text(markdown(experiment, figures))
     return out

@@ -1,0 +1,77 @@
+"""seg/atomic.py: what appears is complete, and readable as a plain open()/mkdir would make it."""
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from seg.atomic import atomic_directory, atomic_write_bytes
+from seg.checkpoint import export_weights
+from seg.pack import Options, pack
+from seg.synthetic import make_synthetic
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def modes(root: Path) -> dict[str, int]:
+    """The mode of ``root`` and of everything under it, by relative path."""
+    return {".": mode(root)} | {p.relative_to(root).as_posix(): mode(p) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_files_and_folders_get_the_modes_of_a_plain_open_and_mkdir(tmp_path, mask, file_mode, dir_mode):
+    with umask(mask):
+        atomic_write_bytes(tmp_path / "a.json", b"{}\n")
+        with atomic_directory(tmp_path / "folder") as tmp:
+            (tmp / "inside.txt").write_text("x")
+            (tmp / "sub").mkdir()
+        make_synthetic(tmp_path / "cityscapes", counts={"train": 4, "val": 1, "test": 1},
+                       cities={"train": 2, "val": 1, "test": 1}, size=(32, 16), progress=False)  # fmt: skip
+        pack(tmp_path / "cityscapes", tmp_path / "shards", Options(folds=2), progress=False)
+        export_weights(torch.nn.Linear(2, 2), tmp_path / "model.safetensors", {"config": {}})
+    assert mode(tmp_path / "a.json") == file_mode
+    assert modes(tmp_path / "folder") == {".": dir_mode, "inside.txt": file_mode, "sub": dir_mode}
+    shards = modes(tmp_path / "shards")
+    assert shards.pop(".") == dir_mode and "manifest.json" in shards and len(shards) > 3
+    assert set(shards.values()) == {file_mode}, shards
+    assert {m for p, m in modes(tmp_path / "cityscapes").items() if (tmp_path / "cityscapes" / p).is_dir()} == {
+        dir_mode
+    }
+    assert mode(tmp_path / "model.safetensors") == mode(tmp_path / "model.json") == file_mode
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_failed_write_leaves_the_old_one(tmp_path):
+    from seg.atomic import current_umask
+
+    with umask(0o027):
+        assert current_umask() == 0o027 and current_umask() == 0o027  # read without changing it
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+    target.chmod(0o640)
+    with umask(0o022):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new" and mode(target) == 0o640
+
+    class BoomError(Exception):
+        pass
+
+    with pytest.raises(BoomError), atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "half").write_text("x")
+        raise BoomError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
