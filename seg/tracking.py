@@ -65,6 +65,9 @@ class Tracker:
         fold: int,
         main_process: bool,
     ) -> None:
+        # experiment, stage and fold as top-level fields, so the wandb UI can group and filter
+        # runs by them across experiments (the nested config keeps every key as well)
+        config = {"experiment": config["train"]["experiment"], "stage": stage, "fold": fold, **config}
         self.run = start_run(config, run_dir, f"stage{stage}-fold{fold}", f"s{stage}-f{fold}") if main_process else None
 
     def log(self, record: dict[str, Any], step: int) -> None:
@@ -116,6 +119,7 @@ def log_reduction(config: dict[str, Any], stage: int, report: dict[str, Any], ou
     Named and identified ``{experiment}-s{stage}-reduce``, so a repeated reduction continues
     its run; nothing is written when the mode is ``disabled``.
     """
+    config = {"experiment": config["train"]["experiment"], "stage": stage, "fold": "reduced", **config}
     run = start_run(config, out_dir, f"stage{stage}-reduce", f"s{stage}-reduce")
     if run is None:
         return

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import stat
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from seg.compare import (
     t_ppf,
     wilcoxon_signed_rank,
 )
+from tests.wandb_records import run_record
 
 stats = pytest.importorskip("scipy.stats")  # a test dependency only (setup.cfg's test extra)
 pytestmark = pytest.mark.timeout(120)
@@ -168,22 +168,6 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
         write_fold(runs, "B", k, VARIANT[k], VARIANT[k] - 0.005, shards)
     write_reduction(runs, "A", list(range(5)), 0.47)
     return runs / "A", runs / "B"
-
-
-def wandb_run_record(data: bytes):
-    """The RunRecord of an offline .wandb file (LevelDB-style records after a 7-byte header),
-    read with wandb's own protobuf definitions, as tests/test_train.py does."""
-    from wandb.proto import wandb_internal_pb2
-
-    position = 7
-    while position + 7 <= len(data):
-        _, length, _ = struct.unpack("<IHB", data[position : position + 7])
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data[position + 7 : position + 7 + length])
-        if record.WhichOneof("record_type") == "run":
-            return record.run
-        position += 7 + length
-    raise AssertionError("no run record")
 
 
 # --- statistics ---------------------------------------------------------------------------------
@@ -482,7 +466,7 @@ def test_wandb_logs_one_offline_compare_run_grouped_by_the_experiments(pair, tmp
 
     wandb.teardown()
     (record_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
-    run = wandb_run_record(record_file.read_bytes())
+    run = run_record(record_file)
     assert (run.job_type, run.run_group, run.display_name) == ("compare", "compare-A-vs-B", "compare-A-vs-B-s1")
     data = record_file.read_bytes()
     assert b"compare/pairs" in data and b"compare/classes" in data and b"compare/figures" in data
