@@ -1,16 +1,24 @@
-"""Exact distributed evaluation of a model over an evaluation loader."""
+"""Exact distributed evaluation of a model over an evaluation loader, and the settings
+record of an evaluation (input size, mode, flip, scales) that its results carry."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from seg.augment import DeviceAugment
+from seg.data import EvalStream, Shard, _loader_options, shards_of
 from seg.distributed import all_reduce_sum
 from seg.inference import TestTimeAugmentation, predict_probabilities
+from seg.manifest import load_manifest
 from seg.metrics import ConfusionMatrix
+from seg.transforms import eval_sample
 
 
 @torch.no_grad()
@@ -29,7 +37,10 @@ def evaluate(
 
     Every rank must call this, even one whose loader is empty: the reduction is collective.
     ``tta`` selects sliding windows, flips and scales; ``export(key, prediction)`` receives
-    every prediction (trainIds at the label's size).
+    every prediction (trainIds at the label's size). A batch without labels (the test
+    split) is predicted at the images' original size (its ``size``, from
+    :func:`prediction_loader`; else the input's) and exported, and adds nothing to the
+    matrix; its examples have ``label`` None.
     """
     was_training = model.training
     model.eval()
@@ -38,12 +49,18 @@ def evaluate(
     examples: list[dict[str, Any]] = []
     for batch in batches:
         images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True) if "label" in batch else None
+        if labels is not None:
+            size = tuple(labels.shape[1:])  # predictions are brought to the label's size
+        elif "size" in batch:
+            size = tuple(int(v) for v in batch["size"][0])  # one batch, one image size
+        else:
+            size = tuple(images.shape[2:])
         inputs, _ = normalise(images, train=False)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            size = tuple(labels.shape[1:])  # predictions are brought to the label's size
             prediction = predict_probabilities(model, inputs, size, tta or TestTimeAugmentation()).argmax(dim=1)
-        matrix.update(prediction, labels)
+        if labels is not None:
+            matrix.update(prediction, labels)
         if export is not None:
             for key, single in zip(batch["key"], prediction, strict=True):
                 export(key, single.cpu())
@@ -53,7 +70,7 @@ def evaluate(
                 {
                     "image": images[i].cpu(),
                     "prediction": prediction[i].cpu(),
-                    "label": labels[i].cpu(),
+                    "label": labels[i].cpu() if labels is not None else None,
                     "key": batch["key"][i],
                 }
             )
@@ -61,3 +78,99 @@ def evaluate(
     total_seen = int(all_reduce_sum(torch.tensor([seen], device=device)).item())
     model.train(was_training)
     return matrix, total_seen, examples
+
+
+# --- the prediction loader of tools/evaluate.py ---------------------------------------------
+
+
+class SizedEvalStream(EvalStream):
+    """EvalStream's items plus ``size``, each image's original (H, W): what an unlabelled
+    image's prediction is brought back to when the input is resized. The resize is
+    EvalStream's own (Pillow's bilinear, on the same decoded RGB pixels), so a labelled
+    sample gives exactly the input EvalStream gives."""
+
+    def __init__(self, shards: list[Shard], size: tuple[int, int] | None = None, rank: int = 0, world_size: int = 1):
+        super().__init__(shards, None, rank, world_size)
+        self.input_size = size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for item in super().__iter__():
+            height, width = item["image"].shape[1:]
+            item["size"] = torch.tensor([height, width])
+            if self.input_size is not None and (height, width) != tuple(self.input_size):
+                pixels = Image.fromarray(np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy()), "RGB")
+                item["image"], _ = eval_sample(pixels, None, self.input_size)
+            yield item
+
+
+def split_is_labelled(shards: str | Path, split: str) -> bool:
+    """Whether the manifest's group ``split`` has labels (the test split has none: its
+    class histogram is null). An unknown group counts as labelled: the loader names it."""
+    group = load_manifest(shards)["groups"].get(split)
+    return group is None or group.get("class_pixels") is not None
+
+
+def prediction_loader(
+    shards: str | Path,
+    groups: list[str],
+    size: tuple[int, int] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 2,
+) -> tuple[DataLoader, int]:
+    """seg.data.eval_loader's loader (batch 1), whose items also carry each image's original size."""
+    stream = SizedEvalStream(shards_of(shards, groups), size, rank, world_size)
+    options = _loader_options(workers, False) | {"persistent_workers": False}
+    return DataLoader(stream, batch_size=1, **options), sum(s.samples for s in stream.shards)
+
+
+# --- what an evaluation records -------------------------------------------------------------
+
+
+def model_input_size(sidecar: dict[str, Any]) -> tuple[int, int] | None:
+    """(H, W) the model's own config evaluates at (``data.eval_size``), or None: full resolution."""
+    size = sidecar.get("config", {}).get("data", {}).get("eval_size")
+    return (int(size[0]), int(size[1])) if size else None
+
+
+def describe_size(size: tuple[int, int] | None) -> str:
+    """(H, W) as WIDTHxHEIGHT, the way the tools take it; None as ``full``."""
+    return "full" if size is None else f"{size[1]}x{size[0]}"
+
+
+def settings(size: tuple[int, int] | None, size_from: str, tta: TestTimeAugmentation) -> dict[str, Any]:
+    """What an evaluation's numbers depend on besides the model and the data, as recorded in
+    metrics.json: the input size (WIDTHxHEIGHT or ``full``) and where it came from, mode,
+    flip, scales, and the sliding window (WIDTHxHEIGHT) in slide mode."""
+    record: dict[str, Any] = {
+        "input_size": describe_size(size),
+        "input_size_from": size_from,
+        "mode": tta.mode,
+        "flip": tta.flip,
+        "scales": list(tta.scales),
+    }
+    if tta.mode == "slide":
+        record |= {"crop": describe_size(tta.crop), "stride": describe_size(tta.stride)}
+    return record
+
+
+def describe_settings(record: dict[str, Any]) -> str:
+    """One line for a person: ``input 192x96, whole, no flip, scales 1``."""
+    mode = record["mode"]
+    if mode == "slide":
+        mode = f"slide (window {record['crop']}, stride {record['stride']})"
+    size = "full resolution" if record["input_size"] == "full" else record["input_size"]
+    scales = ", ".join(f"{s:g}" for s in record["scales"])
+    return f"input {size}, {mode}, {'flip' if record['flip'] else 'no flip'}, scales {scales}"
+
+
+def settings_name(split: str, record: dict[str, Any]) -> str:
+    """A folder name that tells evaluations of different settings apart:
+    ``eval-val-192x96-whole``, ``eval-val-full-slide1024x512s683x341-flip-scales0.75_1_1.25``."""
+    parts = [f"eval-{split}", record["input_size"]]
+    parts.append(f"slide{record['crop']}s{record['stride']}" if record["mode"] == "slide" else record["mode"])
+    if record["flip"]:
+        parts.append("flip")
+    if list(record["scales"]) != [1.0]:
+        parts.append("scales" + "_".join(f"{s:g}" for s in record["scales"]))
+    return "-".join(parts)

@@ -3,8 +3,8 @@
 The backbone keeps torchvision's ResNet key layout (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer2.0.downsample.0``...) so ImageNet weights in that layout load as they are; it is
 written here because torchvision's BasicBlock refuses dilation, and the study's model is a
-dilated ResNet-34. Depth 34 at output stride 8 is exactly the study's model
-(``shared/seed-notes.md``).
+dilated ResNet-34. Depth 34 at output stride 8 is exactly the model of the DeepLabV3+ study
+this project reproduces.
 """
 
 from __future__ import annotations
@@ -311,6 +311,12 @@ def load_model(path: str | Path) -> tuple[DeepLabV3Plus, dict[str, Any]]:
     """A model file of ours (safetensors with ``format: seg.deeplabv3plus`` metadata and its
     JSON sidecar) as an eval-mode model on the CPU, and the sidecar."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(_folder_hint(path))
+    if path.suffix == ".json" and path.is_file():
+        model = path.with_suffix(".safetensors")
+        there = "" if model.is_file() else f" (it is not there: copy it along with {path.name})"
+        raise WeightsError(f"{path}: this is a model's JSON sidecar, not the model; pass {model}{there}")
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
     try:
@@ -336,3 +342,19 @@ def load_model(path: str | Path) -> tuple[DeepLabV3Plus, dict[str, Any]]:
     except RuntimeError as e:
         raise WeightsError(f"{path}: does not fit the model its sidecar describes ({str(e).splitlines()[0]})") from None
     return model.eval(), sidecar
+
+
+def _folder_hint(path: Path) -> str:
+    """What to pass instead of a folder: the model files in it (a fold's best and final
+    weights, a reduction's model), or the model files one level down (a stage's folds)."""
+    described = {"best.safetensors": "the fold's best weights", "model.safetensors": "its final weights"}
+    found = [path / name for name in described if (path / name).is_file()]
+    if found:
+        if path.name == "reduced" or len(found) == 1:
+            described["model.safetensors"] = "the model"
+        choices = " or ".join(f"{p} ({described[p.name]})" for p in found)
+        return f"{path}: a folder, not a model file; pass {choices}"
+    below = sorted(path.glob("*/best.safetensors")) + sorted(path.glob("reduced/model.safetensors"))
+    if below:
+        return f"{path}: a folder, not a model file; pass one of {', '.join(map(str, below[:4]))}"
+    return f"{path}: a folder with no model file (*.safetensors) in it; pass a .safetensors file"

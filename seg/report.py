@@ -379,6 +379,11 @@ def _final_lines(experiment: Experiment, figures: dict[str, str]) -> list[str]:
     return lines
 
 
+def count(number: int, noun: str) -> str:
+    """``1 image``, ``2 images``, ``0 images``: for every line a person reads."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 

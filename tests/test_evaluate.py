@@ -11,7 +11,7 @@ from PIL import Image
 
 from seg.augment import DeviceAugment
 from seg.checkpoint import export_weights
-from seg.cityscapes import ID_TO_TRAINID
+from seg.cityscapes import CLASS_NAMES, ID_TO_TRAINID, VALID_IDS
 from seg.config import load_config, to_dict
 from seg.data import EvalStream, shards_of
 from seg.inference import TestTimeAugmentation, predict_probabilities
@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_and_shards(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("evaluate")
-    make_synthetic(root / "cityscapes", counts={"train": 4, "val": 5, "test": 0},
+    make_synthetic(root / "cityscapes", counts={"train": 4, "val": 5, "test": 2},
                    cities={"train": 2, "val": 2, "test": 1}, size=(64, 32), progress=False)  # fmt: skip
-    pack(root / "cityscapes", root / "shards", Options(folds=2, splits=("train", "val")), progress=False)
+    pack(root / "cityscapes", root / "shards", Options(folds=2, splits=("train", "val", "test")), progress=False)
     torch.manual_seed(0)
     model = DeepLabV3Plus(18, 8).eval()
     config = load_config(REPO / "configs" / "demo.yaml", [f"data.shards={root / 'shards'}", "model.output_stride=8"])
@@ -39,11 +39,14 @@ def model_and_shards(tmp_path_factory) -> tuple[Path, Path]:
 def test_evaluate_matches_the_metrics_module_and_an_independent_count_of_the_exported_pngs(model_and_shards, tmp_path):
     model_path, shards = model_and_shards
     done = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), str(model_path), "--out",
-                           str(tmp_path / "out"), "--export", str(tmp_path / "png"), "--workers", "0"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                           str(tmp_path / "out"), "--export", str(tmp_path / "png"), "--workers", "0",
+                           "--input-size", "full"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert result["samples"] == result["expected"] == 5
+    assert result["settings"] == {"input_size": "full", "input_size_from": "--input-size", "mode": "whole",
+                                  "flip": False, "scales": [1.0]}  # fmt: skip
+    assert f"mIoU {100 * result['miou']:.2f}% over 5 images" in done.stdout
     for name in ("metrics.md", "per_class_iou.png", "confusion.png", "frequency_vs_iou.png"):
         assert (tmp_path / "out" / name).is_file()
 
@@ -101,3 +104,109 @@ def test_a_file_that_is_not_ours_is_refused(model_and_shards, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), str(stray)],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2 and "no sidecar other.json" in done.stderr
+
+
+def evaluate_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), *args, "--workers", "0"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_the_model_configs_eval_size_is_the_default_recorded_and_kept_apart_from_other_settings(model_and_shards):
+    model_path, shards = model_and_shards
+    done = evaluate_tool(str(model_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "input 192x96, whole, no flip, scales 1; input size from the model's config (data.eval_size)" in done.stdout
+    out = model_path.parent / "eval-val-192x96-whole"
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["settings"] == {"input_size": "192x96", "input_size_from": "the model's config (data.eval_size)",
+                                  "mode": "whole", "flip": False, "scales": [1.0]}  # fmt: skip
+    assert f"val: mIoU {100 * result['miou']:.2f}% over 5 images -> {out}" in done.stdout
+    text = (out / "metrics.md").read_text()
+    assert "Settings: input 192x96, whole, no flip, scales 1." in text and f"{100 * result['miou']:.2f}%" in text
+
+    # the same numbers computed here: the image resized to 192x96, the prediction brought back to 64x32
+    model = DeepLabV3Plus(18, 8).eval()
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(model_path))
+    matrix = ConfusionMatrix()
+    for item in EvalStream(shards_of(shards, ["val"]), size=(96, 192)):
+        with torch.no_grad():
+            logits = model(DeviceAugment("none")(item["image"][None], train=False)[0])
+        matrix.update(F.interpolate(logits, size=(32, 64), mode="bilinear").argmax(1)[0], item["label"])
+    assert result["miou"] == pytest.approx(matrix.compute()["miou"], abs=1e-12)
+
+    # another setting goes beside it, not over it
+    done = evaluate_tool(str(model_path), "--input-size", "full", "--flip")
+    assert done.returncode == 0, done.stderr[-2000:]
+    beside = json.loads((model_path.parent / "eval-val-full-whole-flip" / "metrics.json").read_text())
+    assert beside["settings"]["input_size"] == "full" and beside["settings"]["flip"] is True
+    assert json.loads((out / "metrics.json").read_text()) == result
+
+
+def test_the_unlabelled_test_split_exports_predictions_and_reports_no_metrics(model_and_shards, tmp_path):
+    model_path, _ = model_and_shards
+    refused = evaluate_tool(str(model_path), "--split", "test", "--out", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and "the test split has no labels" in refused.stderr
+    assert "pass --export DIR" in refused.stderr and not (tmp_path / "refused").exists()
+
+    done = evaluate_tool(str(model_path), "--split", "test", "--export", str(tmp_path / "png"), "--out",
+                         str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"test: no labels, no metrics; 2 predictions (labelIds PNGs) -> {tmp_path / 'png'}" in done.stdout
+    pngs = sorted((tmp_path / "png").glob("*_labelIds.png"))
+    assert len(pngs) == 2
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.size == (64, 32) and image.mode == "L"  # the original size, not the 192x96 input
+            assert set(np.unique(np.asarray(image)).tolist()) <= VALID_IDS
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert result["labelled"] is False and "miou" not in result and result["samples"] == 2
+    assert result["settings"]["input_size"] == "192x96" and result["export"] == str(tmp_path / "png")
+    assert (
+        "No metrics: the `test` split has no labels. 2 predictions exported"
+        in (tmp_path / "out" / "metrics.md").read_text()
+    )
+
+
+def test_a_folder_or_a_sidecar_given_as_the_model_says_what_to_pass(model_and_shards, tmp_path):
+    model_path, _ = model_and_shards
+    fold = tmp_path / "stage1" / "fold0"
+    fold.mkdir(parents=True)
+    for name in ("best", "model"):
+        for suffix in (".safetensors", ".json"):
+            (fold / f"{name}{suffix}").write_bytes(model_path.with_suffix(suffix).read_bytes())
+    done = evaluate_tool(str(fold))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"{fold}: a folder, not a model file; pass {fold / 'best.safetensors'} (the fold's best weights) or " \
+           f"{fold / 'model.safetensors'} (its final weights)" in done.stderr  # fmt: skip
+    done = evaluate_tool(str(fold / "best.json"))
+    assert done.returncode == 2
+    assert f"{fold / 'best.json'}: this is a model's JSON sidecar, not the model; pass {fold / 'best.safetensors'}" \
+        in done.stderr  # fmt: skip
+    from seg.model import WeightsError, load_model
+
+    with pytest.raises(WeightsError, match=r"a folder, not a model file; pass .*fold0/best\.safetensors"):
+        load_model(tmp_path / "stage1")
+
+
+def test_class_names_in_the_frequency_figure_do_not_overlap():
+    import matplotlib.text
+
+    from tools.evaluate import frequency_figure
+
+    # many rare classes of about the same share and IoU: their names used to print over each other
+    frequency = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.04] + [0.002 + 0.0001 * i for i in range(11)] + [0.0])
+    iou = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3] + [0.05 + 0.002 * i for i in range(11)] + [np.nan])
+    figure = frequency_figure(iou, frequency / frequency.sum())
+    figure.canvas.draw()  # places the annotations
+    renderer = figure.canvas.get_renderer()
+    axes = figure.axes[0]
+    texts = [t for t in axes.texts if isinstance(t, matplotlib.text.Annotation)]
+    assert sorted(t.get_text() for t in texts) == sorted(CLASS_NAMES[:18])  # the absent one only in the title
+    boxes = [matplotlib.text.Text.get_window_extent(t, renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        assert figure.bbox.contains(a.x0, a.y0) and figure.bbox.contains(a.x1, a.y1), texts[i].get_text()
+        for j in range(i):
+            assert not a.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+    assert CLASS_NAMES[18] in axes.get_title()

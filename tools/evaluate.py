@@ -1,13 +1,20 @@
 #!/usr/bin/env python
 """Evaluate a model file on a shard split, exactly (any number of processes).
 
-    python tools/evaluate.py runs/study/stage4/reduced/model.safetensors --out eval/
+    python tools/evaluate.py runs/study/stage4/reduced/model.safetensors
     python tools/evaluate.py MODEL --split val --mode slide --flip --scales 0.75 1.0 1.25
-    python tools/evaluate.py MODEL --export eval/predictions   # labelIds PNGs for the benchmark
+    python tools/evaluate.py MODEL --input-size full     # full resolution, whatever the model's config says
+    python tools/evaluate.py MODEL --split test --export eval/predictions   # labelIds PNGs for the benchmark
 
-Writes OUT/metrics.json, OUT/metrics.md, OUT/per_class_iou.png, OUT/confusion.png and
-OUT/frequency_vs_iou.png. --export writes one ``{city}_{seq}_{frame}_labelIds.png`` per
-image (official label ids, as the Cityscapes benchmark expects).
+The input is resized to the model's own ``data.eval_size`` (from its sidecar: the size it
+was validated and selected at) unless --input-size says otherwise; the size used is
+printed and recorded. Writes OUT/metrics.json (the metrics and the settings: input size,
+mode, flip, scales), OUT/metrics.md, OUT/per_class_iou.png, OUT/confusion.png and
+OUT/frequency_vs_iou.png; OUT defaults to ``eval-SPLIT-SETTINGS/`` beside the model (e.g.
+``eval-val-1024x512-whole``), so evaluations with other settings sit side by side.
+--export writes one ``{city}_{seq}_{frame}_labelIds.png`` per image (official label ids, at
+the image's original size, as the Cityscapes benchmark expects). A split without labels
+(test) needs --export: its predictions are exported and no metrics are reported.
 """
 
 from __future__ import annotations
@@ -28,21 +35,93 @@ from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment
 from seg.cityscapes import CLASS_NAMES, TRAINID_TO_ID
 from seg.cli import parse_size
-from seg.data import eval_loader
-from seg.evaluate import evaluate
+from seg.evaluate import (
+    describe_settings,
+    evaluate,
+    model_input_size,
+    prediction_loader,
+    settings,
+    settings_name,
+    split_is_labelled,
+)
 from seg.inference import TestTimeAugmentation
 from seg.manifest import ManifestError
 from seg.model import WeightsError, load_model
 from seg.png import encode_gray8
+from seg.report import count
 from seg.tracking import confusion_figure
 
 
+def input_size(text: str) -> tuple[int, int] | str:
+    """WIDTHxHEIGHT, or ``full`` (no resizing)."""
+    return "full" if text.lower() == "full" else parse_size(text)
+
+
 def markdown(result: dict, title: str) -> str:
-    lines = [f"# {title}", "", f"mIoU **{100 * result['miou']:.2f}**, fwIoU {100 * result['fwiou']:.2f}, "
-             f"pixel accuracy {100 * result['pixel_accuracy']:.2f}, mean accuracy {100 * result['mean_accuracy']:.2f} "
-             f"({result['samples']} images)", "", "| class | IoU |", "| --- | --- |"]  # fmt: skip
+    lines = [f"# {title}", "", f"Settings: {describe_settings(result['settings'])}.", ""]
+    if not result["labelled"]:
+        exported = count(result["samples"], "prediction")
+        lines.append(
+            f"No metrics: the `{result['split']}` split has no labels. {exported} exported to "
+            f"`{result['export']}` (labelIds PNGs for the Cityscapes benchmark server)."
+        )
+        return "\n".join(lines) + "\n"
+    pct = {key: f"{100 * result[key]:.2f}%" for key in ("miou", "fwiou", "pixel_accuracy", "mean_accuracy")}
+    lines += [
+        f"mIoU **{pct['miou']}**, fwIoU {pct['fwiou']}, pixel accuracy {pct['pixel_accuracy']}, "
+        f"mean accuracy {pct['mean_accuracy']} ({count(result['samples'], 'image')})",
+        "",
+        "| class | IoU (%) |",
+        "| --- | --- |",
+    ]
     lines += [f"| {name} | {100 * value:.2f} |" for name, value in result["iou"].items()]
     return "\n".join(lines) + "\n"
+
+
+def frequency_figure(iou: np.ndarray, frequency: np.ndarray) -> object:
+    """IoU against each class's share of the labelled pixels (log x), every class named:
+    each name goes to the first of a ring of offsets around its point where it overlaps no
+    name placed before it (rare classes crowd together at the left), with a thin line back
+    to its point when it had to move away."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 5.5))
+    present = frequency > 0
+    x = 100 * np.where(present, frequency, np.nan)
+    y = 100 * np.nan_to_num(iou)
+    axes.scatter(x, y, s=14)
+    axes.set_xscale("log")
+    axes.set(xlabel="share of labelled pixels (%), log scale", ylabel="IoU (%)", ylim=(-5, 105))
+    if present.any():
+        axes.set_xlim(np.nanmin(x) / 3, np.nanmax(x) * 3)
+    absent = [CLASS_NAMES[i] for i in range(len(CLASS_NAMES)) if not present[i]]
+    axes.set_title("per-class IoU against class frequency" + (f"\nnot in these labels: {', '.join(absent)}" if absent
+                   else ""), fontsize=9)  # fmt: skip
+    figure.tight_layout()
+    renderer = figure.canvas.get_renderer()
+    near = [(4, 2), (4, -10), (-4, 2), (-4, -10)]
+    ring = ((0, 12), (0, -12), (14, 0), (-14, 0), (12, 12), (12, -12), (-12, 12), (-12, -12))
+    rings = [(dx * r, dy * r) for r in range(1, 7) for dx, dy in ring]
+    placed: list[object] = []
+    for i in sorted(np.flatnonzero(present), key=lambda i: -x[i]):
+        chosen, box = near[0], None
+        for dx, dy in near + rings:
+            trial = axes.annotate(CLASS_NAMES[i], (x[i], y[i]), xytext=(dx, dy), textcoords="offset points",
+                                  fontsize=7, ha="left" if dx >= 0 else "right")  # fmt: skip
+            extent = trial.get_window_extent(renderer)
+            trial.remove()
+            inside = figure.bbox.contains(extent.x0, extent.y0) and figure.bbox.contains(extent.x1, extent.y1)
+            if inside and not any(extent.overlaps(other) for other in placed):
+                chosen, box = (dx, dy), extent
+                break
+        line = {"arrowprops": {"arrowstyle": "-", "lw": 0.4, "color": "grey"}} if chosen not in near else {}
+        text = axes.annotate(CLASS_NAMES[i], (x[i], y[i]), xytext=chosen, textcoords="offset points", fontsize=7,
+                             ha="left" if chosen[0] >= 0 else "right", **line)  # fmt: skip
+        placed.append(box if box is not None else text.get_window_extent(renderer))
+    return figure
 
 
 def plots(result: dict, matrix: np.ndarray, out: Path) -> None:
@@ -55,7 +134,7 @@ def plots(result: dict, matrix: np.ndarray, out: Path) -> None:
     figure, axes = plt.subplots(figsize=(10, 4))
     axes.bar(CLASS_NAMES, np.nan_to_num(100 * iou))
     axes.set_ylabel("IoU (%)")
-    axes.set_title(f"per-class IoU, mIoU {100 * result['miou']:.2f}")
+    axes.set_title(f"per-class IoU, mIoU {100 * result['miou']:.2f}% ({describe_settings(result['settings'])})")
     axes.tick_params(axis="x", rotation=90)
     figure.tight_layout()
     figure.savefig(out / "per_class_iou.png", dpi=100)
@@ -65,15 +144,7 @@ def plots(result: dict, matrix: np.ndarray, out: Path) -> None:
     figure.savefig(out / "confusion.png", dpi=100)
     plt.close(figure)
 
-    frequency = matrix.sum(1) / max(matrix.sum(), 1)
-    figure, axes = plt.subplots(figsize=(6, 5))
-    axes.scatter(100 * frequency, 100 * np.nan_to_num(iou))
-    for name, x, y in zip(CLASS_NAMES, frequency, np.nan_to_num(iou), strict=True):
-        axes.annotate(name, (100 * x, 100 * y), fontsize=7)
-    axes.set_xscale("log")
-    axes.set_xlabel("share of labelled pixels (%)")
-    axes.set_ylabel("IoU (%)")
-    figure.tight_layout()
+    figure = frequency_figure(iou, matrix.sum(1) / max(matrix.sum(), 1))
     figure.savefig(out / "frequency_vs_iou.png", dpi=100)
     plt.close(figure)
 
@@ -82,25 +153,44 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="a .safetensors model with its .json sidecar")
     parser.add_argument("--shards", help="packed dataset (default: the one in the model's config)")
-    parser.add_argument("--split", default="val", help="a group of the manifest: val (default), train-fold0, ...")
-    parser.add_argument("--input-size", type=parse_size, help="resize images to WIDTHxHEIGHT (default: full)")
+    parser.add_argument("--split", default="val", help="a group of the manifest: val (default), test, train-fold0, ...")
+    parser.add_argument(
+        "--input-size",
+        type=input_size,
+        help="resize images to WIDTHxHEIGHT, or 'full' (default: the model config's data.eval_size)",
+    )
     TestTimeAugmentation.add_arguments(parser)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, help="where the report goes (default: beside the model)")
+    parser.add_argument(
+        "--out", type=Path, help="where the results go (default: eval-SPLIT-SETTINGS/ beside the model)"
+    )
     parser.add_argument("--export", type=Path, help="write predictions as labelIds PNGs here")
     args = parser.parse_args(argv)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    say = accelerator.print
     try:
         model, sidecar = load_model(args.model)
         shards = args.shards or sidecar["config"]["data"]["shards"]
-        size = (args.input_size[1], args.input_size[0]) if args.input_size else None
-        loader, expected = eval_loader(shards, [args.split], 1, size, accelerator.process_index,
-                                       accelerator.num_processes, args.workers)  # fmt: skip
+        labelled = split_is_labelled(shards, args.split)
+        if not labelled and not args.export:
+            raise ManifestError(f"{shards}: the {args.split} split has no labels, so there is nothing to measure; "
+                                f"pass --export DIR to write its predictions (labelIds PNGs for the Cityscapes "
+                                f"benchmark server)")  # fmt: skip
+        if args.input_size is None:
+            size, size_from = model_input_size(sidecar), "the model's config (data.eval_size)"
+        else:
+            size = None if args.input_size == "full" else (args.input_size[1], args.input_size[0])
+            size_from = "--input-size"
+        loader, expected = prediction_loader(shards, [args.split], size, accelerator.process_index,
+                                             accelerator.num_processes, args.workers)  # fmt: skip
     except (WeightsError, ManifestError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 2
     tta = TestTimeAugmentation.from_arguments(args)
+    record = settings(size, size_from, tta)
+    say(f"{describe_settings(record)}; input size from {size_from}"
+        + (" (--input-size WIDTHxHEIGHT or full to change it)" if args.input_size is None else ""))  # fmt: skip
     export = None
     if args.export:
         args.export.mkdir(parents=True, exist_ok=True)
@@ -112,15 +202,24 @@ def main(argv: list[str] | None = None) -> int:
     device = accelerator.device
     matrix, seen, _ = evaluate(model.to(device), loader, device, DeviceAugment("none").to(device), tta=tta,
                                export=export)  # fmt: skip
-    result = matrix.compute() | {"samples": seen, "expected": expected, "split": args.split, "shards": str(shards),
-                                 "model": str(args.model), "tta": tta.__dict__}  # fmt: skip
+    result = {"samples": seen, "expected": expected, "split": args.split, "shards": str(shards),
+              "model": str(args.model), "labelled": labelled, "settings": record, "tta": tta.__dict__,
+              "export": str(args.export) if args.export else None}  # fmt: skip
+    if labelled:
+        result = matrix.compute() | result
+    else:
+        result["metrics"] = f"none: the {args.split} split has no labels"
     if accelerator.is_main_process:
-        out = args.out or args.model.parent / f"eval-{args.split}"
+        out = args.out or args.model.parent / settings_name(args.split, record)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
         atomic_write_bytes(out / "metrics.md", markdown(result, f"{args.model} on {args.split}").encode())
-        plots(result, matrix.matrix.cpu().numpy(), out)
-        print(f"{args.split}: mIoU {100 * result['miou']:.2f} over {seen} images -> {out}")
+        if labelled:
+            plots(result, matrix.matrix.cpu().numpy(), out)
+            print(f"{args.split}: mIoU {100 * result['miou']:.2f}% over {count(seen, 'image')} -> {out}")
+        else:
+            print(f"{args.split}: no labels, no metrics; {count(seen, 'prediction')} (labelIds PNGs) -> "
+                  f"{args.export}; settings recorded in {out / 'metrics.json'}")  # fmt: skip
     accelerator.end_training()
     return 0
 
