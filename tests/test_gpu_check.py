@@ -46,7 +46,9 @@ def test_tiny_mode_runs_every_part_and_writes_its_json(tmp_path: Path) -> None:
     assert train["status"] == "ok" and train["images_per_s"] > 0 and train["tflop_per_image"] > 0
     (evaluation,) = report["eval"]
     assert evaluation["status"] == "ok" and evaluation["images_per_s"] > 0
-    assert report["loader"]["images_per_s_per_core"] > 0
+    full, small = report["loader"]
+    assert "full-size" in full["pipeline"] and "train-size" in small["pipeline"]
+    assert full["images_per_s_per_core"] > 0 and small["images_per_s_per_core"] > 0
     assert report["passed"] is True
     assert "all checks passed" in done.stdout
     assert "| bf16 | pass |" in done.stdout  # the printed table

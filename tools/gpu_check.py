@@ -25,8 +25,9 @@ Speed (CUDA only)
                  and 4, fp32/bf16/fp16, channels_last on and off, torch.compile on and off;
                  model FLOP utilisation against the device's dense bf16 peak.
   eval           full-resolution (1024x2048) images/s for whole / slide / whole+flip.
-  loader         seg's training pipeline, one worker = one core, images/s; the cores it would
-                 take to feed the fastest study-model configuration.
+  loader         seg's training pipeline on one core, images/s: full-size PNG with the geometry
+                 in the worker, and train-size PNG with the geometry on the device; the cores
+                 each would take to feed the fastest study-model configuration.
 
 The speed grid runs most important first and stops starting new rows after --budget seconds
 (the rest are listed as skipped). Prints a table; --json writes everything. Exit status 1
@@ -134,7 +135,7 @@ def main() -> int:
         try:
             report["loader"] = loader_speed(args.tiny, fastest)
         except Exception as e:  # reported, not fatal
-            report["loader"] = {"pipeline": "seg train pipeline", "images_per_s_per_core": f"error: {e}"}
+            report["loader"] = [{"pipeline": "seg train pipeline", "images_per_s_per_core": f"error: {e}"}]
         print(format_loader(report["loader"]), flush=True)
 
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -552,35 +553,47 @@ def measure_eval(
             "images_per_s": round(images / elapsed, 2), "status": "ok"}  # fmt: skip
 
 
-def loader_speed(tiny: bool, train_images_per_s: float | None) -> dict[str, Any]:
-    """seg's training pipeline with one loader worker (one core), on full-resolution PNG shards."""
+def loader_speed(tiny: bool, train_images_per_s: float | None) -> list[dict[str, Any]]:
+    """seg's training pipeline on one core (no loader workers, one thread): full-size PNG
+    shards with the geometry in the worker, and shards packed at the training size with the
+    geometry on the device (``pack --resize``, ``data.geometry_on_device``); tools/bench_loader.py
+    has every variant."""
     from seg.data import train_loader
     from seg.pack import Options, pack
     from seg.synthetic import make_synthetic
     from seg.transforms import TrainGeometry
 
     frame, train_size, frames = ((256, 128), (64, 128), 8) if tiny else ((2048, 1024), (512, 1024), 24)
+    rows = []
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         root = Path(scratch) / "cityscapes"
         workers = min(os.cpu_count() or 1, 8)
         make_synthetic(root, counts={"train": frames, "val": 0, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
                        size=frame, workers=workers, progress=False)  # fmt: skip
-        pack(root, Path(scratch) / "shards", Options(splits=("train",), folds=3), workers=workers, progress=False)
         geometry = TrainGeometry("resize", train_size, "standard")
-        loader, steps = train_loader(Path(scratch) / "shards", 0, geometry, batch_size=2, rank=0, world_size=1,
-                                     workers=1, seed=0)  # fmt: skip
-        batches = iter(loader)
-        next(batches)  # worker start-up
-        started, seen = time.perf_counter(), 0
-        for _ in range(max(steps - 1, 1)):
-            seen += next(batches)["image"].shape[0]
-        per_core = seen / (time.perf_counter() - started)
-    result: dict[str, Any] = {"pipeline": f"PNG {frame[0]}x{frame[1]} -> {train_size[1]}x{train_size[0]}, standard",
-                              "images_per_s_per_core": round(per_core, 2)}  # fmt: skip
-    if train_images_per_s:
-        result["cores_to_feed_fastest_row"] = math.ceil(train_images_per_s / per_core)
-        result["fastest_row_images_per_s"] = train_images_per_s
-    return result
+        for name, resize, on_device in (("full-size PNG, geometry in the worker", None, False),
+                                        ("train-size PNG, geometry on the device", train_size, True)):  # fmt: skip
+            shards = Path(scratch) / name.split(",")[0].replace(" ", "-")
+            pack(root, shards, Options(splits=("train",), folds=3, resize=resize), workers=workers, progress=False)
+            loader, steps = train_loader(shards, 0, geometry, batch_size=2, workers=0, seed=0,
+                                         geometry_on_device=on_device)  # fmt: skip
+            batches = iter(loader)
+            next(batches)
+            torch.set_num_threads(1)  # one core
+            try:
+                started, seen = time.perf_counter(), 0
+                for _ in range(max(steps - 1, 1)):
+                    seen += next(batches)["image"].shape[0]
+                per_core = seen / (time.perf_counter() - started)
+            finally:
+                torch.set_num_threads(threads)
+            row: dict[str, Any] = {"pipeline": name, "images_per_s_per_core": round(per_core, 2)}
+            if train_images_per_s:
+                row["cores_to_feed_fastest_row"] = math.ceil(train_images_per_s / per_core)
+                row["fastest_row_images_per_s"] = train_images_per_s
+            rows.append(row)
+    return rows
 
 
 # --- printing ------------------------------------------------------------------------------------
@@ -637,12 +650,15 @@ def format_eval(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_loader(loader: dict[str, Any]) -> str:
-    line = f"loader: {loader['pipeline']}: {loader['images_per_s_per_core']} images/s per core"
-    if "cores_to_feed_fastest_row" in loader:
-        line += (f"; feeding {loader['fastest_row_images_per_s']} images/s takes "
-                 f"{loader['cores_to_feed_fastest_row']} cores")  # fmt: skip
-    return line
+def format_loader(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        line = f"loader, {row['pipeline']}: {row['images_per_s_per_core']} images/s per core"
+        if "cores_to_feed_fastest_row" in row:
+            line += (f"; feeding {row['fastest_row_images_per_s']} images/s takes "
+                     f"{row['cores_to_feed_fastest_row']} cores")  # fmt: skip
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
