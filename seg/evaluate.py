@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from seg.augment import DeviceAugment
+from seg.cli import parse_size
 from seg.data import EvalStream, Shard, _loader_options, shards_of
 from seg.distributed import all_reduce_sum
 from seg.inference import TestTimeAugmentation, predict_probabilities
@@ -125,6 +126,11 @@ def prediction_loader(
 
 
 # --- what an evaluation records -------------------------------------------------------------
+
+
+def parse_input_size(text: str) -> tuple[int, int] | str:
+    """A tool's input size: WIDTHxHEIGHT, or ``full`` (each image at its own resolution)."""
+    return "full" if text.strip().lower() == "full" else parse_size(text)
 
 
 def model_input_size(sidecar: dict[str, Any]) -> tuple[int, int] | None:

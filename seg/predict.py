@@ -2,7 +2,8 @@
 
 The model is built and run the way tools/evaluate.py does: the sidecar's ``config.model``
 builds the network, ``eval_sample`` decodes (and optionally resizes) the image,
-DeviceAugment("none") normalises it, and ``predict_probabilities`` (whole or sliding
+DeviceAugment("none") normalises it (resized by default to the model config's
+``data.eval_size``, as tools/evaluate.py does), and ``predict_probabilities`` (whole or sliding
 windows, flips, scales) predicts at the image's own size. Every PNG is written atomically,
 so an error or Ctrl-C never leaves a half-written file.
 """
@@ -13,6 +14,7 @@ import contextlib
 import io
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from PIL import Image
 from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment
 from seg.cityscapes import TRAINID_TO_ID, colorize
+from seg.evaluate import model_input_size, settings
 from seg.inference import TestTimeAugmentation, predict_probabilities
 from seg.model import load_model
 from seg.png import encode_gray8
@@ -29,6 +32,7 @@ from seg.transforms import eval_sample
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Dropped from output names: aachen_000000_000019_labelIds.png, as tools/evaluate.py --export names them.
 CITYSCAPES_IMAGE = "_leftImg8bit"
+MODEL_SIZE = "model"  # predict_files' size: the model config's data.eval_size
 
 
 class PredictError(ValueError):
@@ -140,20 +144,30 @@ def predict_files(
     inputs: Iterable[str | Path],
     out: str | Path,
     tta: TestTimeAugmentation,
-    size: tuple[int, int] | None = None,
+    size: tuple[int, int] | str | None = MODEL_SIZE,
     alpha: float = 0.5,
     device: torch.device | None = None,
     progress: Callable[[Path], None] | None = None,
+    announce: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
     """Predict every image of ``inputs`` into ``out``, one at a time; returns how many.
 
+    ``size`` (H, W) resizes the model's input, None keeps each image's resolution, and
+    ``MODEL_SIZE`` (the default) takes the model config's ``data.eval_size``, the size it
+    was validated at. ``announce`` receives the settings (seg.evaluate.settings) once known.
     The model and every image's header are checked before anything is written; an image
     that turns out truncated stops the run with its earlier images' outputs complete."""
     out = Path(out)
     images = find_images(inputs, out)
     for path, _ in images:
         check_image(path)
-    model, _ = load_model(model_path)
+    model, sidecar = load_model(model_path)
+    if isinstance(size, str):
+        size, size_from = model_input_size(sidecar), "the model's config (data.eval_size)"
+    else:
+        size_from = "--size"
+    if announce is not None:
+        announce(settings(size, size_from, tta))
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     normalise = DeviceAugment("none").to(device)

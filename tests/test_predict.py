@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -61,8 +62,11 @@ def expected_train_ids(model_path: Path, image_path: Path) -> np.ndarray:
 def test_each_image_gives_colour_overlay_and_label_ids_pngs(model_and_images, tmp_path, capsys):
     model_path, images, single = model_and_images
     out = tmp_path / "out"
-    assert main([str(model_path), str(images), str(single), "--out", str(out), "--alpha", "0.4"]) == 0
-    assert "3 images ->" in capsys.readouterr().out
+    argv = [str(model_path), str(images), str(single), "--out", str(out), "--alpha", "0.4", "--size", "full"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "input full resolution, whole, no flip, scales 1; input size from --size\n" in printed
+    assert "3 images ->" in printed
     cases = {
         images / "aachen" / "aachen_000000_000019_leftImg8bit.png": out / "aachen" / "aachen_000000_000019",
         images / "more" / "deeper" / "street.jpg": out / "more" / "deeper" / "street",
@@ -117,7 +121,44 @@ def test_sliding_windows_flips_scales_and_a_resized_input_keep_the_image_size(mo
     label_ids = Image.open(out / "aachen_000000_000019_labelIds.png")
     assert label_ids.size == (128, 64)
     assert set(np.unique(np.asarray(label_ids)).tolist()) <= VALID_IDS
-    assert "1 images ->" in capsys.readouterr().out
+    assert "1 image ->" in capsys.readouterr().out
+
+
+def test_the_input_defaults_to_the_model_configs_eval_size_and_says_so(model_and_images, tmp_path, capsys):
+    model_path, _, single = model_and_images
+    assert main([str(model_path), str(single), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "input 192x96, whole, no flip, scales 1; input size from the model's config (data.eval_size)" in printed
+    assert "1 image ->" in printed
+    # computed here: the image resized to 192x96 (Pillow, bilinear), the logits brought back to 72x40
+    model = DeepLabV3Plus(18, 8).eval()
+    model.load_state_dict(load_file(model_path))
+    image = Image.open(single).convert("RGB").resize((192, 96), Image.BILINEAR)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    x = (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        logits = F.interpolate(model(x[None]), size=(40, 72), mode="bilinear", align_corners=False)
+    expected = TRAINID_TO_ID[logits.argmax(1)[0].numpy().astype(np.uint8)]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "single_labelIds.png")), expected)
+
+
+def test_a_folder_or_a_sidecar_given_as_the_model_names_the_file_to_pass(model_and_images, tmp_path, capsys):
+    model_path, _, single = model_and_images
+    reduced = tmp_path / "stage2" / "reduced"
+    reduced.mkdir(parents=True)
+    for suffix in (".safetensors", ".json"):
+        (reduced / f"model{suffix}").write_bytes(model_path.with_suffix(suffix).read_bytes())
+    assert main([str(reduced), str(single), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{reduced}: a folder, not a model file; pass {reduced / 'model.safetensors'} (the model)\n" in err
+    assert main([str(reduced.parent), str(single), "--out", str(tmp_path / "out")]) == 2
+    assert f"pass one of {reduced / 'model.safetensors'}" in capsys.readouterr().err
+    (reduced / "model.safetensors").unlink()
+    assert main([str(reduced / "model.json"), str(single), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{reduced / 'model.json'}: this is a model's JSON sidecar, not the model; pass " in err
+    assert "(it is not there: copy it along with model.json)" in err
+    assert listing(tmp_path / "out") == []
 
 
 def listing(folder: Path) -> list[str]:
@@ -182,5 +223,5 @@ def test_an_output_folder_inside_the_input_is_not_read_back(model_and_images, tm
     (folder / "p.png").write_bytes(single.read_bytes())
     for _ in range(2):  # the second run must not predict the first run's PNGs
         assert main([str(model_path), str(folder), "--out", str(folder / "pred")]) == 0
-        assert "1 images ->" in capsys.readouterr().out
+        assert "1 image ->" in capsys.readouterr().out
     assert listing(folder / "pred") == ["p_color.png", "p_labelIds.png", "p_overlay.png"]

@@ -34,11 +34,11 @@ from accelerate import Accelerator
 from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment
 from seg.cityscapes import CLASS_NAMES, TRAINID_TO_ID
-from seg.cli import parse_size
 from seg.evaluate import (
     describe_settings,
     evaluate,
     model_input_size,
+    parse_input_size,
     prediction_loader,
     settings,
     settings_name,
@@ -50,11 +50,6 @@ from seg.model import WeightsError, load_model
 from seg.png import encode_gray8
 from seg.report import count
 from seg.tracking import confusion_figure
-
-
-def input_size(text: str) -> tuple[int, int] | str:
-    """WIDTHxHEIGHT, or ``full`` (no resizing)."""
-    return "full" if text.lower() == "full" else parse_size(text)
 
 
 def markdown(result: dict, title: str) -> str:
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val", help="a group of the manifest: val (default), test, train-fold0, ...")
     parser.add_argument(
         "--input-size",
-        type=input_size,
+        type=parse_input_size,
         help="resize images to WIDTHxHEIGHT, or 'full' (default: the model config's data.eval_size)",
     )
     TestTimeAugmentation.add_arguments(parser)

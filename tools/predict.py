@@ -4,12 +4,15 @@
     python tools/predict.py runs/study/stage4/reduced/model.safetensors photo.jpg --out pred/
     python tools/predict.py MODEL data/leftImg8bit/test --out pred/ --mode slide --flip --scales 0.75 1.0 1.25
     python tools/predict.py MODEL frames/ --out pred/ --size 1024x512 --alpha 0.6
+    python tools/predict.py MODEL frames/ --out pred/ --size full    # each image at its own resolution
 
 IMAGES are files or folders (searched recursively for *.png, *.jpg, *.jpeg; the sub-folders
 are kept under --out). Each image gives NAME_color.png (Cityscapes palette), NAME_overlay.png
 (the colours blended over the image) and NAME_labelIds.png (official label ids, as the
 Cityscapes benchmark expects), all at the image's size; NAME drops a ``_leftImg8bit`` suffix.
-One image at a time, on CUDA when there is one, else on the CPU.
+The model's input is resized to the model config's ``data.eval_size`` (the size it was
+validated at; printed) unless --size says otherwise. One image at a time, on CUDA when
+there is one, else on the CPU.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ if __package__ in (None, ""):
 
 from tqdm import tqdm
 
-from seg.cli import parse_size
+from seg.evaluate import describe_settings, parse_input_size
 from seg.inference import TestTimeAugmentation
 from seg.model import WeightsError
-from seg.predict import PredictError, predict_files
+from seg.predict import MODEL_SIZE, PredictError, predict_files
+from seg.report import count as plural
 
 
 def alpha(text: str) -> float:
@@ -43,22 +47,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="where the PNGs go")
     TestTimeAugmentation.add_arguments(parser)
     parser.add_argument(
-        "--size", type=parse_size, help="resize the model's input to WIDTHxHEIGHT (outputs keep the image's size)"
+        "--size",
+        type=parse_input_size,
+        help="resize the model's input to WIDTHxHEIGHT, or 'full' (default: the model config's data.eval_size); "
+        "outputs keep the image's size",
     )
     parser.add_argument("--alpha", type=alpha, default=0.5, help="weight of the colours in the overlay (default 0.5)")
     args = parser.parse_args(argv)
 
     tta = TestTimeAugmentation.from_arguments(args)
-    size = (args.size[1], args.size[0]) if args.size else None
+    if args.size is None:
+        size: tuple[int, int] | str | None = MODEL_SIZE
+    else:
+        size = None if args.size == "full" else (args.size[1], args.size[0])
+
+    def announce(record: dict) -> None:
+        hint = " (--size WIDTHxHEIGHT or full to change it)" if args.size is None else ""
+        print(f"{describe_settings(record)}; input size from {record['input_size_from']}{hint}", flush=True)
+
     bar = tqdm(disable=not sys.stderr.isatty(), unit="image", dynamic_ncols=True)
     try:
-        count = predict_files(args.model, args.images, args.out, tta, size, args.alpha, progress=lambda _: bar.update())
+        count = predict_files(
+            args.model, args.images, args.out, tta, size, args.alpha, progress=lambda _: bar.update(), announce=announce
+        )
     except (WeightsError, PredictError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         bar.close()
-    print(f"{count} images -> {args.out}")
+    print(f"{plural(count, 'image')} -> {args.out}")
     return 0
 
 
