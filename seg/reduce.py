@@ -283,11 +283,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     names = [c["name"] for c in report["candidates"]]
     values = [100 * c["miou"] for c in report["candidates"]]
-    colours = ["#9aa5b1" if n.startswith("fold") else "#2f6fb0" for n in names]
+    winner = report["winner"]["name"]
+    colours = ["#d9822b" if n == winner else "#9aa5b1" if n.startswith("fold") else "#2f6fb0" for n in names]
     figure, axes = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4))
-    axes.bar(names, values, color=colours)
+    bars = axes.bar(names, values, color=colours)
+    axes.bar_label(bars, fmt="%.2f", fontsize=7)
+    axes.set_ylim(0, max(values, default=0) * 1.1 + 1)
     axes.set_ylabel("selection mIoU (%)")
-    axes.set_title("fold reduction: single folds (grey) and reductions (blue)")
+    axes.set_title(f"fold reduction: single folds (grey), reductions (blue), winner {winner} (orange)")
     axes.tick_params(axis="x", rotation=45)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -196,6 +196,12 @@ def load_experiment(path: str | Path) -> Experiment:
     for metrics in sorted({p for pattern in EVALUATION_GLOBS for p in path.glob(pattern)}):
         result = read_json(metrics)
         label = metrics.parent.relative_to(path).as_posix()
+        if result.get("labelled") is False:
+            notes.append(
+                f"{label}: {result.get('split', '?')} split, no labels: "
+                f"{count(result.get('samples', 0), 'prediction')} exported to {result.get('export')}, no metrics"
+            )
+            continue
         if "miou" not in result or not isinstance(result.get("iou"), dict):
             notes.append(f"{label}/metrics.json: not an evaluation result of tools/evaluate.py; skipped")
             continue
@@ -309,14 +315,20 @@ def reduction_summary(report: dict[str, Any]) -> list[str]:
     selection, winner = report["selection"], report["winner"]
     where = "the official val split" if selection["is_official_val"] else f"the held-out `{selection['group']}` group"
     lines = [
-        f"Chosen on {where} ({selection['samples']} images). Winner: **{winner['name']}** "
+        f"Chosen on {where} ({count(selection['samples'], 'image')}). Winner: **{winner['name']}** "
         f"(folds {', '.join(map(str, winner['folds']))}), mIoU {_pct(winner['miou'])}.",
         "",
         "| candidate | folds | BN recalibrated | mIoU | fwIoU | pixel acc. |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    # Candidates of the same folds are the same model (with 3 folds top3 is the mean, best
+    # is one of the folds): said in the table, not left to look like a second result.
+    first: dict[tuple[tuple[int, ...], bool], str] = {}
     for c in report["candidates"]:
         name = f"**{c['name']}**" if c["name"] == winner["name"] else c["name"]
+        same = first.setdefault((tuple(sorted(c["folds"])), bool(c["recalibrated"])), c["name"])
+        if same != c["name"]:
+            name += f" (the same model as {same})"
         lines.append(
             f"| {name} | {', '.join(map(str, c['folds']))} | {'yes' if c['recalibrated'] else 'no'} | "
             f"{_pct(c['miou'])} | {_pct(c.get('fwiou'))} | {_pct(c.get('pixel_accuracy'))} |"
@@ -329,15 +341,19 @@ def _evaluation_lines(experiment: Experiment) -> list[str]:
     if not experiment.evaluations:
         return [*lines, "No evaluation result (tools/evaluate.py's metrics.json) found in the experiment.", ""]
     lines += [
-        "| result | model | split | images | mode | flip | scales | mIoU | fwIoU | pixel acc. |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "The same model scores differently at another input size or with other test-time settings: "
+        "compare rows of the same settings. mIoU in percent.",
+        "",
+        "| result | model | split | images | input size | mode | flip | scales | mIoU | fwIoU | pixel acc. |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for evaluation in experiment.evaluations:
         r, tta = evaluation.result, evaluation.result.get("tta", {})
         scales = ", ".join(f"{s:g}" for s in tta.get("scales", [])) or "n/a"
+        size = r.get("settings", {}).get("input_size", "not recorded")
         lines.append(
             f"| `{evaluation.label}` | `{r.get('model', 'n/a')}` | {r.get('split', 'n/a')} | "
-            f"{r.get('samples', 'n/a')} | "
+            f"{r.get('samples', 'n/a')} | {size} | "
             f"{tta.get('mode', 'n/a')} | {'yes' if tta.get('flip') else 'no'} | {scales} | {_pct(r['miou'])} | "
             f"{_pct(r.get('fwiou'))} | {_pct(r.get('pixel_accuracy'))} |"
         )
@@ -589,13 +605,13 @@ def plot_reductions(stages: list[Stage]) -> Any:
         ]
         bars = axes.bar(names, values, color=[kinds[k] for k in kind])
         axes.bar_label(bars, fmt="%.2f", fontsize=7)
-        # The candidates differ by little: start the axis near the lowest so the gaps show.
-        axes.set_ylim(max(0.0, math.floor(min(values)) - 2), math.ceil(max(values)) + 1)
+        # From zero, so that bar heights compare; the value on each bar shows the small gaps.
+        axes.set_ylim(0, math.ceil(max(values) * 1.1) + 1)
         selection = report["selection"]
         where = "official val" if selection["is_official_val"] else selection["group"]
         axes.set(
             ylabel="selection mIoU (%)",
-            title=f"stage {stage.stage} reduction, chosen on {where} ({selection['samples']} images)",
+            title=f"stage {stage.stage} reduction, chosen on {where} ({count(selection['samples'], 'image')})",
         )
         axes.tick_params(axis="x", rotation=45)
         axes.grid(axis="y", alpha=0.3)

@@ -273,3 +273,52 @@ def test_log_reduction_writes_an_offline_run_in_the_experiment_group(tmp_path, m
     )
     data = record_file.read_bytes()
     assert b"reduction/candidates" in data and b"mean+bn" in data
+
+
+def test_reduction_table_says_which_candidates_are_the_same_model_and_counts_images_in_words(tmp_path):
+    from seg.report import reduction_summary
+
+    report = reduction_report(tmp_path / "stage1", [0, 1, 2])
+    top3 = {
+        "name": "top3",
+        "folds": [2, 0, 1],
+        "recalibrated": False,
+        "miou": 0.455,
+        "fwiou": 0.6,
+        "pixel_accuracy": 0.7,
+    }
+    report["candidates"].insert(5, top3)  # after mean, as seg/reduce.py orders them
+    report["selection"]["samples"] = 1
+    text = "\n".join(reduction_summary(report))
+    assert "(1 image)" in text and "1 images" not in text
+    assert "| top3 (the same model as mean) | 2, 0, 1 | no | 45.50 |" in text
+    assert "| best (the same model as fold2) | 2 |" in text
+    assert "| **mean+bn** | 0, 1, 2 | yes |" in text  # recalibrated: another model than mean
+
+
+def test_reduction_figures_start_at_zero_and_mark_the_winner(tmp_path):
+    from seg.reduce import plot
+    from seg.report import Stage, plot_reductions
+
+    report = reduction_report(tmp_path / "stage1", [0, 1, 2])
+    figure = plot_reductions([Stage(1, tmp_path / "stage1", reduction=report)])
+    assert figure.axes[0].get_ylim()[0] == 0
+    plot(report, tmp_path / "reduction.png")
+    pixels = np.asarray(Image.open(tmp_path / "reduction.png").convert("RGB")).reshape(-1, 3)
+    winner_colour = (pixels == (0xD9, 0x82, 0x2B)).all(1)
+    assert winner_colour.sum() > 100  # the winner's bar, in its own colour
+
+
+def test_the_evaluation_table_shows_the_input_size_and_an_unlabelled_export_is_noted(experiment):
+    root, _ = experiment
+    result = json.loads((root / "evaluation" / "metrics.json").read_text())
+    result["settings"] = {"input_size": "1024x512", "input_size_from": "--input-size", "mode": "slide",
+                          "flip": True, "scales": [0.75, 1.0]}  # fmt: skip
+    (root / "evaluation" / "metrics.json").write_text(json.dumps(result))
+    test = root / "stage1" / "reduced" / "eval-test-1024x512-whole"
+    test.mkdir(parents=True)
+    unlabelled = {"split": "test", "labelled": False, "samples": 6, "export": "pred/", "settings": result["settings"]}
+    test.joinpath("metrics.json").write_text(json.dumps(unlabelled))
+    text = (write_report(root) / "report.md").read_text()
+    assert "| input size | mode |" in text and "| 1024x512 | slide | yes | 0.75, 1 | 43.21 |" in text
+    assert "stage1/reduced/eval-test-1024x512-whole: test split, no labels: 6 predictions exported to pred/" in text
