@@ -4,6 +4,9 @@ Every term carries gradient to the logits (the study's own smoothed CE computed 
 log-probabilities under no_grad, so that term never trained; its Dice counted absent
 classes as zero). Each loss returns a scalar; ``CombinedLoss`` also returns its parts.
 
+``from_config`` builds the configured loss (``config.loss``): adding a loss touches this
+module only.
+
 ``distributed=True`` makes CE and Dice exact across processes: CE divides by the global
 count of valid (weighted) pixels, Dice uses global per-class sums, and the per-rank values
 are scaled so that DDP's gradient averaging yields the one-process gradient of the whole
@@ -11,6 +14,8 @@ global batch (``seg.distributed``). OHEM stays per process, as in mmseg.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +131,41 @@ class CombinedLoss(nn.Module):
         dice = dice_loss(logits, target, self.ignore_index, distributed=self.distributed)
         total = self.alpha * ce + (1.0 - self.alpha) * dice
         return total, {"ce": ce.detach(), "dice": dice.detach()}
+
+
+class OHEMLoss(nn.Module):
+    """``ohem_cross_entropy`` as a loss module: returns the value and its one part."""
+
+    def __init__(
+        self,
+        threshold: float = 0.7,
+        min_kept: int = 100_000,
+        class_weights: torch.Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__()
+        self.threshold, self.min_kept, self.ignore_index = threshold, min_kept, ignore_index
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        value = ohem_cross_entropy(logits, target, self.threshold, self.min_kept, self.class_weights, self.ignore_index)
+        return value, {"ohem": value.detach()}
+
+
+def from_config(loss: Any, class_pixels: list[list[int]] | None = None, distributed: bool = False) -> nn.Module:
+    """The loss of a config's ``loss`` section. ``class_pixels``: the training groups'
+    per-class pixel counts (the manifest's), summed into class weights when
+    ``loss.class_weights`` names a kind."""
+    weights = None
+    if loss.class_weights:
+        weights = class_weights_from_pixels(torch.tensor(class_pixels).sum(0), loss.class_weights)
+    if loss.name == "combined":
+        return CombinedLoss(loss.alpha, loss.label_smoothing, weights, distributed=distributed)
+    if loss.name == "ce":
+        return CombinedLoss(1.0, loss.label_smoothing, weights, distributed=distributed)
+    if loss.name == "ohem":  # per process, as in mmseg
+        return OHEMLoss(loss.ohem_threshold, loss.ohem_min_kept, weights)
+    raise ValueError(f"loss {loss.name!r}: choose from combined, ce, ohem")
 
 
 def class_weights_from_pixels(pixels: list[int] | torch.Tensor, kind: str = "inverse-sqrt") -> torch.Tensor:

@@ -40,6 +40,21 @@ class Schedule:
         self.plateau_scale, self.best, self.bad_evals = 1.0, -math.inf, 0
         self.apply()
 
+    @classmethod
+    def from_config(cls, optimizer: torch.optim.Optimizer, schedule: Any, total_steps: int) -> Schedule:
+        """The schedule of a config's ``schedule`` section over ``total_steps`` optimizer steps."""
+        return cls(
+            optimizer,
+            schedule.name,
+            total_steps,
+            schedule.warmup_iters,
+            schedule.warmup_ratio,
+            schedule.power,
+            schedule.min_lr_ratio,
+            schedule.plateau_factor,
+            schedule.plateau_patience,
+        )
+
     def factor(self, step: int) -> float:
         warmup = 1.0
         if step < self.warmup_steps:

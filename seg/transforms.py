@@ -12,6 +12,7 @@ decode, pick a window and resize.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,11 @@ class TrainGeometry:
             raise ValueError(f"geometry {self.mode!r}: choose from {', '.join(GEOMETRIES)}")
         if self.level not in LEVELS:
             raise ValueError(f"augmentation level {self.level!r}: choose from {', '.join(LEVELS)}")
+
+    @classmethod
+    def from_config(cls, data: Any) -> TrainGeometry:
+        """The training geometry of a config's ``data`` section."""
+        return cls(data.geometry, tuple(data.size), data.level, base_size=tuple(data.base_size))
 
     def source_problem(self, packed: tuple[int, int] | None) -> str | None:
         """Why frames stored at ``packed`` (H, W; None: their original resolution) don't fit

@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from seg.losses import CombinedLoss, class_weights_from_pixels, cross_entropy, dice_loss, ohem_cross_entropy
+from seg.config import LossConfig
+from seg.losses import (
+    CombinedLoss,
+    OHEMLoss,
+    class_weights_from_pixels,
+    cross_entropy,
+    dice_loss,
+    from_config,
+    ohem_cross_entropy,
+)
 
 # Two valid pixels and one ignored, three classes: logits (1, 3, 1, 3), targets (1, 1, 3).
 LOGITS = torch.tensor([[[[2.0, 0.0, 5.0]], [[1.0, 3.0, -5.0]], [[0.0, 1.0, 0.0]]]])
@@ -116,3 +125,21 @@ def test_class_weights_from_pixel_counts():
     assert sqrt[1] / sqrt[0] == pytest.approx(3.0)
     with pytest.raises(ValueError, match="class weight kind"):
         class_weights_from_pixels([1, 2], kind="nope")
+
+
+def test_from_config_builds_each_loss_with_the_fold_class_weights():
+    pixels = [[300, 100, 0], [600, 0, 0]]  # two training groups, summed
+    weights = class_weights_from_pixels([900, 100, 0], "inverse")
+    combined = from_config(LossConfig(name="combined", alpha=0.3, class_weights="inverse"), pixels)
+    assert isinstance(combined, CombinedLoss) and combined.alpha == 0.3
+    torch.testing.assert_close(combined.class_weights, weights)
+    plain = from_config(LossConfig(name="ce", label_smoothing=0.0), pixels)
+    assert plain.alpha == 1.0 and plain.class_weights is None
+    assert plain(LOGITS, TARGET)[0].item() == pytest.approx(cross_entropy(LOGITS, TARGET).item(), rel=1e-6)
+    ohem = from_config(LossConfig(name="ohem", ohem_threshold=0.95, ohem_min_kept=1, class_weights="inverse"), pixels)
+    assert isinstance(ohem, OHEMLoss)
+    value, parts = ohem(LOGITS, TARGET)
+    expected = ohem_cross_entropy(LOGITS, TARGET, threshold=0.95, min_kept=1, weight=weights)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6) and set(parts) == {"ohem"}
+    with pytest.raises(ValueError, match="choose from combined, ce, ohem"):
+        from_config(LossConfig(name="focal"))
