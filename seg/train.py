@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script (accelerate launch seg/train.py): make `seg` importable
+if __package__ in (None, ""):  # `accelerate launch seg/train.py` from a checkout without install: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seg.signals import Signals
@@ -43,6 +43,7 @@ from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from seg import losses
 from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment, cut_on_device
 from seg.checkpoint import MetricsLog, export_weights, is_state, latest_state, prune_states, run_dir, state_name
@@ -51,7 +52,6 @@ from seg.data import DataError, eval_loader, packed_size, shards_of, train_loade
 from seg.data import steps_per_epoch as epoch_steps
 from seg.distributed import all_reduce_sum, convert_sync_batchnorm
 from seg.evaluate import evaluate
-from seg.losses import CombinedLoss, class_weights_from_pixels, ohem_cross_entropy
 from seg.manifest import ManifestError, fold_groups, load_manifest
 from seg.model import WeightsError, from_config, load_backbone, load_weights
 from seg.schedule import Schedule
@@ -83,6 +83,88 @@ class Progress:
         self.__dict__.update(state)
 
 
+@dataclass
+class Run:
+    """This fold's run: its arguments and config, the processes (accelerate), its folder, and
+    where its numbers go (metrics.jsonl on the main process, the wandb run)."""
+
+    args: argparse.Namespace
+    config: Any
+    accelerator: Accelerator
+    out: Path
+    machines: list[tuple[int, str]]  # (machine rank, node name) of every rank
+    cuda: bool
+    log: MetricsLog | None = None
+    tracker: Tracker | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def record(self, entry: dict[str, Any], progress: Progress, steps_per_epoch: int) -> None:
+        entry = {"step": progress.step, "epoch": progress.step / steps_per_epoch, **entry}
+        if self.log:
+            self.log.write(entry)
+        self.tracker.log({k: v for k, v in entry.items() if isinstance(v, int | float)}, progress.step)
+
+    def close(self, together: bool) -> None:
+        """Every way out once the processes exist, error or not: the wandb run is finished, and
+        the process group left; ``together``: after waiting for every rank, since a launcher
+        (torchrun) stops the other ranks as soon as one exits non-zero."""
+        if self.tracker is not None:
+            self.tracker.finish()
+        if together:
+            self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+
+@dataclass
+class FoldData:
+    """The fold's data: its training and validation groups, how batches are cut and augmented,
+    and how many steps the run takes."""
+
+    manifest: dict[str, Any]
+    train_groups: list[str]
+    val_group: str
+    geometry: TrainGeometry
+    augment: DeviceAugment
+    steps_per_epoch: int
+    total_steps: int  # micro-batches
+
+    def class_pixels(self) -> list[list[int]]:
+        return [self.manifest["groups"][g]["class_pixels"] for g in self.train_groups]
+
+
+@dataclass
+class Fit:
+    """What training changes: the model and its optimisation, the EMA and the progress, all
+    saved in every resumable state."""
+
+    model: torch.nn.Module  # prepared (DDP when distributed)
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    ema: torch.optim.swa_utils.AveragedModel | None
+    progress: Progress
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The model that is evaluated and exported: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML (configs/)")
@@ -97,83 +179,108 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_loss(config: Any, class_weights: torch.Tensor | None, distributed: bool) -> torch.nn.Module:
-    loss = config.loss
-    if loss.name == "combined":
-        return CombinedLoss(loss.alpha, loss.label_smoothing, class_weights, distributed=distributed)
-    if loss.name == "ce":
-        return CombinedLoss(1.0, loss.label_smoothing, class_weights, distributed=distributed)
-
-    class OHEM(torch.nn.Module):
-        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
-            value = ohem_cross_entropy(logits, target, loss.ohem_threshold, loss.ohem_min_kept, class_weights)
-            return value, {"ohem": value.detach()}
-
-    return OHEM()
+def main(argv: list[str] | None = None) -> int:
+    signals = (EARLY_SIGNALS or Signals()).install()
+    try:
+        return train(parse_args(argv), signals)
+    finally:
+        if EARLY_SIGNALS is None:  # a caller in the same process gets its handlers back; a
+            signals.restore()  # script keeps them to its end: a launcher's TERM as it leaves is no crash
 
 
-def build_optimizer(config: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
-    optim = config.optim
-    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
-    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    groups = [{"params": backbone, "lr": optim.lr * optim.backbone_lr_mult}, {"params": head, "lr": optim.lr}]
-    if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-    kind = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return kind(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+def train(args: argparse.Namespace, signals: Signals) -> int:
+    """The recipe: configuration, processes, data, model, resume, the loop, the outputs."""
+    # Configuration: a refusal or a finished fold is decided before any process group exists.
+    try:
+        config = load_config(args.config, args.overrides, args.stage)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold)
+    if args.print_run_dir:
+        print(out)
+        return 0
+    error = refusal(args, config)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    done = complete_before(args, config)
+    if done is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{out} is complete (step {done['steps']}); nothing to do", flush=True)
+        return 0
+
+    run, together = start(args, config, out), False
+    try:  # from here on, every way out goes through run.close; refusals are taken by all ranks together
+        data, error = fold_data(run)
+        if refused_together(run.accelerator, error):
+            return 2
+        model, error = load_model(run)
+        if refused_together(run.accelerator, error):
+            return 2
+        fit = optimisation(run, data, model)
+        progress = fit.progress
+
+        state = None if args.resume == "none" else latest_state(out) if args.resume == "auto" else Path(args.resume)
+        if state is not None:
+            if refused_together(run.accelerator, load_state(run.accelerator, state)):
+                return 2
+            if run.main_process:
+                print(f"resumed from {state} at step {progress.step}", flush=True)
+        run.log = MetricsLog(out / "metrics.jsonl", progress.step if state else None) if run.main_process else None
+        run.tracker = Tracker(to_dict(config), out, args.stage, args.fold, run.main_process)
+
+        # The loop: every rank first learns whether any rank was signalled, and all stop at the same step.
+        patience, keep_last = config.train.early_stop_patience, config.train.keep_last
+        stopped_early = bool(patience and progress.bad_evals >= patience)  # resumed after its early stop
+        exit_code, _ = agreed_signal(signals, run.device)  # signalled during start-up: stop before the first step
+        loader = training_loader(run, data, start_epoch=progress.step // data.steps_per_epoch)
+        batches = stream_at(loader, progress.step % data.steps_per_epoch) if not exit_code else iter(())
+        bar = progress_bar(run, data.total_steps, progress.step)
+        started, window = time.time(), Window()
+        try:
+            if exit_code:
+                stop_on_signal(run.accelerator, out, progress, keep_last, exit_code)
+            while not exit_code and not stopped_early and progress.step < data.total_steps:
+                batch = next(batches)
+                exit_code, skipped = agreed_signal(signals, run.device, float(batch["skipped"].sum()))
+                if exit_code:  # this batch is not trained on; a resumed run draws it again
+                    stop_on_signal(run.accelerator, out, progress, keep_last, exit_code)
+                    break
+                progress.skipped += int(skipped)
+                loss, parts = one_step(run, data, fit, batch)
+                progress.step += 1
+                window.steps += 1
+                bar.update()
+                if progress.step % config.train.log_every == 0 or progress.step == data.total_steps:
+                    log_step(run, data, fit, loss, parts, window, bar)
+                every = config.train.eval_every * (1 if config.train.iters else data.steps_per_epoch)
+                if progress.step % every == 0 or progress.step == data.total_steps:
+                    stopped_early = evaluate_and_checkpoint(run, data, fit)
+                if config.train.save_every and progress.step % config.train.save_every == 0:
+                    save_state(run.accelerator, out, progress.step, keep_last, {state_name(progress.best_step)})
+            if not exit_code and not progress.final:  # resumed at the end from a state that lacks it
+                progress.final = evaluate_fold(run, data, fit)
+        except (DataError, FloatingPointError) as e:
+            print(f"error (rank {run.rank}): {e}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            bar.close()
+
+        if exit_code == 0 and run.main_process:
+            write_outputs(run, data, fit, stopped_early, started)
+        together = True  # a normal end or a signal: every rank is here
+        return preempted_exit_code() if exit_code == EXIT_REQUEUE else exit_code
+    finally:
+        run.close(together)
 
 
-def train_step(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    loss_fn: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    accelerator: Accelerator,
-    clip_grad_norm: float | None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
-    """One micro-batch: forward, loss (fp32), backward, and on the last micro-batch of an
-    accumulation the clipped optimizer step. Returns (loss, parts, whether it stepped).
-    Every rank checks that its loss is finite before any collective backward."""
-    with accelerator.accumulate(model):
-        with accelerator.autocast():
-            logits = model(images)
-        loss, parts = loss_fn(logits, labels)
-        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device))
-        if bad.item() > 0:
-            raise FloatingPointError("the loss is not finite")
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and clip_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stepped = accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
-    return loss.detach(), parts, stepped
+# --- configuration: decided from the config and the fold's files alone ------------------------
 
 
-def save_state(accelerator: Accelerator, out: Path, step: int, keep_last: int, keep: set[str]) -> Path:
-    """A resumable state, renamed into place only once every rank has written its part."""
-    final = out / "checkpoints" / state_name(step)
-    if final.exists():
-        return final
-    tmp = out / "checkpoints" / f".{final.name}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        os.replace(tmp, final)
-        prune_states(out, keep_last, keep)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def total_steps(config: Any, steps_per_epoch: int) -> int:
+    """Micro-batches the run takes: train.iters optimizer steps, or train.epochs epochs."""
+    return config.train.iters * config.train.grad_accum if config.train.iters else config.train.epochs * steps_per_epoch
 
 
 def refusal(args: argparse.Namespace, config: Any) -> str | None:
@@ -213,26 +320,363 @@ def complete_before(args: argparse.Namespace, config: Any) -> dict[str, Any] | N
     world = int(os.environ.get("WORLD_SIZE", "1"))
     samples = sum(manifest["groups"][g]["samples"] for g in train_groups)
     per_epoch = epoch_steps(samples, config.train.batch_size, world, config.data.workers)
-    total = config.train.iters * config.train.grad_accum if config.train.iters else config.train.epochs * per_epoch
-    return summary if summary.get("stopped_early") or summary.get("steps", -1) >= total else None
+    finished = summary.get("stopped_early") or summary.get("steps", -1) >= total_steps(config, per_epoch)
+    return summary if finished else None
 
 
-def preempted_exit_code() -> int:
-    """EXIT_REQUEUE, or what SEG_PREEMPTED_EXIT asks for: slurm/fold.sh asks for 0, since a
-    launcher (torchrun) reports a child's 75 as a failure with a traceback, and the script
-    reads the PREEMPTED marker instead."""
-    return int(os.environ.get("SEG_PREEMPTED_EXIT", EXIT_REQUEUE))
+# --- processes, and refusals taken by every rank together ---------------------------------------
+
+
+def start(args: argparse.Namespace, config: Any, out: Path) -> Run:
+    """The processes (gloo on the CPU), the fold's folder with the resolved config, the seeds."""
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=not cuda,  # accelerate must be told: gloo on the CPU
+        mixed_precision=config.train.precision,
+        gradient_accumulation_steps=config.train.grad_accum,
+        step_scheduler_with_optimizer=False,
+        dynamo_backend="inductor" if config.train.compile else "no",
+    )
+    # fixed input sizes: let cuDNN time its kernels once (the GPU check measures with it on)
+    torch.backends.cudnn.benchmark = cuda and not config.train.deterministic
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(config).encode())
+        (out / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's
+        print(OmegaConf.to_yaml(config), flush=True)
+    set_seed(config.train.seed + accelerator.process_index, deterministic=config.train.deterministic)
+    # Where each rank runs, for the summary: torchrun's GROUP_RANK is the machine rank.
+    machines = gather_object([(int(os.environ.get("GROUP_RANK", 0)), os.environ.get("SLURMD_NODENAME", ""))])
+    return Run(args, config, accelerator, out, machines, cuda)
 
 
 def refused_together(accelerator: Accelerator, error: str | None) -> bool:
     """Every rank's verdict to every rank: on an error of any rank, the main process prints
-    the first one and every rank leaves the process group, none left waiting at a barrier."""
+    the first one and every rank returns (and leaves the process group through Run.close),
+    none left waiting at a barrier."""
     first = next((e for e in gather_object([error]) if e), None)
-    if first:
-        if accelerator.is_main_process:
-            print(f"error: {first}", file=sys.stderr, flush=True)
-        accelerator.end_training()
+    if first and accelerator.is_main_process:
+        print(f"error: {first}", file=sys.stderr, flush=True)
     return first is not None
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def fold_data(run: Run) -> tuple[FoldData | None, str | None]:
+    """The fold's groups and geometry, checked against the manifest; or why they can't be used."""
+    data = run.config.data
+    try:
+        manifest = load_manifest(data.shards)
+        train_groups, val_group = fold_groups(manifest, run.args.fold)
+        geometry = TrainGeometry.from_config(data)
+        error = geometry.source_problem(packed_size(manifest))
+        if run.main_process and not error:  # presence; sizes (under on_error=raise) or sha256 (data.checksums)
+            shards_of(data.shards, [*train_groups, val_group], data.checksums, sizes=data.on_error == "raise")
+    except ManifestError as e:
+        error = str(e)
+    if error:
+        return None, error
+    augment = DeviceAugment(data.level, data.channels_last).to(run.device)
+    samples = sum(manifest["groups"][g]["samples"] for g in train_groups)
+    per_epoch = epoch_steps(samples, run.config.train.batch_size, run.world, data.workers)
+    return FoldData(
+        manifest, train_groups, val_group, geometry, augment, per_epoch, total_steps(run.config, per_epoch)
+    ), None
+
+
+def training_loader(run: Run, data: FoldData, start_epoch: int) -> torch.utils.data.DataLoader:
+    """The fold's training stream from ``start_epoch``, the same on every rank whatever its restarts."""
+    config = run.config
+    loader, _ = train_loader(
+        config.data.shards,
+        run.args.fold,
+        data.geometry,
+        config.train.batch_size,
+        run.rank,
+        run.world,
+        config.data.workers,
+        config.train.seed,
+        start_epoch=start_epoch,
+        shuffle_buffer=config.data.shuffle_buffer,
+        on_error=config.data.on_error,
+        pin_memory=run.cuda,
+        checksums=False,
+        geometry_on_device=config.data.geometry_on_device,
+    )
+    return loader
+
+
+def stream_at(loader: torch.utils.data.DataLoader, position: int) -> Iterator[dict[str, Any]]:
+    """The loader's stream, ``position`` batches into the epoch: where a stopped run left it."""
+    batches = iter(loader)
+    for _ in range(position):
+        next(batches)
+    return batches
+
+
+# --- model and optimisation ---------------------------------------------------------------------
+
+
+def load_model(run: Run) -> tuple[torch.nn.Module, str | None]:
+    """The network with its starting weights (a previous stage's model, or ImageNet weights for
+    the backbone); or why those weights don't fit."""
+    config = run.config
+    model = from_config(config.model)
+    try:
+        if run.args.init_from:
+            load_weights(model, run.args.init_from, config.model)
+        elif config.model.pretrained:
+            missing, unexpected = load_backbone(model, config.model.pretrained)
+            if run.main_process:
+                print(f"backbone weights: missing {missing or 'none'}, unexpected {unexpected or 'none'}")
+    except (WeightsError, RuntimeError) as e:
+        return model, str(e).split("\n\t")[0]
+    return model, None
+
+
+def optimisation(run: Run, data: FoldData, model: torch.nn.Module) -> Fit:
+    """Synchronised BatchNorm, the loss, optimizer, schedule and EMA, prepared by accelerate
+    and registered for its checkpoints with the progress."""
+    config, accelerator = run.config, run.accelerator
+    if config.model.sync_bn and run.world > 1:
+        model = convert_sync_batchnorm(model, run.cuda)
+    if config.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = losses.from_config(config.loss, data.class_pixels(), distributed=run.world > 1).to(run.device)
+    optimizer = build_optimizer(config, model)
+    schedule = Schedule.from_config(optimizer, config.schedule, data.total_steps // config.train.grad_accum)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = None
+    if config.train.ema_decay:
+        ema = torch.optim.swa_utils.AveragedModel(
+            accelerator.unwrap_model(model),
+            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.train.ema_decay),
+            use_buffers=True,
+        )
+    progress = Progress()
+    accelerator.register_for_checkpointing(schedule, progress, *([ema] if ema is not None else []))
+    return Fit(model, loss_fn, optimizer, schedule, ema, progress)
+
+
+def build_optimizer(config: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
+    optim = config.optim
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    groups = [{"params": backbone, "lr": optim.lr * optim.backbone_lr_mult}, {"params": head, "lr": optim.lr}]
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    kind = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    return kind(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+
+def load_state(accelerator: Accelerator, state: Path) -> str | None:
+    """Load a resumable state into everything registered; or why it can't be."""
+    try:
+        accelerator.load_state(str(state))
+    except (RuntimeError, ValueError, OSError, KeyError) as e:
+        return f"cannot resume from {state} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+# --- one training step --------------------------------------------------------------------------
+
+
+def one_step(run: Run, data: FoldData, fit: Fit, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+    """One batch: to the device, cut there (data.geometry_on_device), augmented, trained on;
+    the schedule and the EMA follow every optimizer step."""
+    device = run.device
+    images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+    if run.config.data.geometry_on_device:
+        images, labels = cut_on_device(images, labels, batch["window"], batch["flip"], data.geometry.size)
+    images, labels = data.augment(images, labels)
+    try:
+        loss, parts, stepped = train_step(
+            fit.model, images, labels, fit.loss_fn, fit.optimizer, run.accelerator, run.config.optim.clip_grad_norm
+        )
+    except FloatingPointError:
+        step = fit.progress.step
+        raise FloatingPointError(
+            f"loss is NaN or inf at step {step} (epoch {step / data.steps_per_epoch:.2f}): "
+            f"lower optim.lr, check the data, or use train.precision=bf16 instead of fp16"
+        ) from None
+    if stepped:
+        fit.schedule.step()
+        if fit.ema is not None:
+            fit.ema.update_parameters(run.accelerator.unwrap_model(fit.model))
+    return loss, parts
+
+
+def train_step(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    clip_grad_norm: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+    """One micro-batch: forward, loss (fp32), backward, and on the last micro-batch of an
+    accumulation the clipped optimizer step. Returns (loss, parts, whether it stepped).
+    Every rank checks that its loss is finite before any collective backward."""
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            logits = model(images)
+        loss, parts = loss_fn(logits, labels)
+        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device))
+        if bad.item() > 0:
+            raise FloatingPointError("the loss is not finite")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and clip_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stepped = accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
+    return loss.detach(), parts, stepped
+
+
+@dataclass
+class Window:
+    """The steps since the last log line, for images per second."""
+
+    start: float = field(default_factory=time.time)
+    steps: int = 0
+
+
+def progress_bar(run: Run, total: int, initial: int) -> tqdm:
+    """A tqdm bar on a terminal (main process); elsewhere a line per log step instead."""
+    disable = not (run.main_process and sys.stderr.isatty())
+    return tqdm(
+        total=total, initial=initial, disable=disable, desc=f"fold {run.args.fold}", unit="step", dynamic_ncols=True
+    )
+
+
+def log_step(
+    run: Run, data: FoldData, fit: Fit, loss: torch.Tensor, parts: dict[str, torch.Tensor], window: Window, bar: tqdm
+) -> None:
+    """The loss and its parts averaged over the ranks, the lr, images/s and memory: recorded,
+    and shown on the bar or as a line."""
+    config, progress = run.config, fit.progress
+    values = all_reduce_sum(torch.stack([loss, *parts.values()]).float()) / run.world
+    seconds = time.time() - window.start
+    per_process = window.steps * config.train.batch_size / max(seconds, 1e-9)
+    entry = {
+        "train/loss": values[0].item(),
+        "train/lr": fit.schedule.lr(),
+        "train/images_per_s": per_process * run.world,
+        "train/images_per_s_per_process": per_process,
+        "train/memory_mb": memory_mb(run.device),
+    }
+    entry |= {f"train/{k}": v.item() for k, v in zip(parts, values[1:], strict=True)}
+    run.record(entry, progress, data.steps_per_epoch)
+    bar.set_postfix(loss=f"{entry['train/loss']:.4f}", lr=f"{entry['train/lr']:.2e}")
+    if run.main_process and bar.disable:
+        print(
+            f"step {progress.step}/{data.total_steps} loss {entry['train/loss']:.4f} "
+            f"lr {entry['train/lr']:.2e} {entry['train/images_per_s']:.1f} img/s",
+            flush=True,
+        )
+    window.start, window.steps = time.time(), 0
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- evaluate and checkpoint --------------------------------------------------------------------
+
+
+def evaluate_and_checkpoint(run: Run, data: FoldData, fit: Fit) -> bool:
+    """Evaluate; on a better fold mIoU export the best weights; save a resumable state.
+    Returns whether to stop early (train.early_stop_patience evaluations without a better one)."""
+    progress, patience = fit.progress, run.config.train.early_stop_patience
+    progress.final = evaluate_fold(run, data, fit)
+    miou = progress.final["fold"]["miou"]
+    if fit.schedule.observe(miou):
+        progress.best_miou, progress.best_step, progress.bad_evals = miou, progress.step, 0
+        if run.main_process:
+            weights = run.accelerator.unwrap_model(fit.evaluated)
+            export_weights(weights, run.out / "best.safetensors", sidecar(run, data, progress, progress.final))
+    else:
+        progress.bad_evals += 1
+    if run.main_process:
+        print(f"step {progress.step}: fold mIoU {miou:.4f} (best {progress.best_miou:.4f})", flush=True)
+    save_state(run.accelerator, run.out, progress.step, run.config.train.keep_last, {state_name(progress.best_step)})
+    if patience and progress.bad_evals >= patience:
+        if run.main_process:
+            print(f"early stop: no better fold mIoU in {patience} evaluations", flush=True)
+        return True
+    return False
+
+
+def evaluate_fold(run: Run, data: FoldData, fit: Fit) -> dict[str, Any]:
+    """The metrics on the fold's validation group (and on val with train.eval_val), recorded."""
+    config = run.config
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
+    results = {}
+    groups = {"fold": [data.val_group]} | ({"val": ["val"]} if config.train.eval_val else {})
+    for name, group in groups.items():
+        loader, expected = eval_loader(
+            config.data.shards,
+            group,
+            1,
+            tuple(config.data.eval_size) if config.data.eval_size else None,
+            run.rank,
+            run.world,
+            config.data.workers,
+            config.data.on_error,
+            run.cuda,
+            checksums=False,
+        )
+        matrix, seen, examples = evaluate(
+            fit.evaluated, loader, run.device, data.augment, autocast, config.wandb.images
+        )
+        result = matrix.compute()
+        result["samples"], result["skipped"] = seen, expected - seen
+        results[name] = result
+        entry = {f"{name}/{k}": v for k, v in result.items() if k != "iou"} | {f"{name}/iou": result["iou"]}
+        run.record(entry, fit.progress, data.steps_per_epoch)
+        run.tracker.log_evaluation(name, result, matrix.matrix, examples, fit.progress.step)
+    return results
+
+
+def save_state(accelerator: Accelerator, out: Path, step: int, keep_last: int, keep: set[str]) -> Path:
+    """A resumable state, renamed into place only once every rank has written its part."""
+    final = out / "checkpoints" / state_name(step)
+    if final.exists():
+        return final
+    tmp = out / "checkpoints" / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        prune_states(out, keep_last, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def sidecar(run: Run, data: FoldData, progress: Progress, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a weights file's JSON sidecar says about it."""
+    return {
+        "config": to_dict(run.config),
+        "fold": run.args.fold,
+        "stage": run.args.stage,
+        "step": progress.step,
+        "epoch": progress.step / data.steps_per_epoch,
+        "metrics": metrics,
+    }
+
+
+# --- preempt ------------------------------------------------------------------------------------
 
 
 def agreed_signal(signals: Signals, device: torch.device, skipped: float = 0.0) -> tuple[int, float]:
@@ -260,332 +704,38 @@ def stop_on_signal(accelerator: Accelerator, out: Path, progress: Progress, keep
         print(f"interrupted: {what} in {out}; rerun the same command to resume; exit {code}", flush=True)
 
 
-def stream_at(loader: torch.utils.data.DataLoader, position: int) -> Iterator[dict[str, Any]]:
-    """The loader's stream, ``position`` batches into the epoch: where a stopped run left it."""
-    batches = iter(loader)
-    for _ in range(position):
-        next(batches)
-    return batches
+def preempted_exit_code() -> int:
+    """EXIT_REQUEUE, or what SEG_PREEMPTED_EXIT asks for: slurm/fold.sh asks for 0, since a
+    launcher (torchrun) reports a child's 75 as a failure with a traceback, and the script
+    reads the PREEMPTED marker instead."""
+    return int(os.environ.get("SEG_PREEMPTED_EXIT", EXIT_REQUEUE))
 
 
-def main(argv: list[str] | None = None) -> int:
-    signals = (EARLY_SIGNALS or Signals()).install()
-    try:
-        return train(parse_args(argv), signals)
-    finally:
-        if EARLY_SIGNALS is None:  # a caller in the same process gets its handlers back; a
-            signals.restore()  # script keeps them to its end: a launcher's TERM as it leaves is no crash
+# --- the outputs --------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace, signals: Signals) -> int:
-    # --- configuration ---------------------------------------------------------------
-    try:
-        config = load_config(args.config, args.overrides, args.stage)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.print_run_dir:
-        print(run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold))
-        return 0
-    cuda = torch.cuda.is_available()
-    error = refusal(args, config)
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    done = complete_before(args, config)
-    if done is not None:
-        if int(os.environ.get("RANK", "0")) == 0:
-            out = run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold)
-            print(f"{out} is complete (step {done['steps']}); nothing to do", flush=True)
-        return 0
-
-    # --- processes ---------------------------------------------------------------------
-    accelerator = Accelerator(
-        cpu=not cuda,  # accelerate must be told: gloo on the CPU
-        mixed_precision=config.train.precision,
-        gradient_accumulation_steps=config.train.grad_accum,
-        step_scheduler_with_optimizer=False,
-        dynamo_backend="inductor" if config.train.compile else "no",
-    )
-    # fixed input sizes: let cuDNN time its kernels once (the GPU check measures with it on)
-    torch.backends.cudnn.benchmark = cuda and not config.train.deterministic
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    main_process = accelerator.is_main_process
-    out = run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold)
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(config).encode())
-        (out / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's
-        print(OmegaConf.to_yaml(config), flush=True)
-    set_seed(config.train.seed + rank, deterministic=config.train.deterministic)
-    # Where each rank runs, for the summary: torchrun's GROUP_RANK is the machine rank.
-    machines = gather_object([(int(os.environ.get("GROUP_RANK", 0)), os.environ.get("SLURMD_NODENAME", ""))])
-
-    # --- data ----------------------------------------------------------------------------
-    data, error = config.data, None
-    try:
-        manifest = load_manifest(data.shards)
-        train_groups, val_group = fold_groups(manifest, args.fold)
-        geometry = TrainGeometry(data.geometry, tuple(data.size), data.level, base_size=tuple(data.base_size))
-        error = geometry.source_problem(packed_size(manifest))
-        if main_process and not error:  # presence; sizes (under on_error=raise) or sha256 (data.checksums)
-            shards_of(data.shards, [*train_groups, val_group], data.checksums, sizes=data.on_error == "raise")
-    except ManifestError as e:
-        error = str(e)
-    if refused_together(accelerator, error):
-        return 2
-    augment = DeviceAugment(data.level, data.channels_last).to(device)
-
-    fold_samples = sum(manifest["groups"][g]["samples"] for g in train_groups)
-    steps_per_epoch = epoch_steps(fold_samples, config.train.batch_size, world, data.workers)
-    total_steps = (
-        config.train.iters * config.train.grad_accum if config.train.iters else config.train.epochs * steps_per_epoch
-    )
-
-    # --- model, loss, optimisation ------------------------------------------------------
-    model = from_config(config.model)
-    try:
-        if args.init_from:
-            load_weights(model, args.init_from, config.model)
-        elif config.model.pretrained:
-            missing, unexpected = load_backbone(model, config.model.pretrained)
-            if main_process:
-                print(f"backbone weights: missing {missing or 'none'}, unexpected {unexpected or 'none'}")
-    except (WeightsError, RuntimeError) as e:
-        error = str(e).split("\n\t")[0]
-    if refused_together(accelerator, error):
-        return 2
-    if config.model.sync_bn and world > 1:
-        model = convert_sync_batchnorm(model, cuda)
-    if data.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    class_weights = None
-    if config.loss.class_weights:
-        pixels = torch.tensor([manifest["groups"][g]["class_pixels"] for g in train_groups]).sum(0)
-        class_weights = class_weights_from_pixels(pixels, config.loss.class_weights).to(device)
-    loss_fn = build_loss(config, class_weights, distributed=world > 1).to(device)
-    optimizer = build_optimizer(config, model)
-    sched = config.schedule
-    schedule = Schedule(
-        optimizer,
-        sched.name,
-        total_steps // config.train.grad_accum,
-        sched.warmup_iters,
-        sched.warmup_ratio,
-        sched.power,
-        sched.min_lr_ratio,
-        sched.plateau_factor,
-        sched.plateau_patience,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema = None
-    if config.train.ema_decay:
-        ema = torch.optim.swa_utils.AveragedModel(
-            accelerator.unwrap_model(model),
-            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.train.ema_decay),
-            use_buffers=True,
-        )
-    progress = Progress()
-    accelerator.register_for_checkpointing(schedule, progress, *([ema] if ema is not None else []))
-
-    # --- resume -------------------------------------------------------------------------
-    state = None if args.resume == "none" else latest_state(out) if args.resume == "auto" else Path(args.resume)
-    if state is not None:
-        try:
-            accelerator.load_state(str(state))
-        except (RuntimeError, ValueError, OSError, KeyError) as e:
-            error = f"cannot resume from {state} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        if refused_together(accelerator, error):
-            return 2
-        if main_process:
-            print(f"resumed from {state} at step {progress.step}", flush=True)
-    summary_path = out / "summary.json"
-    log = MetricsLog(out / "metrics.jsonl", progress.step if state else None) if main_process else None
-    tracker = Tracker(to_dict(config), out, args.stage, args.fold, main_process)
-
-    def record(entry: dict[str, Any]) -> None:
-        entry = {"step": progress.step, "epoch": progress.step / steps_per_epoch, **entry}
-        if log:
-            log.write(entry)
-        tracker.log({k: v for k, v in entry.items() if isinstance(v, int | float)}, progress.step)
-
-    def run_evaluation() -> dict[str, Any]:
-        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
-        evaluated = ema.module if ema is not None else model
-        results = {}
-        groups = {"fold": [val_group]} | ({"val": ["val"]} if config.train.eval_val else {})
-        for name, group in groups.items():
-            loader, expected = eval_loader(
-                data.shards,
-                group,
-                1,
-                tuple(data.eval_size) if data.eval_size else None,
-                rank,
-                world,
-                data.workers,
-                data.on_error,
-                cuda,
-                checksums=False,
-            )
-            matrix, seen, examples = evaluate(evaluated, loader, device, augment, autocast, config.wandb.images)
-            result = matrix.compute()
-            result["samples"], result["skipped"] = seen, expected - seen
-            results[name] = result
-            record({f"{name}/{k}": v for k, v in result.items() if k != "iou"} | {f"{name}/iou": result["iou"]})
-            tracker.log_evaluation(name, result, matrix.matrix, examples, progress.step)
-        return results
-
-    def sidecar(metrics: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "config": to_dict(config),
-            "fold": args.fold,
-            "stage": args.stage,
-            "step": progress.step,
-            "epoch": progress.step / steps_per_epoch,
-            "metrics": metrics,
-        }
-
-    # --- the loop -------------------------------------------------------------------------
-    patience = config.train.early_stop_patience
-    stopped_early = bool(patience and progress.bad_evals >= patience)  # resumed after its early stop
-    exit_code, _ = agreed_signal(signals, device)  # signalled during start-up: stop before the first step
-    loader, _ = train_loader(
-        data.shards,
-        args.fold,
-        geometry,
-        config.train.batch_size,
-        rank,
-        world,
-        data.workers,
-        config.train.seed,
-        start_epoch=progress.step // steps_per_epoch,
-        shuffle_buffer=data.shuffle_buffer,
-        on_error=data.on_error,
-        pin_memory=cuda,
-        checksums=False,
-        geometry_on_device=data.geometry_on_device,
-    )
-    batches = stream_at(loader, progress.step % steps_per_epoch) if not exit_code else iter(())
-    bar = tqdm(
-        total=total_steps,
-        initial=progress.step,
-        disable=not (main_process and sys.stderr.isatty()),
-        desc=f"fold {args.fold}",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    started, window_start, window_steps = time.time(), time.time(), 0
-    try:
-        if exit_code:
-            stop_on_signal(accelerator, out, progress, config.train.keep_last, exit_code)
-        while not exit_code and not stopped_early and progress.step < total_steps:
-            batch = next(batches)
-            exit_code, skipped = agreed_signal(signals, device, float(batch["skipped"].sum()))
-            if exit_code:  # this batch is not trained on; a resumed run draws it again
-                stop_on_signal(accelerator, out, progress, config.train.keep_last, exit_code)
-                break
-            progress.skipped += int(skipped)
-            images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
-            if data.geometry_on_device:
-                images, labels = cut_on_device(images, labels, batch["window"], batch["flip"], geometry.size)
-            images, labels = augment(images, labels)
-            try:
-                loss, parts, stepped = train_step(
-                    model, images, labels, loss_fn, optimizer, accelerator, config.optim.clip_grad_norm
-                )
-            except FloatingPointError:
-                raise FloatingPointError(
-                    f"loss is NaN or inf at step {progress.step} (epoch {progress.step / steps_per_epoch:.2f}): "
-                    f"lower optim.lr, check the data, or use train.precision=bf16 instead of fp16"
-                ) from None
-            if stepped:
-                schedule.step()
-                if ema is not None:
-                    ema.update_parameters(accelerator.unwrap_model(model))
-            progress.step += 1
-            window_steps += 1
-            bar.update()
-
-            if progress.step % config.train.log_every == 0 or progress.step == total_steps:
-                values = all_reduce_sum(torch.stack([loss, *parts.values()]).float()) / world
-                seconds = time.time() - window_start
-                per_process = window_steps * config.train.batch_size / max(seconds, 1e-9)
-                entry = {
-                    "train/loss": values[0].item(),
-                    "train/lr": schedule.lr(),
-                    "train/images_per_s": per_process * world,
-                    "train/images_per_s_per_process": per_process,
-                    "train/memory_mb": memory_mb(device),
-                }
-                entry |= {f"train/{k}": v.item() for k, v in zip(parts, values[1:], strict=True)}
-                record(entry)
-                bar.set_postfix(loss=f"{entry['train/loss']:.4f}", lr=f"{entry['train/lr']:.2e}")
-                if main_process and bar.disable:
-                    print(
-                        f"step {progress.step}/{total_steps} loss {entry['train/loss']:.4f} "
-                        f"lr {entry['train/lr']:.2e} {entry['train/images_per_s']:.1f} img/s",
-                        flush=True,
-                    )
-                window_start, window_steps = time.time(), 0
-
-            every = config.train.eval_every * (1 if config.train.iters else steps_per_epoch)
-            if progress.step % every == 0 or progress.step == total_steps:
-                progress.final = run_evaluation()
-                miou = progress.final["fold"]["miou"]
-                improved = schedule.observe(miou)
-                if improved:
-                    progress.best_miou, progress.best_step, progress.bad_evals = miou, progress.step, 0
-                    if main_process:
-                        export_weights(
-                            accelerator.unwrap_model(ema.module if ema else model),
-                            out / "best.safetensors",
-                            sidecar(progress.final),
-                        )
-                else:
-                    progress.bad_evals += 1
-                if main_process:
-                    print(f"step {progress.step}: fold mIoU {miou:.4f} (best {progress.best_miou:.4f})", flush=True)
-                save_state(accelerator, out, progress.step, config.train.keep_last, {state_name(progress.best_step)})
-                if patience and progress.bad_evals >= patience:
-                    if main_process:
-                        print(f"early stop: no better fold mIoU in {patience} evaluations", flush=True)
-                    stopped_early = True
-            if config.train.save_every and progress.step % config.train.save_every == 0:
-                save_state(accelerator, out, progress.step, config.train.keep_last, {state_name(progress.best_step)})
-        if not exit_code and not progress.final:  # resumed at the end from a state that lacks it
-            progress.final = run_evaluation()
-    except (DataError, FloatingPointError) as e:
-        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        bar.close()
-
-    # --- outputs -------------------------------------------------------------------------
-    if exit_code == 0 and main_process:
-        final = accelerator.unwrap_model(ema.module if ema else model)
-        export_weights(final, out / "model.safetensors", sidecar(progress.final))
-        summary = {
-            "fold": args.fold,
-            "stage": args.stage,
-            "steps": progress.step,
-            "steps_per_epoch": steps_per_epoch,
-            "init_from": args.init_from,
-            "processes": world,
-            "machines": sorted({rank for rank, _ in machines}),
-            "nodes": sorted({name for _, name in machines if name}),
-            "best": {"miou": progress.best_miou, "step": progress.best_step},
-            "final": progress.final,
-            "skipped_samples": progress.skipped,
-            "stopped_early": stopped_early,
-            "seconds": time.time() - started,
-        }
-        atomic_write_bytes(summary_path, (json.dumps(summary, indent=1) + "\n").encode())
-        print(f"done: {out} (best fold mIoU {progress.best_miou:.4f} at step {progress.best_step})", flush=True)
-    tracker.finish()
-    # Leave together: a launcher (torchrun) stops the other ranks as soon as one exits non-zero.
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return preempted_exit_code() if exit_code == EXIT_REQUEUE else exit_code
+def write_outputs(run: Run, data: FoldData, fit: Fit, stopped_early: bool, started: float) -> None:
+    """The final weights and summary.json (main process), and the ``done:`` line."""
+    progress, args, out = fit.progress, run.args, run.out
+    final = run.accelerator.unwrap_model(fit.evaluated)
+    export_weights(final, out / "model.safetensors", sidecar(run, data, progress, progress.final))
+    summary = {
+        "fold": args.fold,
+        "stage": args.stage,
+        "steps": progress.step,
+        "steps_per_epoch": data.steps_per_epoch,
+        "init_from": args.init_from,
+        "processes": run.world,
+        "machines": sorted({rank for rank, _ in run.machines}),
+        "nodes": sorted({name for _, name in run.machines if name}),
+        "best": {"miou": progress.best_miou, "step": progress.best_step},
+        "final": progress.final,
+        "skipped_samples": progress.skipped,
+        "stopped_early": stopped_early,
+        "seconds": time.time() - started,
+    }
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    print(f"done: {out} (best fold mIoU {progress.best_miou:.4f} at step {progress.best_step})", flush=True)
 
 
 if __name__ == "__main__":
