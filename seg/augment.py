@@ -20,7 +20,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def photometric_ops(level: str) -> list[nn.Module]:
-    """The study's photometric ops per level (``shared/seed-notes.md``), on [0, 1] images."""
+    """The photometric ops per level of the DeepLabV3+ study this project reproduces, on [0, 1] images."""
     if level not in LEVELS:
         raise ValueError(f"augmentation level {level!r}: choose from {', '.join(LEVELS)}")
     if level == "none":

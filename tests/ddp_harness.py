@@ -15,6 +15,7 @@ gradients).
 import sys
 from pathlib import Path
 
+# run as a script (`python tests/ddp_harness.py`, and under a launcher) from a checkout: make `seg` importable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # `python tools/compare.py` from a checkout, not installed: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seg.compare import CompareError, caveat, compare, default_out, log_to_wandb, tables, wandb_settings, write
