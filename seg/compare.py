@@ -33,7 +33,7 @@ import yaml
 from seg.atomic import atomic_directory
 from seg.cityscapes import CLASS_NAMES
 from seg.manifest import MANIFEST, SELECTION_GROUP, fold_group
-from seg.report import FOLD, STAGE, ReportError, read_json, read_metrics
+from seg.report import FOLD, STAGE, ReportError, out_of_fold, read_json, read_metrics
 
 CONFIDENCE = 0.95
 # tools/evaluate.py writes beside the model by default (reduced/eval-<split>/); a result
@@ -346,11 +346,14 @@ def _result(path: Path, result: Any, where: str) -> dict[str, Any]:
     for name, value in iou.items():
         if not isinstance(value, int | float):
             raise CompareError(f"{path}: {where}.iou.{name} is {value!r}, not a number")
-    return {"miou": float(miou), "fwiou": float(result.get("fwiou", math.nan)), "iou": iou}
+    checked = {"miou": float(miou), "fwiou": float(result.get("fwiou", math.nan)), "iou": iou}
+    # the confusion matrix (results since the pooled out-of-fold score) and the image count pass through
+    return checked | {k: result[k] for k in ("confusion", "samples") if result.get(k) is not None}
 
 
 def _record_result(path: Path, record: dict[str, Any]) -> dict[str, Any]:
-    result = {"miou": record["fold/miou"], "fwiou": record.get("fold/fwiou", math.nan), "iou": record.get("fold/iou")}
+    result = {"miou": record["fold/miou"], "fwiou": record.get("fold/fwiou", math.nan), "iou": record.get("fold/iou"),
+              "confusion": record.get("fold/confusion"), "samples": record.get("fold/samples")}  # fmt: skip
     return _result(path, result, f"the evaluation record at step {record['step']}") | {"step": record["step"]}
 
 
@@ -381,6 +384,8 @@ def _evaluations(path: Path, stage: int) -> list[tuple[str, dict[str, Any]]]:
                 continue
             seen.add(metrics)
             result = _read_json(metrics)
+            if result.get("ensemble"):  # an ensemble's evaluation is not the reduced model's
+                continue
             in_reduced = metrics.parent.parent == path / f"stage{stage}" / "reduced"
             named = isinstance(result.get("model"), str) and _same_file(result["model"], model, path)
             if not (in_reduced or named) or result.get("split") != "val":
@@ -711,6 +716,7 @@ def _experiment_entry(e: Experiment, metric: str, use: str, notes: list[str]) ->
         "manifest_sha256": e.data.digest if e.data else None,
         "folds": folds,
         "summary": describe(values),
+        "out_of_fold": _pooled_entry(e, metric, use),
         "reduced": None,
         "evaluations": [{"label": label, "value": metric_of(r, metric)} for label, r in e.evaluations],
     }
@@ -725,6 +731,20 @@ def _experiment_entry(e: Experiment, metric: str, use: str, notes: list[str]) ->
             "selection": metric_of(candidate, metric),
         }
     return entry
+
+
+def _pooled_entry(e: Experiment, metric: str, use: str) -> dict[str, Any]:
+    """The pooled out-of-fold value of the finished folds (``use``: their final or best
+    evaluation): one confusion matrix over all their held-out images (seg.report.out_of_fold);
+    None with the folds named when a result carries no matrix."""
+    finished = e.finished()
+    oof = out_of_fold({k: f.final if use == "final" else f.best for k, f in finished.items()}, use)
+    return {
+        "folds": oof["folds"],
+        "value": metric_of(oof["pooled"], metric) if oof["pooled"] is not None else None,
+        "samples": oof["samples"],
+        "missing": oof["missing"],
+    }
 
 
 def _pair_entry(
@@ -841,15 +861,21 @@ def tables(result: dict[str, Any]) -> list[str]:
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
-        f"| experiment | folds | mean {title} | std | 95% CI | reduced winner | its selection {title} | val {title} |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"Per experiment: **pooled out-of-fold** {title}: one confusion matrix over every held-out image of its "
+        f"finished folds ({use} models), scored once; mean, std and 95% CI: over the per-fold {title}s, each fold "
+        "weighing the same.",
+        "",
+        f"| experiment | folds | pooled out-of-fold {title} | mean {title} | std | 95% CI | reduced winner | "
+        f"its selection {title} | val {title} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e in experiments:
         s, reduced = e["summary"], e["reduced"]
         val = ", ".join(f"{pct(v['value'])} (`{v['label']}`)" for v in e["evaluations"]) or "n/a"
         chosen = f"{pct(reduced['selection'])} ({reduced['selection_group']})" if reduced else "n/a"
         lines.append(
-            f"| {e['label']} | {s['n']} | {pct(s['mean'])} | {pct(s['std'])} | {_ci(s['ci'])} | "
+            f"| {e['label']} | {s['n']} | {_pooled_cell(e.get('out_of_fold'))} | {pct(s['mean'])} | {pct(s['std'])} | "
+            f"{_ci(s['ci'])} | "
             f"{reduced['winner'] if reduced else 'not reduced'} | {chosen} | {val} |"
         )
     if pairs:
@@ -868,6 +894,15 @@ def tables(result: dict[str, Any]) -> list[str]:
                 f"{_p(p['t_p'])} | {w} | {_p(p['wilcoxon_p'])} | {p['better_in']} / {p['worse_in']} |"
             )
     return lines
+
+
+def _pooled_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "n/a"
+    if entry["value"] is None:
+        missing = entry["missing"]
+        return f"unavailable (fold {_list(missing)}: no confusion matrix)" if missing else "n/a"
+    return pct(entry["value"])
 
 
 def caveat(result: dict[str, Any]) -> list[str]:
@@ -1111,8 +1146,8 @@ def log_to_wandb(result: dict[str, Any], out: Path, figures: dict[str, str], set
         for f in e["folds"]
     ]
     experiment_rows = [
-        [e["label"], e["summary"]["n"], e["summary"]["mean"], e["summary"]["std"], *e["summary"]["ci"],
-         e["reduced"]["selection"] if e["reduced"] else None]
+        [e["label"], e["summary"]["n"], (e.get("out_of_fold") or {}).get("value"), e["summary"]["mean"],
+         e["summary"]["std"], *e["summary"]["ci"], e["reduced"]["selection"] if e["reduced"] else None]
         for e in result["experiments"]
     ]  # fmt: skip
     pair_rows = [
@@ -1130,7 +1165,16 @@ def log_to_wandb(result: dict[str, Any], out: Path, figures: dict[str, str], set
             columns=["experiment", "fold", "status", "final", "best", "used"], data=_jsonable(fold_rows)
         ),
         "compare/experiments": wandb.Table(
-            columns=["experiment", "folds", "mean", "std", "ci_low", "ci_high", "reduced_selection"],
+            columns=[
+                "experiment",
+                "folds",
+                "pooled_out_of_fold",
+                "mean",
+                "std",
+                "ci_low",
+                "ci_high",
+                "reduced_selection",
+            ],
             data=_jsonable(experiment_rows),
         ),
         "compare/pairs": wandb.Table(

@@ -42,7 +42,9 @@ class ConfusionMatrix:
 
     def compute(self) -> dict:
         """Per-class IoU (NaN for classes in neither label nor prediction), mIoU, fwIoU,
-        pixel accuracy and mean class accuracy, as Python floats."""
+        pixel accuracy and mean class accuracy, as Python floats, and the matrix itself
+        (``confusion``: rows true class, columns predicted, as lists of ints) so that results
+        of disjoint image sets can be pooled exactly (:func:`pooled`)."""
         m = self.matrix.double().cpu()
         tp = m.diag()
         gt = m.sum(1)  # labelled pixels per class
@@ -61,7 +63,34 @@ class ConfusionMatrix:
             "mean_accuracy": float((tp[present] / gt[present]).mean()) if present.any() else float("nan"),
             "iou": {name: float(v) for name, v in zip(self.names(), iou, strict=True)},
             "pixels": int(total),
+            "confusion": self.matrix.cpu().tolist(),
         }
+
+    @classmethod
+    def from_counts(cls, counts: list[list[int]] | torch.Tensor) -> ConfusionMatrix:
+        """A matrix from its counts (``compute()``'s ``confusion``), checked to be square non-negative integers."""
+        matrix = torch.as_tensor(counts)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.is_floating_point() or (matrix < 0).any():
+            shape = tuple(matrix.shape)
+            raise ValueError(f"a confusion matrix is a square table of counts, not {shape} {matrix.dtype}")
+        result = cls(matrix.shape[0])
+        result.matrix += matrix.to(torch.int64)
+        return result
 
     def names(self) -> tuple[str, ...]:
         return CLASS_NAMES if self.num_classes == NUM_CLASSES else tuple(map(str, range(self.num_classes)))
+
+
+def pooled(matrices: list[list[list[int]] | torch.Tensor]) -> dict:
+    """The metrics of the union of disjoint image sets from their confusion matrices: the
+    matrices summed, then scored once (mIoU is a ratio of sums, so this is not the mean of
+    their mIoUs). What every image predicted once would give in a single evaluation."""
+    if not matrices:
+        raise ValueError("no confusion matrix to pool")
+    total = ConfusionMatrix.from_counts(matrices[0])
+    for counts in matrices[1:]:
+        other = ConfusionMatrix.from_counts(counts)
+        if other.num_classes != total.num_classes:
+            raise ValueError(f"confusion matrices of {total.num_classes} and {other.num_classes} classes")
+        total.matrix += other.matrix
+    return total.compute()

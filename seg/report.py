@@ -90,6 +90,14 @@ class Stage:
         name = self.reduction["winner"]["name"]
         return next((c for c in self.reduction["candidates"] if c["name"] == name), None)
 
+    def out_of_fold(self) -> dict[str, Any] | None:
+        """The pooled out-of-fold estimate and the per-fold spread of the finished folds' final
+        evaluations (seg.report.out_of_fold); None before any fold has finished."""
+        finished = {f.fold: f.summary for f in self.folds if f.summary is not None}
+        if not finished:
+            return None
+        return out_of_fold({k: (s.get("final") or {}).get("fold") for k, s in finished.items()})
+
     def best_fold(self) -> Fold | None:
         ranked = [f for f in self.folds if f.best is not None and f.evals]
         return max(ranked, key=lambda f: f.best[0]) if ranked else None
@@ -247,18 +255,23 @@ def markdown(experiment: Experiment, figures: dict[str, str]) -> str:
     lines += [
         "## Overview",
         "",
-        "| stage | folds | mean best fold mIoU | best fold | reduced winner | winner selection mIoU |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "Out-of-fold mIoU: the finished folds' final models, each on its own held-out fold; **pooled**: one "
+        "confusion matrix over all their held-out images, **mean ± std**: over the per-fold scores.",
+        "",
+        "| stage | folds | mean best fold mIoU | best fold | reduced winner | winner selection mIoU | "
+        "pooled out-of-fold mIoU | mean ± std fold mIoU (final) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for stage in experiment.stages:
         bests = [f.best[0] for f in stage.folds if f.best is not None]
         done = sum(f.summary is not None for f in stage.folds)
         best_fold = stage.best_fold()
         winner = stage.reduction["winner"] if stage.reduction else None
+        oof = stage.out_of_fold()
         lines.append(
             f"| {stage.stage} | {done} done of {len(stage.folds)} | {_pct(float(np.mean(bests)) if bests else None)} | "
             f"{f'fold{best_fold.fold}' if best_fold else 'n/a'} | {winner['name'] if winner else 'not reduced'} | "
-            f"{_pct(winner['miou'] if winner else None)} |"
+            f"{_pct(winner['miou'] if winner else None)} | {_pooled_cell(oof)} | {_spread_cell(oof)} |"
         )
     lines.append("")
     for role, title in (("by_stage", "mIoU per fold and stage"), ("fold_miou", "fold mIoU during training")):
@@ -282,6 +295,8 @@ def markdown(experiment: Experiment, figures: dict[str, str]) -> str:
             lines.append("")
         else:
             lines += ["No fold has logged anything yet.", ""]
+        if stage.out_of_fold() is not None:
+            lines += [*out_of_fold_lines(stage.out_of_fold()), ""]
         if f"training{stage.stage}" in figures:
             lines += [f"![stage {stage.stage} training]({figures[f'training{stage.stage}']})", ""]
         lines += _reduction_lines(stage)
@@ -306,33 +321,183 @@ def _reduction_lines(stage: Stage) -> list[str]:
     lines = [f"### Stage {stage.stage} reduction", ""]
     if stage.reduction is None:
         return [*lines, "Not reduced yet: no `reduced/report.json`.", ""]
-    return [*lines, *reduction_summary(stage.reduction), ""]
+    # the out-of-fold table is shown above, from the folds' own summaries
+    report = {k: v for k, v in stage.reduction.items() if k != "out_of_fold"}
+    return [*lines, *reduction_summary(report), ""]
+
+
+def candidate_kind(candidate: dict[str, Any]) -> str:
+    """``single fold``, ``soup`` (one model of averaged weights) or ``ensemble`` (the folds'
+    probabilities averaged, a forward pass per model); older reports don't record it."""
+    if candidate.get("kind"):
+        return str(candidate["kind"])
+    return "single fold" if len(candidate["folds"]) == 1 else "soup"
+
+
+def candidate_cost(candidate: dict[str, Any]) -> int:
+    """Forward passes per image (per view): one for a single model, one per member for an ensemble."""
+    return int(candidate.get("cost", len(candidate["folds"]) if candidate_kind(candidate) == "ensemble" else 1))
 
 
 def reduction_summary(report: dict[str, Any]) -> list[str]:
-    """Where a reduction chose, its winner, and every candidate's scores as a markdown table
-    (the winner in bold): for reduced/report.md and the experiment's report."""
+    """Where a reduction chose, its winner, the model that seeds the next stage, every
+    candidate's selection score and inference cost as a markdown table (the winner in bold),
+    and the stage's out-of-fold estimate: for reduced/report.md and the experiment's report."""
     selection, winner = report["selection"], report["winner"]
     where = "the official val split" if selection["is_official_val"] else f"the held-out `{selection['group']}` group"
     lines = [
         f"Chosen on {where} ({count(selection['samples'], 'image')}). Winner: **{winner['name']}** "
         f"(folds {', '.join(map(str, winner['folds']))}), mIoU {_pct(winner['miou'])}.",
+    ]
+    seed = report.get("seed")
+    if seed is not None:
+        lines += [
+            "",
+            f"`reduced/model.safetensors`, the model the next stage starts from: **{seed['name']}** "
+            f"(folds {', '.join(map(str, seed['folds']))}), mIoU {_pct(seed['miou'])}. {seed['why']}",
+        ]
+    if report.get("ensemble"):
+        lines += [
+            "",
+            f"The ensemble's members are listed in `reduced/ensemble.json`: evaluate or predict with it "
+            f"(tools/evaluate.py / tools/predict.py `{report['stage_dir']}/reduced/ensemble.json`), "
+            f"{report['ensemble']['cost']} forward passes per image and view.",
+        ]
+    lines += [
         "",
-        "| candidate | folds | BN recalibrated | mIoU | fwIoU | pixel acc. |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"The candidates' scores on {where} (not out-of-fold: the same images for every candidate). Inference "
+        "cost: forward passes per image at the selection's settings (whole image, no flip, one scale; flips and "
+        "scales multiply it).",
+        "",
+        "| candidate | folds | BN recalibrated | mIoU | fwIoU | pixel acc. | kind | forward passes per image |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     # Candidates of the same folds are the same model (with 3 folds top3 is the mean, best
     # is one of the folds): said in the table, not left to look like a second result.
-    first: dict[tuple[tuple[int, ...], bool], str] = {}
+    first: dict[tuple[tuple[int, ...], bool, str], str] = {}
     for c in report["candidates"]:
         name = f"**{c['name']}**" if c["name"] == winner["name"] else c["name"]
-        same = first.setdefault((tuple(sorted(c["folds"])), bool(c["recalibrated"])), c["name"])
+        kind = candidate_kind(c)
+        same_kind = "ensemble" if kind == "ensemble" else "model"
+        same = first.setdefault((tuple(sorted(c["folds"])), bool(c["recalibrated"]), same_kind), c["name"])
         if same != c["name"]:
             name += f" (the same model as {same})"
         lines.append(
             f"| {name} | {', '.join(map(str, c['folds']))} | {'yes' if c['recalibrated'] else 'no'} | "
-            f"{_pct(c['miou'])} | {_pct(c.get('fwiou'))} | {_pct(c.get('pixel_accuracy'))} |"
+            f"{_pct(c['miou'])} | {_pct(c.get('fwiou'))} | {_pct(c.get('pixel_accuracy'))} | {kind} | "
+            f"{candidate_cost(c)} |"
         )
+    if report.get("out_of_fold"):
+        lines += ["", *out_of_fold_lines(report["out_of_fold"])]
+    return lines
+
+
+# --- the pooled out-of-fold estimate ------------------------------------------------------------
+
+OOF_SOURCES = {
+    "final": "each fold's final model on its own held-out fold",
+    "best": "each fold's best checkpoint on its own held-out fold (chosen on that fold: leans optimistic)",
+}
+
+
+def out_of_fold(results: dict[int, dict[str, Any] | None], source: str = "final") -> dict[str, Any]:
+    """The cross-validation estimate of a stage two ways, from each fold's evaluation on its
+    own held-out fold (``results``: fold -> that result, None when there is none):
+
+    - ``pooled``: every held-out image predicted once by the fold model that did not train on
+      it, scored as one set: the folds' confusion matrices summed, then mIoU, per-class IoU,
+      fwIoU (seg.metrics.pooled). Exact whatever the processes of each evaluation (each
+      matrix is already the sum over its ranks); ``None`` when a fold's result carries no
+      matrix (trained before results recorded it): ``missing`` names those folds.
+    - ``mean``/``std``/``min``/``max`` of the per-fold mIoU and fwIoU (``per_fold``): each fold
+      weighs the same, however many images and pixels it holds, so with unbalanced folds or
+      rare classes the mean differs from the pooled score.
+    """
+    from seg.metrics import pooled
+
+    folds = sorted(results)
+    scored = {k: r for k, r in results.items() if isinstance(r, dict) and isinstance(r.get("miou"), int | float)}
+    per_fold = {m: {str(k): float(r.get(m, math.nan)) for k, r in sorted(scored.items())} for m in ("miou", "fwiou")}
+    record: dict[str, Any] = {"source": source, "describes": OOF_SOURCES.get(source, source), "folds": folds,
+                              "per_fold": per_fold}  # fmt: skip
+    for name, reduce in (("mean", np.mean), ("min", np.min), ("max", np.max)):
+        record[name] = {m: float(reduce(list(v.values()))) if v else math.nan for m, v in per_fold.items()}
+    record["std"] = {
+        m: float(np.std(list(v.values()), ddof=1)) if len(v) > 1 else math.nan for m, v in per_fold.items()
+    }
+    missing = [k for k in folds if not isinstance((results[k] or {}).get("confusion"), list)]
+    samples = [r.get("samples") for r in scored.values()]
+    record["samples"] = sum(samples) if samples and all(isinstance(n, int) for n in samples) else None
+    record["missing"] = missing
+    if missing or not folds:
+        record["pooled"] = None
+        record["unavailable"] = (
+            f"fold {', '.join(map(str, missing))} {'has' if len(missing) == 1 else 'have'} no confusion matrix in "
+            f"{'its' if len(missing) == 1 else 'their'} final result (trained before summaries recorded it, or "
+            "unfinished)"
+            if missing
+            else "no fold result"
+        )
+    else:
+        record["pooled"] = pooled([results[k]["confusion"] for k in folds])
+        record["unavailable"] = None
+    return record
+
+
+def stage_out_of_fold(stage_dir: Path, folds: list[int]) -> dict[str, Any]:
+    """:func:`out_of_fold` of ``stage_dir/fold{k}/summary.json``'s final evaluation (``final.fold``)."""
+    results: dict[int, dict[str, Any] | None] = {}
+    for k in folds:
+        path = Path(stage_dir) / f"fold{k}" / "summary.json"
+        final = read_json(path).get("final") if path.is_file() else None
+        results[k] = final.get("fold") if isinstance(final, dict) else None
+    return out_of_fold(results)
+
+
+def _pooled_cell(oof: dict[str, Any] | None) -> str:
+    if oof is None:
+        return "n/a"
+    if oof["pooled"] is None:
+        return f"unavailable (fold {', '.join(map(str, oof['missing']))})" if oof["missing"] else "n/a"
+    return _pct(oof["pooled"]["miou"])
+
+
+def _spread_cell(oof: dict[str, Any] | None) -> str:
+    if oof is None or not oof["per_fold"]["miou"]:
+        return "n/a"
+    if len(oof["per_fold"]["miou"]) == 1:
+        return _pct(oof["mean"]["miou"])
+    return f"{_pct(oof['mean']['miou'])} ± {_pct(oof['std']['miou'])}"
+
+
+def out_of_fold_lines(oof: dict[str, Any]) -> list[str]:
+    """The out-of-fold table: the pooled score beside the mean and spread of the per-fold ones."""
+    folds = ", ".join(map(str, oof["folds"]))
+    images = "n/a" if oof.get("samples") is None else str(oof["samples"])
+    n = len(oof["per_fold"]["miou"])
+
+    def spread(metric: str) -> str:
+        if n == 0:
+            return "n/a"
+        text = f"{_pct(oof['mean'][metric])} ± {_pct(oof['std'][metric])}" if n > 1 else _pct(oof["mean"][metric])
+        return f"{text} ({_pct(oof['min'][metric])}-{_pct(oof['max'][metric])})" if n > 1 else text
+
+    lines = [
+        f"Out-of-fold estimate ({oof['describes']}; every held-out image predicted once by the fold model that "
+        "did not train on it). **Pooled**: one confusion matrix over all the held-out images, scored once; "
+        f"**mean ± std (range)**: over the {count(n, 'per-fold score')}, each fold weighing the same.",
+        "",
+        "| out-of-fold estimate | folds | images | mIoU | fwIoU | pixel acc. |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    pooled = oof.get("pooled")
+    if pooled is not None:
+        lines.append(f"| **pooled** | {folds} | {images} | {_pct(pooled['miou'])} | {_pct(pooled['fwiou'])} | "
+                     f"{_pct(pooled['pixel_accuracy'])} |")  # fmt: skip
+    else:
+        lines.append(f"| pooled: unavailable ({oof['unavailable']}) | {folds} | {images} | n/a | n/a | n/a |")
+    spreads = f"{spread('miou')} | {spread('fwiou')}"
+    lines.append(f"| mean ± std (range) of the folds | {folds} | {images} | {spreads} | n/a |")
     return lines
 
 

@@ -408,7 +408,8 @@ def test_the_command_line_end_to_end(pair):
     # mIoU in percent everywhere: the per-fold table, the differences, means and the reduced model
     assert "| 0 | **41.20** | 41.20 | **43.10** | 43.10 | +1.90 |" in text
     assert "| 1 | **39.80** | 40.80 | **40.50** | 40.50 | +0.70 |" in text
-    assert f"| A | 5 | {100 * np.mean(BASE):.2f} | {100 * np.std(BASE, ddof=1):.2f} |" in text
+    pooled_a = "unavailable (fold 0, 1, 2, 3, 4: no confusion matrix)"  # summaries without the matrix
+    assert f"| A | 5 | {pooled_a} | {100 * np.mean(BASE):.2f} | {100 * np.std(BASE, ddof=1):.2f} |" in text
     assert "| mean+bn | 47.00 (train-selection) | 45.00 (`stage1/reduced/eval-val`) |" in text
     d = np.subtract(VARIANT, BASE)
     low, high = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
@@ -470,3 +471,43 @@ def test_wandb_logs_one_offline_compare_run_grouped_by_the_experiments(pair, tmp
     assert (run.job_type, run.run_group, run.display_name) == ("compare", "compare-A-vs-B", "compare-A-vs-B-s1")
     data = record_file.read_bytes()
     assert b"compare/pairs" in data and b"compare/classes" in data and b"compare/figures" in data
+
+
+def test_the_pooled_out_of_fold_score_sits_beside_the_mean_and_folds_without_a_matrix_are_named(pair):
+    """B's results carry their confusion matrices (final in summary.json, best in metrics.jsonl,
+    as seg/train.py writes them); A's predate them."""
+    from seg.compare import tables
+    from seg.metrics import pooled
+
+    a, b = pair
+    rng = np.random.default_rng(0)
+    final, best = [], []
+    for k in range(5):
+        fold = b / "stage1" / f"fold{k}"
+        summary = json.loads((fold / "summary.json").read_text())
+        matrices = [rng.integers(0, 50 * (k + 1), (19, 19)).tolist() for _ in range(2)]  # unbalanced folds
+        summary["final"]["fold"]["confusion"] = matrices[0]
+        (fold / "summary.json").write_text(json.dumps(summary))
+        records = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+        for record in records:
+            if "fold/miou" in record:  # step 3 and the final step 6
+                record["fold/confusion"] = matrices[1] if record["step"] == 3 else matrices[0]
+        (fold / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        final.append(matrices[0])
+        best.append(matrices[1])
+    result = compare([a, b])
+    base, other = result["experiments"]
+    assert base["out_of_fold"]["value"] is None and base["out_of_fold"]["missing"] == [0, 1, 2, 3, 4]
+    assert other["out_of_fold"]["value"] == pytest.approx(pooled(final)["miou"], abs=1e-12)
+    assert other["out_of_fold"]["value"] != pytest.approx(other["summary"]["mean"])
+    text = "\n".join(tables(result))
+    assert "| experiment | folds | pooled out-of-fold mIoU | mean mIoU | std | 95% CI |" in text
+    assert f"| B | 5 | {100 * pooled(final)['miou']:.2f} | {100 * np.mean(VARIANT):.2f} |" in text
+    assert "| A | 5 | unavailable (fold 0, 1, 2, 3, 4: no confusion matrix) |" in text
+    assert "**pooled out-of-fold** mIoU: one confusion matrix over every held-out image" in text
+    best_steps = {k: json.loads((b / "stage1" / f"fold{k}" / "summary.json").read_text())["best"]["step"]
+                  for k in range(5)}  # fmt: skip
+    used = compare([a, b], use="best")["experiments"][1]["out_of_fold"]
+    # best is at step 3 where best > final; elsewhere the final (step 6) evaluation, with the final matrix
+    expected = [best[k] if best_steps[k] == 3 else final[k] for k in range(5)]
+    assert used["value"] == pytest.approx(pooled(expected)["miou"], abs=1e-12)

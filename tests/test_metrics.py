@@ -11,7 +11,7 @@ from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as refer
 from cityscapesscripts.helpers.labels import labels as reference_labels
 
 from seg.cityscapes import EVAL_LABELS
-from seg.metrics import ConfusionMatrix
+from seg.metrics import ConfusionMatrix, pooled
 
 
 def test_hand_computed_case():
@@ -88,3 +88,37 @@ def test_three_gloo_ranks_with_uneven_data_reduce_to_the_single_process_matrix(t
     for rank in range(3):
         assert torch.equal(out[rank], single.matrix)
     assert single.matrix.sum() > 0
+
+
+def test_compute_carries_the_matrix_and_pooling_sums_before_scoring():
+    generator = torch.Generator().manual_seed(1)
+    sets = [
+        (torch.randint(0, 19, (n, 8, 8), generator=generator), torch.randint(0, 19, (n, 8, 8), generator=generator))
+        for n in (1, 3, 6)
+    ]
+    parts, single = [], ConfusionMatrix()
+    for prediction, target in sets:
+        part = ConfusionMatrix()
+        part.update(prediction, target)
+        single.update(prediction, target)
+        result = part.compute()
+        assert result["confusion"] == part.matrix.tolist() and sum(map(sum, result["confusion"])) == result["pixels"]
+        assert ConfusionMatrix.from_counts(result["confusion"]).compute() == result
+        parts.append(result["confusion"])
+    assert pooled(parts) == single.compute()
+    with pytest.raises(ValueError, match="square table of counts"):
+        ConfusionMatrix.from_counts([[1.5, 0], [0, 1]])
+
+
+def test_pooled_miou_is_not_the_mean_of_the_folds_miou_on_unbalanced_folds():
+    """Fold A: one small image, a rare class missed; fold B: a large image, all right. The mean
+    of their mIoUs counts A's miss as much as B's whole image; the pooled score does not."""
+    a, b = ConfusionMatrix(3), ConfusionMatrix(3)
+    a.update(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 0, 2]))  # class 2 missed once
+    b.update(torch.tensor([0] * 50 + [1] * 40 + [2] * 10), torch.tensor([0] * 50 + [1] * 40 + [2] * 10))
+    per_fold = [a.compute()["miou"], b.compute()["miou"]]
+    pooled_miou = pooled([a.compute()["confusion"], b.compute()["confusion"]])["miou"]
+    # pooled: class 0 IoU 53/54, class 1 1, class 2 10/11
+    assert pooled_miou == pytest.approx((53 / 54 + 1 + 10 / 11) / 3)
+    assert per_fold == pytest.approx([(3 / 4 + 0) / 2, 1.0])
+    assert abs(pooled_miou - float(np.mean(per_fold))) > 0.2

@@ -322,3 +322,85 @@ def test_the_evaluation_table_shows_the_input_size_and_an_unlabelled_export_is_n
     text = (write_report(root) / "report.md").read_text()
     assert "| input size | mode |" in text and "| 1024x512 | slide | yes | 0.75, 1 | 43.21 |" in text
     assert "stage1/reduced/eval-test-1024x512-whole: test split, no labels: 6 predictions exported to pred/" in text
+
+
+def test_the_pooled_out_of_fold_score_equals_one_evaluation_of_every_held_out_image(tmp_path):
+    """Three folds of 1, 2 and 4 images, each evaluated by its own model through seg.evaluate
+    (as train.py's final evaluation does), written to summary.json: the pooled score equals
+    one confusion matrix over every image predicted by hand, and the sum of the folds' matrices."""
+    import torch
+
+    from seg.augment import DeviceAugment
+    from seg.evaluate import evaluate
+    from seg.metrics import ConfusionMatrix
+    from seg.model import DeepLabV3Plus
+    from seg.report import out_of_fold_lines, reduction_summary, stage_out_of_fold
+
+    generator = torch.Generator().manual_seed(0)
+    normalise = DeviceAugment("none")
+    stage = tmp_path / "runs" / "x" / "stage1"
+    by_hand = ConfusionMatrix()
+    matrices = []
+    for fold, images in enumerate((1, 2, 4)):
+        torch.manual_seed(fold)
+        model = DeepLabV3Plus(18, 8).eval()
+        batches = [
+            {
+                "image": torch.randint(0, 256, (1, 3, 32, 48), generator=generator, dtype=torch.uint8),
+                "label": torch.randint(0, 19, (1, 32, 48), generator=generator).where(
+                    torch.rand(1, 32, 48, generator=generator) > 0.1, torch.tensor(255)
+                ),
+                "key": [f"f{fold}i{i}"],
+            }
+            for i in range(images)
+        ]
+        matrix, seen, _ = evaluate(model, batches, torch.device("cpu"), normalise)
+        result = matrix.compute() | {"samples": seen, "skipped": 0}
+        (stage / f"fold{fold}").mkdir(parents=True)
+        (stage / f"fold{fold}" / "summary.json").write_text(json.dumps({"final": {"fold": result}}))
+        matrices.append(matrix.matrix)
+        with torch.no_grad():
+            for batch in batches:
+                by_hand.update(model(normalise(batch["image"], train=False)[0]).argmax(1), batch["label"])
+    oof = stage_out_of_fold(stage, [0, 1, 2])
+    assert oof["pooled"] == by_hand.compute()
+    assert oof["pooled"]["confusion"] == sum(matrices).tolist()
+    assert oof["samples"] == 7 and oof["missing"] == [] and oof["unavailable"] is None
+    summaries = [json.loads((stage / f"fold{k}" / "summary.json").read_text()) for k in range(3)]
+    per_fold = [s["final"]["fold"]["miou"] for s in summaries]
+    assert oof["mean"]["miou"] == pytest.approx(np.mean(per_fold))
+    assert oof["std"]["miou"] == pytest.approx(np.std(per_fold, ddof=1))
+    text = "\n".join(out_of_fold_lines(oof))
+    assert f"| **pooled** | 0, 1, 2 | 7 | {100 * by_hand.compute()['miou']:.2f} |" in text
+    assert f"| mean ± std (range) of the folds | 0, 1, 2 | 7 | {100 * np.mean(per_fold):.2f} ± " in text
+    report = reduction_report(stage, [0, 1, 2]) | {"out_of_fold": oof}
+    assert text in "\n".join(reduction_summary(report))
+
+    # a fold trained before summaries carried the matrix: the pooled score is unavailable, naming it
+    summary = json.loads((stage / "fold1" / "summary.json").read_text())
+    del summary["final"]["fold"]["confusion"]
+    (stage / "fold1" / "summary.json").write_text(json.dumps(summary))
+    oof = stage_out_of_fold(stage, [0, 1, 2])
+    assert oof["pooled"] is None and oof["missing"] == [1]
+    assert oof["mean"]["miou"] == pytest.approx(np.mean(per_fold))  # the per-fold numbers still stand
+    assert "| pooled: unavailable (fold 1 has no confusion matrix in its final result" in "\n".join(
+        out_of_fold_lines(oof)
+    )
+
+
+def test_the_experiment_report_shows_the_out_of_fold_estimates_and_names_folds_without_a_matrix(experiment):
+    root, _ = experiment
+    confusion = np.zeros((19, 19), dtype=int)
+    confusion[0, 0], confusion[1, 1], confusion[1, 0] = 80, 15, 5
+    for fold in (0, 1):
+        path = root / "stage2" / f"fold{fold}" / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["final"] = {"fold": {"miou": 0.4 + 0.1 * fold, "fwiou": 0.6, "confusion": confusion.tolist(),
+                                     "samples": 3}}  # fmt: skip
+        path.write_text(json.dumps(summary))
+    text = (write_report(root) / "report.md").read_text()
+    # stage 1's summaries predate the matrix (final: {}): unavailable, naming the folds
+    assert "| unavailable (fold 0, 1, 2) |" in text
+    # stage 2: both folds carry it; pooled over 200 pixels: road 80/85, sidewalk 15/20
+    assert f"| {100 * (80 / 85 + 15 / 20) / 2:.2f} | 45.00 ± 7.07 |" in text
+    assert "| **pooled** | 0, 1 | 6 |" in text
