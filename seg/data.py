@@ -14,6 +14,7 @@ get none and must still join the metric reduction.
 from __future__ import annotations
 
 import math
+import multiprocessing.context
 import os
 import random
 import signal
@@ -129,6 +130,28 @@ def read_shard(path: str, samples: int | None = None) -> Iterator[dict[str, Any]
         )
 
 
+TRAINER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+
+
+class _WorkerProcess(multiprocessing.context.ForkProcess):
+    """A loader worker forked with the trainer's signals blocked. Between the fork and
+    ``_ignore_signals`` the worker runs torch's handlers (TERM kills it) and Python's (INT
+    raises): a Slurm preemption's TERM to every process, landing just as an evaluation
+    starts its workers, killed one and crashed the trainer. Blocked, a signal waits for
+    ``_ignore_signals`` to deal with it; the trainer's own mask is back right after the fork."""
+
+    def start(self) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, TRAINER_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _WorkerContext(multiprocessing.context.ForkContext):
+    Process = _WorkerProcess
+
+
 def _ignore_signals(worker: int) -> None:
     """DataLoader worker init: the trainer's signals are the trainer's. Workers share its
     process group, so a Slurm preemption (TERM to every process), a job script's USR1 and a
@@ -137,8 +160,9 @@ def _ignore_signals(worker: int) -> None:
     saving. USR1 and INT are ignored; TERM is ignored unless the trainer sends it (torch and
     multiprocessing end leftover workers with it, and wait for them)."""
     for sig in (signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, signal.SIG_IGN)  # discards one that arrived since the fork
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the thread: it inherits the mask
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGINT})  # blocked by _WorkerProcess
     threading.Thread(target=_exit_on_parents_term, args=(os.getppid(),), daemon=True).start()
 
 
@@ -321,7 +345,7 @@ def _loader_options(workers: int, pin_memory: bool) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     options: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "generator": generator}
     if workers > 0:
-        options |= {"persistent_workers": True, "prefetch_factor": 4, "multiprocessing_context": "fork"}
+        options |= {"persistent_workers": True, "prefetch_factor": 4, "multiprocessing_context": _WorkerContext()}
         options["worker_init_fn"] = _ignore_signals
     return options
 

@@ -1,18 +1,31 @@
 import itertools
 import random
 import shutil
+import subprocess
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from seg import cityscapes as cs
 from seg.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, cut_on_device, elastic
-from seg.data import DataError, EvalStream, TrainStream, eval_loader, shards_of, train_loader
+from seg.data import (
+    DataError,
+    EvalStream,
+    TrainStream,
+    _ignore_signals,
+    _loader_options,
+    eval_loader,
+    shards_of,
+    train_loader,
+)
 from seg.manifest import ManifestError, load_manifest
 from seg.pack import Options, pack
 from seg.transforms import TrainGeometry, _cat_max_ok, decoded_sample, eval_sample, train_sample
@@ -393,3 +406,28 @@ def test_a_whole_frame_at_its_own_size_is_cut_exactly_on_the_device():
     np.testing.assert_array_equal(half_labels[0].numpy(), np.asarray(label.resize((48, 32), Image.NEAREST)))
     pillow = np.asarray(image.resize((48, 32), Image.BILINEAR)).astype(int)
     assert np.abs(half[0].permute(1, 2, 0).numpy().astype(int) - pillow).mean() < 3
+
+
+class _Numbers(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(10_000))
+
+
+def _slow_worker_init(worker: int) -> None:
+    """The worker's start-up, slowed: its window before ``_ignore_signals`` is wide open."""
+    time.sleep(2)
+    _ignore_signals(worker)
+
+
+@pytest.mark.timeout(120)
+def test_a_loader_worker_survives_a_term_that_lands_while_it_starts():
+    """A Slurm preemption's TERM reaches every process, an evaluation's workers starting up
+    included; a worker killed then crashed the trainer instead of letting it save."""
+    options = _loader_options(1, pin_memory=False) | {"worker_init_fn": _slow_worker_init}
+    batches = iter(DataLoader(_Numbers(), batch_size=2, **options))
+    (worker,) = psutil.Process().children()
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # not from the trainer: must be ignored
+    assert [next(batches).tolist() for _ in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+    del batches  # the loader ends its worker with the trainer's own TERM: it must still go
+    worker.wait(timeout=30)
