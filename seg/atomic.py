@@ -83,3 +83,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def plain_modes(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes a plain ``open()``/``mkdir`` would
+    have: for what a library wrote privately (safetensors' ``save_file`` makes its files
+    0600), before it is renamed into place."""
+    mask = current_umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

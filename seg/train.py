@@ -44,7 +44,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from seg import losses
-from seg.atomic import atomic_write_bytes
+from seg.atomic import atomic_write_bytes, plain_modes
 from seg.augment import DeviceAugment, cut_on_device
 from seg.checkpoint import MetricsLog, export_weights, is_state, latest_state, prune_states, run_dir, state_name
 from seg.config import ConfigError, load_config, to_dict
@@ -658,6 +658,7 @@ def save_state(accelerator: Accelerator, out: Path, step: int, keep_last: int, k
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        plain_modes(tmp)  # readable by the team like every other output (accelerate's safetensors are 0600)
         os.replace(tmp, final)
         prune_states(out, keep_last, keep)
     accelerator.wait_for_everyone()

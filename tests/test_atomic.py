@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.atomic import atomic_directory, atomic_write_bytes
+from seg.atomic import atomic_directory, atomic_write_bytes, plain_modes
 from seg.checkpoint import export_weights
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
@@ -75,3 +75,17 @@ def test_a_replaced_file_keeps_its_mode_and_a_failed_write_leaves_the_old_one(tm
         (tmp / "half").write_text("x")
         raise BoomError
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_what_a_library_wrote_privately_gets_plain_modes(tmp_path, mask, file_mode, dir_mode):
+    from safetensors.torch import save_file
+
+    state = tmp_path / "state"
+    (state / "sub").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(state / "model.safetensors"))  # safetensors writes 0600
+    (state / "sub" / "random_states.pkl").write_bytes(b"x")
+    with umask(mask):
+        plain_modes(state)
+    assert modes(state) == {".": dir_mode, "sub": dir_mode, "model.safetensors": file_mode,
+                            "sub/random_states.pkl": file_mode}  # fmt: skip

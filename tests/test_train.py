@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 import signal
-import struct
+import stat
 import subprocess
 import sys
 import time
@@ -17,11 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from seg.atomic import current_umask
 from seg.cli import launch_command
 from seg.pack import Options, pack
 from seg.soup import load_fold_models
 from seg.synthetic import make_synthetic
 from seg.train import EXIT_REQUEUE, main
+from tests.wandb_records import run_record as wandb_run_record
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -88,6 +90,10 @@ def test_a_run_writes_its_outputs(shards, tmp_path):
     assert sidecar["fold"] == 0 and sidecar["stage"] == 1 and sidecar["config"]["model"]["depth"] == 18
     assert set(load_file(out / "model.safetensors")) >= {"backbone.conv1.weight", "classifier.weight"}
     assert (out / "best.safetensors").is_file() and (out / "config.yaml").is_file()
+    # every output, resumable states included, readable as plain open() makes files (umask)
+    expected = 0o666 & ~current_umask()
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert {p: m for p, m in modes.items() if m != expected} == {}
     before = (out / "model.safetensors").read_bytes(), (out / "summary.json").read_text()
     config_before = (out / "config.yaml").stat().st_mtime_ns
     again = run(shards, tmp_path, "train.epochs=2")  # a requeued or repeated job: nothing to redo
@@ -246,28 +252,12 @@ def test_bf16_training_logs_an_offline_wandb_run_with_group_and_job_type(shards,
     losses = [json.loads(line).get("train/loss") for line in (out / "metrics.jsonl").open()]
     assert all(v == v and abs(v) < 1e4 for v in losses if v is not None)
     (record_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
-    run_record = _wandb_run_record(record_file.read_bytes())
+    run_record = wandb_run_record(record_file)
     assert (run_record.run_group, run_record.job_type, run_record.display_name) == (
         "bf16-check",
         "stage1-fold0",
         "bf16-check-s1-f0",
     )
-
-
-def _wandb_run_record(data: bytes):
-    """The RunRecord of an offline .wandb file (a LevelDB-style log after a 7-byte header);
-    it is one of the first records, inside the first 32 KB block."""
-    from wandb.proto import wandb_internal_pb2
-
-    position = 7
-    while position + 7 <= len(data):
-        _, length, _ = struct.unpack("<IHB", data[position : position + 7])
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data[position + 7 : position + 7 + length])
-        if record.WhichOneof("record_type") == "run":
-            return record.run
-        position += 7 + length
-    raise AssertionError("no run record")
 
 
 def test_a_non_finite_loss_stops_with_an_error_naming_the_step(shards, tmp_path):
