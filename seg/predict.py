@@ -23,9 +23,9 @@ from PIL import Image
 from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment
 from seg.cityscapes import TRAINID_TO_ID, colorize
+from seg.ensemble import load_models
 from seg.evaluate import model_input_size, settings
 from seg.inference import TestTimeAugmentation, predict_probabilities
-from seg.model import load_model
 from seg.png import encode_gray8
 from seg.transforms import eval_sample
 
@@ -140,7 +140,7 @@ def write_outputs(stem: Path, image: Image.Image, prediction: np.ndarray, alpha:
 
 
 def predict_files(
-    model_path: str | Path,
+    model_path: str | Path | list[str | Path],
     inputs: Iterable[str | Path],
     out: str | Path,
     tta: TestTimeAugmentation,
@@ -154,14 +154,16 @@ def predict_files(
 
     ``size`` (H, W) resizes the model's input, None keeps each image's resolution, and
     ``MODEL_SIZE`` (the default) takes the model config's ``data.eval_size``, the size it
-    was validated at. ``announce`` receives the settings (seg.evaluate.settings) once known.
+    was validated at. ``model_path``: a model file, or several files, a stage folder or an
+    ensemble.json for their ensemble (seg.ensemble.load_models). ``announce`` receives the
+    settings (seg.evaluate.settings) once known.
     The model and every image's header are checked before anything is written; an image
     that turns out truncated stops the run with its earlier images' outputs complete."""
     out = Path(out)
     images = find_images(inputs, out)
     for path, _ in images:
         check_image(path)
-    model, sidecar = load_model(model_path)
+    model, sidecar, _ = load_models(model_path if isinstance(model_path, list) else [model_path])
     if isinstance(size, str):
         size, size_from = model_input_size(sidecar), "the model's config (data.eval_size)"
     else:

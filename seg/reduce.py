@@ -2,10 +2,14 @@
 
 Candidates: each single fold, ``best`` (highest fold-validation mIoU), ``mean`` (all folds),
 ``topk`` (mean of the k best), ``greedy`` (soup grown while the selection mIoU does not
-drop); each averaged one also with BN recalibration. Every candidate is evaluated exactly
-(across all processes) on the selection set: the packed ``train-selection`` group by
-default, the official val only when asked (the report then says so). The winner is written
-to ``runs/<experiment>/stage{s}/reduced/`` with a report, a markdown table and a plot.
+drop); each averaged one also with BN recalibration; and ``ensemble``, the folds'
+probabilities averaged at prediction time (one forward pass per fold). Every candidate is
+evaluated exactly (across all processes) on the selection set: the packed
+``train-selection`` group by default, the official val only when asked (the report then
+says so). ``runs/<experiment>/stage{s}/reduced/`` gets the model that seeds the next stage
+(the winner; when the ensemble wins, the best single-model candidate, or ``--seed-from``'s
+choice), ``ensemble.json`` (the ensemble's members), a report with every candidate's score
+and inference cost and the stage's pooled out-of-fold estimate, a markdown table and a plot.
 """
 
 from __future__ import annotations
@@ -26,15 +30,17 @@ from seg.augment import DeviceAugment
 from seg.checkpoint import export_weights
 from seg.data import TrainStream, eval_loader, shards_of
 from seg.distributed import convert_sync_batchnorm
+from seg.ensemble import ENSEMBLE_FILE, Ensemble, write_ensemble_file
 from seg.evaluate import evaluate
 from seg.manifest import SELECTION_GROUP, ManifestError, load_manifest
 from seg.model import WeightsError, from_config
-from seg.report import reduction_summary
+from seg.report import reduction_summary, stage_out_of_fold
 from seg.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
 from seg.tracking import log_reduction
 from seg.transforms import TrainGeometry
 
-STRATEGIES = ("best", "mean", "topk", "greedy")
+STRATEGIES = ("best", "mean", "topk", "greedy", "ensemble")
+BEST_SINGLE = "best-single"  # --seed-from's default
 SELECTION_WORDS = {"selection": "selection-set mIoU", "val": "official-val mIoU"}
 
 
@@ -69,6 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="selection: the packed held-out subset (default); val: the official val split",
     )
     parser.add_argument(
+        "--seed-from",
+        default=BEST_SINGLE,
+        metavar="CANDIDATE",
+        help="the model written to reduced/model.safetensors, which the next stage starts from: best-single "
+        "(default: the winner, or the best single-model candidate when the ensemble wins) or a candidate's name "
+        "(greedy, mean+bn, fold2, ...)",
+    )
+    parser.add_argument(
         "--weights",
         choices=("best", "model"),
         default="best",
@@ -97,10 +111,20 @@ class Candidate:
     models: list[FoldModel]  # averaged (one model: itself)
     recalibrated: bool = False
     result: dict[str, Any] = field(default_factory=dict)
+    ensemble: bool = False  # the models' probabilities averaged at prediction time, not their weights
 
     @property
     def folds(self) -> list[int]:
         return [m.fold for m in self.models]
+
+    @property
+    def kind(self) -> str:
+        return "ensemble" if self.ensemble else "single fold" if len(self.models) == 1 else "soup"
+
+    @property
+    def cost(self) -> int:
+        """Forward passes per image and view."""
+        return len(self.models) if self.ensemble else 1
 
 
 class Reducer:
@@ -116,6 +140,9 @@ class Reducer:
 
     def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         self.model.load_state_dict(state)
+        return self._evaluate(self.model)
+
+    def _evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
         data = self.config["data"]
         size = tuple(data["eval_size"]) if data["eval_size"] else None
         loader, _ = eval_loader(
@@ -128,8 +155,18 @@ class Reducer:
             data["workers"],
             checksums=False,
         )
-        matrix, seen, _ = evaluate(self.model, loader, self.accelerator.device, self.normalise)
+        matrix, seen, _ = evaluate(model, loader, self.accelerator.device, self.normalise)
         return matrix.compute() | {"samples": seen}
+
+    def evaluate_ensemble(self, states: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """The selection score of the models' averaged probabilities (seg.ensemble.Ensemble)."""
+        members = []
+        for state in states:
+            member = from_config(self.config["model"])
+            member.load_state_dict(state)
+            members.append(member)
+        ensemble = Ensemble(members).to(self.accelerator.device).eval()
+        return self._evaluate(ensemble)
 
     def recalibrate(self, state: dict[str, torch.Tensor], batches: int, folds: list[int]) -> dict[str, torch.Tensor]:
         self.model.load_state_dict(state)
@@ -160,6 +197,7 @@ def reduce_stage(
     select_on: str = "selection",
     weights: str = "best",
     accelerator: Accelerator | None = None,
+    seed_from: str = BEST_SINGLE,
 ) -> dict[str, Any]:
     """Reduce ``stage_dir/fold*/`` to ``stage_dir/reduced/``; returns the report."""
     stage_dir = Path(stage_dir)
@@ -171,6 +209,9 @@ def reduce_stage(
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown:
         raise ValueError(f"strategy {unknown[0]!r}: choose from {', '.join(STRATEGIES)}")
+    if seed_from == "ensemble":
+        raise ValueError("--seed-from ensemble: a stage starts from one model, and the ensemble is several; "
+                         f"name a single-model candidate, or {BEST_SINGLE}")  # fmt: skip
     models = load_fold_models(stage_dir, folds, weights)
     config = models[0].sidecar["config"]
     shards = str(shards or config["data"]["shards"])
@@ -213,8 +254,14 @@ def reduce_stage(
         greedy.result = score_of(greedy.folds, mean_of(soup))
         candidates.append(greedy)
         log(f"  greedy: folds {greedy.folds}, {scored} {100 * greedy.result['miou']:.1f}")
+    if "ensemble" in strategies:
+        ensemble = Candidate("ensemble", models, ensemble=True)
+        ensemble.result = reducer.evaluate_ensemble([m.state for m in models])
+        candidates.append(ensemble)
+        log(f"ensemble: folds {ensemble.folds} ({ensemble.cost} forward passes), {scored} "
+            f"{100 * ensemble.result['miou']:.1f}")  # fmt: skip
     if recalibrate_batches > 0:
-        for candidate in [c for c in candidates if len(c.models) > 1]:
+        for candidate in [c for c in candidates if len(c.models) > 1 and not c.ensemble]:
             key = tuple(sorted(candidate.folds))
             if key not in recalibrated_states:
                 averaged = average([m.state for m in candidate.models])
@@ -226,6 +273,8 @@ def reduce_stage(
 
     reduced = [c for c in candidates if not c.name.startswith("fold")]
     winner = max(reduced or candidates, key=lambda c: c.result["miou"])
+    seed, why = seed_candidate(candidates, winner, seed_from)
+    ensemble_candidate = next((c for c in candidates if c.ensemble), None)
     report = {
         "stage_dir": str(stage_dir),
         "selection": {"group": group, "is_official_val": group == "val", "samples": winner.result["samples"]},
@@ -240,35 +289,87 @@ def reduce_stage(
                 "fwiou": c.result["fwiou"],
                 "pixel_accuracy": c.result["pixel_accuracy"],
                 "iou": c.result["iou"],
+                "kind": c.kind,
+                "cost": c.cost,
             }
             for c in candidates
         ],
         "winner": {"name": winner.name, "folds": winner.folds, "miou": winner.result["miou"]},
+        "seed": {
+            "name": seed.name,
+            "folds": seed.folds,
+            "miou": seed.result["miou"],
+            "why": why,
+            "seed_from": seed_from,
+        },
+        "ensemble": None
+        if ensemble_candidate is None
+        else {
+            "file": ENSEMBLE_FILE,
+            "members": [str(m.path) for m in ensemble_candidate.models],
+            "cost": ensemble_candidate.cost,
+            "miou": ensemble_candidate.result["miou"],
+        },
+        "out_of_fold": stage_out_of_fold(stage_dir, folds),
     }
     if accelerator.is_main_process:
         with atomic_directory(stage_dir / "reduced", overwrite=True) as tmp:
-            winning = recalibrated_states[tuple(sorted(winner.folds))] if winner.recalibrated else None
-            reducer.model.load_state_dict(winning or mean_of(winner.models)())
+            seeding = recalibrated_states[tuple(sorted(seed.folds))] if seed.recalibrated else None
+            reducer.model.load_state_dict(seeding or mean_of(seed.models)())
             sidecar = {
                 "config": config,
                 "stage": models[0].sidecar["stage"],
-                "reduction": report["winner"],
+                "reduction": {k: v for k, v in report["seed"].items() if k in ("name", "folds", "miou")}
+                | {"selection_winner": winner.name},
                 "selection": report["selection"],
-                "metrics": {"selection": winner.result},
+                "metrics": {"selection": seed.result},
             }
             export_weights(reducer.model, tmp / "model.safetensors", sidecar)
+            if ensemble_candidate is not None:
+                content = write_ensemble_file(
+                    stage_dir / "reduced" / ENSEMBLE_FILE,
+                    [m.path for m in ensemble_candidate.models],
+                    {"folds": ensemble_candidate.folds, "weights": weights, "selection": report["selection"],
+                     "metrics": {"selection": ensemble_candidate.result}},
+                )  # fmt: skip
+                (tmp / ENSEMBLE_FILE).write_text(json.dumps(content, indent=1) + "\n")
             (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
             (tmp / "report.md").write_text(markdown(report))
             plot(report, tmp / "reduction.png")
         # A summary run in the experiment's wandb group, beside the folds' runs (not inside
         # reduced/, which a repeated reduction replaces).
         log_reduction(config, models[0].sidecar["stage"], report, stage_dir, stage_dir / "reduced" / "reduction.png")
-        log(
-            f"winner: {winner.name} (folds {winner.folds}), {scored} {100 * winner.result['miou']:.1f} "
-            f"-> {stage_dir / 'reduced' / 'model.safetensors'}"
-        )
+        log(f"winner: {winner.name} (folds {winner.folds}), {scored} {100 * winner.result['miou']:.1f}")
+        log(f"seeds the next stage: {seed.name} (folds {seed.folds}), {scored} {100 * seed.result['miou']:.1f} "
+            f"-> {stage_dir / 'reduced' / 'model.safetensors'}; {why}")  # fmt: skip
+        oof = report["out_of_fold"]
+        pooled = "unavailable: " + oof["unavailable"] if oof["pooled"] is None else f"{100 * oof['pooled']['miou']:.1f}"
+        log(f"out-of-fold mIoU (final models): pooled {pooled}; per-fold mean {100 * oof['mean']['miou']:.1f}")
     accelerator.wait_for_everyone()
     return report
+
+
+def seed_candidate(candidates: list[Candidate], winner: Candidate, seed_from: str) -> tuple[Candidate, str]:
+    """The candidate whose single model seeds the next stage, and why (for the report)."""
+    if seed_from != BEST_SINGLE:
+        chosen = next((c for c in candidates if c.name == seed_from), None)
+        if chosen is None or chosen.ensemble:
+            names = ", ".join(c.name for c in candidates if not c.ensemble)
+            raise ValueError(f"--seed-from {seed_from}: not a single-model candidate of this reduction ({names})")
+        return chosen, f"Chosen with --seed-from {seed_from} (the selection winner is {winner.name})."
+    if not winner.ensemble:
+        return winner, "The selection winner."
+    singles = [c for c in candidates if not c.ensemble and not c.name.startswith("fold")]
+    singles = singles or [c for c in candidates if not c.ensemble]
+    if not singles:
+        raise ValueError("only the ensemble was evaluated: add a single-model strategy (best, mean, topk, greedy)")
+    best = max(singles, key=lambda c: c.result["miou"])
+    return best, (
+        f"The ensemble won the selection ({100 * winner.result['miou']:.2f} against "
+        f"{100 * best.result['miou']:.2f}), but a stage starts from one model, so the next stage starts from the "
+        f"best single-model candidate on the selection set ({winner.cost} forward passes per image for the "
+        "ensemble, 1 for it); --seed-from CANDIDATE chooses another."
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -281,10 +382,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [c["name"] for c in report["candidates"]]
+    names = [c["name"] + (f" ({c['cost']}x)" if c.get("cost", 1) > 1 else "") for c in report["candidates"]]
     values = [100 * c["miou"] for c in report["candidates"]]
     winner = report["winner"]["name"]
-    colours = ["#d9822b" if n == winner else "#9aa5b1" if n.startswith("fold") else "#2f6fb0" for n in names]
+    colours = [
+        "#d9822b" if n.split(" (")[0] == winner else "#9aa5b1" if n.startswith("fold") else "#2f6fb0" for n in names
+    ]
     figure, axes = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4))
     bars = axes.bar(names, values, color=colours)
     axes.bar_label(bars, fmt="%.2f", fontsize=7)

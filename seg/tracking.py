@@ -125,23 +125,56 @@ def log_reduction(config: dict[str, Any], stage: int, report: dict[str, Any], ou
         return
     import wandb
 
-    columns = ["name", "folds", "recalibrated", "miou", "fwiou", "pixel_accuracy"]
+    columns = ["name", "folds", "recalibrated", "kind", "forward_passes", "miou", "fwiou", "pixel_accuracy"]
     rows = [
-        [c["name"], ", ".join(map(str, c["folds"])), c["recalibrated"], c["miou"], c["fwiou"], c["pixel_accuracy"]]
+        [c["name"], ", ".join(map(str, c["folds"])), c["recalibrated"], c.get("kind", ""), c.get("cost", 1),
+         c["miou"], c["fwiou"], c["pixel_accuracy"]]
         for c in report["candidates"]
-    ]
-    run.log({"reduction/candidates": wandb.Table(columns=columns, data=rows), "reduction/plot": wandb.Image(str(plot))})
+    ]  # fmt: skip
+    record: dict[str, Any] = {
+        "reduction/candidates": wandb.Table(columns=columns, data=rows),
+        "reduction/plot": wandb.Image(str(plot)),
+    }
+    oof = report.get("out_of_fold")
+    if oof and oof.get("pooled") is not None:
+        record["out_of_fold/pooled_per_class_iou"] = wandb.Table(
+            columns=["class", "iou"], data=[[k, v] for k, v in oof["pooled"]["iou"].items()]
+        )
+    run.log(record)
     winner, selection = report["winner"], report["selection"]
-    run.summary.update(
-        {
-            "winner/name": winner["name"],
-            "winner/folds": ", ".join(map(str, winner["folds"])),
-            "winner/miou": winner["miou"],
-            "selection/group": selection["group"],
-            "selection/is_official_val": selection["is_official_val"],
-            "selection/samples": selection["samples"],
+    summary: dict[str, Any] = {
+        "winner/name": winner["name"],
+        "winner/folds": ", ".join(map(str, winner["folds"])),
+        "winner/miou": winner["miou"],
+        "selection/group": selection["group"],
+        "selection/is_official_val": selection["is_official_val"],
+        "selection/samples": selection["samples"],
+    }
+    seed = report.get("seed")
+    if seed:
+        summary |= {"seed/name": seed["name"], "seed/folds": ", ".join(map(str, seed["folds"])),
+                    "seed/miou": seed["miou"]}  # fmt: skip
+    if report.get("ensemble"):
+        summary |= {"ensemble/miou": report["ensemble"]["miou"], "ensemble/forward_passes": report["ensemble"]["cost"]}
+    if oof:
+        # which number is which: pooled = one confusion matrix over every held-out image of the
+        # folds' final models; mean/std = over the per-fold scores
+        summary |= {
+            "out_of_fold/source": oof["describes"],
+            "out_of_fold/folds": ", ".join(map(str, oof["folds"])),
+            "out_of_fold/mean_fold_miou": oof["mean"]["miou"],
+            "out_of_fold/std_fold_miou": oof["std"]["miou"],
+            "out_of_fold/mean_fold_fwiou": oof["mean"]["fwiou"],
         }
-    )
+        if oof.get("pooled") is not None:
+            summary |= {
+                "out_of_fold/pooled_miou": oof["pooled"]["miou"],
+                "out_of_fold/pooled_fwiou": oof["pooled"]["fwiou"],
+                "out_of_fold/pooled_pixel_accuracy": oof["pooled"]["pixel_accuracy"],
+            }
+        else:
+            summary["out_of_fold/pooled_unavailable"] = oof["unavailable"]
+    run.summary.update(summary)
     run.finish()
 
 

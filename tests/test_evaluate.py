@@ -210,3 +210,51 @@ def test_class_names_in_the_frequency_figure_do_not_overlap():
         for j in range(i):
             assert not a.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
     assert CLASS_NAMES[18] in axes.get_title()
+
+
+def test_several_model_files_or_an_ensemble_json_evaluate_their_ensemble(model_and_shards, tmp_path):
+    model_path, shards = model_and_shards
+    models = tmp_path / "models"
+    models.mkdir()
+    config = json.loads(model_path.with_suffix(".json").read_text())["config"]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        export_weights(DeepLabV3Plus(18, 8).eval(), models / f"m{seed}.safetensors", {"config": config, "metrics": {}})
+    files = [str(models / "m1.safetensors"), str(models / "m2.safetensors")]
+    done = evaluate_tool(*files, "--input-size", "full")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ensemble of 2 models (2 forward passes per view)" in done.stdout
+    result = json.loads((models / "eval-val-full-whole-ensemble2" / "metrics.json").read_text())
+    assert result["ensemble"] == files and result["samples"] == 5
+
+    # the same numbers by hand: the mean of the two models' probabilities, argmax
+    from safetensors.torch import load_file
+
+    nets = []
+    for file in files:
+        net = DeepLabV3Plus(18, 8).eval()
+        net.load_state_dict(load_file(file))
+        nets.append(net)
+    matrix = ConfusionMatrix()
+    for item in EvalStream(shards_of(shards, ["val"])):
+        x = DeviceAugment("none")(item["image"][None], train=False)[0]
+        with torch.no_grad():
+            probabilities = torch.stack([net(x).softmax(1) for net in nets]).mean(0)
+        matrix.update(probabilities.argmax(1)[0], item["label"])
+    differ = np.abs(np.array(result["confusion"]) - matrix.matrix.numpy()).sum()
+    assert differ <= 4  # float rounding may flip a near-tie pixel between the two computations
+    assert result["miou"] == pytest.approx(matrix.compute()["miou"], abs=1e-3)
+
+    # an ensemble.json of one member is that model: the very numbers of the file alone
+    (models / "ensemble.json").write_text(json.dumps({"format": "seg.ensemble", "members": ["m1.safetensors"]}))
+    one = evaluate_tool(str(models / "ensemble.json"), "--input-size", "full", "--out", str(tmp_path / "one"))
+    alone = evaluate_tool(files[0], "--input-size", "full", "--out", str(tmp_path / "alone"))
+    assert one.returncode == 0 and alone.returncode == 0, one.stderr[-2000:] + alone.stderr[-2000:]
+    a, b = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "alone"))
+    assert a["confusion"] == b["confusion"] and a["miou"] == b["miou"] and "ensemble" not in a
+
+    # members of another evaluation size are refused, naming the difference
+    other = dict(config, data=dict(config["data"], eval_size=[48, 96]))
+    export_weights(DeepLabV3Plus(18, 8).eval(), models / "small.safetensors", {"config": other, "metrics": {}})
+    refused = evaluate_tool(files[0], str(models / "small.safetensors"))
+    assert refused.returncode == 2 and "differ in data.eval_size: [96, 192] vs [48, 96]" in refused.stderr

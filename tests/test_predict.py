@@ -225,3 +225,18 @@ def test_an_output_folder_inside_the_input_is_not_read_back(model_and_images, tm
         assert main([str(model_path), str(folder), "--out", str(folder / "pred")]) == 0
         assert "1 image ->" in capsys.readouterr().out
     assert listing(folder / "pred") == ["p_color.png", "p_labelIds.png", "p_overlay.png"]
+
+
+def test_several_model_files_predict_as_their_ensemble(model_and_images, tmp_path):
+    """The same model twice: the ensemble's prediction is the model's."""
+    model_path, _, single = model_and_images
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(model_path.read_bytes())
+    copy.with_suffix(".json").write_bytes(model_path.with_suffix(".json").read_bytes())
+    assert main([str(model_path), str(copy), str(single), "--out", str(tmp_path / "two"), "--size", "full"]) == 0
+    assert main([str(model_path), str(single), "--out", str(tmp_path / "one"), "--size", "full"]) == 0
+    two = np.asarray(Image.open(tmp_path / "two" / "single_labelIds.png"))
+    one = np.asarray(Image.open(tmp_path / "one" / "single_labelIds.png"))
+    assert (two == one).mean() > 0.999  # equal up to a float near-tie
+    with pytest.raises(SystemExit):
+        main([str(model_path), str(copy), "--out", str(tmp_path / "none")])  # models, but no image

@@ -119,7 +119,7 @@ def candidate_rows(markdown: str) -> list[tuple[str, str]]:
         if not line.startswith("|"):
             break
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        rows.append((cells[0], cells[1]))
+        rows.append((cells[0].split(" (the same model as ")[0], cells[1]))  # the name, without the note
     return rows
 
 
@@ -175,3 +175,132 @@ def test_reduce_folds_end_to_end(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "reduce_folds.py"), str(stage), "--shards",
                            str(tmp_path / "plain")], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 2 and "--select-on val" in done.stderr
+
+
+# --- fold ensembles -------------------------------------------------------------------------------
+
+
+def test_an_ensemble_of_one_model_is_that_model():
+    from seg.augment import DeviceAugment
+    from seg.ensemble import Ensemble
+    from seg.evaluate import evaluate
+    from seg.inference import TestTimeAugmentation, predict_probabilities
+
+    model = small_model(0).eval()
+    ensemble = Ensemble([model]).eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(ensemble(x), model(x))
+    for tta in (TestTimeAugmentation(), TestTimeAugmentation(flip=True, scales=(0.75, 1.0))):
+        assert torch.equal(
+            predict_probabilities(ensemble, x, (40, 60), tta), predict_probabilities(model, x, (40, 60), tta)
+        )
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randint(0, 256, (1, 3, 32, 48), generator=generator, dtype=torch.uint8),
+                "label": torch.randint(0, 19, (1, 32, 48), generator=generator), "key": [str(i)]}
+               for i in range(3)]  # fmt: skip
+    normalise, cpu = DeviceAugment("none"), torch.device("cpu")
+    alone, _, _ = evaluate(model, batches, cpu, normalise)
+    together, _, _ = evaluate(ensemble, batches, cpu, normalise)
+    assert torch.equal(alone.matrix, together.matrix) and alone.compute() == together.compute()
+
+
+def test_an_ensemble_of_k_models_averages_their_probabilities():
+    from seg.ensemble import Ensemble
+    from seg.inference import TestTimeAugmentation, predict_probabilities
+
+    models = [small_model(seed).eval() for seed in range(3)]
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        by_hand = torch.stack([m(x).softmax(1) for m in models]).mean(0)
+        flipped = torch.stack([m(x.flip(-1)).flip(-1).softmax(1) for m in models]).mean(0)
+    ensemble = Ensemble(models).eval()
+    probabilities = predict_probabilities(ensemble, x, (32, 48), TestTimeAugmentation())
+    torch.testing.assert_close(probabilities, by_hand, atol=1e-6, rtol=1e-5)
+    both = predict_probabilities(ensemble, x, (32, 48), TestTimeAugmentation(flip=True))
+    torch.testing.assert_close(both, (by_hand + flipped) / 2, atol=1e-6, rtol=1e-5)
+
+
+def test_ensemble_members_are_resolved_and_checked(tmp_path):
+    from seg.ensemble import Ensemble, load_models, resolve_members, write_ensemble_file
+
+    stage = tmp_path / "stage1"
+    for fold in range(3):
+        write_fold(stage, fold, small_model(fold), 0.5)
+    files = [stage / f"fold{k}" / "best.safetensors" for k in range(3)]
+    assert resolve_members([stage]) == files  # a stage folder: its folds' best weights
+    (stage / "reduced").mkdir()
+    content = write_ensemble_file(stage / "reduced" / "ensemble.json", files[:2])
+    assert content["members"] == ["../fold0/best.safetensors", "../fold1/best.safetensors"]
+    (stage / "reduced" / "ensemble.json").write_text(json.dumps(content))
+    assert [p.resolve() for p in resolve_members([stage])] == [f.resolve() for f in files[:2]]  # its ensemble.json
+    model, sidecar, members = load_models([stage / "reduced" / "ensemble.json"])
+    assert isinstance(model, Ensemble) and len(model.members) == 2 and sidecar["ensemble"] == list(map(str, members))
+    single, _, _ = load_models(files[:1])
+    assert not isinstance(single, Ensemble)  # one model file: that model
+
+    write_fold(tmp_path / "other", 0, small_model(5), 0.5, **{"data.eval_size": "[48,96]"})
+    with pytest.raises(WeightsError, match=r"differ in data.eval_size: \[96, 192\] vs \[48, 96\]"):
+        load_models([files[0], tmp_path / "other" / "fold0" / "best.safetensors"])
+    write_fold(tmp_path / "deeper", 0, small_model(6, depth=34), 0.5, **{"model.depth": "34"})
+    with pytest.raises(WeightsError, match=r"differ in model.depth: 18 vs 34"):
+        load_models([files[0], tmp_path / "deeper" / "fold0" / "best.safetensors"])
+
+
+def test_when_the_ensemble_wins_a_single_model_seeds_the_next_stage_and_the_choice_is_the_users():
+    from seg.reduce import Candidate, seed_candidate
+
+    models = [_fold(k, 0.5, float(k)) for k in range(3)]
+    candidates = [Candidate(f"fold{m.fold}", [m], result={"miou": 0.40 + 0.01 * m.fold}) for m in models]
+    candidates += [Candidate("mean", models, result={"miou": 0.45}),
+                   Candidate("greedy", models[1:], result={"miou": 0.46}),
+                   Candidate("ensemble", models, result={"miou": 0.50}, ensemble=True)]  # fmt: skip
+    assert [c.cost for c in candidates] == [1, 1, 1, 1, 1, 3]
+    assert [c.kind for c in candidates][-3:] == ["soup", "soup", "ensemble"]
+    seed, why = seed_candidate(candidates, candidates[-1], "best-single")
+    assert seed.name == "greedy" and "The ensemble won the selection (50.00 against 46.00)" in why
+    seed, why = seed_candidate(candidates, candidates[-1], "mean")
+    assert seed.name == "mean" and "--seed-from mean" in why
+    assert seed_candidate(candidates, candidates[4], "best-single")[0].name == "greedy"  # a soup won: itself
+    with pytest.raises(ValueError, match=r"--seed-from top9: not a single-model candidate .*fold0, .*greedy\)"):
+        seed_candidate(candidates, candidates[-1], "top9")
+
+
+def test_the_reduction_evaluates_the_ensemble_beside_the_soups_and_reports_each_cost(tmp_path):
+    """Fold models written directly (no training), reduced on a packed selection city."""
+    from seg.ensemble import load_models
+    from seg.reduce import reduce_stage
+
+    root = tmp_path / "cityscapes"
+    make_synthetic(root, counts={"train": 8, "val": 1, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
+                   size=(64, 32), progress=False)  # fmt: skip
+    shards = tmp_path / "shards"
+    pack(root, shards, Options(folds=2, splits=("train", "val"), selection_cities=("bochum",)), progress=False)
+    stage = tmp_path / "runs" / "x" / "stage1"
+    for fold in range(2):
+        write_fold(stage, fold, small_model(fold).eval(), 0.3 + 0.1 * fold, **{"data.shards": str(shards),
+                   "data.eval_size": "null", "data.workers": "0", "wandb.mode": "disabled"})  # fmt: skip
+    report = reduce_stage(stage, k=2)
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert {"fold0", "fold1", "best", "mean", "top2", "greedy", "ensemble"} <= set(by_name)
+    assert by_name["ensemble"]["cost"] == 2 and by_name["ensemble"]["kind"] == "ensemble"
+    assert all(c["cost"] == 1 for name, c in by_name.items() if name != "ensemble")
+    assert report["seed"]["name"] != "ensemble"
+    if report["winner"]["name"] == "ensemble":
+        assert "The ensemble won the selection" in report["seed"]["why"]
+    # the ensemble's score is that of its members' ensemble, evaluated as the tools do
+    from seg.augment import DeviceAugment
+    from seg.data import eval_loader
+    from seg.evaluate import evaluate
+
+    ensemble, _, members = load_models([stage / "reduced" / "ensemble.json"])
+    assert [p.resolve() for p in members] == [(stage / f"fold{k}" / "best.safetensors").resolve() for k in range(2)]
+    loader, _ = eval_loader(shards, ["train-selection"], 1, None, workers=0, checksums=False)
+    matrix, _, _ = evaluate(ensemble, loader, torch.device("cpu"), DeviceAugment("none"))
+    assert matrix.compute()["miou"] == pytest.approx(by_name["ensemble"]["miou"], abs=1e-12)
+    text = (stage / "reduced" / "report.md").read_text()
+    assert "| kind | forward passes per image |" in text and "| ensemble | 2 |" in text
+    assert "`reduced/model.safetensors`, the model the next stage starts from:" in text
+    assert "pooled: unavailable (fold 0, 1 have no confusion matrix" in text  # no summary.json written here
+    seed = load_file(stage / "reduced" / "model.safetensors")
+    assert set(seed) == set(load_file(stage / "fold0" / "best.safetensors"))

@@ -5,6 +5,8 @@
     python tools/evaluate.py MODEL --split val --mode slide --flip --scales 0.75 1.0 1.25
     python tools/evaluate.py MODEL --input-size full     # full resolution, whatever the model's config says
     python tools/evaluate.py MODEL --split test --export eval/predictions   # labelIds PNGs for the benchmark
+    python tools/evaluate.py runs/study/stage4/reduced/ensemble.json         # the fold ensemble (or a stage folder,
+    python tools/evaluate.py A.safetensors B.safetensors C.safetensors       # or several model files)
 
 The input is resized to the model's own ``data.eval_size`` (from its sidecar: the size it
 was validated and selected at) unless --input-size says otherwise; the size used is
@@ -15,12 +17,19 @@ OUT/frequency_vs_iou.png; OUT defaults to ``eval-SPLIT-SETTINGS/`` beside the mo
 --export writes one ``{city}_{seq}_{frame}_labelIds.png`` per image (official label ids, at
 the image's original size, as the Cityscapes benchmark expects). A split without labels
 (test) needs --export: its predictions are exported and no metrics are reported.
+
+Several model files, a stage folder (its reduced/ensemble.json, else every
+fold*/best.safetensors) or an ensemble.json evaluate the ensemble: the members' class
+probabilities averaged for every view (a forward pass per member), members of another
+architecture or evaluation size refused; its folder is ``eval-SPLIT-SETTINGS-ensembleK/``
+beside the ensemble.json, in the stage's reduced/ (a stage folder), or beside the files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +43,7 @@ from accelerate import Accelerator
 from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment
 from seg.cityscapes import CLASS_NAMES, TRAINID_TO_ID
+from seg.ensemble import load_models
 from seg.evaluate import (
     describe_settings,
     evaluate,
@@ -46,7 +56,7 @@ from seg.evaluate import (
 )
 from seg.inference import TestTimeAugmentation
 from seg.manifest import ManifestError
-from seg.model import WeightsError, load_model
+from seg.model import WeightsError
 from seg.png import encode_gray8
 from seg.report import count
 from seg.tracking import confusion_figure
@@ -144,9 +154,26 @@ def plots(result: dict, matrix: np.ndarray, out: Path) -> None:
     plt.close(figure)
 
 
+def default_folder(given: list[Path], members: list[Path]) -> Path:
+    """Where results go by default: beside the model file or the ensemble.json; a stage
+    folder's reduced/ (else the stage folder); several files: their common folder."""
+    if len(given) > 1:
+        return Path(os.path.commonpath([m.resolve() for m in given]))
+    (path,) = given
+    if path.is_dir():
+        return path / "reduced" if (path / "reduced").is_dir() else path
+    return path.parent
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="a .safetensors model with its .json sidecar")
+    parser.add_argument(
+        "models",
+        type=Path,
+        nargs="+",
+        metavar="MODEL",
+        help="a .safetensors model with its .json sidecar; several, a stage folder or an ensemble.json: their ensemble",
+    )
     parser.add_argument("--shards", help="packed dataset (default: the one in the model's config)")
     parser.add_argument("--split", default="val", help="a group of the manifest: val (default), test, train-fold0, ...")
     parser.add_argument(
@@ -165,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     say = accelerator.print
     try:
-        model, sidecar = load_model(args.model)
+        model, sidecar, members = load_models(args.models)
         shards = args.shards or sidecar["config"]["data"]["shards"]
         labelled = split_is_labelled(shards, args.split)
         if not labelled and not args.export:
@@ -184,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tta = TestTimeAugmentation.from_arguments(args)
     record = settings(size, size_from, tta)
+    if len(members) > 1:
+        listed = ", ".join(map(str, members))
+        say(f"ensemble of {len(members)} models ({len(members)} forward passes per view): {listed}")
     say(f"{describe_settings(record)}; input size from {size_from}"
         + (" (--input-size WIDTHxHEIGHT or full to change it)" if args.input_size is None else ""))  # fmt: skip
     export = None
@@ -198,17 +228,24 @@ def main(argv: list[str] | None = None) -> int:
     matrix, seen, _ = evaluate(model.to(device), loader, device, DeviceAugment("none").to(device), tta=tta,
                                export=export)  # fmt: skip
     result = {"samples": seen, "expected": expected, "split": args.split, "shards": str(shards),
-              "model": str(args.model), "labelled": labelled, "settings": record, "tta": tta.__dict__,
+              "model": ", ".join(map(str, args.models)), "labelled": labelled, "settings": record, "tta": tta.__dict__,
               "export": str(args.export) if args.export else None}  # fmt: skip
     if labelled:
         result = matrix.compute() | result
     else:
         result["metrics"] = f"none: the {args.split} split has no labels"
+    if len(members) > 1:
+        result["ensemble"] = [str(m) for m in members]
     if accelerator.is_main_process:
-        out = args.out or args.model.parent / settings_name(args.split, record)
+        out = args.out or default_folder(args.models, members) / (
+            settings_name(args.split, record) + (f"-ensemble{len(members)}" if len(members) > 1 else "")
+        )
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
-        atomic_write_bytes(out / "metrics.md", markdown(result, f"{args.model} on {args.split}").encode())
+        title = f"{result['model']} on {args.split}"
+        if len(members) > 1:
+            title = f"ensemble of {len(members)} models ({result['model']}) on {args.split}"
+        atomic_write_bytes(out / "metrics.md", markdown(result, title).encode())
         if labelled:
             plots(result, matrix.matrix.cpu().numpy(), out)
             print(f"{args.split}: mIoU {100 * result['miou']:.2f}% over {count(seen, 'image')} -> {out}")

@@ -5,6 +5,8 @@
     python tools/predict.py MODEL data/leftImg8bit/test --out pred/ --mode slide --flip --scales 0.75 1.0 1.25
     python tools/predict.py MODEL frames/ --out pred/ --size 1024x512 --alpha 0.6
     python tools/predict.py MODEL frames/ --out pred/ --size full    # each image at its own resolution
+    python tools/predict.py A.safetensors B.safetensors frames/ --out pred/   # an ensemble of the models
+    python tools/predict.py runs/study/stage4/reduced/ensemble.json frames/ --out pred/
 
 IMAGES are files or folders (searched recursively for *.png, *.jpg, *.jpeg; the sub-folders
 are kept under --out). Each image gives NAME_color.png (Cityscapes palette), NAME_overlay.png
@@ -13,6 +15,11 @@ Cityscapes benchmark expects), all at the image's size; NAME drops a ``_leftImg8
 The model's input is resized to the model config's ``data.eval_size`` (the size it was
 validated at; printed) unless --size says otherwise. One image at a time, on CUDA when
 there is one, else on the CPU.
+
+MODEL is a .safetensors file; the leading .safetensors arguments all are models, whose
+ensemble (their class probabilities averaged, a forward pass each) predicts. MODEL may also be
+an ensemble.json (tools/reduce_folds.py writes one in reduced/) or a stage folder (its
+reduced/ensemble.json, else every fold*/best.safetensors).
 """
 
 from __future__ import annotations
@@ -40,10 +47,25 @@ def alpha(text: str) -> float:
     return value
 
 
+def split_models(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(models, images): the leading .safetensors files (else the first path alone), then the rest."""
+    count = 0
+    while count < len(paths) and paths[count].suffix == ".safetensors":
+        count += 1
+    count = max(count, 1)
+    return paths[:count], paths[count:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="a .safetensors model with its .json sidecar")
-    parser.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="MODEL... IMAGES",
+        help="the model (a .safetensors file with its .json sidecar; several for an ensemble, or an ensemble.json "
+        "or a stage folder), then image files or folders",
+    )
     parser.add_argument("--out", type=Path, required=True, help="where the PNGs go")
     TestTimeAugmentation.add_arguments(parser)
     parser.add_argument(
@@ -54,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--alpha", type=alpha, default=0.5, help="weight of the colours in the overlay (default 0.5)")
     args = parser.parse_args(argv)
+    models, images = split_models(args.paths)
+    if not images:
+        parser.error("give the model, then at least one image file or folder")
 
     tta = TestTimeAugmentation.from_arguments(args)
     if args.size is None:
@@ -68,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(disable=not sys.stderr.isatty(), unit="image", dynamic_ncols=True)
     try:
         count = predict_files(
-            args.model, args.images, args.out, tta, size, args.alpha, progress=lambda _: bar.update(), announce=announce
+            models, images, args.out, tta, size, args.alpha, progress=lambda _: bar.update(), announce=announce
         )
     except (WeightsError, PredictError) as e:
         print(f"error: {e}", file=sys.stderr)

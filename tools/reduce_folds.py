@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Reduce a stage's fold models to one model that seeds the next stage.
+"""Reduce a stage's fold models to one model that seeds the next stage, beside the folds' ensemble.
 
     python tools/reduce_folds.py runs/study/stage1 [--recalibrate 50] [--select-on val]
     accelerate launch --multi_gpu --num_processes 2 tools/reduce_folds.py runs/study/stage1
 
-Writes runs/<experiment>/stage{s}/reduced/: model.safetensors (+ .json), report.json,
-report.md and reduction.png. Start the next stage with
+Writes runs/<experiment>/stage{s}/reduced/: model.safetensors (+ .json), ensemble.json (the
+fold ensemble's members, for tools/evaluate.py and tools/predict.py), report.json, report.md
+and reduction.png. When the ensemble wins the selection, model.safetensors is the best
+single-model candidate (--seed-from chooses another). Start the next stage with
     seg/train.py ... --stage s+1 --init-from runs/<experiment>/stage{s}/reduced/model.safetensors
 """
 
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             args.recalibrate,
             args.select_on,
             args.weights,
+            seed_from=args.seed_from,
         )
     except (WeightsError, ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
