@@ -41,6 +41,23 @@ def chance_miou(class_pixels: np.ndarray) -> float:
     return float(np.mean(p / (2 - p)))
 
 
+def reduction_line(stage: int, report: dict) -> str:
+    """One stage's reduction for the closing summary: the selection winner, the ensemble, the
+    model that seeds the next stage, and the out-of-fold estimate (pooled beside the mean)."""
+    by_name = {c["name"]: c for c in report["candidates"]}
+    winner, seed = report["winner"], report.get("seed") or report["winner"]
+    parts = [f"stage {stage}: selection mIoU winner {winner['name']} {100 * winner['miou']:.1f}"]
+    if "ensemble" in by_name:
+        ensemble = by_name["ensemble"]
+        parts.append(f"ensemble {100 * ensemble['miou']:.1f} ({ensemble['cost']} passes/image)")
+    parts.append(f"next stage from {seed['name']} {100 * seed['miou']:.1f}")
+    oof = report.get("out_of_fold")
+    if oof:
+        pooled = "n/a" if oof["pooled"] is None else f"{100 * oof['pooled']['miou']:.1f}"
+        parts.append(f"out-of-fold mIoU pooled {pooled}, fold mean {100 * oof['mean']['miou']:.1f}")
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", type=int, default=2)
@@ -75,15 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads((evaluation / "metrics.json").read_text())
     manifest = json.loads((SHARDS / "manifest.json").read_text())
     chance = chance_miou(np.array(manifest["groups"]["val"]["class_pixels"], dtype=float))
-    stages = []
-    for stage in range(1, args.stages + 1):
-        report = json.loads((chain.stage_dir(stage) / "reduced" / "report.json").read_text())
-        stages.append(f"stage {stage}: {report['winner']['name']} {100 * report['winner']['miou']:.1f}")
+    stages = [reduction_line(stage, json.loads((chain.stage_dir(stage) / "reduced" / "report.json").read_text()))
+              for stage in range(1, args.stages + 1)]  # fmt: skip
     print(f"""
 demo done in {time.time() - started:.0f} s
   shards        {SHARDS}/ (manifest.json)
   runs          {chain.experiment_dir}/stage*/fold*/ (metrics.jsonl, best.safetensors, summary.json)
-  reductions    {chain.experiment_dir}/stage*/reduced/ (selection mIoU: {"; ".join(stages)})
+  reductions    {chain.experiment_dir}/stage*/reduced/ (report.md: every candidate, the ensemble's cost)
+{chr(10).join(f"                {line}" for line in stages)}
   final model   {final}
   evaluation    {evaluation}/ (metrics.md and plots)
   report        {chain.experiment_dir}/report/report.md
