@@ -14,7 +14,7 @@ from PIL import Image
 from seg.cityscapes import CLASS_NAMES
 from seg.report import ReportError, load_experiment, write_report
 from seg.tracking import log_reduction
-from tests.test_train import _wandb_run_record
+from tests.wandb_records import run_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,7 +264,7 @@ def test_log_reduction_writes_an_offline_run_in_the_experiment_group(tmp_path, m
 
     wandb.teardown()  # the service may still be writing the run's file when finish() returns
     (record_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
-    run = _wandb_run_record(record_file.read_bytes())
+    run = run_record(record_file)
     assert (run.run_group, run.job_type, run.display_name, run.run_id) == (
         "study",
         "stage2-reduce",
