@@ -218,6 +218,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         model, error = load_model(run)
         if refused_together(run.accelerator, error):
             return 2
+        open_fold_folder(run)
         fit = optimisation(run, data, model)
         progress = fit.progress
 
@@ -285,6 +286,10 @@ def total_steps(config: Any, steps_per_epoch: int) -> int:
 
 def refusal(args: argparse.Namespace, config: Any) -> str | None:
     """What makes the run impossible, found before any process group or wandb run exists."""
+    if args.stage < 1:
+        return f"--stage {args.stage}: stages count from 1 (stage s > 1 starts from stage s-1's reduced model)"
+    if args.fold < 0:
+        return f"--fold {args.fold}: folds count from 0"
     if config.train.precision == "fp16" and not torch.cuda.is_available():
         return "config key 'train.precision': fp16 needs a GPU; use bf16 on the CPU"
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
@@ -339,15 +344,20 @@ def start(args: argparse.Namespace, config: Any, out: Path) -> Run:
     )
     # fixed input sizes: let cuDNN time its kernels once (the GPU check measures with it on)
     torch.backends.cudnn.benchmark = cuda and not config.train.deterministic
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(config).encode())
-        (out / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's
-        print(OmegaConf.to_yaml(config), flush=True)
     set_seed(config.train.seed + accelerator.process_index, deterministic=config.train.deterministic)
     # Where each rank runs, for the summary: torchrun's GROUP_RANK is the machine rank.
     machines = gather_object([(int(os.environ.get("GROUP_RANK", 0)), os.environ.get("SLURMD_NODENAME", ""))])
     return Run(args, config, accelerator, out, machines, cuda)
+
+
+def open_fold_folder(run: Run) -> None:
+    """The fold's folder with the resolved config, once nothing refused the run: a refused
+    command leaves no folder behind (a stray ``fold5/`` would reach the reducer and the report)."""
+    if run.main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run.out / "config.yaml", OmegaConf.to_yaml(run.config).encode())
+        (run.out / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's
+        print(OmegaConf.to_yaml(run.config), flush=True)
 
 
 def refused_together(accelerator: Accelerator, error: str | None) -> bool:
@@ -605,7 +615,7 @@ def evaluate_and_checkpoint(run: Run, data: FoldData, fit: Fit) -> bool:
     else:
         progress.bad_evals += 1
     if run.main_process:
-        print(f"step {progress.step}: fold mIoU {miou:.4f} (best {progress.best_miou:.4f})", flush=True)
+        print(f"step {progress.step}: fold mIoU {100 * miou:.1f}% (best {100 * progress.best_miou:.1f}%)", flush=True)
     save_state(run.accelerator, run.out, progress.step, run.config.train.keep_last, {state_name(progress.best_step)})
     if patience and progress.bad_evals >= patience:
         if run.main_process:
@@ -736,7 +746,7 @@ def write_outputs(run: Run, data: FoldData, fit: Fit, stopped_early: bool, start
         "seconds": time.time() - started,
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
-    print(f"done: {out} (best fold mIoU {progress.best_miou:.4f} at step {progress.best_step})", flush=True)
+    print(f"done: {out} (best fold mIoU {100 * progress.best_miou:.1f}% at step {progress.best_step})", flush=True)
 
 
 if __name__ == "__main__":

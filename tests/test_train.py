@@ -286,6 +286,17 @@ def test_runs_that_cannot_work_are_refused_in_one_line_before_any_process_group_
     assert not any(tmp_path.iterdir())  # no run folder, no wandb run
 
 
+def test_refused_folds_stages_and_start_models_leave_no_fold_folder(shards, tmp_path):
+    for extra, message in [
+        (["--fold", "5"], "fold 5"),
+        (["--stage", "0"], "--stage 0: stages count from 1"),
+        (["--init-from", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
+    ]:
+        done = run(shards, tmp_path, *extra)  # the last --fold given is the one argparse takes
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "demo").exists(), sorted(p.name for p in tmp_path.rglob("*"))
+
+
 def test_a_refusal_on_rank_0_ends_every_rank_with_exit_2_and_no_barrier_crash(shards, tmp_path):
     broken = tmp_path / "shards"
     shutil.copytree(shards, broken)
