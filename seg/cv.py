@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,18 +120,22 @@ def reduction_done(chain: Chain, stage: int) -> bool:
     return all(m.exists() and m.stat().st_mtime <= reduced.stat().st_mtime for m in models)
 
 
-def run_logged(command: list[str], log: Path) -> int:
-    """Run ``command``, its output both on this terminal and appended to ``log``."""
+def run_logged(command: list[str], log: Path, what: str) -> int:
+    """Run ``command`` with its whole output appended to ``log``; on this terminal one line
+    when it ends (and the log's tail if it failed)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"$ {shlex.join(command)}    (log: {log})", flush=True)
-    with open(log, "ab") as f, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as p:
-        assert p.stdout is not None
-        for line in p.stdout:
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
-            f.write(line)
-            f.flush()
-    return p.returncode
+    print(f"{what}: running (log: {log})", flush=True)
+    started = time.monotonic()
+    with open(log, "ab") as f:
+        f.write(f"$ {shlex.join(command)}\n".encode())
+        f.flush()
+        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = log.read_text(errors="replace").splitlines()[-25:]
+        print("\n".join([f"--- the end of {log}:", *tail, "---"]), file=sys.stderr)
+    else:
+        print(f"{what}: done in {time.monotonic() - started:.0f} s", flush=True)
+    return code
 
 
 def run_local(chain: Chain, processes: int) -> int:
@@ -142,7 +148,8 @@ def run_local(chain: Chain, processes: int) -> int:
                 continue
             train = [str(REPO / "seg" / "train.py"), "--config", chain.config, "--fold", str(fold)]
             command = [*launcher, *train, *chain.train_args(stage)]
-            if code := run_logged(command, chain.logs() / f"stage{stage}-fold{fold}.log"):
+            log = chain.logs() / f"stage{stage}-fold{fold}.log"
+            if code := run_logged(command, log, f"stage {stage} fold {fold}"):
                 print(f"error: stage {stage} fold {fold} failed (exit {code})", file=sys.stderr)
                 return code
         if reduction_done(chain, stage):
@@ -150,11 +157,24 @@ def run_local(chain: Chain, processes: int) -> int:
             continue
         command = [*launcher, str(REPO / "tools" / "reduce_folds.py"), str(chain.stage_dir(stage)), *chain.reduce_args]
         command += ["--folds", *map(str, chain.folds)]
-        if code := run_logged(command, chain.logs() / f"stage{stage}-reduce.log"):
+        if code := run_logged(command, chain.logs() / f"stage{stage}-reduce.log", f"stage {stage} reduction"):
             print(f"error: stage {stage} reduction failed (exit {code})", file=sys.stderr)
             return code
     print(f"done: final model {chain.reduced(chain.stages)}", flush=True)
     return 0
+
+
+def slurm_problem() -> str | None:
+    """Why this machine can't submit to Slurm, or None."""
+    if shutil.which("sbatch") is None:
+        return "no Slurm here (sbatch is not on PATH): run the chain on this machine with --local [--processes P]"
+    if shutil.which("sinfo") is None:
+        return None  # nothing to ask: sbatch will say
+    done = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no answer"])[-1]
+        return f"Slurm does not answer (sinfo: {reason}): check SLURM_CONF and the controller, or use --local"
+    return None
 
 
 # --- Slurm ---------------------------------------------------------------------------------
@@ -262,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.local:
         return run_local(chain, args.processes)
+    problem = slurm_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         jobs = submit(chain, args.nodes, args.gpus, args.processes, shlex.split(args.sbatch))
     except (RuntimeError, FileNotFoundError) as e:

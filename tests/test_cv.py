@@ -151,3 +151,26 @@ def test_each_stage_applies_its_entry_of_the_config_and_bad_keys_name_the_entry(
     config.write_text("data: {shards: s}\nstages:\n  - {}\n  - {optim.lx: 3.0e-4}\n")
     with pytest.raises(ConfigError, match=r"'optim.lx' in stages\[1\]"):
         load_config(config, [], 2)
+
+
+def test_without_slurm_the_chain_says_so_and_points_to_local(shards, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    done = subprocess.run([sys.executable, "-m", "seg.cv", CONFIG, "--stages", "1", "--reduce", "--select-on val",
+                           f"data.shards={shards}", f"train.runs_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env=os.environ | {"PATH": str(bin_dir)})  # fmt: skip
+    assert done.returncode == 2 and "no Slurm here" in done.stderr and "--local" in done.stderr, done.stderr
+
+
+def test_a_local_step_prints_one_line_and_keeps_its_output_in_the_log(tmp_path, capsys):
+    log = tmp_path / "logs" / "step.log"
+    talk = [sys.executable, "-c", "for i in range(100): print('config line', i)"]
+    assert cv.run_logged(talk, log, "stage 1 fold 0") == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2 and "stage 1 fold 0: done in" in out and "config line" not in out
+    assert log.read_text().count("\nconfig line") == 100  # the command line heads the log
+    fail = [sys.executable, "-c", "import sys; print('what went wrong'); sys.exit(3)"]
+    assert cv.run_logged(fail, log, "stage 1 reduction") == 3
+    assert "what went wrong" in capsys.readouterr().err  # the log's tail, on a failure
