@@ -123,13 +123,19 @@ def candidate_rows(markdown: str) -> list[tuple[str, str]]:
     return rows
 
 
-def test_reduce_folds_end_to_end(tmp_path):
-    """Two folds trained for real, reduced on the held-out selection city."""
+def selection_shards(tmp_path: Path, train: int, val: int) -> Path:
+    """A tiny synthetic Cityscapes packed into 2 folds with the city bochum held out for selection."""
     root = tmp_path / "cityscapes"
-    make_synthetic(root, counts={"train": 14, "val": 2, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
+    make_synthetic(root, counts={"train": train, "val": val, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
                    size=(64, 32), progress=False)  # fmt: skip
     shards = tmp_path / "shards"
     pack(root, shards, Options(folds=2, splits=("train", "val"), selection_cities=("bochum",)), progress=False)
+    return shards
+
+
+def test_reduce_folds_end_to_end(tmp_path):
+    """Two folds trained for real, reduced on the held-out selection city."""
+    shards = selection_shards(tmp_path, train=14, val=2)
     common = [f"data.shards={shards}", f"train.runs_dir={tmp_path / 'runs'}", "data.size=[32,64]",
               "data.eval_size=null", "data.workers=0", "train.batch_size=2", "wandb.mode=disabled"]  # fmt: skip
     train = [sys.executable, str(REPO / "seg" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml")]
@@ -171,7 +177,7 @@ def test_reduce_folds_end_to_end(tmp_path):
     assert (tmp_path / "runs" / "demo" / "stage2" / "fold0" / "model.safetensors").is_file()
 
     # no selection subset: a clear error pointing at --select-on val
-    pack(root, tmp_path / "plain", Options(folds=2, splits=("train", "val")), progress=False)
+    pack(tmp_path / "cityscapes", tmp_path / "plain", Options(folds=2, splits=("train", "val")), progress=False)
     done = subprocess.run([sys.executable, str(REPO / "tools" / "reduce_folds.py"), str(stage), "--shards",
                            str(tmp_path / "plain")], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 2 and "--select-on val" in done.stderr
@@ -271,11 +277,7 @@ def test_the_reduction_evaluates_the_ensemble_beside_the_soups_and_reports_each_
     from seg.ensemble import load_models
     from seg.reduce import reduce_stage
 
-    root = tmp_path / "cityscapes"
-    make_synthetic(root, counts={"train": 8, "val": 1, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
-                   size=(64, 32), progress=False)  # fmt: skip
-    shards = tmp_path / "shards"
-    pack(root, shards, Options(folds=2, splits=("train", "val"), selection_cities=("bochum",)), progress=False)
+    shards = selection_shards(tmp_path, train=8, val=1)
     stage = tmp_path / "runs" / "x" / "stage1"
     for fold in range(2):
         write_fold(stage, fold, small_model(fold).eval(), 0.3 + 0.1 * fold, **{"data.shards": str(shards),
