@@ -1,4 +1,4 @@
-"""Run state on disk: resumable states, exported weights, metric records.
+"""Run state on disk: resumable states, metric records (the weights files: seg/weights.py).
 
 ``runs/<experiment>/stage{s}/fold{k}/``
     config.yaml                the resolved config
@@ -22,13 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save
-
 from seg.atomic import atomic_write_bytes
 
 STATE = re.compile(r"^step-(\d{8})$")
-WEIGHTS_FORMAT = "seg.deeplabv3plus"
 
 
 def run_dir(runs: str | Path, experiment: str, stage: int, fold: int) -> Path:
@@ -65,15 +61,6 @@ def prune_states(directory: Path, keep_last: int, keep: set[str]) -> None:
             state.rename(doomed)
     for leftover in checkpoints.glob(".step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-
-
-def export_weights(model: torch.nn.Module, path: Path, sidecar: dict[str, Any]) -> None:
-    """Weights as safetensors plus a JSON sidecar, each written atomically (sidecar last)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    # through atomic_write_bytes: save_file would create the file 0600 whatever the umask
-    atomic_write_bytes(path, save(state, metadata={"format": WEIGHTS_FORMAT}))
-    record = {"format": WEIGHTS_FORMAT, **sidecar}
-    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
 
 
 class MetricsLog:

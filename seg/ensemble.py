@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seg.model import WeightsError, load_model
+from seg.weights import WeightsError, load_model
 
 ENSEMBLE_FORMAT = "seg.ensemble"
 ENSEMBLE_FILE = "ensemble.json"

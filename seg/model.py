@@ -4,22 +4,18 @@ The backbone keeps torchvision's ResNet key layout (``conv1``, ``bn1``, ``layer1
 ``layer2.0.downsample.0``...) so ImageNet weights in that layout load as they are; it is
 written here because torchvision's BasicBlock refuses dilation, and the study's model is a
 dilated ResNet-34. Depth 34 at output stride 8 is exactly the model of the DeepLabV3+ study
-this project reproduces.
+this project reproduces. Files are seg/weights.py's: this module knows nothing about them.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from seg.checkpoint import WEIGHTS_FORMAT
 from seg.cityscapes import NUM_CLASSES
 
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
@@ -198,106 +194,8 @@ def from_config(model: Mapping[str, Any]) -> DeepLabV3Plus:
     return DeepLabV3Plus(model["depth"], model["output_stride"], aspp_pool_norm=model["aspp_pool_norm"])
 
 
-class WeightsError(ValueError):
-    """A weights file that does not fit the model: the message names the key."""
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file (weights-only loading: no pickled code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: cannot read weights ({e})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]  # a training checkpoint that wraps the weights
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: not a state dict of tensors")
-    return state
-
-
-def load_backbone(model: DeepLabV3Plus, path: str | Path) -> tuple[list[str], list[str]]:
-    """Load ImageNet weights in torchvision's ResNet layout into ``model.backbone``.
-
-    Returns (missing, unexpected) keys (``fc.*`` of a classifier is expected to be
-    unexpected); a key whose shape differs is refused, naming it.
-    """
-    state = read_state_dict(path)
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    own = model.backbone.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise WeightsError(
-                f"{path}: {key} has shape {tuple(value.shape)}, the depth-{_depth(model)} backbone needs "
-                f"{tuple(own[key].shape)}: weights of another ResNet depth?"
-            )
-    result = model.backbone.load_state_dict(state, strict=False)
-    return list(result.missing_keys), list(result.unexpected_keys)
-
-
-def load_weights(model: DeepLabV3Plus, path: str | Path, config: Mapping[str, Any] | None = None) -> None:
-    """Load a whole model's weights (``--init-from``). A file that does not fit is refused in
-    one line: the file, the first missing, unexpected and mismatched keys with their shapes,
-    and the likely cause (its sidecar's model, when it has one, against ``config``)."""
-    state = read_state_dict(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = sorted((k for k in state if k not in own), key=lambda k: k.endswith("num_batches_tracked"))
-    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if not (missing or unexpected or mismatched):
-        model.load_state_dict(state)
-        return
-
-    def first(keys: list[str], show: Any) -> str:
-        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-        return f"{len(keys)}, e.g. " + ", ".join(show(k) for k in keys[:3]) + more
-
-    problems = [f"missing {first(missing, lambda k: f'{k} {tuple(own[k].shape)}')}"] if missing else []
-    problems += [f"unexpected {first(unexpected, lambda k: f'{k} {tuple(state[k].shape)}')}"] if unexpected else []
-    shapes = lambda k: f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"  # noqa: E731
-    problems += [f"other shapes {first(mismatched, shapes)}"] if mismatched else []
-    raise WeightsError(
-        f"{path}: does not fit the depth-{_depth(model)} model of this config: {'; '.join(problems)}. "
-        f"Likely cause: {_misfit_cause(Path(path), state, missing, own, config)}"
-    )
-
-
-def _misfit_cause(
-    path: Path, state: Mapping[str, torch.Tensor], missing: list[str], own: Mapping[str, Any], config: Any
-) -> str:
-    sidecar = path.with_suffix(".json")
-    theirs: Any = None
-    if sidecar.is_file():
-        try:
-            theirs = json.loads(sidecar.read_text())["config"]["model"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            theirs = None
-    if theirs is not None and config is not None:
-        differ = [f"model.{k}={theirs.get(k)!r} there, {config[k]!r} here" for k in ("depth", "aspp_pool_norm")]
-        differ = [d for d, k in zip(differ, ("depth", "aspp_pool_norm"), strict=True) if theirs.get(k) != config[k]]
-        if differ:
-            return f"its sidecar describes another model ({'; '.join(differ)}): set the same model keys"
-    if len(missing) == len(own):
-        if any(k.startswith("layer1.") or k == "fc.weight" for k in state):
-            return "an ImageNet backbone in torchvision's layout, not a seg model: pass it as model.pretrained"
-        return "not a seg DeepLabV3+ model (weights of another network)"
-    differing = [*missing, *(k for k in state if k not in own or state[k].shape != own[k].shape)]
-    if any(k.startswith("backbone.") for k in differing):
-        return "a model of another ResNet depth: set model.depth to the file's"
-    if any(k.startswith("aspp.pool") for k in differing):
-        return "model.aspp_pool_norm differs from the file's"
-    if "classifier.weight" in state and state["classifier.weight"].shape != own["classifier.weight"].shape:
-        return "a model of another class count"
-    return "a model of another architecture: model.depth or model.aspp_pool_norm differ from the file's"
-
-
-def _depth(model: DeepLabV3Plus) -> int:
+def depth_of(model: DeepLabV3Plus) -> int:
+    """The ResNet depth of ``model``'s backbone (18, 34, 50 or 101)."""
     layers = tuple(len(getattr(model.backbone, f"layer{i}")) for i in range(1, 5))
     kind = "basic" if isinstance(model.backbone.layer1[0], BasicBlock) else "bottleneck"
     return next(d for d, spec in DEPTHS.items() if spec == (kind, layers))
@@ -305,56 +203,3 @@ def _depth(model: DeepLabV3Plus) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def load_model(path: str | Path) -> tuple[DeepLabV3Plus, dict[str, Any]]:
-    """A model file of ours (safetensors with ``format: seg.deeplabv3plus`` metadata and its
-    JSON sidecar) as an eval-mode model on the CPU, and the sidecar."""
-    path = Path(path)
-    if path.is_dir():
-        raise WeightsError(_folder_hint(path))
-    if path.suffix == ".json" and path.is_file():
-        model = path.with_suffix(".safetensors")
-        there = "" if model.is_file() else f" (it is not there: copy it along with {path.name})"
-        raise WeightsError(f"{path}: this is a model's JSON sidecar, not the model; pass {model}{there}")
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error type for a torn or foreign file
-        raise WeightsError(f"{path}: not a readable safetensors file ({e}); truncated? copy it again") from None
-    if metadata.get("format") != WEIGHTS_FORMAT:
-        raise WeightsError(
-            f"{path}: not a seg model file (format {metadata.get('format')!r}, expected {WEIGHTS_FORMAT!r}); "
-            f"pass a model written by training or tools/reduce_folds.py"
-        )
-    sidecar_path = path.with_suffix(".json")
-    if not sidecar_path.is_file():
-        raise WeightsError(f"{path}: no sidecar {sidecar_path.name}; copy it along with the model")
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-        model = from_config(sidecar["config"]["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise WeightsError(f"{sidecar_path}: not a seg model sidecar ({type(e).__name__}: {e})") from None
-    try:
-        model.load_state_dict(read_state_dict(path))
-    except RuntimeError as e:
-        raise WeightsError(f"{path}: does not fit the model its sidecar describes ({str(e).splitlines()[0]})") from None
-    return model.eval(), sidecar
-
-
-def _folder_hint(path: Path) -> str:
-    """What to pass instead of a folder: the model files in it (a fold's best and final
-    weights, a reduction's model), or the model files one level down (a stage's folds)."""
-    described = {"best.safetensors": "the fold's best weights", "model.safetensors": "its final weights"}
-    found = [path / name for name in described if (path / name).is_file()]
-    if found:
-        if path.name == "reduced" or len(found) == 1:
-            described["model.safetensors"] = "the model"
-        choices = " or ".join(f"{p} ({described[p.name]})" for p in found)
-        return f"{path}: a folder, not a model file; pass {choices}"
-    below = sorted(path.glob("*/best.safetensors")) + sorted(path.glob("reduced/model.safetensors"))
-    if below:
-        return f"{path}: a folder, not a model file; pass one of {', '.join(map(str, below[:4]))}"
-    return f"{path}: a folder with no model file (*.safetensors) in it; pass a .safetensors file"

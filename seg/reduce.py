@@ -27,17 +27,17 @@ from accelerate import Accelerator
 
 from seg.atomic import atomic_directory
 from seg.augment import DeviceAugment
-from seg.checkpoint import export_weights
 from seg.data import TrainStream, eval_loader, shards_of
 from seg.distributed import convert_sync_batchnorm
 from seg.ensemble import ENSEMBLE_FILE, Ensemble, write_ensemble_file
 from seg.evaluate import evaluate
 from seg.manifest import SELECTION_GROUP, ManifestError, load_manifest
-from seg.model import WeightsError, from_config
+from seg.model import from_config
 from seg.report import reduction_summary, stage_out_of_fold
 from seg.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
 from seg.tracking import log_reduction
 from seg.transforms import TrainGeometry
+from seg.weights import WeightsError, export_weights
 
 STRATEGIES = ("best", "mean", "topk", "greedy", "ensemble")
 BEST_SINGLE = "best-single"  # --seed-from's default

@@ -8,7 +8,6 @@ different architectures, class counts or configs are refused, naming the differe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seg.checkpoint import WEIGHTS_FORMAT
-from seg.model import WeightsError, read_state_dict
+from seg.weights import WeightsError, read_model_file
 
 # Config sections that must agree for weights to be averaged (the model's shape and classes).
 MUST_MATCH = ("model.depth", "model.output_stride", "model.aspp_pool_norm")
@@ -37,23 +35,24 @@ class FoldModel:
 
 
 def load_fold_models(stage_dir: str | Path, folds: Iterable[int], weights: str = "best") -> list[FoldModel]:
-    """Each fold's ``{weights}.safetensors`` with its sidecar, checked against each other."""
+    """Each fold's ``{weights}.safetensors`` with its sidecar (seg.weights.read_model_file),
+    checked against each other."""
     stage_dir = Path(stage_dir)
     models = []
     for fold in folds:
         path = stage_dir / f"fold{fold}" / f"{weights}.safetensors"
-        sidecar_path = path.with_suffix(".json")
-        if not path.is_file() or not sidecar_path.is_file():
+        if not path.is_file() or not path.with_suffix(".json").is_file():
             raise WeightsError(f"{path}: fold {fold} has no {weights} weights (did its training finish?)")
-        sidecar = json.loads(sidecar_path.read_text())
-        if sidecar.get("format") != WEIGHTS_FORMAT:
-            raise WeightsError(f"{sidecar_path}: not a seg weights sidecar (format {sidecar.get('format')!r})")
-        if not isinstance((sidecar.get("metrics") or {}).get("fold"), dict):
-            raise WeightsError(
-                f"{sidecar_path}: fold {fold} has no fold-validation metrics (its run ended without a final "
-                f"evaluation); rerun its training command to finish it"
-            )
-        models.append(FoldModel(fold, path, read_state_dict(path), sidecar))
+
+        def has_metrics(sidecar: dict[str, Any], fold: int = fold, path: Path = path) -> None:
+            if not isinstance((sidecar.get("metrics") or {}).get("fold"), dict):
+                raise WeightsError(
+                    f"{path.with_suffix('.json')}: fold {fold} has no fold-validation metrics (its run ended "
+                    f"without a final evaluation); rerun its training command to finish it"
+                )
+
+        state, sidecar = read_model_file(path, check=has_metrics)
+        models.append(FoldModel(fold, path, state, sidecar))
     check_compatible(models)
     return models
 

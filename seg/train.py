@@ -46,17 +46,18 @@ from tqdm import tqdm
 from seg import losses
 from seg.atomic import atomic_write_bytes, plain_modes
 from seg.augment import DeviceAugment, cut_on_device
-from seg.checkpoint import MetricsLog, export_weights, is_state, latest_state, prune_states, run_dir, state_name
+from seg.checkpoint import MetricsLog, is_state, latest_state, prune_states, run_dir, state_name
 from seg.config import ConfigError, load_config, to_dict
 from seg.data import DataError, eval_loader, packed_size, shards_of, train_loader
 from seg.data import steps_per_epoch as epoch_steps
 from seg.distributed import all_reduce_sum, convert_sync_batchnorm
 from seg.evaluate import evaluate
 from seg.manifest import ManifestError, fold_groups, load_manifest
-from seg.model import WeightsError, from_config, load_backbone, load_weights
+from seg.model import from_config
 from seg.schedule import Schedule
 from seg.tracking import Tracker
 from seg.transforms import TrainGeometry
+from seg.weights import WeightsError, export_weights, load_backbone, load_weights
 
 EXIT_REQUEUE = 75  # saved on a preemption signal (TERM, USR1): requeue and resume
 EXIT_INTERRUPTED = 130  # saved on Ctrl-C (INT): stopped by hand, rerun to resume

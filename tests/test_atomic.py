@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from seg.atomic import atomic_directory, atomic_write_bytes, plain_modes
-from seg.checkpoint import export_weights
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
+from seg.weights import export_weights
 
 
 @contextlib.contextmanager

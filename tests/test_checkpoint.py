@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import seg.checkpoint
-from seg.checkpoint import WEIGHTS_FORMAT, latest_state, prune_states, state_name
-from seg.model import WeightsError
+from seg.checkpoint import latest_state, prune_states, state_name
 from seg.soup import load_fold_models
+from seg.weights import WEIGHTS_FORMAT, WeightsError
 
 FILES = ("model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl")
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from seg.augment import DeviceAugment
-from seg.checkpoint import export_weights
 from seg.cityscapes import CLASS_NAMES, ID_TO_TRAINID, VALID_IDS
 from seg.config import load_config, to_dict
 from seg.data import EvalStream, shards_of
@@ -19,6 +18,7 @@ from seg.metrics import ConfusionMatrix
 from seg.model import DeepLabV3Plus
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
+from seg.weights import export_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def test_a_folder_or_a_sidecar_given_as_the_model_says_what_to_pass(model_and_sh
     assert done.returncode == 2
     assert f"{fold / 'best.json'}: this is a model's JSON sidecar, not the model; pass {fold / 'best.safetensors'}" \
         in done.stderr  # fmt: skip
-    from seg.model import WeightsError, load_model
+    from seg.weights import WeightsError, load_model
 
     with pytest.raises(WeightsError, match=r"a folder, not a model file; pass .*fold0/best\.safetensors"):
         load_model(tmp_path / "stage1")

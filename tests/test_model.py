@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from seg.model import DeepLabV3Plus, ResNet, WeightsError, count_parameters, load_backbone
+from seg.model import DeepLabV3Plus, ResNet, count_parameters
+from seg.weights import WeightsError, load_backbone
 
 # The study's model (ResNet-34 layout, OS 8, ASPP 12/24/36, 19 classes): the README's number.
 STUDY_PARAMETERS = 26_715_827
@@ -118,7 +119,7 @@ def test_weights_of_another_depth_are_refused_naming_the_key(tmp_path):
 
 
 def test_init_from_weights_that_do_not_fit_names_the_file_the_keys_with_shapes_and_the_cause(tmp_path):
-    from seg.model import load_weights
+    from seg.weights import load_weights
 
     deeper = DeepLabV3Plus(34, 16)
     path = tmp_path / "depth34.safetensors"

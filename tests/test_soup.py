@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seg.checkpoint import export_weights
 from seg.config import load_config, to_dict
-from seg.model import DeepLabV3Plus, WeightsError
+from seg.model import DeepLabV3Plus
 from seg.pack import Options, pack
 from seg.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
 from seg.synthetic import make_synthetic
+from seg.weights import WeightsError, export_weights
 
 REPO = Path(__file__).resolve().parents[1]
 

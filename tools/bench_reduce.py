@@ -33,7 +33,6 @@ import torch
 from accelerate import Accelerator
 
 import seg.reduce
-from seg.checkpoint import export_weights
 from seg.cli import parse_size
 from seg.config import load_config, to_dict
 from seg.model import count_parameters, from_config
@@ -41,6 +40,7 @@ from seg.pack import Options, pack
 from seg.reduce import STRATEGIES, Reducer, reduce_stage
 from seg.soup import average, load_fold_models
 from seg.synthetic import CITIES, Frame, write_frame
+from seg.weights import export_weights
 
 REPO = Path(__file__).resolve().parents[1]
 # What reduce_stage calls, timed inside it (seg.reduce's own names).

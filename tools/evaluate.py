@@ -56,10 +56,10 @@ from seg.evaluate import (
 )
 from seg.inference import TestTimeAugmentation
 from seg.manifest import ManifestError
-from seg.model import WeightsError
 from seg.png import encode_gray8
 from seg.report import count
 from seg.tracking import confusion_figure
+from seg.weights import WeightsError
 
 
 def markdown(result: dict, title: str) -> str:

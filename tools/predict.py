@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from seg.evaluate import describe_settings, parse_input_size
 from seg.inference import TestTimeAugmentation
-from seg.model import WeightsError
 from seg.predict import MODEL_SIZE, PredictError, predict_files
 from seg.report import count as plural
+from seg.weights import WeightsError
 
 
 def alpha(text: str) -> float:

@@ -21,8 +21,8 @@ if __package__ in (None, ""):  # `python tools/reduce_folds.py` from a checkout,
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seg.manifest import ManifestError
-from seg.model import WeightsError
 from seg.reduce import add_arguments, reduce_stage
+from seg.weights import WeightsError
 
 
 def main(argv: list[str] | None = None) -> int:

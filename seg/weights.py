@@ -1,0 +1,224 @@
+"""Model files: the one module that writes and reads weights.
+
+A model file of ours is ``NAME.safetensors`` (``format: seg.deeplabv3plus`` in its metadata)
+with a JSON sidecar ``NAME.json`` (the same format, the config it was trained with, its
+metrics), written by :func:`export_weights` (a fold's best and final weights, a reduction's
+model). :func:`read_model_file` reads one back with every check (the file, its format, its
+sidecar), each refusal a :class:`WeightsError` naming the file; :func:`load_model` builds the
+model its sidecar describes, seg.soup.load_fold_models averages fold models read through it.
+Foreign weights, a whole model's (``--init-from``, :func:`load_weights`) or an ImageNet
+backbone's (:func:`load_backbone`), are read as any state dict (:func:`read_state_dict`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from seg.atomic import atomic_write_bytes
+from seg.model import DeepLabV3Plus, depth_of, from_config
+
+WEIGHTS_FORMAT = "seg.deeplabv3plus"
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit the model: the message names the file."""
+
+
+def export_weights(model: torch.nn.Module, path: Path, sidecar: dict[str, Any]) -> None:
+    """Weights as safetensors plus a JSON sidecar, each written atomically (sidecar last)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # through atomic_write_bytes: save_file would create the file 0600 whatever the umask
+    atomic_write_bytes(path, save(state, metadata={"format": WEIGHTS_FORMAT}))
+    record = {"format": WEIGHTS_FORMAT, **sidecar}
+    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_model_file(
+    path: str | Path, check: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A model file of ours and its sidecar: (state dict, sidecar). Refused, naming the file:
+    a folder or a sidecar given instead (saying what to pass), a missing or unreadable file,
+    another format in the file or in its sidecar, a missing sidecar. ``check`` (a caller's
+    own refusal, e.g. a fold without metrics) sees the sidecar before the weights are read."""
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(_folder_hint(path))
+    if path.suffix == ".json" and path.is_file():
+        model = path.with_suffix(".safetensors")
+        there = "" if model.is_file() else f" (it is not there: copy it along with {path.name})"
+        raise WeightsError(f"{path}: this is a model's JSON sidecar, not the model; pass {model}{there}")
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    sidecar_path = path.with_suffix(".json")
+    sidecar = _read_sidecar(sidecar_path) if sidecar_path.is_file() else None
+    if sidecar is not None:
+        if sidecar.get("format") != WEIGHTS_FORMAT:
+            raise WeightsError(
+                f"{sidecar_path}: not a seg model sidecar (format {sidecar.get('format')!r}, "
+                f"expected {WEIGHTS_FORMAT!r})"
+            )
+        if check is not None:
+            check(sidecar)
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            ours = metadata.get("format") == WEIGHTS_FORMAT
+            names = f.keys() if ours else []  # (a safe_open is not iterable)
+            state = {name: f.get_tensor(name) for name in names}
+    except Exception as e:  # safetensors raises its own error type for a torn or foreign file
+        raise WeightsError(
+            f"{path}: not a readable safetensors file, cannot read weights ({e}); truncated? copy it again"
+        ) from None
+    if not ours:
+        raise WeightsError(
+            f"{path}: not a seg model file (format {metadata.get('format')!r}, expected {WEIGHTS_FORMAT!r}); "
+            f"pass a model written by training or tools/reduce_folds.py"
+        )
+    if sidecar is None:
+        raise WeightsError(f"{path}: no sidecar {sidecar_path.name}; copy it along with the model")
+    return state, sidecar
+
+
+def load_model(path: str | Path) -> tuple[DeepLabV3Plus, dict[str, Any]]:
+    """A model file of ours (:func:`read_model_file`) as an eval-mode model on the CPU, and
+    its sidecar."""
+    path = Path(path)
+    state, sidecar = read_model_file(path)
+    try:
+        model = from_config(sidecar["config"]["model"])
+    except (KeyError, TypeError) as e:
+        raise WeightsError(f"{path.with_suffix('.json')}: not a seg model sidecar ({type(e).__name__}: {e})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: does not fit the model its sidecar describes ({str(e).splitlines()[0]})") from None
+    return model.eval(), sidecar
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    """A sidecar's JSON object, or a WeightsError naming it."""
+    try:
+        sidecar = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not a seg model sidecar ({type(e).__name__}: {e})") from None
+    if not isinstance(sidecar, dict):
+        raise WeightsError(f"{path}: not a seg model sidecar (a JSON {type(sidecar).__name__}, not an object)")
+    return sidecar
+
+
+def _folder_hint(path: Path) -> str:
+    """What to pass instead of a folder: the model files in it (a fold's best and final
+    weights, a reduction's model), or the model files one level down (a stage's folds)."""
+    described = {"best.safetensors": "the fold's best weights", "model.safetensors": "its final weights"}
+    found = [path / name for name in described if (path / name).is_file()]
+    if found:
+        if path.name == "reduced" or len(found) == 1:
+            described["model.safetensors"] = "the model"
+        choices = " or ".join(f"{p} ({described[p.name]})" for p in found)
+        return f"{path}: a folder, not a model file; pass {choices}"
+    below = sorted(path.glob("*/best.safetensors")) + sorted(path.glob("reduced/model.safetensors"))
+    if below:
+        return f"{path}: a folder, not a model file; pass one of {', '.join(map(str, below[:4]))}"
+    return f"{path}: a folder with no model file (*.safetensors) in it; pass a .safetensors file"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (weights-only loading: no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot read weights ({e})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # a training checkpoint that wraps the weights
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def load_backbone(model: DeepLabV3Plus, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load ImageNet weights in torchvision's ResNet layout into ``model.backbone``.
+
+    Returns (missing, unexpected) keys (``fc.*`` of a classifier is expected to be
+    unexpected); a key whose shape differs is refused, naming it.
+    """
+    state = read_state_dict(path)
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    own = model.backbone.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise WeightsError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the depth-{depth_of(model)} backbone needs "
+                f"{tuple(own[key].shape)}: weights of another ResNet depth?"
+            )
+    result = model.backbone.load_state_dict(state, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def load_weights(model: DeepLabV3Plus, path: str | Path, config: Mapping[str, Any] | None = None) -> None:
+    """Load a whole model's weights (``--init-from``). A file that does not fit is refused in
+    one line: the file, the first missing, unexpected and mismatched keys with their shapes,
+    and the likely cause (its sidecar's model, when it has one, against ``config``)."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = sorted((k for k in state if k not in own), key=lambda k: k.endswith("num_batches_tracked"))
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if not (missing or unexpected or mismatched):
+        model.load_state_dict(state)
+        return
+
+    def first(keys: list[str], show: Any) -> str:
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        return f"{len(keys)}, e.g. " + ", ".join(show(k) for k in keys[:3]) + more
+
+    problems = [f"missing {first(missing, lambda k: f'{k} {tuple(own[k].shape)}')}"] if missing else []
+    problems += [f"unexpected {first(unexpected, lambda k: f'{k} {tuple(state[k].shape)}')}"] if unexpected else []
+    shapes = lambda k: f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"  # noqa: E731
+    problems += [f"other shapes {first(mismatched, shapes)}"] if mismatched else []
+    raise WeightsError(
+        f"{path}: does not fit the depth-{depth_of(model)} model of this config: {'; '.join(problems)}. "
+        f"Likely cause: {_misfit_cause(Path(path), state, missing, own, config)}"
+    )
+
+
+def _misfit_cause(
+    path: Path, state: Mapping[str, torch.Tensor], missing: list[str], own: Mapping[str, Any], config: Any
+) -> str:
+    sidecar = path.with_suffix(".json")
+    theirs: Any = None
+    if sidecar.is_file():
+        try:
+            theirs = _read_sidecar(sidecar)["config"]["model"]
+        except (WeightsError, KeyError, TypeError):
+            theirs = None
+    if theirs is not None and config is not None:
+        differ = [f"model.{k}={theirs.get(k)!r} there, {config[k]!r} here" for k in ("depth", "aspp_pool_norm")]
+        differ = [d for d, k in zip(differ, ("depth", "aspp_pool_norm"), strict=True) if theirs.get(k) != config[k]]
+        if differ:
+            return f"its sidecar describes another model ({'; '.join(differ)}): set the same model keys"
+    if len(missing) == len(own):
+        if any(k.startswith("layer1.") or k == "fc.weight" for k in state):
+            return "an ImageNet backbone in torchvision's layout, not a seg model: pass it as model.pretrained"
+        return "not a seg DeepLabV3+ model (weights of another network)"
+    differing = [*missing, *(k for k in state if k not in own or state[k].shape != own[k].shape)]
+    if any(k.startswith("backbone.") for k in differing):
+        return "a model of another ResNet depth: set model.depth to the file's"
+    if any(k.startswith("aspp.pool") for k in differing):
+        return "model.aspp_pool_norm differs from the file's"
+    if "classifier.weight" in state and state["classifier.weight"].shape != own["classifier.weight"].shape:
+        return "a model of another class count"
+    return "a model of another architecture: model.depth or model.aspp_pool_norm differ from the file's"
