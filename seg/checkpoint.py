@@ -7,6 +7,7 @@
     model.safetensors (+ .json) final weights
     metrics.jsonl              one record per log step and per evaluation
     summary.json               written at the end
+    PREEMPTED                  the step and state of a preemption, until the fold resumes
 
 A resumable state is written to a hidden temporary folder and renamed into place when every
 rank has finished writing, and an old one is renamed to a hidden name before it is deleted,
@@ -25,6 +26,9 @@ from typing import Any
 from seg.atomic import atomic_write_bytes
 
 STATE = re.compile(r"^step-(\d{8})$")
+# Written beside the state on preemption, removed when the fold resumes: launchers such as
+# torchrun report a child's 75 as their own exit code 1, so job scripts look for this file.
+PREEMPTED = "PREEMPTED"
 
 
 def run_dir(runs: str | Path, experiment: str, stage: int, fold: int) -> Path:

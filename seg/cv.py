@@ -9,8 +9,10 @@ On Slurm, every stage is one job array of slurm/fold.sh (a task per fold, each o
 (``afterok``); the next stage's array waits for that reduce job and starts from its model.
 The whole chain is submitted at once and the job ids are printed. ``--local`` runs the same
 chain here: each fold through ``accelerate launch`` with P processes, folds in turn. Either
-way a rerun skips what is finished: a fold with its summary.json, a stage whose reduced model
-is newer than its folds' models.
+way a rerun skips what is finished: a fold whose summary.json records the run the chain
+would start (seg/identity.py; seg/train.py itself decides this on Slurm), a stage whose
+reduced model is newer than its folds' models. A fold that finished as another run stops
+the chain with the difference named.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from seg.checkpoint import run_dir
 from seg.cli import launch_command
 from seg.config import ConfigError, load_config
+from seg.identity import describe, finished_run, fold_identity
 from seg.manifest import ManifestError, load_manifest
 from seg.reduce import add_arguments, selection_group
 
@@ -53,10 +57,14 @@ class Chain:
     def reduced(self, stage: int) -> Path:
         return self.stage_dir(stage) / "reduced" / "model.safetensors"
 
+    def init_from(self, stage: int) -> str | None:
+        """The model ``stage`` starts from: the previous stage's reduced model."""
+        return str(self.reduced(stage - 1)) if stage > 1 else self.first_init
+
     def train_args(self, stage: int) -> list[str]:
         """seg/train.py's arguments after ``--config`` for every fold of ``stage`` (the fold
         is added per task)."""
-        init = str(self.reduced(stage - 1)) if stage > 1 else self.first_init
+        init = self.init_from(stage)
         seed = ["--init-from", init] if init else []
         return ["--stage", str(stage), *seed, *self.overrides]
 
@@ -108,8 +116,19 @@ def parse_reduce_options(reduce_args: list[str]) -> argparse.Namespace:
 # --- this machine ------------------------------------------------------------------------
 
 
-def fold_done(chain: Chain, stage: int, fold: int) -> bool:
-    return (chain.stage_dir(stage) / f"fold{fold}" / "summary.json").exists()
+def fold_done(chain: Chain, stage: int, fold: int, processes: int) -> bool:
+    """Whether the fold finished as the run the chain would start; a fold that finished as
+    another run is refused (ConfigError) with the difference named."""
+    config = load_config(chain.config, chain.overrides, stage)
+    fold_dir = run_dir(config.train.runs_dir, config.train.experiment, stage, fold)
+    summary, changes = finished_run(fold_dir, fold_identity(config, stage, fold, chain.init_from(stage), processes))
+    if changes:
+        raise ConfigError(
+            f"stage {stage} fold {fold}: {fold_dir} finished as another run than this chain's "
+            f"({describe(changes)}): run the chain with its settings, train the fold again "
+            f"(seg/train.py ... --resume none), or use another train.experiment=NAME"
+        )
+    return summary is not None
 
 
 def reduction_done(chain: Chain, stage: int) -> bool:
@@ -143,7 +162,12 @@ def run_local(chain: Chain, processes: int) -> int:
     launcher = launch_command(processes)
     for stage in range(1, chain.stages + 1):
         for fold in chain.folds:
-            if fold_done(chain, stage, fold):
+            try:
+                done = fold_done(chain, stage, fold, processes)
+            except (ConfigError, ManifestError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            if done:
                 print(f"stage {stage} fold {fold}: done before, skipped", flush=True)
                 continue
             train = [str(REPO / "seg" / "train.py"), "--config", chain.config, "--fold", str(fold)]

@@ -42,3 +42,27 @@ class Signals:
             self.interrupted = True
         else:
             self.preempted = True
+
+
+class Drill:
+    """A signal this process sends itself after a given training step, as a cluster would:
+    ``SEG_DRILL=STEP:SIGNAL[:RANK]`` (e.g. ``5:TERM``, ``3:USR1:1``, ``4:KILL``; rank 0 by
+    default). It rehearses a job script's requeue path at a known step, and lets the tests
+    stop a run at an exact step instead of racing it."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.step, self.signal, self.rank = -1, None, 0
+        if not spec:
+            return
+        parts = spec.split(":")
+        try:
+            self.step = int(parts[0])
+            self.signal = signal.Signals[f"SIG{parts[1].upper().removeprefix('SIG')}"]
+            self.rank = int(parts[2]) if len(parts) > 2 else 0
+        except (IndexError, KeyError, ValueError):
+            raise ValueError(f"SEG_DRILL={spec!r}: expected STEP:SIGNAL[:RANK], e.g. 5:TERM or 3:USR1:1") from None
+
+    def after(self, step: int, rank: int) -> None:
+        """Called after each training step: signal this process if it is the drill's step and rank."""
+        if self.signal is not None and step == self.step and rank == self.rank:
+            signal.raise_signal(self.signal)

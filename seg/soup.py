@@ -3,7 +3,8 @@ recalibration of an averaged model.
 
 Parameters are averaged in float64 and cast back to their dtype; integer buffers (BN's
 ``num_batches_tracked``) are averaged the same way and rounded, as the study did. Models of
-different architectures, class counts or configs are refused, naming the difference.
+different architectures, class counts or runs (seg/identity.py: another config, stage, start
+model, data or global batch) are refused, naming the difference.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seg.identity import FOLDS_MAY_DIFFER, describe, differences
 from seg.weights import WeightsError, read_model_file
 
 # Config sections that must agree for weights to be averaged (the model's shape and classes).
@@ -74,6 +76,13 @@ def check_compatible(models: list[FoldModel]) -> None:
             a, b = _select(reference.sidecar["config"], key), _select(other.sidecar["config"], key)
             if a != b:
                 raise WeightsError(f"folds {reference.fold} and {other.fold} differ in {key}: {a!r} vs {b!r}")
+        ours, theirs = reference.sidecar.get("identity"), other.sidecar.get("identity")
+        changes = differences(ours, theirs, FOLDS_MAY_DIFFER) if ours is not None and theirs is not None else []
+        if changes:  # e.g. a fold trained with another learning rate or start model: not one experiment
+            raise WeightsError(
+                f"folds {reference.fold} and {other.fold} were trained as different runs ({describe(changes)}): "
+                f"train them with the same settings (seg/identity.py says what counts) before reducing them"
+            )
         missing = reference.state.keys() ^ other.state.keys()
         if missing:
             raise WeightsError(

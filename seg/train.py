@@ -22,6 +22,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from typing import Any
 if __package__ in (None, ""):  # `accelerate launch seg/train.py` from a checkout without install: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.signals import Signals
+from seg.signals import Drill, Signals
 
 # Caught from here on, before the imports that take seconds: a signal during them is not lost.
 EARLY_SIGNALS = Signals().install() if __name__ == "__main__" else None
@@ -46,12 +47,12 @@ from tqdm import tqdm
 from seg import losses
 from seg.atomic import atomic_write_bytes, plain_modes
 from seg.augment import DeviceAugment, cut_on_device
-from seg.checkpoint import MetricsLog, is_state, latest_state, prune_states, run_dir, state_name
+from seg.checkpoint import PREEMPTED, MetricsLog, is_state, latest_state, prune_states, run_dir, state_name
 from seg.config import ConfigError, load_config, to_dict
 from seg.data import DataError, eval_loader, packed_size, shards_of, train_loader
-from seg.data import steps_per_epoch as epoch_steps
-from seg.distributed import all_reduce_sum, convert_sync_batchnorm
+from seg.distributed import all_reduce_sum, convert_sync_batchnorm, launcher_problem
 from seg.evaluate import evaluate
+from seg.identity import SCRATCH, describe, differences, finished_run, fold_identity, read_identity, run_length
 from seg.manifest import ManifestError, fold_groups, load_manifest
 from seg.model import from_config
 from seg.schedule import Schedule
@@ -61,9 +62,6 @@ from seg.weights import WeightsError, export_weights, load_backbone, load_weight
 
 EXIT_REQUEUE = 75  # saved on a preemption signal (TERM, USR1): requeue and resume
 EXIT_INTERRUPTED = 130  # saved on Ctrl-C (INT): stopped by hand, rerun to resume
-# Written beside the state on preemption, removed when the fold resumes: launchers such as
-# torchrun report a child's 75 as their own exit code 1, so job scripts look for this file.
-PREEMPTED = "PREEMPTED"
 
 
 @dataclass
@@ -95,6 +93,7 @@ class Run:
     out: Path
     machines: list[tuple[int, str]]  # (machine rank, node name) of every rank
     cuda: bool
+    identity: dict[str, Any]  # what this run is (seg/identity.py), in every state, sidecar and summary
     log: MetricsLog | None = None
     tracker: Tracker | None = None
 
@@ -171,13 +170,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="experiment YAML (configs/)")
     parser.add_argument("--fold", type=int, required=True, help="the fold to train (validates on its group)")
     parser.add_argument("--stage", type=int, default=1)
-    parser.add_argument("--init-from", help="weights to start from (a reduced model of the previous stage)")
+    parser.add_argument(
+        "--init-from",
+        help=f"weights to start from (a reduced model of the previous stage; needed by a stage > 1), "
+        f"or {SCRATCH!r}: a later stage from the config's backbone weights",
+    )
     parser.add_argument("--resume", default="auto", help="auto (newest complete state, if any) | none | a state folder")
     parser.add_argument(
         "--print-run-dir", action="store_true", help="print the fold's folder and exit (for job scripts)"
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=5 data.workers=4")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,16 +205,17 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         print(out)
         return 0
     error = refusal(args, config)
+    identity = planned_identity(args, config) if not error else None
+    done, error = earlier_run(args, out, identity) if identity and not error else (None, error)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    done = complete_before(args, config)
     if done is not None:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{out} is complete (step {done['steps']}); nothing to do", flush=True)
+            print(f"{out} is complete (step {done['steps']}, the same run); nothing to do", flush=True)
         return 0
 
-    run, together = start(args, config, out), False
+    run, together = start(args, config, out, identity or {}), False
     try:  # from here on, every way out goes through run.close; refusals are taken by all ranks together
         data, error = fold_data(run)
         if refused_together(run.accelerator, error):
@@ -233,21 +237,21 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         run.tracker = Tracker(to_dict(config), out, args.stage, args.fold, run.main_process)
 
         # The loop: every rank first learns whether any rank was signalled, and all stop at the same step.
-        patience, keep_last = config.train.early_stop_patience, config.train.keep_last
+        patience = config.train.early_stop_patience
         stopped_early = bool(patience and progress.bad_evals >= patience)  # resumed after its early stop
         exit_code, _ = agreed_signal(signals, run.device)  # signalled during start-up: stop before the first step
         loader = training_loader(run, data, start_epoch=progress.step // data.steps_per_epoch)
         batches = stream_at(loader, progress.step % data.steps_per_epoch) if not exit_code else iter(())
         bar = progress_bar(run, data.total_steps, progress.step)
-        started, window = time.time(), Window()
+        started, window, drill = time.time(), Window(), Drill(os.environ.get("SEG_DRILL"))
         try:
             if exit_code:
-                stop_on_signal(run.accelerator, out, progress, keep_last, exit_code)
+                stop_on_signal(run, progress, exit_code)
             while not exit_code and not stopped_early and progress.step < data.total_steps:
                 batch = next(batches)
                 exit_code, skipped = agreed_signal(signals, run.device, float(batch["skipped"].sum()))
                 if exit_code:  # this batch is not trained on; a resumed run draws it again
-                    stop_on_signal(run.accelerator, out, progress, keep_last, exit_code)
+                    stop_on_signal(run, progress, exit_code)
                     break
                 progress.skipped += int(skipped)
                 loss, parts = one_step(run, data, fit, batch)
@@ -260,7 +264,8 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
                 if progress.step % every == 0 or progress.step == data.total_steps:
                     stopped_early = evaluate_and_checkpoint(run, data, fit)
                 if config.train.save_every and progress.step % config.train.save_every == 0:
-                    save_state(run.accelerator, out, progress.step, keep_last, {state_name(progress.best_step)})
+                    save_state(run, progress.step, {state_name(progress.best_step)})
+                drill.after(progress.step, run.rank)
             if not exit_code and not progress.final:  # resumed at the end from a state that lacks it
                 progress.final = evaluate_fold(run, data, fit)
         except (DataError, FloatingPointError) as e:
@@ -280,20 +285,26 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
 # --- configuration: decided from the config and the fold's files alone ------------------------
 
 
-def total_steps(config: Any, steps_per_epoch: int) -> int:
-    """Micro-batches the run takes: train.iters optimizer steps, or train.epochs epochs."""
-    return config.train.iters * config.train.grad_accum if config.train.iters else config.train.epochs * steps_per_epoch
-
-
 def refusal(args: argparse.Namespace, config: Any) -> str | None:
     """What makes the run impossible, found before any process group or wandb run exists."""
     if args.stage < 1:
         return f"--stage {args.stage}: stages count from 1 (stage s > 1 starts from stage s-1's reduced model)"
     if args.fold < 0:
         return f"--fold {args.fold}: folds count from 0"
+    if args.stage > 1 and not args.init_from:
+        reduced = run_dir(config.train.runs_dir, config.train.experiment, args.stage - 1, 0).parent / "reduced"
+        return (
+            f"--stage {args.stage} without --init-from: a later stage starts from the previous stage's "
+            f"reduced model (--init-from {reduced / 'model.safetensors'}); "
+            f"--init-from {SCRATCH} trains it from the config's backbone weights instead"
+        )
+    if args.init_from not in (None, SCRATCH) and not Path(args.init_from).is_file():
+        return f"--init-from {args.init_from}: no such file (a seg .safetensors model, or {SCRATCH})"
     if config.train.precision == "fp16" and not torch.cuda.is_available():
         return "config key 'train.precision': fp16 needs a GPU; use bf16 on the CPU"
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    if "WORLD_SIZE" not in os.environ and (problem := launcher_problem()):
+        return problem
     per_norm = config.train.batch_size * (world if config.model.sync_bn else 1)
     if per_norm == 1 and config.model.aspp_pool_norm:
         return (
@@ -301,6 +312,10 @@ def refusal(args: argparse.Namespace, config: Any) -> str | None:
             f"{config.model.sync_bn}) leaves the ASPP image-pooling BatchNorm one value per channel; "
             f"set model.aspp_pool_norm=false (or use 2+ processes with model.sync_bn=true)"
         )
+    try:
+        Drill(os.environ.get("SEG_DRILL"))
+    except ValueError as e:
+        return str(e)
     if args.resume not in ("auto", "none") and not is_state(Path(args.resume)):
         return (
             f"--resume {args.resume}: not a resumable state (a runs/.../checkpoints/step-NNNNNNNN folder); "
@@ -309,31 +324,43 @@ def refusal(args: argparse.Namespace, config: Any) -> str | None:
     return None
 
 
-def complete_before(args: argparse.Namespace, config: Any) -> dict[str, Any] | None:
-    """The summary of an earlier run of this fold that already did all this run would do, from
-    the fold's files alone (nothing loaded, no process group). Read before the process group
-    exists, it cannot be this run's own summary: no rank writes one before every rank joined."""
-    out = run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold)
-    summary_path = out / "summary.json"
-    if args.resume == "none" or not summary_path.is_file() or (out / PREEMPTED).exists():
-        return None
+def planned_identity(args: argparse.Namespace, config: Any) -> dict[str, Any] | None:
+    """What this run is (seg/identity.py); None when the manifest can't be read (the run then
+    refuses with the manifest's own error)."""
     try:
-        summary = json.loads(summary_path.read_text())
-        manifest = load_manifest(config.data.shards)
-        train_groups, _ = fold_groups(manifest, args.fold)
-    except (json.JSONDecodeError, ManifestError, OSError):
-        return None  # the run itself will say what is wrong
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    samples = sum(manifest["groups"][g]["samples"] for g in train_groups)
-    per_epoch = epoch_steps(samples, config.train.batch_size, world, config.data.workers)
-    finished = summary.get("stopped_early") or summary.get("steps", -1) >= total_steps(config, per_epoch)
-    return summary if finished else None
+        return fold_identity(config, args.stage, args.fold, args.init_from, int(os.environ.get("WORLD_SIZE", "1")))
+    except (ManifestError, OSError, KeyError):
+        return None
+
+
+def earlier_run(args: argparse.Namespace, out: Path, identity: dict[str, Any]) -> tuple[dict | None, str | None]:
+    """What the fold's folder already holds, from its files alone (nothing loaded, no process
+    group): (its summary, None) when it is this very run, finished; (None, why) when it holds
+    a finished run or a state to resume that is another experiment; (None, None) otherwise.
+    Read before the process group exists, the summary cannot be this run's own: no rank
+    writes one before every rank joined."""
+    way_out = (
+        "rerun with the settings it had, start over with --resume none (the fold's outputs are "
+        "replaced), or train into another folder with train.experiment=NAME"
+    )
+    if args.resume == "auto":
+        summary, changes = finished_run(out, identity)
+        if changes:
+            return None, f"{out} finished as another run ({describe(changes)}): {way_out}"
+        if summary is not None:
+            return summary, None
+    state = None if args.resume == "none" else latest_state(out) if args.resume == "auto" else Path(args.resume)
+    recorded = read_identity(state / "identity.json") if state is not None else None
+    changes = differences(recorded, identity) if recorded is not None else []
+    if changes:
+        return None, f"cannot resume from {state}: it is another run ({describe(changes)}); {way_out}"
+    return None, None
 
 
 # --- processes, and refusals taken by every rank together ---------------------------------------
 
 
-def start(args: argparse.Namespace, config: Any, out: Path) -> Run:
+def start(args: argparse.Namespace, config: Any, out: Path, identity: dict[str, Any]) -> Run:
     """The processes (gloo on the CPU), the fold's folder with the resolved config, the seeds."""
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
@@ -346,9 +373,11 @@ def start(args: argparse.Namespace, config: Any, out: Path) -> Run:
     # fixed input sizes: let cuDNN time its kernels once (the GPU check measures with it on)
     torch.backends.cudnn.benchmark = cuda and not config.train.deterministic
     set_seed(config.train.seed + accelerator.process_index, deterministic=config.train.deterministic)
-    # Where each rank runs, for the summary: torchrun's GROUP_RANK is the machine rank.
-    machines = gather_object([(int(os.environ.get("GROUP_RANK", 0)), os.environ.get("SLURMD_NODENAME", ""))])
-    return Run(args, config, accelerator, out, machines, cuda)
+    # Where each rank runs, for the summary: torchrun's GROUP_RANK is the machine rank, and the
+    # node is Slurm's name for it (the host name outside Slurm).
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    machines = gather_object([(int(os.environ.get("GROUP_RANK", 0)), node)])
+    return Run(args, config, accelerator, out, machines, cuda, identity)
 
 
 def open_fold_folder(run: Run) -> None:
@@ -389,11 +418,8 @@ def fold_data(run: Run) -> tuple[FoldData | None, str | None]:
     if error:
         return None, error
     augment = DeviceAugment(data.level, data.channels_last).to(run.device)
-    samples = sum(manifest["groups"][g]["samples"] for g in train_groups)
-    per_epoch = epoch_steps(samples, run.config.train.batch_size, run.world, data.workers)
-    return FoldData(
-        manifest, train_groups, val_group, geometry, augment, per_epoch, total_steps(run.config, per_epoch)
-    ), None
+    per_epoch, total = run_length(run.config, manifest, run.args.fold, run.world)
+    return FoldData(manifest, train_groups, val_group, geometry, augment, per_epoch, total), None
 
 
 def training_loader(run: Run, data: FoldData, start_epoch: int) -> torch.utils.data.DataLoader:
@@ -435,7 +461,7 @@ def load_model(run: Run) -> tuple[torch.nn.Module, str | None]:
     config = run.config
     model = from_config(config.model)
     try:
-        if run.args.init_from:
+        if run.args.init_from not in (None, SCRATCH):
             load_weights(model, run.args.init_from, config.model)
         elif config.model.pretrained:
             missing, unexpected = load_backbone(model, config.model.pretrained)
@@ -617,7 +643,7 @@ def evaluate_and_checkpoint(run: Run, data: FoldData, fit: Fit) -> bool:
         progress.bad_evals += 1
     if run.main_process:
         print(f"step {progress.step}: fold mIoU {100 * miou:.1f}% (best {100 * progress.best_miou:.1f}%)", flush=True)
-    save_state(run.accelerator, run.out, progress.step, run.config.train.keep_last, {state_name(progress.best_step)})
+    save_state(run, progress.step, {state_name(progress.best_step)})
     if patience and progress.bad_evals >= patience:
         if run.main_process:
             print(f"early stop: no better fold mIoU in {patience} evaluations", flush=True)
@@ -656,8 +682,10 @@ def evaluate_fold(run: Run, data: FoldData, fit: Fit) -> dict[str, Any]:
     return results
 
 
-def save_state(accelerator: Accelerator, out: Path, step: int, keep_last: int, keep: set[str]) -> Path:
-    """A resumable state, renamed into place only once every rank has written its part."""
+def save_state(run: Run, step: int, keep: set[str]) -> Path:
+    """A resumable state with the run's identity, renamed into place only once every rank has
+    written its part."""
+    accelerator, out = run.accelerator, run.out
     final = out / "checkpoints" / state_name(step)
     if final.exists():
         return final
@@ -669,9 +697,10 @@ def save_state(accelerator: Accelerator, out: Path, step: int, keep_last: int, k
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        atomic_write_bytes(tmp / "identity.json", (json.dumps(run.identity, indent=1) + "\n").encode())
         plain_modes(tmp)  # readable by the team like every other output (accelerate's safetensors are 0600)
         os.replace(tmp, final)
-        prune_states(out, keep_last, keep)
+        prune_states(out, run.config.train.keep_last, keep)
     accelerator.wait_for_everyone()
     return final
 
@@ -685,6 +714,7 @@ def sidecar(run: Run, data: FoldData, progress: Progress, metrics: dict[str, Any
         "step": progress.step,
         "epoch": progress.step / data.steps_per_epoch,
         "metrics": metrics,
+        "identity": run.identity,
     }
 
 
@@ -699,12 +729,12 @@ def agreed_signal(signals: Signals, device: torch.device, skipped: float = 0.0) 
     return (EXIT_REQUEUE if preempted else EXIT_INTERRUPTED if interrupted else 0), skipped
 
 
-def stop_on_signal(accelerator: Accelerator, out: Path, progress: Progress, keep_last: int, code: int) -> None:
+def stop_on_signal(run: Run, progress: Progress, code: int) -> None:
     """Every rank, at the same step: save (when there is a step to save), write the PREEMPTED
     marker for a requeue, and say so: a line per rank on preemption, one line on Ctrl-C."""
-    saved = progress.step > 0
+    accelerator, out, saved = run.accelerator, run.out, progress.step > 0
     if saved:
-        save_state(accelerator, out, progress.step, keep_last, {state_name(progress.best_step)})
+        save_state(run, progress.step, {state_name(progress.best_step)})
     what = f"state saved at step {progress.step}" if saved else "nothing to save before the first step"
     if code == EXIT_REQUEUE:
         if accelerator.is_main_process:
@@ -737,9 +767,10 @@ def write_outputs(run: Run, data: FoldData, fit: Fit, stopped_early: bool, start
         "steps": progress.step,
         "steps_per_epoch": data.steps_per_epoch,
         "init_from": args.init_from,
+        "identity": run.identity,
         "processes": run.world,
         "machines": sorted({rank for rank, _ in run.machines}),
-        "nodes": sorted({name for _, name in run.machines if name}),
+        "nodes": sorted({name for _, name in run.machines}),
         "best": {"miou": progress.best_miou, "step": progress.best_step},
         "final": progress.final,
         "skipped_samples": progress.skipped,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from seg import cv
 from seg.config import ConfigError, load_config
+from seg.identity import fold_identity
 from seg.manifest import ManifestError
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
@@ -121,15 +123,25 @@ def test_a_chain_that_cannot_reduce_is_refused_before_anything_is_submitted(shar
     assert not calls.exists()
 
 
+def finish(plan: cv.Chain, stage: int, fold: int, init_from: str | None, processes: int = 1) -> None:
+    """A summary.json as seg/train.py writes it at the end of that run."""
+    identity = fold_identity(load_config(CONFIG, plan.overrides, stage), stage, fold, init_from, processes)
+    summary = {"steps": identity["schedule"]["total_steps"], "identity": identity}
+    (plan.stage_dir(stage) / f"fold{fold}").mkdir(parents=True, exist_ok=True)
+    (plan.stage_dir(stage) / f"fold{fold}" / "summary.json").write_text(json.dumps(summary))
+
+
 def test_finished_folds_and_reductions_are_skipped(shards, tmp_path):
     plan = chain(shards, tmp_path / "runs", folds=2)
-    assert not cv.fold_done(plan, 1, 0) and not cv.reduction_done(plan, 1)
+    assert not cv.fold_done(plan, 1, 0, 1) and not cv.reduction_done(plan, 1)
     for fold in (0, 1):
         folder = plan.stage_dir(1) / f"fold{fold}"
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"weights")
-    (plan.stage_dir(1) / "fold0" / "summary.json").write_text("{}")
-    assert cv.fold_done(plan, 1, 0) and not cv.fold_done(plan, 1, 1)
+    (plan.stage_dir(1) / "fold0" / "summary.json").write_text("{}")  # no steps, no identity: not finished
+    assert not cv.fold_done(plan, 1, 0, 1)
+    finish(plan, 1, 0, None)
+    assert cv.fold_done(plan, 1, 0, 1) and not cv.fold_done(plan, 1, 1, 1)
     plan.reduced(1).parent.mkdir(parents=True)
     plan.reduced(1).write_bytes(b"reduced")
     assert cv.reduction_done(plan, 1)
@@ -174,3 +186,27 @@ def test_a_local_step_prints_one_line_and_keeps_its_output_in_the_log(tmp_path, 
     fail = [sys.executable, "-c", "import sys; print('what went wrong'); sys.exit(3)"]
     assert cv.run_logged(fail, log, "stage 1 reduction") == 3
     assert "what went wrong" in capsys.readouterr().err  # the log's tail, on a failure
+
+
+def test_a_fold_that_finished_as_another_run_stops_the_chain_naming_the_difference(shards, tmp_path):
+    plan = chain(shards, tmp_path / "runs", folds=2)
+    finish(plan, 1, 0, None, processes=1)
+    with pytest.raises(ConfigError, match=r"stage 1 fold 0: .* finished as another run than this chain's "
+                       r"\(batch.global: 4 -> 8"):  # fmt: skip
+        cv.fold_done(plan, 1, 0, 2)  # the chain runs 2 processes: another global batch
+    # a stage 2 fold trained without its start model (seg/train.py --stage 2 --init-from scratch)
+    plan.reduced(1).parent.mkdir(parents=True)
+    plan.reduced(1).write_bytes(b"the reduced stage-1 model")
+    finish(plan, 2, 0, None)
+    with pytest.raises(ConfigError, match=r"init_from.model: 'scratch' -> 'sha256:[0-9a-f]{64}'"):
+        cv.fold_done(plan, 2, 0, 1)
+    finish(plan, 2, 1, str(plan.reduced(1)))
+    assert cv.fold_done(plan, 2, 1, 1)
+    plan.reduced(1).write_bytes(b"stage 1 reduced again, to another model")
+    with pytest.raises(ConfigError, match=r"stage 2 fold 1: .*init_from.model: 'sha256:"):
+        cv.fold_done(plan, 2, 1, 1)
+    done = subprocess.run([sys.executable, "-m", "seg.cv", CONFIG, *plan.overrides, "--stages", "2", "--folds", "2",
+                           "--local", "--processes", "2", "--reduce", "--select-on val"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert done.returncode == 2 and "error: stage 1 fold 0:" in done.stderr, done.stderr[-2000:]
+    assert "batch.global: 4 -> 8" in done.stderr and not (plan.stage_dir(1) / "fold1").exists()

@@ -22,11 +22,14 @@ def small_model(seed: int, depth: int = 18) -> DeepLabV3Plus:
     return DeepLabV3Plus(depth, 8)
 
 
-def write_fold(stage: Path, fold: int, model: torch.nn.Module, miou: float, **config_overrides: str) -> None:
+def write_fold(
+    stage: Path, fold: int, model: torch.nn.Module, miou: float, identity: dict | None = None, **config_overrides: str
+) -> None:
     overrides = {"model.output_stride": "8", **config_overrides}  # the models above
     config = load_config(REPO / "configs" / "demo.yaml", [f"{k}={v}" for k, v in overrides.items()])
     (stage / f"fold{fold}").mkdir(parents=True, exist_ok=True)
     sidecar = {"config": to_dict(config), "fold": fold, "stage": 1, "metrics": {"fold": {"miou": miou}}}
+    sidecar |= {"identity": identity} if identity else {}
     export_weights(model, stage / f"fold{fold}" / "best.safetensors", sidecar)
 
 
@@ -102,6 +105,19 @@ def test_mismatched_or_missing_folds_are_refused_naming_the_difference(tmp_path)
     write_fold(tmp_path / "classes", 1, other, 0.6)
     with pytest.raises(WeightsError, match=r"differ in classifier.bias: \(19,\) torch.float32 vs \(7,\)"):
         load_fold_models(tmp_path / "classes", [0, 1])
+
+    # one experiment: folds differ in their length and where they ran, not in what they train
+    identity = {"config": {"optim": {"lr": 1e-3}}, "stage": 1, "init_from": {"path": None, "model": "scratch"},
+                "batch": {"processes": 2, "per_process": 2, "grad_accum": 1, "global": 4},
+                "schedule": {"steps_per_epoch": 3, "total_steps": 9}, "code": "abc"}  # fmt: skip
+    elsewhere = identity | {"batch": {"processes": 1, "per_process": 4, "grad_accum": 1, "global": 4},
+                            "schedule": {"steps_per_epoch": 4, "total_steps": 12}, "code": "def"}  # fmt: skip
+    write_fold(tmp_path / "runs", 0, small_model(0), 0.5, identity)
+    write_fold(tmp_path / "runs", 1, small_model(1), 0.6, elsewhere)
+    assert [m.fold for m in load_fold_models(tmp_path / "runs", [0, 1])] == [0, 1]
+    write_fold(tmp_path / "runs", 1, small_model(1), 0.6, identity | {"config": {"optim": {"lr": 3e-4}}})
+    with pytest.raises(WeightsError, match=r"folds 0 and 1 were trained as different runs \(config.optim.lr: 0.001 "):
+        load_fold_models(tmp_path / "runs", [0, 1])
 
     with pytest.raises(WeightsError, match="fold 2 has no best weights"):
         load_fold_models(tmp_path / "classes", [0, 2])

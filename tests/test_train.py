@@ -48,9 +48,11 @@ def command(shards: Path, runs: Path, *extra: str, processes: int = 1) -> list[s
     return [*launch_command(processes), *script]
 
 
-def run(shards: Path, runs: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+def run(shards: Path, runs: Path, *extra: str, processes: int = 1, drill: str = "") -> subprocess.CompletedProcess:
+    """seg/train.py to its end; ``drill``: a signal it sends itself after a step (SEG_DRILL)."""
+    env = os.environ | ({"SEG_DRILL": drill} if drill else {})
     return subprocess.run(command(shards, runs, *extra, processes=processes), capture_output=True, text=True,
-                          timeout=600, cwd=REPO)  # fmt: skip
+                          timeout=600, cwd=REPO, env=env)  # fmt: skip
 
 
 FOLD = Path("demo/stage1/fold0")
@@ -126,12 +128,10 @@ def test_a_killed_run_resumes_to_the_weights_of_one_never_stopped(shards, tmp_pa
     epochs = ["train.epochs=3"]
     assert run(shards, tmp_path / "whole", *epochs).returncode == 0
     per_epoch = json.loads((tmp_path / "whole" / FOLD / "summary.json").read_text())["steps_per_epoch"]
-    killed = subprocess.Popen(command(shards, tmp_path / "killed", *epochs), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+    # SIGKILL, past the first state and mid-epoch, at an exact step whatever the machine's load
+    killed = run(shards, tmp_path / "killed", *epochs, drill=f"{per_epoch + 1}:KILL")
     out = tmp_path / "killed" / FOLD
-    _wait_for(lambda: _steps(out / "metrics.jsonl") >= per_epoch + 1, killed)  # past the first state, mid-epoch
-    killed.kill()
-    killed.wait()
+    assert killed.returncode == -signal.SIGKILL and _steps(out / "metrics.jsonl") == per_epoch + 1
     assert not (out / "summary.json").exists()
     resumed = run(shards, tmp_path / "killed", *epochs)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -144,25 +144,22 @@ def test_a_killed_run_resumes_to_the_weights_of_one_never_stopped(shards, tmp_pa
     assert steps == [json.loads(line)["step"] for line in (tmp_path / "whole" / FOLD / "metrics.jsonl").open()]
 
 
-def test_sigusr1_on_one_rank_stops_every_rank_at_the_same_step_and_a_job_script_reads_the_marker(shards, tmp_path):
+def test_sigusr1_on_one_rank_stops_every_rank_at_the_same_step_and_a_job_script_reads_the_marker(
+    shards, tmp_path, monkeypatch
+):
     # as slurm/fold.sh runs it: a preempted rank exits 0, so torchrun prints no failure
-    env = os.environ | {"SEG_PREEMPTED_EXIT": "0"}
-    job = subprocess.Popen(command(shards, tmp_path, "train.epochs=20", processes=2), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)  # fmt: skip
+    monkeypatch.setenv("SEG_PREEMPTED_EXIT", "0")
+    epochs = "train.epochs=4"  # 8 steps; rank 1 alone is signalled after step 3: all must stop there
+    done = run(shards, tmp_path, epochs, processes=2, drill="3:USR1:1")
     out = tmp_path / FOLD
-    _wait_for(lambda: _steps(out / "metrics.jsonl") >= 3, job)
-    workers = [p for p in psutil.Process(job.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
-    assert len(workers) == 2
-    os.kill(workers[1].pid, signal.SIGUSR1)  # one rank is signalled: all must stop at the same step
-    stdout, stderr = job.communicate(timeout=300)
-    stops = re.findall(r"rank (\d): preempted, state saved at step (\d+); exit 0", stdout)
-    assert sorted(stops) == [("0", stops[0][1]), ("1", stops[0][1])], stdout[-2000:]
+    stops = re.findall(r"rank (\d): preempted, state saved at step (\d+); exit 0", done.stdout)
+    assert sorted(stops) == [("0", "3"), ("1", "3")], done.stdout[-2000:]
     # the marker file is what the job script reads; the launcher's log shows no failure
-    assert job.returncode == 0, stderr[-3000:]
-    assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
     marker = json.loads((out / "PREEMPTED").read_text())
     assert (out / "checkpoints" / marker["state"]).is_dir() and not (out / "summary.json").exists()
-    resumed = run(shards, tmp_path, "train.epochs=2", processes=2)
+    resumed = run(shards, tmp_path, epochs, processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / "PREEMPTED").exists() and (out / "summary.json").exists()
 
@@ -290,6 +287,7 @@ def test_refused_folds_stages_and_start_models_leave_no_fold_folder(shards, tmp_
     for extra, message in [
         (["--fold", "5"], "fold 5"),
         (["--stage", "0"], "--stage 0: stages count from 1"),
+        (["--stage", "2"], "--stage 2 without --init-from: a later stage starts from the previous stage's reduced"),
         (["--init-from", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
     ]:
         done = run(shards, tmp_path, *extra)  # the last --fold given is the one argparse takes
@@ -329,3 +327,61 @@ def test_geometry_on_the_device_trains_a_fold(shards, tmp_path):
     records = [json.loads(line) for line in (tmp_path / FOLD / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3]
     assert all(math.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+
+
+def test_a_finished_fold_is_complete_for_the_same_run_and_refused_for_another(shards, tmp_path):
+    """Finished with 2 processes: the same command with 1 process (another global batch) is
+    refused, naming the difference and touching nothing; 1 process x twice the batch is the
+    same run, and complete."""
+    assert run(shards, tmp_path, "train.epochs=1", processes=2).returncode == 0
+    out = tmp_path / FOLD
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    before = [(p, p.stat().st_mtime_ns, p.read_bytes()) for p in files]
+    refused = run(shards, tmp_path, "train.epochs=1")
+    assert refused.returncode == 2 and f"error: {out} finished as another run (batch.global: 4 -> 2" in refused.stderr
+    assert "--resume none" in refused.stderr and "train.experiment=NAME" in refused.stderr, refused.stderr
+    same = run(shards, tmp_path, "train.epochs=1", "train.batch_size=4")
+    assert same.returncode == 0 and "is complete" in same.stdout, same.stderr[-2000:]
+    assert [(p, p.stat().st_mtime_ns, p.read_bytes()) for p in files] == before
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == files
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["identity"]["batch"] == {"processes": 2, "per_process": 2, "grad_accum": 1, "global": 4}
+    assert summary["identity"]["init_from"] == {"path": None, "model": "scratch"}
+    assert json.loads((out / "model.json").read_text())["identity"] == summary["identity"]
+
+
+def test_a_resume_that_would_change_the_run_is_refused_and_one_that_would_not_resumes(shards, tmp_path):
+    stopped = run(shards, tmp_path, "train.epochs=2", drill="3:TERM")
+    assert stopped.returncode == EXIT_REQUEUE, stopped.stderr[-2000:]
+    out = tmp_path / FOLD
+    assert json.loads((out / "checkpoints" / "step-00000003" / "identity.json").read_text())["stage"] == 1
+    refused = run(shards, tmp_path, "train.epochs=3")
+    assert refused.returncode == 2 and re.search(
+        r"cannot resume from \S+step-00000003: it is another run \(config.train.epochs: 2 -> 3; "
+        r"schedule.total_steps: (\d+) -> (\d+)\)",
+        refused.stderr,
+    ), refused.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
+    # how fast it reads and how it is watched may change on resume
+    resumed = run(shards, tmp_path, "train.epochs=2", "data.workers=1", "train.log_every=2")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    assert "data.workers" not in resumed.stderr and (out / "summary.json").is_file()
+
+
+def test_a_later_stage_from_scratch_says_so(shards, tmp_path):
+    done = run(shards, tmp_path, "--stage", "2", "--init-from", "scratch", "train.iters=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    identity = json.loads((tmp_path / "demo" / "stage2" / "fold0" / "summary.json").read_text())["identity"]
+    assert identity["stage"] == 2 and identity["init_from"] == {"path": None, "model": "scratch"}
+    assert identity["config"]["optim"]["lr"] == 3.0e-4  # the config's stage-2 entry applied
+
+
+def test_accelerate_launch_asked_for_processes_without_multi_gpu_is_refused(shards, tmp_path):
+    """accelerate's simple launcher would run one process and say nothing."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    script = command(shards, tmp_path)[len(launch_command(1)) :]
+    done = subprocess.run([*launcher, *script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode != 0
+    assert "accelerate launch --num_processes 2 started this script as 1 process" in done.stderr, done.stderr[-2000:]
+    assert "Add --multi_gpu" in done.stderr and not (tmp_path / "demo").exists()
