@@ -33,6 +33,7 @@ import yaml
 from seg.atomic import atomic_directory
 from seg.cityscapes import CLASS_NAMES
 from seg.manifest import MANIFEST, SELECTION_GROUP, fold_group
+from seg.plots import pyplot, save
 from seg.report import FOLD, STAGE, ReportError, out_of_fold, read_json, read_metrics
 
 CONFIDENCE = 0.95
@@ -1007,34 +1008,19 @@ def _jsonable(value: Any) -> Any:
 # --- figures -----------------------------------------------------------------------------------
 
 
-def _pyplot():  # -> the matplotlib.pyplot module, on the file-only backend
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_all(result: dict[str, Any], out: Path) -> dict[str, str]:
-    figures = {"per_fold": _save(plot_per_fold(result), out / "per_fold.png")}
+    figures = {"per_fold": save(plot_per_fold(result), out / "per_fold.png")}
     if result["pairs"]:
-        figures["differences"] = _save(plot_differences(result), out / "differences.png")
+        figures["differences"] = save(plot_differences(result), out / "differences.png")
     for i, p in enumerate(result["pairs"]):
         if p["classes"]:
             name = "per_class.png" if len(result["pairs"]) == 1 else f"per_class_{i + 1}.png"
-            figures[f"classes:{p['candidate']}"] = _save(plot_classes(p), out / name)
+            figures[f"classes:{p['candidate']}"] = save(plot_classes(p), out / name)
     return figures
 
 
-def _save(figure: Any, path: Path) -> str:
-    figure.savefig(path, dpi=100)
-    _pyplot().close(figure)
-    return path.name
-
-
 def plot_per_fold(result: dict[str, Any]) -> Any:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for i, e in enumerate(result["experiments"]):
         folds = [f for f in e["folds"] if "value" in f and not math.isnan(f["value"])]
@@ -1055,7 +1041,7 @@ def plot_per_fold(result: dict[str, Any]) -> Any:
 
 
 def plot_differences(result: dict[str, Any]) -> Any:
-    plt = _pyplot()
+    plt = pyplot()
     pairs = result["pairs"]
     figure, axes = plt.subplots(figsize=(max(5, 1.8 * len(pairs) + 3), 4.5), layout="constrained")
     for x, p in enumerate(pairs):
@@ -1081,7 +1067,7 @@ def plot_differences(result: dict[str, Any]) -> Any:
 
 def plot_classes(pair: dict[str, Any]) -> Any:
     """Per class: the mean IoU difference over folds as a bar, each fold's as a dot."""
-    plt = _pyplot()
+    plt = pyplot()
     classes = pair["classes"]
     names = [c["class"] for c in classes]
     values = np.array([100 * c["difference"] for c in classes])

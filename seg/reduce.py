@@ -33,6 +33,7 @@ from seg.ensemble import ENSEMBLE_FILE, Ensemble, write_ensemble_file
 from seg.evaluate import evaluate
 from seg.manifest import SELECTION_GROUP, ManifestError, load_manifest
 from seg.model import from_config
+from seg.plots import reduction_figure
 from seg.report import reduction_summary, stage_out_of_fold
 from seg.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
 from seg.tracking import log_reduction
@@ -335,7 +336,7 @@ def reduce_stage(
                 (tmp / ENSEMBLE_FILE).write_text(json.dumps(content, indent=1) + "\n")
             (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
             (tmp / "report.md").write_text(markdown(report))
-            plot(report, tmp / "reduction.png")
+            reduction_figure(models[0].sidecar["stage"], stage_dir, report, tmp / "reduction.png")
         # A summary run in the experiment's wandb group, beside the folds' runs (not inside
         # reduced/, which a repeated reduction replaces).
         log_reduction(config, models[0].sidecar["stage"], report, stage_dir, stage_dir / "reduced" / "reduction.png")
@@ -374,27 +375,3 @@ def seed_candidate(candidates: list[Candidate], winner: Candidate, seed_from: st
 
 def markdown(report: dict[str, Any]) -> str:
     return "\n".join([f"# Fold reduction: {report['stage_dir']}", "", *reduction_summary(report)]) + "\n"
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [c["name"] + (f" ({c['cost']}x)" if c.get("cost", 1) > 1 else "") for c in report["candidates"]]
-    values = [100 * c["miou"] for c in report["candidates"]]
-    winner = report["winner"]["name"]
-    colours = [
-        "#d9822b" if n.split(" (")[0] == winner else "#9aa5b1" if n.startswith("fold") else "#2f6fb0" for n in names
-    ]
-    figure, axes = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4))
-    bars = axes.bar(names, values, color=colours)
-    axes.bar_label(bars, fmt="%.2f", fontsize=7)
-    axes.set_ylim(0, max(values, default=0) * 1.1 + 1)
-    axes.set_ylabel("selection mIoU (%)")
-    axes.set_title(f"fold reduction: single folds (grey), reductions (blue), winner {winner} (orange)")
-    axes.tick_params(axis="x", rotation=45)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

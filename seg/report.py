@@ -234,7 +234,9 @@ def write_report(experiment_dir: Path, out: Path | None = None) -> Path:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").is_file())):
         raise ReportError(f"{out}: exists and is not a report folder; choose another --out")
     with atomic_directory(out, overwrite=True) as tmp:
-        figures = plot_all(experiment, tmp)
+        from seg.plots import report_figures  # (seg.plots draws from this module's records)
+
+        figures = report_figures(experiment, tmp)
         (tmp / "report.md").write_text(markdown(experiment, figures))
     return out
 
@@ -550,7 +552,7 @@ def _final_lines(experiment: Experiment, figures: dict[str, str]) -> list[str]:
     if not columns:
         return [*lines, "No per-class IoU yet (no evaluation, reduction or fold evaluation).", ""]
     lines += [f"| class | {' | '.join(name for name, _ in columns)} |", f"| --- |{' --- |' * len(columns)}"]
-    for name in _class_order([iou for _, iou in columns]):
+    for name in class_order([iou for _, iou in columns]):
         lines.append(f"| {name} | {' | '.join(_pct(iou.get(name)) for _, iou in columns)} |")
     means = [_pct(_nanmean(list(iou.values()))) for _, iou in columns]
     lines.append(f"| **mean** | {' | '.join(means)} |")
@@ -574,231 +576,9 @@ def _nanmean(values: list[float]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def _class_order(ious: list[dict[str, float]]) -> list[str]:
+def class_order(ious: list[dict[str, float]]) -> list[str]:
     """Cityscapes' trainId order, then any other class names in the order they come."""
     names = [n for n in CLASS_NAMES if any(n in iou for iou in ious)]
     for iou in ious:
         names += [n for n in iou if n not in names]
     return names
-
-
-# --- figures ----------------------------------------------------------------------------------
-
-
-def _pyplot():  # -> the matplotlib.pyplot module, on the file-only backend
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _colour(fold: int) -> Any:
-    # One colour per fold number in every figure, so fold k reads the same everywhere.
-    return _pyplot().get_cmap("tab10")(fold % 10)
-
-
-def plot_all(experiment: Experiment, out: Path) -> dict[str, str]:
-    """Draw every figure there is data for into ``out``; returns role -> file name."""
-    figures: dict[str, str] = {}
-    for stage in experiment.stages:
-        if any(f.train for f in stage.folds):
-            figures[f"training{stage.stage}"] = _save(plot_training(stage), out / f"stage{stage.stage}_training.png")
-    evaluated = [s for s in experiment.stages if any(f.evals for f in s.folds)]
-    if evaluated:
-        figures["fold_miou"] = _save(plot_fold_miou(evaluated), out / "fold_miou.png")
-        figures["iou_history"] = _save(plot_iou_history(evaluated), out / "iou_history.png")
-    if evaluated or any(s.reduction for s in experiment.stages):
-        figures["by_stage"] = _save(plot_by_stage(experiment.stages), out / "miou_by_stage.png")
-    reduced = [s for s in experiment.stages if s.reduction is not None]
-    if reduced:
-        figures["reduction"] = _save(plot_reductions(reduced), out / "reduction.png")
-    columns = final_columns(experiment)
-    if columns:
-        figures["final"] = _save(plot_final(columns), out / "final_per_class_iou.png")
-    return figures
-
-
-def _save(figure: Any, path: Path) -> str:
-    figure.savefig(path, dpi=100)
-    _pyplot().close(figure)
-    return path.name
-
-
-def plot_training(stage: Stage) -> Any:
-    plt = _pyplot()
-    figure, (loss, lr) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    for fold in stage.folds:
-        if not fold.train:
-            continue
-        epochs = [r["epoch"] for r in fold.train]
-        loss.plot(epochs, [r["train/loss"] for r in fold.train], color=_colour(fold.fold), label=f"fold {fold.fold}")
-        if all("train/lr" in r for r in fold.train):
-            lr.plot(epochs, [r["train/lr"] for r in fold.train], color=_colour(fold.fold), label=f"fold {fold.fold}")
-    loss.set(title=f"stage {stage.stage}: training loss", xlabel="epoch", ylabel="loss")
-    lr.set(title=f"stage {stage.stage}: learning rate (head)", xlabel="epoch", ylabel="learning rate")
-    lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    for axes in (loss, lr):
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-    return figure
-
-
-def plot_fold_miou(stages: list[Stage]) -> Any:
-    plt = _pyplot()
-    figure, panels = plt.subplots(
-        1, len(stages), figsize=(max(6, 5 * len(stages)), 4), sharey=True, squeeze=False, layout="constrained"
-    )
-    for axes, stage in zip(panels[0], stages, strict=True):
-        for fold in stage.folds:
-            if not fold.evals:
-                continue
-            colour = _colour(fold.fold)
-            epochs = [r["epoch"] for r in fold.evals]
-            axes.plot(
-                epochs, [100 * r["fold/miou"] for r in fold.evals], "o-", ms=3, color=colour, label=f"fold {fold.fold}"
-            )
-            best = max(fold.evals, key=lambda r: r["fold/miou"])
-            axes.plot(best["epoch"], 100 * best["fold/miou"], "*", ms=12, color=colour, mec="black", mew=0.5)
-            val = [r for r in fold.evals if "val/miou" in r]
-            if val:
-                axes.plot(
-                    [r["epoch"] for r in val],
-                    [100 * r["val/miou"] for r in val],
-                    "--",
-                    color=colour,
-                    label=f"fold {fold.fold} (official val)",
-                )
-        axes.set(title=f"stage {stage.stage} (star: best)", xlabel="epoch")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-    panels[0][0].set_ylabel("fold-validation mIoU (%)")
-    return figure
-
-
-def plot_iou_history(stages: list[Stage]) -> Any:
-    plt = _pyplot()
-    folds = [s.best_fold() for s in stages]
-    names = _class_order([r.get("fold/iou", {}) for f in folds for r in f.evals])
-    widths = [max(len(f.evals), 3) for f in folds]
-    figure, panels = plt.subplots(
-        1,
-        len(folds),
-        figsize=(3 + sum(0.35 * w + 1.5 for w in widths), 6),
-        sharey=True,
-        squeeze=False,
-        layout="constrained",
-        gridspec_kw={"width_ratios": widths},
-    )
-    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
-    image = None
-    for axes, fold in zip(panels[0], folds, strict=True):
-        matrix = np.array([[r.get("fold/iou", {}).get(n, math.nan) for r in fold.evals] for n in names], dtype=float)
-        image = axes.imshow(
-            np.ma.masked_invalid(100 * matrix), aspect="auto", cmap=cmap, vmin=0, vmax=100, interpolation="nearest"
-        )
-        ticks = np.unique(np.linspace(0, len(fold.evals) - 1, min(len(fold.evals), 10)).round().astype(int))
-        axes.set_xticks(ticks, [f"{fold.evals[i]['epoch']:.3g}" for i in ticks], fontsize=7)
-        axes.set(title=f"stage {fold.stage}, fold {fold.fold} (best)", xlabel="epoch of the evaluation")
-    panels[0][0].set_yticks(range(len(names)), names, fontsize=8)
-    figure.colorbar(image, ax=panels[0].tolist(), label="fold-validation IoU (%), grey: class absent")
-    return figure
-
-
-def plot_by_stage(stages: list[Stage]) -> Any:
-    plt = _pyplot()
-    groups = []  # per stage: (label, value, colour, legend label, is the reduced winner)
-    for stage in stages:
-        bars = [
-            (f"{100 * f.best[0]:.1f}", 100 * f.best[0], _colour(f.fold), f"fold {f.fold} (best, fold val)", False)
-            for f in stage.folds
-            if f.best is not None
-        ]
-        if stage.reduction is not None:
-            winner = stage.reduction["winner"]
-            bars.append(
-                (
-                    f"{winner['name']}\n{100 * winner['miou']:.1f}",
-                    100 * winner["miou"],
-                    "white",
-                    "reduced winner (selection set)",
-                    True,
-                )
-            )
-        groups.append(bars)
-    width = 0.8 / max(max(len(g) for g in groups), 2)
-    figure, axes = plt.subplots(figsize=(max(7, 0.5 * sum(len(g) for g in groups) + 4), 4.5), layout="constrained")
-    labelled: set[str] = set()
-    for x, bars in enumerate(groups):
-        for slot, (text, value, colour, label, reduced) in enumerate(bars):
-            drawn = axes.bar(
-                x + width * (slot - (len(bars) - 1) / 2),
-                value,
-                width,
-                color=colour,
-                edgecolor="black" if reduced else None,
-                hatch="//" if reduced else None,
-                label=None if label in labelled else label,
-            )
-            axes.bar_label(drawn, labels=[text], fontsize=7)
-            labelled.add(label)
-    axes.set_xticks(range(len(stages)), [f"stage {s.stage}" for s in stages])
-    axes.set(ylabel="mIoU (%)", title="best mIoU per fold and stage, and the reduced model")
-    axes.margins(y=0.15)
-    axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return figure
-
-
-def plot_reductions(stages: list[Stage]) -> Any:
-    plt = _pyplot()
-    from matplotlib.patches import Patch
-
-    kinds = {"single fold": "#9aa5b1", "reduction": "#2f6fb0", "winner": "#d9822b"}
-    most = max(len(s.reduction["candidates"]) for s in stages)
-    figure, panels = plt.subplots(
-        len(stages), 1, figsize=(max(7, 0.8 * most + 3), 3.8 * len(stages)), squeeze=False, layout="constrained"
-    )
-    for axes, stage in zip(panels[:, 0], stages, strict=True):
-        report = stage.reduction
-        names = [c["name"] for c in report["candidates"]]
-        values = [100 * c["miou"] for c in report["candidates"]]
-        kind = [
-            "winner" if n == report["winner"]["name"] else "single fold" if n.startswith("fold") else "reduction"
-            for n in names
-        ]
-        bars = axes.bar(names, values, color=[kinds[k] for k in kind])
-        axes.bar_label(bars, fmt="%.2f", fontsize=7)
-        # From zero, so that bar heights compare; the value on each bar shows the small gaps.
-        axes.set_ylim(0, math.ceil(max(values) * 1.1) + 1)
-        selection = report["selection"]
-        where = "official val" if selection["is_official_val"] else selection["group"]
-        axes.set(
-            ylabel="selection mIoU (%)",
-            title=f"stage {stage.stage} reduction, chosen on {where} ({count(selection['samples'], 'image')})",
-        )
-        axes.tick_params(axis="x", rotation=45)
-        axes.grid(axis="y", alpha=0.3)
-        axes.legend(
-            handles=[Patch(color=c, label=k) for k, c in kinds.items()],
-            fontsize=8,
-            loc="upper left",
-            bbox_to_anchor=(1.01, 1),
-        )
-    return figure
-
-
-def plot_final(columns: list[tuple[str, dict[str, float]]]) -> Any:
-    plt = _pyplot()
-    names = _class_order([iou for _, iou in columns])
-    width = 0.8 / len(columns)
-    figure, axes = plt.subplots(figsize=(12, 4.5), layout="constrained")
-    for i, (label, iou) in enumerate(columns):
-        values = [100 * iou.get(n, math.nan) for n in names]
-        axes.bar(np.arange(len(names)) - 0.4 + width * (i + 0.5), np.nan_to_num(values), width, label=label)
-    axes.set_xticks(range(len(names)), names, rotation=60, ha="right")
-    axes.set(ylabel="IoU (%)", title="final model: per-class IoU", ylim=(0, 100))
-    axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=8)
-    return figure

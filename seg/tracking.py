@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from seg.cityscapes import CLASS_NAMES
+from seg.plots import confusion_figure
 
 
 def resolve_mode(mode: str) -> str:
@@ -184,23 +185,3 @@ def _resize_mask(mask: torch.Tensor, image: torch.Tensor) -> np.ndarray:
     if tuple(mask.shape) != tuple(size):
         mask = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
     return mask.numpy().astype(np.uint8)
-
-
-def confusion_figure(matrix: np.ndarray):  # -> matplotlib Figure
-    """The row-normalised confusion matrix as a figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = matrix.sum(1, keepdims=True)
-    normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
-    figure, axes = plt.subplots(figsize=(8, 7))
-    image = axes.imshow(normalised, vmin=0, vmax=1, cmap="Blues")
-    axes.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=90, fontsize=7)
-    axes.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES, fontsize=7)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    figure.colorbar(image)
-    figure.tight_layout()
-    return figure

@@ -193,7 +193,7 @@ def test_a_folder_or_a_sidecar_given_as_the_model_says_what_to_pass(model_and_sh
 def test_class_names_in_the_frequency_figure_do_not_overlap():
     import matplotlib.text
 
-    from tools.evaluate import frequency_figure
+    from seg.plots import frequency_figure
 
     # many rare classes of about the same share and IoU: their names used to print over each other
     frequency = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.04] + [0.002 + 0.0001 * i for i in range(11)] + [0.0])

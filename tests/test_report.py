@@ -297,13 +297,13 @@ def test_reduction_table_says_which_candidates_are_the_same_model_and_counts_ima
 
 
 def test_reduction_figures_start_at_zero_and_mark_the_winner(tmp_path):
-    from seg.reduce import plot
-    from seg.report import Stage, plot_reductions
+    from seg.plots import plot_reductions, reduction_figure
+    from seg.report import Stage
 
     report = reduction_report(tmp_path / "stage1", [0, 1, 2])
     figure = plot_reductions([Stage(1, tmp_path / "stage1", reduction=report)])
     assert figure.axes[0].get_ylim()[0] == 0
-    plot(report, tmp_path / "reduction.png")
+    reduction_figure(1, tmp_path / "stage1", report, tmp_path / "reduction.png")
     pixels = np.asarray(Image.open(tmp_path / "reduction.png").convert("RGB")).reshape(-1, 3)
     winner_colour = (pixels == (0xD9, 0x82, 0x2B)).all(1)
     assert winner_colour.sum() > 100  # the winner's bar, in its own colour

@@ -42,7 +42,7 @@ from accelerate import Accelerator
 
 from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment
-from seg.cityscapes import CLASS_NAMES, TRAINID_TO_ID
+from seg.cityscapes import TRAINID_TO_ID
 from seg.ensemble import load_models
 from seg.evaluate import (
     describe_settings,
@@ -56,9 +56,9 @@ from seg.evaluate import (
 )
 from seg.inference import TestTimeAugmentation
 from seg.manifest import ManifestError
+from seg.plots import evaluation_figures
 from seg.png import encode_gray8
 from seg.report import count
-from seg.tracking import confusion_figure
 from seg.weights import WeightsError
 
 
@@ -81,77 +81,6 @@ def markdown(result: dict, title: str) -> str:
     ]
     lines += [f"| {name} | {100 * value:.2f} |" for name, value in result["iou"].items()]
     return "\n".join(lines) + "\n"
-
-
-def frequency_figure(iou: np.ndarray, frequency: np.ndarray) -> object:
-    """IoU against each class's share of the labelled pixels (log x), every class named:
-    each name goes to the first of a ring of offsets around its point where it overlaps no
-    name placed before it (rare classes crowd together at the left), with a thin line back
-    to its point when it had to move away."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 5.5))
-    present = frequency > 0
-    x = 100 * np.where(present, frequency, np.nan)
-    y = 100 * np.nan_to_num(iou)
-    axes.scatter(x, y, s=14)
-    axes.set_xscale("log")
-    axes.set(xlabel="share of labelled pixels (%), log scale", ylabel="IoU (%)", ylim=(-5, 105))
-    if present.any():
-        axes.set_xlim(np.nanmin(x) / 3, np.nanmax(x) * 3)
-    absent = [CLASS_NAMES[i] for i in range(len(CLASS_NAMES)) if not present[i]]
-    axes.set_title("per-class IoU against class frequency" + (f"\nnot in these labels: {', '.join(absent)}" if absent
-                   else ""), fontsize=9)  # fmt: skip
-    figure.tight_layout()
-    renderer = figure.canvas.get_renderer()
-    near = [(4, 2), (4, -10), (-4, 2), (-4, -10)]
-    ring = ((0, 12), (0, -12), (14, 0), (-14, 0), (12, 12), (12, -12), (-12, 12), (-12, -12))
-    rings = [(dx * r, dy * r) for r in range(1, 7) for dx, dy in ring]
-    placed: list[object] = []
-    for i in sorted(np.flatnonzero(present), key=lambda i: -x[i]):
-        chosen, box = near[0], None
-        for dx, dy in near + rings:
-            trial = axes.annotate(CLASS_NAMES[i], (x[i], y[i]), xytext=(dx, dy), textcoords="offset points",
-                                  fontsize=7, ha="left" if dx >= 0 else "right")  # fmt: skip
-            extent = trial.get_window_extent(renderer)
-            trial.remove()
-            inside = figure.bbox.contains(extent.x0, extent.y0) and figure.bbox.contains(extent.x1, extent.y1)
-            if inside and not any(extent.overlaps(other) for other in placed):
-                chosen, box = (dx, dy), extent
-                break
-        line = {"arrowprops": {"arrowstyle": "-", "lw": 0.4, "color": "grey"}} if chosen not in near else {}
-        text = axes.annotate(CLASS_NAMES[i], (x[i], y[i]), xytext=chosen, textcoords="offset points", fontsize=7,
-                             ha="left" if chosen[0] >= 0 else "right", **line)  # fmt: skip
-        placed.append(box if box is not None else text.get_window_extent(renderer))
-    return figure
-
-
-def plots(result: dict, matrix: np.ndarray, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    iou = np.array([result["iou"][name] for name in CLASS_NAMES])
-    figure, axes = plt.subplots(figsize=(10, 4))
-    axes.bar(CLASS_NAMES, np.nan_to_num(100 * iou))
-    axes.set_ylabel("IoU (%)")
-    axes.set_title(f"per-class IoU, mIoU {100 * result['miou']:.2f}% ({describe_settings(result['settings'])})")
-    axes.tick_params(axis="x", rotation=90)
-    figure.tight_layout()
-    figure.savefig(out / "per_class_iou.png", dpi=100)
-    plt.close(figure)
-
-    figure = confusion_figure(matrix)
-    figure.savefig(out / "confusion.png", dpi=100)
-    plt.close(figure)
-
-    figure = frequency_figure(iou, matrix.sum(1) / max(matrix.sum(), 1))
-    figure.savefig(out / "frequency_vs_iou.png", dpi=100)
-    plt.close(figure)
 
 
 def default_folder(given: list[Path], members: list[Path]) -> Path:
@@ -247,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             title = f"ensemble of {len(members)} models ({result['model']}) on {args.split}"
         atomic_write_bytes(out / "metrics.md", markdown(result, title).encode())
         if labelled:
-            plots(result, matrix.matrix.cpu().numpy(), out)
+            evaluation_figures(result, matrix.matrix.cpu().numpy(), out, describe_settings(result["settings"]))
             print(f"{args.split}: mIoU {100 * result['miou']:.2f}% over {count(seen, 'image')} -> {out}")
         else:
             print(f"{args.split}: no labels, no metrics; {count(seen, 'prediction')} (labelIds PNGs) -> "
