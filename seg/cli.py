@@ -6,6 +6,8 @@ import argparse
 import re
 import socket
 import sys
+from collections.abc import Sequence
+from typing import NamedTuple
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30}  # fmt: skip
@@ -24,15 +26,30 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(item for item in text.split(",") if item)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``2048x1024`` -> (2048, 1024)."""
+class Size(NamedTuple):
+    """An image size as arrays, configs (``data.size: [H, W]``) and functions hold it:
+    (height, width). Only the command line writes it the other way round, ``WIDTHxHEIGHT``:
+    :func:`parse_size` and :func:`format_size` are the one place that turns it around."""
+
+    height: int
+    width: int
+
+
+def parse_size(text: str) -> Size:
+    """``2048x1024`` (WIDTHxHEIGHT) -> Size(height=1024, width=2048)."""
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 2048x1024") from None
     if width < 32 or height < 16:
         raise argparse.ArgumentTypeError(f"{text!r}: at least 32x16")
-    return width, height
+    return Size(height, width)
+
+
+def format_size(size: Sequence[int]) -> str:
+    """(H, W) (a Size, a tuple, a config's ``[H, W]``) as the command line writes it: ``WIDTHxHEIGHT``."""
+    height, width = size
+    return f"{width}x{height}"
 
 
 def free_port() -> int:

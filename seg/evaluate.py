@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from seg.augment import DeviceAugment
-from seg.cli import parse_size
+from seg.cli import Size, format_size, parse_size
 from seg.data import EvalStream, Shard, _loader_options, shards_of
 from seg.distributed import all_reduce_sum
 from seg.inference import TestTimeAugmentation, predict_probabilities
@@ -128,8 +128,8 @@ def prediction_loader(
 # --- what an evaluation records -------------------------------------------------------------
 
 
-def parse_input_size(text: str) -> tuple[int, int] | str:
-    """A tool's input size: WIDTHxHEIGHT, or ``full`` (each image at its own resolution)."""
+def parse_input_size(text: str) -> Size | str:
+    """A tool's input size: WIDTHxHEIGHT (as (H, W)), or ``full`` (each image at its own resolution)."""
     return "full" if text.strip().lower() == "full" else parse_size(text)
 
 
@@ -141,7 +141,7 @@ def model_input_size(sidecar: dict[str, Any]) -> tuple[int, int] | None:
 
 def describe_size(size: tuple[int, int] | None) -> str:
     """(H, W) as WIDTHxHEIGHT, the way the tools take it; None as ``full``."""
-    return "full" if size is None else f"{size[1]}x{size[0]}"
+    return "full" if size is None else format_size(size)
 
 
 def settings(size: tuple[int, int] | None, size_from: str, tta: TestTimeAugmentation) -> dict[str, Any]:

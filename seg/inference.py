@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg.cli import parse_size
+from seg.cli import format_size, parse_size
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,16 @@ class TestTimeAugmentation:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """The command-line options of a tool that predicts (tools/evaluate.py, tools/predict.py)."""
         parser.add_argument("--mode", choices=("whole", "slide"), default=cls.mode)
-        parser.add_argument("--crop", type=parse_size, default=cls.crop[::-1], help="slide window WIDTHxHEIGHT")
-        parser.add_argument("--stride", type=parse_size, default=cls.stride[::-1], help="slide step WIDTHxHEIGHT")
+        parser.add_argument("--crop", type=parse_size, default=format_size(cls.crop), help="slide window WIDTHxHEIGHT")
+        parser.add_argument(
+            "--stride", type=parse_size, default=format_size(cls.stride), help="slide step WIDTHxHEIGHT"
+        )
         parser.add_argument("--flip", action="store_true", help="also predict the mirrored image")
         parser.add_argument("--scales", type=float, nargs="+", default=list(cls.scales))
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> TestTimeAugmentation:
-        return cls(args.mode, args.crop[::-1], args.stride[::-1], tuple(args.scales), args.flip)  # (H, W)
+        return cls(args.mode, tuple(args.crop), tuple(args.stride), tuple(args.scales), args.flip)
 
 
 def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from seg import cityscapes as cs
 from seg import parallel
 from seg.atomic import atomic_directory
+from seg.cli import format_size
 from seg.manifest import FORMAT, FORMAT_VERSION, MANIFEST, SELECTION_GROUP, fold_group, group_fold
 from seg.png import encode_gray8, encode_rgb8
 
@@ -297,7 +298,7 @@ def _label(
         return data, histogram  # already what we store: keep the original bytes
     train_ids = label if source.label_kind == "labelTrainIds" else label.point(cs.ID_TO_TRAINID.tolist())
     if resize is not None:
-        train_ids = train_ids.resize(resize[::-1], Image.NEAREST)
+        train_ids = train_ids.resize(resize[::-1], Image.NEAREST)  # Pillow takes (W, H)
     train_ids = np.asarray(train_ids)
     return encode_gray8(train_ids), np.bincount(train_ids.ravel(), minlength=256).astype(np.int64)
 
@@ -311,7 +312,7 @@ def _sample(root: Path, source: Source, fold: int | None, options: Options) -> t
     if resize is not None:
         if resize[0] > image.height or resize[1] > image.width:
             raise PackError(
-                f"{image_path}: --resize {resize[1]}x{resize[0]} is larger than the image "
+                f"{image_path}: --resize {format_size(resize)} is larger than the image "
                 f"({image.width}x{image.height}); packing stores frames at or below their resolution"
             )
         image = image.convert("RGB").resize(resize[::-1], Image.BILINEAR)  # Pillow filters: no aliasing

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from seg.cityscapes import IGNORE_INDEX, NUM_CLASSES
+from seg.cli import format_size
 
 GEOMETRIES = ("resize", "scale-crop")
 LEVELS = ("none", "standard", "advanced")
@@ -66,17 +67,17 @@ class TrainGeometry:
         very size only: anything else would be a silent second rescale."""
         if packed is None:
             return None
-        stored = f"{packed[1]}x{packed[0]}"
+        stored = format_size(packed)
         if self.mode == "scale-crop":
             return (
                 f"the shards' train split is stored at {stored} (packed with --resize), but geometry scale-crop "
-                f"scales frames against data.base_size {self.base_size[1]}x{self.base_size[0]} of the original "
+                f"scales frames against data.base_size {format_size(self.base_size)} of the original "
                 f"resolution: pack without --resize"
             )
         if tuple(packed) != tuple(self.size):
             return (
                 f"the shards' train split is stored at {stored} (packed with --resize), but data.size is "
-                f"{self.size[1]}x{self.size[0]}: set data.size=[{packed[0]},{packed[1]}], or pack at your training size"
+                f"{format_size(self.size)}: set data.size=[{packed[0]},{packed[1]}], or pack at your training size"
             )
         return None
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from seg.augment import DeviceAugment
-from seg.cli import parse_size
+from seg.cli import format_size, parse_size
 from seg.inference import TestTimeAugmentation, predict_probabilities, slide_windows
 from seg.model import DeepLabV3Plus, count_parameters
 from seg.synthetic import paint_labels, render_image
@@ -57,14 +57,14 @@ def forward_passes(tta: TestTimeAugmentation, height: int, width: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=parse_size, default=(2048, 1024), help="frame WIDTHxHEIGHT (default 2048x1024)")
+    parser.add_argument("--size", type=parse_size, default="2048x1024", help="frame WIDTHxHEIGHT (default 2048x1024)")
     parser.add_argument("--frames", type=int, default=3, help="timed images per mode (after one warm-up)")
     parser.add_argument("--depth", type=int, default=34, choices=(18, 34, 50, 101))
     parser.add_argument("--output-stride", type=int, default=8, choices=(8, 16))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--scales", type=float, nargs="+", help="also run every mode averaged over these scales")
-    parser.add_argument("--crop", type=parse_size, default=(1024, 512), help="slide window WIDTHxHEIGHT")
-    parser.add_argument("--stride", type=parse_size, default=(683, 341), help="slide step WIDTHxHEIGHT")
+    parser.add_argument("--crop", type=parse_size, default="1024x512", help="slide window WIDTHxHEIGHT")
+    parser.add_argument("--stride", type=parse_size, default="683x341", help="slide step WIDTHxHEIGHT")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -76,8 +76,8 @@ def main() -> None:
         sys.exit("error: --precision fp16 needs a GPU; use bf16 on the CPU (as training does)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    width, height = args.size
-    crop, stride = (args.crop[1], args.crop[0]), (args.stride[1], args.stride[0])  # (H, W)
+    height, width = args.size
+    crop, stride = tuple(args.crop), tuple(args.stride)
     dtype = PRECISIONS[args.precision]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -102,8 +102,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device} ({name}), threads {torch.get_num_threads()}, "
           f"precision {args.precision}")  # fmt: skip
     print(f"model R{args.depth} OS {args.output_stride} ({count_parameters(model):,} parameters); "
-          f"{args.frames} synthetic frames at {width}x{height} (rendered in {render_s:.1f} s, not timed); "
-          f"slide crop {args.crop[0]}x{args.crop[1]} stride {args.stride[0]}x{args.stride[1]}")  # fmt: skip
+          f"{args.frames} synthetic frames at {format_size(args.size)} (rendered in {render_s:.1f} s, not timed); "
+          f"slide crop {format_size(crop)} stride {format_size(stride)}")  # fmt: skip
     print(f"{'mode':<26} {'passes':>6} {'s/img':>8} {'min s':>8} {'img/s':>8} {'x whole':>8}")
     whole_s = None
     for label, tta in runs:

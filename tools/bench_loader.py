@@ -31,7 +31,7 @@ import torch
 
 from seg import decode
 from seg.atomic import atomic_write_bytes
-from seg.cli import parse_size
+from seg.cli import format_size, parse_size
 from seg.data import read_shard, shards_of, train_loader
 from seg.manifest import fold_groups, load_manifest
 from seg.pack import Options, pack
@@ -108,12 +108,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", help="a Cityscapes tree (default: make a synthetic one in a temporary folder)")
     parser.add_argument("--frames", type=int, default=16, help="synthetic train frames (default 16)")
-    parser.add_argument("--size", type=parse_size, default=(1024, 512), help="training input WIDTHxHEIGHT")
+    parser.add_argument("--size", type=parse_size, default="1024x512", help="training input WIDTHxHEIGHT")
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per row, the best kept (default 3)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    size = (args.size[1], args.size[0])  # (H, W)
+    size = tuple(args.size)
     torch.set_num_threads(1)  # one core
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-loader-"))
@@ -145,7 +145,7 @@ def main() -> None:
                 else:
                     measure = partial(pipeline_rate, shards, geometry, where == "device", args.seconds)
                 specs.append(({"shards": name, "decoder": decoder, "geometry": where}, measure))
-        print(f"per core, input {size[1]}x{size[0]}, standard level, best of {args.repeats} x {args.seconds:g} s:")
+        print(f"per core, input {format_size(size)}, standard level, best of {args.repeats} x {args.seconds:g} s:")
         rates: list[list[float]] = [[] for _ in specs]
         for _ in range(args.repeats):
             for i, (_, measure) in enumerate(specs):

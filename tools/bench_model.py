@@ -20,7 +20,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from seg.cli import parse_size
+from seg.cli import format_size, parse_size
 from seg.losses import CombinedLoss
 from seg.model import DeepLabV3Plus
 
@@ -87,16 +87,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", type=int, nargs="+", default=[34, 50])
     parser.add_argument("--output-stride", type=int, default=8)
-    parser.add_argument("--size", type=parse_size, default=(1024, 512), help="training input WIDTHxHEIGHT")
-    parser.add_argument("--full-size", type=parse_size, default=(2048, 1024), help="inference WIDTHxHEIGHT")
+    parser.add_argument("--size", type=parse_size, default="1024x512", help="training input WIDTHxHEIGHT")
+    parser.add_argument("--full-size", type=parse_size, default="2048x1024", help="inference WIDTHxHEIGHT")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["fp32", "bf16", "fp32-channels-last"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=1, help="timed training steps (batch 2) after a warm-up")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak rate for the mode, for the share")
     args = parser.parse_args()
-    size, full_size = (args.size[1], args.size[0]), (args.full_size[1], args.full_size[0])
+    size, full_size = tuple(args.size), tuple(args.full_size)
 
-    print(f"device {args.device}, threads {torch.get_num_threads()}, train {size[1]}x{size[0]} batch 2")
+    print(f"device {args.device}, threads {torch.get_num_threads()}, train {format_size(size)} batch 2")
     print(f"{'model':<10} {'mode':<20} {'fwd+bwd s/img':>14} {'img/s':>7} {'peak MB/img':>12} "
           f"{'infer s (full)':>15} {'TFLOP/s':>8}")  # fmt: skip
     context = multiprocessing.get_context("spawn")
@@ -114,7 +114,7 @@ def main() -> None:
                 f"{rate:>8.3f}{share}"
             )
         gflop = train_flops / 3 / 1e9
-        print(f"R{depth}-OS{args.output_stride}: {gflop:.0f} GFLOP forward per {size[1]}x{size[0]} image")
+        print(f"R{depth}-OS{args.output_stride}: {gflop:.0f} GFLOP forward per {format_size(size)} image")
 
 
 if __name__ == "__main__":

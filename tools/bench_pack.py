@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from seg.cli import parse_bytes, parse_list, parse_size
+from seg.cli import format_size, parse_bytes, parse_list, parse_size
 from seg.pack import Options, ShardJob, assign_groups, pack, plan_shards, scan
 from seg.synthetic import make_synthetic
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", help="a Cityscapes tree (default: make a synthetic one in a temporary folder)")
     parser.add_argument("--images", type=int, default=40, help="synthetic train frames (default 40)")
-    parser.add_argument("--size", type=parse_size, default=(2048, 1024), help="synthetic frame size")
+    parser.add_argument("--size", type=parse_size, default="2048x1024", help="synthetic frame size")
     parser.add_argument("--splits", type=parse_list, default=("train",))
     parser.add_argument("--shard-size", type=parse_bytes, default="16MB", help="small, so 2 workers share the work")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -63,12 +63,12 @@ def main() -> None:
     try:
         root = Path(args.root) if args.root else scratch / "cityscapes"
         if not args.root:
-            print(f"making {args.images} synthetic frames at {args.size[0]}x{args.size[1]}...")
+            print(f"making {args.images} synthetic frames at {format_size(args.size)}...")
             make_synthetic(
                 root,
                 counts={"train": args.images, "val": 0, "test": 0},
                 cities={"train": 6, "val": 1, "test": 1},
-                size=args.size,
+                size=(args.size.width, args.size.height),  # make_synthetic takes (W, H)
                 workers=max(args.workers),
                 progress=False,
             )

@@ -33,7 +33,7 @@ import torch
 from accelerate import Accelerator
 
 import seg.reduce
-from seg.cli import parse_size
+from seg.cli import Size, format_size, parse_size
 from seg.config import load_config, to_dict
 from seg.model import count_parameters, from_config
 from seg.pack import Options, pack
@@ -53,7 +53,7 @@ INSIDE = (
 )
 
 
-def make_dataset(scratch: Path, folds: int, selection_frames: int, size: tuple[int, int]) -> Path:
+def make_dataset(scratch: Path, folds: int, selection_frames: int, size: Size) -> Path:
     """Pack one frame per fold city plus ``selection_frames`` of a selection city."""
     names = CITIES["train"]
     if folds + 1 > len(names):
@@ -62,7 +62,7 @@ def make_dataset(scratch: Path, folds: int, selection_frames: int, size: tuple[i
     planned = [Frame("train", city, 0) for city in names[:folds]]
     planned += [Frame("train", selection, seq) for seq in range(selection_frames)]
     root = scratch / "cityscapes"
-    jobs = [(root, frame, size[0], size[1], 0, False) for frame in planned]
+    jobs = [(root, frame, size.width, size.height, 0, False) for frame in planned]
     with multiprocessing.get_context("fork").Pool(2) as pool:
         pool.starmap(write_frame, jobs)
     shards = scratch / "shards"
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/study.yaml")
     parser.add_argument("--folds", type=int, default=5, help="K fold models (default 5)")
     parser.add_argument("--selection-frames", type=int, default=4, help="frames of the selection city (default 4)")
-    parser.add_argument("--size", type=parse_size, default=(2048, 1024), help="synthetic frame WIDTHxHEIGHT")
+    parser.add_argument("--size", type=parse_size, default="2048x1024", help="synthetic frame WIDTHxHEIGHT")
     parser.add_argument(
         "--eval-size",
         default=None,
@@ -117,7 +117,7 @@ def main() -> None:
         if args.eval_size == "full":
             overrides.append("data.eval_size=null")
         elif args.eval_size:
-            width, height = parse_size(args.eval_size)
+            height, width = parse_size(args.eval_size)
             overrides.append(f"data.eval_size=[{height},{width}]")
         config = to_dict(load_config(REPO / "configs" / "study.yaml", [*overrides, *args.overrides]))
         stage = scratch / "runs" / "study" / "stage1"
@@ -131,8 +131,8 @@ def main() -> None:
         write_s = time.perf_counter() - start
 
         model_config, data = config["model"], config["data"]
-        eval_size = "full" if not data["eval_size"] else f"{data['eval_size'][1]}x{data['eval_size'][0]}"
-        size = f"{args.size[0]}x{args.size[1]}"
+        eval_size = "full" if not data["eval_size"] else format_size(data["eval_size"])
+        size = format_size(args.size)
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}")
         print(f"configs/study.yaml {' '.join(args.overrides)}: R{model_config['depth']} OS "
               f"{model_config['output_stride']} ({count_parameters(model):,} parameters), {args.folds} folds, "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from seg.cli import launch_command, parse_size
+from seg.cli import format_size, launch_command, parse_size
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps timed (plus one warm-up)")
-    parser.add_argument("--size", type=parse_size, default=(512, 256), help="synthetic frame size")
+    parser.add_argument("--size", type=parse_size, default="512x256", help="synthetic frame size")
     parser.add_argument("--frames", type=int, default=24)
     args = parser.parse_intermixed_args()  # overrides may follow the options
 
@@ -43,10 +43,10 @@ def main() -> None:
     try:
         root = scratch / "cityscapes"
         make_synthetic(root, counts={"train": args.frames, "val": 2, "test": 0},
-                       cities={"train": 6, "val": 1, "test": 1}, size=args.size, workers=2, progress=False)  # fmt: skip
+                       cities={"train": 6, "val": 1, "test": 1}, size=(args.size.width, args.size.height), workers=2,
+                       progress=False)  # fmt: skip
         pack(root, scratch / "shards", Options(splits=("train", "val")), workers=2, progress=False)
-        width, height = args.size
-        print(f"{args.config} {' '.join(args.overrides)}; {args.frames} synthetic frames at {width}x{height}")
+        print(f"{args.config} {' '.join(args.overrides)}; {args.frames} synthetic frames at {format_size(args.size)}")
         print(f"{'processes':>9} {'steps/s':>8} {'img/s/process':>14} {'img/s total':>12} {'peak MB/process':>16}")
         for processes in args.processes:
             runs = scratch / f"runs{processes}"

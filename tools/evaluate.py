@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.input_size is None:
             size, size_from = model_input_size(sidecar), "the model's config (data.eval_size)"
         else:
-            size = None if args.input_size == "full" else (args.input_size[1], args.input_size[0])
+            size = None if args.input_size == "full" else tuple(args.input_size)
             size_from = "--input-size"
         loader, expected = prediction_loader(shards, [args.split], size, accelerator.process_index,
                                              accelerator.num_processes, args.workers)  # fmt: skip

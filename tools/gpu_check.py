@@ -60,6 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment
 from seg.cityscapes import IGNORE_INDEX, NUM_CLASSES
+from seg.cli import format_size
 from seg.inference import TestTimeAugmentation, predict_probabilities
 from seg.losses import CombinedLoss
 from seg.model import DeepLabV3Plus
@@ -262,7 +263,7 @@ def check_cpu_vs_cuda(depth: int, size: tuple[int, int], batch: int, cuda: bool)
     tolerance = {key: max(10 * errors["cpu_fp32"][key], 1e-4) for key in ("loss", "gradients")}
     passed = all(errors["cuda_fp32"][key] <= tolerance[key] for key in tolerance)
     return {"status": "pass" if passed else "fail", "errors": errors, "tolerance": tolerance,
-            "model": f"R{depth}-OS8", "input": f"{batch}x{size[1]}x{size[0]}"}  # fmt: skip
+            "model": f"R{depth}-OS8", "input": f"{batch}x{format_size(size)}"}  # fmt: skip
 
 
 def _errors(result: tuple[float, torch.Tensor], reference: tuple[float, torch.Tensor]) -> dict[str, float]:
@@ -402,7 +403,7 @@ class SpeedRow(dict):
     def __init__(self, depth: int, batch: int, precision: str, channels_last: bool, compile: bool,
                  size: tuple[int, int] = (512, 1024)) -> None:  # fmt: skip
         super().__init__(depth=depth, batch=batch, precision=precision, channels_last=channels_last,
-                         compile=compile, size=f"{size[1]}x{size[0]}")  # fmt: skip
+                         compile=compile, size=format_size(size))  # fmt: skip
         self.input_size = size
 
 
@@ -549,7 +550,7 @@ def measure_eval(
             predict_probabilities(model, x, size, tta).argmax(1)
         synchronize(cuda)
     elapsed = time.perf_counter() - started
-    return {"mode": describe(tta), "depth": depth, "size": f"{size[1]}x{size[0]}", "precision": "bf16",
+    return {"mode": describe(tta), "depth": depth, "size": format_size(size), "precision": "bf16",
             "images_per_s": round(images / elapsed, 2), "status": "ok"}  # fmt: skip
 
 

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
             default=cities,
             help=f"cities in {split}, at most {len(CITIES[split])} (default {cities})",
         )
-    parser.add_argument("--size", type=parse_size, default=(2048, 1024), help="WIDTHxHEIGHT (default 2048x1024)")
+    parser.add_argument("--size", type=parse_size, default="2048x1024", help="WIDTHxHEIGHT (default 2048x1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-ids", action="store_true", help="also write *_gtFine_labelTrainIds.png")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             counts={s: getattr(args, s) for s in CITIES},
             cities={s: getattr(args, f"{s}_cities") for s in CITIES},
-            size=args.size,
+            size=(args.size.width, args.size.height),  # make_synthetic takes (W, H)
             seed=args.seed,
             workers=args.workers,
             train_ids=args.train_ids,

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size,
             image_format=args.image_format,
             jpeg_quality=args.jpeg_quality,
-            resize=args.resize[::-1] if args.resize else None,  # (H, W) inside
+            resize=tuple(args.resize) if args.resize else None,
         )
         manifest = pack(args.root, out, options, workers=args.workers, overwrite=args.overwrite)
     except (PackError, OutputExistsError, ManifestError) as e:

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size is None:
         size: tuple[int, int] | str | None = MODEL_SIZE
     else:
-        size = None if args.size == "full" else (args.size[1], args.size[0])
+        size = None if args.size == "full" else tuple(args.size)
 
     def announce(record: dict) -> None:
         hint = " (--size WIDTHxHEIGHT or full to change it)" if args.size is None else ""
