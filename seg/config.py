@@ -14,6 +14,14 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from seg.data import ON_ERROR
+from seg.losses import CLASS_WEIGHTS, LOSSES
+from seg.model import DEPTHS, OUTPUT_STRIDES
+from seg.optim import OPTIMIZERS
+from seg.schedule import SCHEDULES
+from seg.tracking import MODES
+from seg.transforms import GEOMETRIES, LEVELS
+
 
 @dataclass
 class DataConfig:
@@ -118,18 +126,19 @@ class Config:
     stages: list[dict[str, Any]] = field(default_factory=list)
 
 
+# Each choice is defined by the module that implements it.
 CHOICES = {
-    "data.geometry": ("resize", "scale-crop"),
-    "data.level": ("none", "standard", "advanced"),
-    "data.on_error": ("raise", "skip"),
-    "model.depth": (18, 34, 50, 101),
-    "model.output_stride": (8, 16),
-    "loss.name": ("combined", "ce", "ohem"),
-    "loss.class_weights": (None, "inverse", "inverse-sqrt", "log"),
-    "optim.name": ("adam", "adamw", "sgd"),
-    "schedule.name": ("constant", "poly", "cosine", "plateau"),
-    "train.precision": ("no", "bf16", "fp16"),
-    "wandb.mode": ("auto", "online", "offline", "disabled"),
+    "data.geometry": GEOMETRIES,
+    "data.level": LEVELS,
+    "data.on_error": ON_ERROR,
+    "model.depth": tuple(DEPTHS),
+    "model.output_stride": tuple(OUTPUT_STRIDES),
+    "loss.name": LOSSES,
+    "loss.class_weights": (None, *CLASS_WEIGHTS),
+    "optim.name": tuple(OPTIMIZERS),
+    "schedule.name": SCHEDULES,
+    "train.precision": ("no", "bf16", "fp16"),  # accelerate's mixed_precision
+    "wandb.mode": MODES,
 }
 
 

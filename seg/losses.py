@@ -152,6 +152,10 @@ class OHEMLoss(nn.Module):
         return value, {"ohem": value.detach()}
 
 
+LOSSES = ("combined", "ce", "ohem")
+CLASS_WEIGHTS = ("inverse", "inverse-sqrt", "log")  # or None: unweighted
+
+
 def from_config(loss: Any, class_pixels: list[list[int]] | None = None, distributed: bool = False) -> nn.Module:
     """The loss of a config's ``loss`` section. ``class_pixels``: the training groups'
     per-class pixel counts (the manifest's), summed into class weights when
@@ -165,7 +169,7 @@ def from_config(loss: Any, class_pixels: list[list[int]] | None = None, distribu
         return CombinedLoss(1.0, loss.label_smoothing, weights, distributed=distributed)
     if loss.name == "ohem":  # per process, as in mmseg
         return OHEMLoss(loss.ohem_threshold, loss.ohem_min_kept, weights)
-    raise ValueError(f"loss {loss.name!r}: choose from combined, ce, ohem")
+    raise ValueError(f"loss {loss.name!r}: choose from {', '.join(LOSSES)}")
 
 
 def class_weights_from_pixels(pixels: list[int] | torch.Tensor, kind: str = "inverse-sqrt") -> torch.Tensor:
@@ -183,7 +187,7 @@ def class_weights_from_pixels(pixels: list[int] | torch.Tensor, kind: str = "inv
     elif kind == "log":
         weights = 1.0 / torch.log(1.02 + frequency)
     else:
-        raise ValueError(f"class weight kind {kind!r}: choose from inverse, inverse-sqrt, log")
+        raise ValueError(f"class weight kind {kind!r}: choose from {', '.join(CLASS_WEIGHTS)}")
     finite = torch.isfinite(weights)
     weights[~finite] = weights[finite].max() if finite.any() else 1.0
     return (weights / weights.mean()).float()

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+SCHEDULES = ("constant", "poly", "cosine", "plateau")
+
 
 class Schedule:
     def __init__(
@@ -28,8 +30,8 @@ class Schedule:
         plateau_factor: float = 0.5,
         plateau_patience: int = 5,
     ) -> None:
-        if name not in ("constant", "poly", "cosine", "plateau"):
-            raise ValueError(f"schedule {name!r}: choose from constant, poly, cosine, plateau")
+        if name not in SCHEDULES:
+            raise ValueError(f"schedule {name!r}: choose from {', '.join(SCHEDULES)}")
         self.optimizer, self.name, self.total = optimizer, name, max(total_steps, 1)
         self.warmup_steps, self.warmup_ratio, self.power, self.min_lr_ratio = (
             warmup_steps, warmup_ratio, power, min_lr_ratio,
@@ -37,7 +39,7 @@ class Schedule:
         self.plateau_factor, self.plateau_patience = plateau_factor, plateau_patience
         self.base = [group["lr"] for group in optimizer.param_groups]
         self.step_count = 0
-        self.plateau_scale, self.best, self.bad_evals = 1.0, -math.inf, 0
+        self.plateau_scale, self.bad_evals = 1.0, 0  # evaluations in a row without a better mIoU
         self.apply()
 
     @classmethod
@@ -76,27 +78,26 @@ class Schedule:
         self.step_count += 1
         self.apply()
 
-    def observe(self, miou: float) -> bool:
-        """Feed a validation mIoU; on ``plateau`` scale the lr down after ``patience``
-        evaluations without improvement. Returns whether it improved."""
-        improved = miou > self.best
+    def observe(self, improved: bool) -> None:
+        """After an evaluation: whether the validation mIoU improved on the best so far (the
+        trainer's progress keeps the best). On ``plateau``, past ``patience`` evaluations in a
+        row without, the lr is scaled down and the count starts again."""
         if improved:
-            self.best, self.bad_evals = miou, 0
-        else:
-            self.bad_evals += 1
-            if self.name == "plateau" and self.bad_evals > self.plateau_patience:
-                self.plateau_scale *= self.plateau_factor
-                self.bad_evals = 0
-                self.apply()
-        return improved
+            self.bad_evals = 0
+            return
+        self.bad_evals += 1
+        if self.name == "plateau" and self.bad_evals > self.plateau_patience:
+            self.plateau_scale *= self.plateau_factor
+            self.bad_evals = 0
+            self.apply()
 
     def lr(self) -> float:
         return self.optimizer.param_groups[-1]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("step_count", "plateau_scale", "best", "bad_evals", "base")}
+        return {k: getattr(self, k) for k in ("step_count", "plateau_scale", "bad_evals", "base")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        for key in ("step_count", "plateau_scale", "bad_evals", "base"):  # a state of an older seg also had "best"
+            setattr(self, key, state[key])
         self.apply()

@@ -19,6 +19,8 @@ import torch
 from seg.cityscapes import CLASS_NAMES
 from seg.plots import confusion_figure
 
+MODES = ("auto", "online", "offline", "disabled")
+
 
 def resolve_mode(mode: str) -> str:
     """``auto``: WANDB_MODE if set (job scripts set offline), else online when an API key is

@@ -44,7 +44,7 @@ from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from seg import losses
+from seg import losses, optim
 from seg.atomic import atomic_write_bytes, plain_modes
 from seg.augment import DeviceAugment, cut_on_device
 from seg.checkpoint import PREEMPTED, MetricsLog, is_state, latest_state, prune_states, run_dir, state_name
@@ -74,6 +74,16 @@ class Progress:
     bad_evals: int = 0
     skipped: int = 0  # unreadable samples skipped (data.on_error=skip)
     final: dict[str, Any] = field(default_factory=dict)  # the latest evaluation: a run resumed at its end reports it
+
+    def observe(self, miou: float) -> bool:
+        """A validation mIoU at this step: whether it is the best so far (then remembered),
+        else one more evaluation without (for train.early_stop_patience)."""
+        improved = miou > self.best_miou
+        if improved:
+            self.best_miou, self.best_step, self.bad_evals = miou, self.step, 0
+        else:
+            self.bad_evals += 1
+        return improved
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -481,7 +491,7 @@ def optimisation(run: Run, data: FoldData, model: torch.nn.Module) -> Fit:
     if config.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = losses.from_config(config.loss, data.class_pixels(), distributed=run.world > 1).to(run.device)
-    optimizer = build_optimizer(config, model)
+    optimizer = optim.from_config(config.optim, model)
     schedule = Schedule.from_config(optimizer, config.schedule, data.total_steps // config.train.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = None
@@ -494,17 +504,6 @@ def optimisation(run: Run, data: FoldData, model: torch.nn.Module) -> Fit:
     progress = Progress()
     accelerator.register_for_checkpointing(schedule, progress, *([ema] if ema is not None else []))
     return Fit(model, loss_fn, optimizer, schedule, ema, progress)
-
-
-def build_optimizer(config: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
-    optim = config.optim
-    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
-    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    groups = [{"params": backbone, "lr": optim.lr * optim.backbone_lr_mult}, {"params": head, "lr": optim.lr}]
-    if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-    kind = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return kind(groups, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 # --- resume -------------------------------------------------------------------------------------
@@ -634,13 +633,11 @@ def evaluate_and_checkpoint(run: Run, data: FoldData, fit: Fit) -> bool:
     progress, patience = fit.progress, run.config.train.early_stop_patience
     progress.final = evaluate_fold(run, data, fit)
     miou = progress.final["fold"]["miou"]
-    if fit.schedule.observe(miou):
-        progress.best_miou, progress.best_step, progress.bad_evals = miou, progress.step, 0
-        if run.main_process:
-            weights = run.accelerator.unwrap_model(fit.evaluated)
-            export_weights(weights, run.out / "best.safetensors", sidecar(run, data, progress, progress.final))
-    else:
-        progress.bad_evals += 1
+    improved = progress.observe(miou)
+    fit.schedule.observe(improved)
+    if improved and run.main_process:
+        weights = run.accelerator.unwrap_model(fit.evaluated)
+        export_weights(weights, run.out / "best.safetensors", sidecar(run, data, progress, progress.final))
     if run.main_process:
         print(f"step {progress.step}: fold mIoU {100 * miou:.1f}% (best {100 * progress.best_miou:.1f}%)", flush=True)
     save_state(run, progress.step, {state_name(progress.best_step)})

@@ -53,19 +53,24 @@ def test_warm_up_multiplies_the_shape():
 
 def test_plateau_scales_down_after_patience_evaluations_without_improvement():
     schedule = Schedule(optimizer(), "plateau", total_steps=100, plateau_factor=0.5, plateau_patience=2)
-    assert schedule.observe(0.3) is True and schedule.lr() == 1.0
-    assert [schedule.observe(0.3), schedule.observe(0.2)] == [False, False] and schedule.lr() == 1.0
-    assert schedule.observe(0.25) is False and schedule.lr() == 0.5  # 3 without improvement: past patience
-    assert schedule.observe(0.31) is True and schedule.lr() == 0.5  # an improvement keeps the scale
+    schedule.observe(improved=True)
+    assert schedule.lr() == 1.0
+    schedule.observe(improved=False)
+    schedule.observe(improved=False)
+    assert schedule.lr() == 1.0
+    schedule.observe(improved=False)
+    assert schedule.lr() == 0.5  # 3 without improvement: past patience
+    schedule.observe(improved=True)
+    assert schedule.lr() == 0.5  # an improvement keeps the scale
     schedule.step()
     assert schedule.lr() == 0.5  # the scale holds across steps
 
 
 def test_other_schedules_observe_without_changing_the_lr():
     schedule = Schedule(optimizer(), "cosine", total_steps=10, plateau_patience=0)
-    schedule.observe(0.5)
+    schedule.observe(improved=True)
     for _ in range(3):
-        assert schedule.observe(0.1) is False
+        schedule.observe(improved=False)
     assert schedule.lr() == 1.0
 
 
@@ -98,7 +103,7 @@ def test_a_resumed_schedule_continues_as_one_never_stopped(name):
         for t in steps:
             schedule.step()
             if t % 3 == 0:
-                schedule.observe(0.5 if t < 6 else 0.4)  # stalls from step 6 on
+                schedule.observe(improved=t == 0)  # stalls from the second evaluation on
             values.append(schedule.lr())
         return values
 
