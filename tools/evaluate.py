@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # `python tools/evaluate.py` from a checkout, not installed: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np

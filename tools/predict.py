@@ -28,7 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # `python tools/predict.py` from a checkout, not installed: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm
