@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from seg.decode import decode_jpeg, decode_png, jpeg_array, png_array
-from seg.manifest import ManifestError, fold_groups, load_manifest, verify
+from seg.manifest import FoldSplit, ManifestError, load_manifest, verify
 from seg.transforms import TrainGeometry, decoded_sample, eval_sample, train_sample
 
 ON_ERROR = ("raise", "skip")
@@ -365,8 +365,7 @@ def packed_size(manifest: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def train_loader(
-    directory: str | Path,
-    fold: int,
+    split: FoldSplit,
     geometry: TrainGeometry,
     batch_size: int,
     rank: int = 0,
@@ -380,18 +379,16 @@ def train_loader(
     checksums: bool = True,
     geometry_on_device: bool = False,
 ) -> tuple[DataLoader, int]:
-    """The loader of fold ``fold``'s training stream and its steps per epoch (the same on every rank).
+    """The loader of a fold's training stream and its steps per epoch (the same on every rank).
 
     Iterate the loader once and take ``steps`` batches per epoch: worker streams are
     endless and aligned to epochs.
     """
-    manifest = load_manifest(directory)
-    groups, _ = fold_groups(manifest, fold)
-    problem = geometry.source_problem(packed_size(manifest))
+    problem = geometry.source_problem(packed_size(split.manifest))
     if problem:
-        raise ManifestError(f"{directory}: {problem}")
-    shards = shards_of(directory, groups, checksums=checksums, sizes=on_error == "raise")
-    steps = steps_per_epoch(sum(s.samples for s in shards), batch_size, world_size, workers)
+        raise ManifestError(f"{split.directory}: {problem}")
+    shards = shards_of(split.directory, list(split.train_groups), checksums=checksums, sizes=on_error == "raise")
+    steps = steps_per_epoch(split.train_samples, batch_size, world_size, workers)
     stream = TrainStream(
         shards,
         geometry,

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seg.checkpoint import PREEMPTED
 from seg.data import steps_per_epoch
-from seg.manifest import fold_groups, load_manifest
+from seg.manifest import FoldSplit
 
 SCRATCH = "scratch"  # --init-from scratch: a later stage trained from the config's backbone weights
 
@@ -68,11 +68,9 @@ def total_steps(config: DictConfig, per_epoch: int) -> int:
     return train.iters * train.grad_accum if train.iters else train.epochs * per_epoch
 
 
-def run_length(config: DictConfig, manifest: dict[str, Any], fold: int, processes: int) -> tuple[int, int]:
-    """(steps per epoch, total micro-batches) of ``fold`` with ``processes`` processes."""
-    train_groups, _ = fold_groups(manifest, fold)
-    samples = sum(manifest["groups"][g]["samples"] for g in train_groups)
-    per_epoch = steps_per_epoch(samples, config.train.batch_size, processes, config.data.workers)
+def run_length(config: DictConfig, split: FoldSplit, processes: int) -> tuple[int, int]:
+    """(steps per epoch, total micro-batches) of training ``split`` with ``processes`` processes."""
+    per_epoch = steps_per_epoch(split.train_samples, config.train.batch_size, processes, config.data.workers)
     return per_epoch, total_steps(config, per_epoch)
 
 
@@ -119,7 +117,7 @@ def fold_identity(config: DictConfig, stage: int, fold: int, init_from: str | No
     ``processes`` processes. Reads the manifest and hashes the start model; raises
     ManifestError / OSError when they can't be read (the run itself says more)."""
     manifest_path = Path(config.data.shards) / "manifest.json"
-    per_epoch, total = run_length(config, load_manifest(config.data.shards), fold, processes)
+    per_epoch, total = run_length(config, FoldSplit.of(config.data.shards, fold), processes)
     train = config.train
     scratch = init_from in (None, SCRATCH)
     start = {"path": None if scratch else init_from, "model": SCRATCH if scratch else f"sha256:{sha256_of(init_from)}"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,34 @@ def fold_group(fold: int) -> str:
 def group_fold(group: str) -> int | None:
     """``train-fold3`` -> 3; any other group -> None."""
     return int(group.removeprefix("train-fold")) if group.startswith("train-fold") else None
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    """One fold of a packed dataset, resolved once from its manifest: the groups it trains on,
+    the group it is validated on, and what the manifest says of them. Training, the run's
+    identity and the loaders all take this."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    fold: int
+    train_groups: tuple[str, ...]
+    val_group: str
+
+    @classmethod
+    def of(cls, directory: str | Path, fold: int, manifest: dict[str, Any] | None = None) -> FoldSplit:
+        """Fold ``fold`` of the dataset in ``directory``; ManifestError if there is no such fold."""
+        manifest = manifest if manifest is not None else load_manifest(directory)
+        train_groups, val_group = fold_groups(manifest, fold)
+        return cls(Path(directory), manifest, fold, tuple(train_groups), val_group)
+
+    @property
+    def train_samples(self) -> int:
+        return sum(self.manifest["groups"][g]["samples"] for g in self.train_groups)
+
+    def class_pixels(self) -> list[list[int]]:
+        """Per-class pixel counts of each training group (for class weights)."""
+        return [self.manifest["groups"][g]["class_pixels"] for g in self.train_groups]
 
 
 def load_manifest(directory: str | Path) -> dict[str, Any]:

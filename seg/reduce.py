@@ -31,7 +31,7 @@ from seg.data import TrainStream, eval_loader, shards_of
 from seg.distributed import convert_sync_batchnorm
 from seg.ensemble import ENSEMBLE_FILE, Ensemble, write_ensemble_file
 from seg.evaluate import evaluate
-from seg.manifest import SELECTION_GROUP, ManifestError, load_manifest
+from seg.manifest import SELECTION_GROUP, ManifestError, fold_group, load_manifest
 from seg.model import from_config
 from seg.plots import reduction_figure
 from seg.report import reduction_summary, stage_out_of_fold
@@ -173,7 +173,7 @@ class Reducer:
         self.model.load_state_dict(state)
         data, train = self.config["data"], self.config["train"]
         geometry = TrainGeometry(data["geometry"], tuple(data["size"]), "none", base_size=tuple(data["base_size"]))
-        shards = shards_of(self.shards, [f"train-fold{k}" for k in folds], checksums=False)
+        shards = shards_of(self.shards, [fold_group(k) for k in folds], checksums=False)
         stream = TrainStream(
             shards,
             geometry,

@@ -53,7 +53,7 @@ from seg.data import DataError, eval_loader, packed_size, shards_of, train_loade
 from seg.distributed import all_reduce_sum, convert_sync_batchnorm, launcher_problem
 from seg.evaluate import evaluate
 from seg.identity import SCRATCH, describe, differences, finished_run, fold_identity, read_identity, run_length
-from seg.manifest import ManifestError, fold_groups, load_manifest
+from seg.manifest import FoldSplit, ManifestError
 from seg.model import from_config
 from seg.schedule import Schedule
 from seg.tracking import Tracker
@@ -145,16 +145,11 @@ class FoldData:
     """The fold's data: its training and validation groups, how batches are cut and augmented,
     and how many steps the run takes."""
 
-    manifest: dict[str, Any]
-    train_groups: list[str]
-    val_group: str
+    split: FoldSplit
     geometry: TrainGeometry
     augment: DeviceAugment
     steps_per_epoch: int
     total_steps: int  # micro-batches
-
-    def class_pixels(self) -> list[list[int]]:
-        return [self.manifest["groups"][g]["class_pixels"] for g in self.train_groups]
 
 
 @dataclass
@@ -417,27 +412,26 @@ def fold_data(run: Run) -> tuple[FoldData | None, str | None]:
     """The fold's groups and geometry, checked against the manifest; or why they can't be used."""
     data = run.config.data
     try:
-        manifest = load_manifest(data.shards)
-        train_groups, val_group = fold_groups(manifest, run.args.fold)
+        split = FoldSplit.of(data.shards, run.args.fold)
         geometry = TrainGeometry.from_config(data)
-        error = geometry.source_problem(packed_size(manifest))
+        error = geometry.source_problem(packed_size(split.manifest))
         if run.main_process and not error:  # presence; sizes (under on_error=raise) or sha256 (data.checksums)
-            shards_of(data.shards, [*train_groups, val_group], data.checksums, sizes=data.on_error == "raise")
+            groups = [*split.train_groups, split.val_group]
+            shards_of(data.shards, groups, data.checksums, sizes=data.on_error == "raise")
     except ManifestError as e:
         error = str(e)
     if error:
         return None, error
     augment = DeviceAugment(data.level, data.channels_last).to(run.device)
-    per_epoch, total = run_length(run.config, manifest, run.args.fold, run.world)
-    return FoldData(manifest, train_groups, val_group, geometry, augment, per_epoch, total), None
+    per_epoch, total = run_length(run.config, split, run.world)
+    return FoldData(split, geometry, augment, per_epoch, total), None
 
 
 def training_loader(run: Run, data: FoldData, start_epoch: int) -> torch.utils.data.DataLoader:
     """The fold's training stream from ``start_epoch``, the same on every rank whatever its restarts."""
     config = run.config
     loader, _ = train_loader(
-        config.data.shards,
-        run.args.fold,
+        data.split,
         data.geometry,
         config.train.batch_size,
         run.rank,
@@ -490,7 +484,7 @@ def optimisation(run: Run, data: FoldData, model: torch.nn.Module) -> Fit:
         model = convert_sync_batchnorm(model, run.cuda)
     if config.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = losses.from_config(config.loss, data.class_pixels(), distributed=run.world > 1).to(run.device)
+    loss_fn = losses.from_config(config.loss, data.split.class_pixels(), distributed=run.world > 1).to(run.device)
     optimizer = optim.from_config(config.optim, model)
     schedule = Schedule.from_config(optimizer, config.schedule, data.total_steps // config.train.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -653,7 +647,7 @@ def evaluate_fold(run: Run, data: FoldData, fit: Fit) -> dict[str, Any]:
     config = run.config
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
     results = {}
-    groups = {"fold": [data.val_group]} | ({"val": ["val"]} if config.train.eval_val else {})
+    groups = {"fold": [data.split.val_group]} | ({"val": ["val"]} if config.train.eval_val else {})
     for name, group in groups.items():
         loader, expected = eval_loader(
             config.data.shards,

@@ -26,7 +26,7 @@ from seg.data import (
     shards_of,
     train_loader,
 )
-from seg.manifest import ManifestError, load_manifest
+from seg.manifest import FoldSplit, ManifestError, load_manifest
 from seg.pack import Options, pack
 from seg.transforms import TrainGeometry, _cat_max_ok, decoded_sample, eval_sample, train_sample
 
@@ -99,7 +99,7 @@ def test_every_rank_takes_the_same_number_of_full_batches(request, dataset, worl
     directory = request.getfixturevalue(dataset)
     counts = []
     for rank in range(world):
-        loader, steps = train_loader(directory, 0, GEOMETRY, batch_size=3, rank=rank, world_size=world,
+        loader, steps = train_loader(FoldSplit.of(directory, 0), GEOMETRY, batch_size=3, rank=rank, world_size=world,
                                      workers=workers)  # fmt: skip
         batches = iter(loader)
         for _epoch in range(2):
@@ -112,8 +112,8 @@ def test_every_rank_takes_the_same_number_of_full_batches(request, dataset, worl
 
 
 def _epochs(directory: Path, start_epoch: int, epochs: int, workers: int = 2) -> list[dict]:
-    loader, steps = train_loader(directory, 2, GEOMETRY, batch_size=2, rank=1, world_size=2, workers=workers,
-                                 seed=7, start_epoch=start_epoch)  # fmt: skip
+    loader, steps = train_loader(FoldSplit.of(directory, 2), GEOMETRY, batch_size=2, rank=1, world_size=2,
+                                 workers=workers, seed=7, start_epoch=start_epoch)  # fmt: skip
     batches = iter(loader)
     return [next(batches) for _ in range(steps * epochs)]
 
@@ -130,8 +130,8 @@ def test_the_stream_after_a_restart_at_an_epoch_is_the_same(many_shards):
 
 def test_the_stream_depends_on_the_seed_and_the_rank(many_shards):
     def keys(seed: int, rank: int) -> list[str]:
-        loader, steps = train_loader(many_shards, 0, GEOMETRY, batch_size=2, rank=rank, world_size=2, workers=0,
-                                     seed=seed)  # fmt: skip
+        loader, steps = train_loader(FoldSplit.of(many_shards, 0), GEOMETRY, batch_size=2, rank=rank, world_size=2,
+                                     workers=0, seed=seed)  # fmt: skip
         batches = iter(loader)
         return [k for _ in range(steps) for k in next(batches)["key"]]
 
@@ -257,7 +257,7 @@ def test_missing_or_changed_shards_are_refused_before_training(one_shard_per_gro
     data[600] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(ManifestError, match=r"train-fold1-000000.tar: sha256 .* does not match"):
-        train_loader(directory, 0, GEOMETRY, batch_size=2, workers=0)
+        train_loader(FoldSplit.of(directory, 0), GEOMETRY, batch_size=2, workers=0)
     (directory / "val-000000.tar").unlink()
     with pytest.raises(ManifestError, match=r"val-000000.tar: missing"):
         eval_loader(directory, ["val"], checksums=False)
@@ -327,7 +327,9 @@ def test_a_truncated_shard_without_checksums_trains_on_what_is_readable_or_is_re
     directory, shard, keys, torn = _truncate_mid_member(one_shard_per_group, tmp_path)
     readable = keys.index(torn)
     # on_error=skip: the loader accepts it; an epoch counts every sample the shard lacks
-    loader, _ = train_loader(directory, 0, GEOMETRY, batch_size=2, workers=0, checksums=False, on_error="skip")
+    loader, _ = train_loader(
+        FoldSplit.of(directory, 0), GEOMETRY, batch_size=2, workers=0, checksums=False, on_error="skip"
+    )
     (shards,) = shards_of(directory, ["train-fold1"], checksums=False, sizes=False)
     stream = TrainStream([shards], GEOMETRY, samples_per_epoch=readable * 3, on_error="skip")
     items = list(stream.epoch(0))
@@ -341,7 +343,7 @@ def test_a_truncated_shard_without_checksums_trains_on_what_is_readable_or_is_re
     with pytest.raises(
         ManifestError, match=rf"{shard}: unreadable after sample {keys[readable - 1]}; first unreadable sample {torn}"
     ):
-        train_loader(directory, 0, GEOMETRY, batch_size=2, workers=0, checksums=False)
+        train_loader(FoldSplit.of(directory, 0), GEOMETRY, batch_size=2, workers=0, checksums=False)
     with pytest.raises(DataError, match=rf"first unreadable sample {torn}"):
         list(TrainStream([shards], GEOMETRY, samples_per_epoch=len(keys)).epoch(0))
 
@@ -362,15 +364,20 @@ def test_a_shard_cut_at_a_member_boundary_is_short_not_silent(one_shard_per_grou
 def test_shards_packed_at_the_training_size_train_at_that_size_and_refuse_any_other(synthetic_root, tmp_path):
     out = tmp_path / "resized"
     pack(synthetic_root, out, Options(folds=3, resize=(16, 32)), progress=False)
-    loader, steps = train_loader(out, 0, TrainGeometry(size=(16, 32)), batch_size=2, workers=0, seed=0)
+    loader, steps = train_loader(FoldSplit.of(out, 0), TrainGeometry(size=(16, 32)), batch_size=2, workers=0, seed=0)
     batch = next(iter(loader))
     assert batch["image"].shape == (2, 3, 16, 32) and batch["label"].shape == (2, 16, 32) and steps > 0
     labelled = batch["label"][batch["label"] != cs.IGNORE_INDEX]
     assert labelled.numel() > 0 and int(labelled.max()) < cs.NUM_CLASSES
     with pytest.raises(ManifestError, match=r"stored at 32x16 .* data.size is 64x32: set data.size=\[16,32\]"):
-        train_loader(out, 0, TrainGeometry(size=(32, 64)), batch_size=2, workers=0)
+        train_loader(FoldSplit.of(out, 0), TrainGeometry(size=(32, 64)), batch_size=2, workers=0)
     with pytest.raises(ManifestError, match=r"scale-crop .* pack without --resize"):
-        train_loader(out, 0, TrainGeometry("scale-crop", size=(16, 32), base_size=(32, 64)), batch_size=2, workers=0)
+        train_loader(
+            FoldSplit.of(out, 0),
+            TrainGeometry("scale-crop", size=(16, 32), base_size=(32, 64)),
+            batch_size=2,
+            workers=0,
+        )
     # val keeps its full resolution: evaluation compares with the original labels
     val = next(iter(eval_loader(out, ["val"], size=(16, 32), workers=0)[0]))
     assert val["image"].shape == (1, 3, 16, 32) and val["label"].shape == (1, 32, 64)
@@ -382,8 +389,10 @@ def test_geometry_on_the_device_matches_the_workers_from_the_same_stream(one_sha
     by the sub-pixel part of the window (whole source pixels on the device)."""
     geometry = TrainGeometry(mode, size=(16, 32), base_size=(32, 64), level="standard")
     options = {"batch_size": 4, "workers": 0, "seed": 3}
-    cpu = next(iter(train_loader(one_shard_per_group, 0, geometry, **options)[0]))
-    raw = next(iter(train_loader(one_shard_per_group, 0, geometry, geometry_on_device=True, **options)[0]))
+    cpu = next(iter(train_loader(FoldSplit.of(one_shard_per_group, 0), geometry, **options)[0]))
+    raw = next(
+        iter(train_loader(FoldSplit.of(one_shard_per_group, 0), geometry, geometry_on_device=True, **options)[0])
+    )
     assert raw["key"] == cpu["key"] and raw["image"].shape[1:] == (32, 64, 3)
     images, labels = cut_on_device(raw["image"], raw["label"], raw["window"], raw["flip"], geometry.size)
     assert images.shape == cpu["image"].shape and labels.shape == cpu["label"].shape

@@ -33,7 +33,7 @@ from seg import decode
 from seg.atomic import atomic_write_bytes
 from seg.cli import format_size, parse_size
 from seg.data import read_shard, shards_of, train_loader
-from seg.manifest import fold_groups, load_manifest
+from seg.manifest import FoldSplit, fold_groups, load_manifest
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 from seg.transforms import TrainGeometry
@@ -66,7 +66,7 @@ def timed(produce: Callable[[], int], seconds: float) -> float:
 
 
 def pipeline_rate(shards: Path, geometry: TrainGeometry, on_device: bool, seconds: float) -> float:
-    loader, _ = train_loader(shards, 0, geometry, batch_size=2, workers=0, checksums=False,
+    loader, _ = train_loader(FoldSplit.of(shards, 0), geometry, batch_size=2, workers=0, checksums=False,
                              geometry_on_device=on_device)  # fmt: skip
     batches = iter(loader)
     return timed(lambda: next(batches)["image"].shape[0], seconds)

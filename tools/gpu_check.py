@@ -560,6 +560,7 @@ def loader_speed(tiny: bool, train_images_per_s: float | None) -> list[dict[str,
     geometry on the device (``pack --resize``, ``data.geometry_on_device``); tools/bench_loader.py
     has every variant."""
     from seg.data import train_loader
+    from seg.manifest import FoldSplit
     from seg.pack import Options, pack
     from seg.synthetic import make_synthetic
     from seg.transforms import TrainGeometry
@@ -577,7 +578,7 @@ def loader_speed(tiny: bool, train_images_per_s: float | None) -> list[dict[str,
                                         ("train-size PNG, geometry on the device", train_size, True)):  # fmt: skip
             shards = Path(scratch) / name.split(",")[0].replace(" ", "-")
             pack(root, shards, Options(splits=("train",), folds=3, resize=resize), workers=workers, progress=False)
-            loader, steps = train_loader(shards, 0, geometry, batch_size=2, workers=0, seed=0,
+            loader, steps = train_loader(FoldSplit.of(shards, 0), geometry, batch_size=2, workers=0, seed=0,
                                          geometry_on_device=on_device)  # fmt: skip
             batches = iter(loader)
             next(batches)
