@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 
 from seg.atomic import atomic_directory
+from seg.checkpoint import PREEMPTED
 from seg.cityscapes import CLASS_NAMES
 from seg.manifest import MANIFEST, SELECTION_GROUP, fold_group
 from seg.plots import pyplot, save
@@ -305,7 +306,7 @@ def _load_fold(fold_dir: Path, number: int) -> Fold:
         config = _require(fold_dir / "model.json", _read_json(fold_dir / "model.json"), "config", dict)
     summary_path = fold_dir / "summary.json"
     if not summary_path.is_file():
-        status = "preempted" if (fold_dir / "PREEMPTED").is_file() else "in progress"
+        status = "preempted" if (fold_dir / PREEMPTED).is_file() else "in progress"
         return Fold(number, fold_dir, status, config)
     summary = _read_json(summary_path)
     best = _require(summary_path, summary, "best", dict)

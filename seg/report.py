@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from seg.atomic import atomic_directory
+from seg.checkpoint import PREEMPTED
 from seg.cityscapes import CLASS_NAMES
 
 STAGE = re.compile(r"^stage(\d+)$")
@@ -185,7 +186,7 @@ def load_experiment(path: str | Path) -> Experiment:
                 [r for r in records if "train/loss" in r],
                 [r for r in records if "fold/miou" in r],
                 summary,
-                (fold_dir / "PREEMPTED").is_file(),
+                (fold_dir / PREEMPTED).is_file(),
             )
             stage.folds.append(fold)
             if summary is None:
