@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
-import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -50,25 +48,3 @@ def format_size(size: Sequence[int]) -> str:
     """(H, W) (a Size, a tuple, a config's ``[H, W]``) as the command line writes it: ``WIDTHxHEIGHT``."""
     height, width = size
     return f"{width}x{height}"
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (for a local rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(processes: int) -> list[str]:
-    """The command prefix that runs a script in ``processes`` local processes.
-
-    Several processes go through ``accelerate launch --multi_gpu``: that selects accelerate's
-    torchrun launcher, on GPUs and CPUs alike (its ``--cpu`` path starts one process unless
-    MPI is set up); the scripts themselves tell accelerate to use the CPU when there is no
-    CUDA.
-    """
-    if processes == 1:
-        return [sys.executable]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port())]  # fmt: skip

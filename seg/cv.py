@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from seg.checkpoint import run_dir
-from seg.cli import launch_command
 from seg.config import ConfigError, load_config
 from seg.identity import describe, finished_run, fold_identity
+from seg.launch import launch_command
 from seg.manifest import ManifestError, load_manifest
 from seg.reduce import add_arguments, selection_group
 

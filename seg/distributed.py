@@ -8,9 +8,6 @@ the ranks' gradients.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,44 +25,6 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
         return _AllReduceSum.apply(grad)
-
-
-def launcher_problem() -> str | None:
-    """Why this one process is not what its launcher was asked for, or None.
-
-    ``accelerate launch --num_processes N`` without ``--multi_gpu``, on a machine with fewer
-    than two GPUs, starts the script as one plain process (accelerate's simple launcher) and
-    sets nothing in its environment that says N: only the launcher's command line, our parent
-    process's, does. Linux only (/proc); elsewhere nothing is checked.
-    """
-    try:
-        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-    except OSError:
-        return None
-    argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-    rest = None
-    for i, arg in enumerate(argv):
-        name = Path(arg).name
-        if name in ("accelerate.commands.launch", "accelerate-launch") or (
-            arg == "launch" and i > 0 and Path(argv[i - 1]).name == "accelerate"
-        ):
-            rest = argv[i + 1 :]
-            break
-    if rest is None:
-        return None
-    from accelerate.commands.launch import launch_command_parser
-
-    try:
-        asked = launch_command_parser().parse_known_args(rest)[0].num_processes
-    except SystemExit:  # not a command line accelerate itself would take
-        return None
-    if not asked or asked < 2:
-        return None
-    return (
-        f"accelerate launch --num_processes {asked} started this script as 1 process: without --multi_gpu "
-        f"it runs one process on a machine with fewer than 2 GPUs. Add --multi_gpu (it starts {asked} "
-        f"processes, over gloo on a CPU), or use torchrun --nproc_per_node {asked}"
-    )
 
 
 def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:

@@ -50,9 +50,10 @@ from seg.augment import DeviceAugment, cut_on_device
 from seg.checkpoint import PREEMPTED, MetricsLog, is_state, latest_state, prune_states, run_dir, state_name
 from seg.config import ConfigError, load_config, to_dict
 from seg.data import DataError, eval_loader, packed_size, shards_of, train_loader
-from seg.distributed import all_reduce_sum, convert_sync_batchnorm, launcher_problem
+from seg.distributed import all_reduce_sum, convert_sync_batchnorm
 from seg.evaluate import evaluate
 from seg.identity import SCRATCH, describe, differences, finished_run, fold_identity, read_identity, run_length
+from seg.launch import launcher_problem
 from seg.manifest import FoldSplit, ManifestError
 from seg.model import from_config
 from seg.schedule import Schedule

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from seg.atomic import current_umask
-from seg.cli import launch_command
+from seg.launch import launch_command
 from seg.pack import Options, pack
 from seg.soup import load_fold_models
 from seg.synthetic import make_synthetic

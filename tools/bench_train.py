@@ -22,7 +22,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from seg.cli import format_size, launch_command, parse_size
+from seg.cli import format_size, parse_size
+from seg.launch import launch_command
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 
