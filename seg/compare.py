@@ -30,17 +30,17 @@ from typing import Any
 import numpy as np
 import yaml
 
+from seg import runs
 from seg.atomic import atomic_directory
-from seg.checkpoint import PREEMPTED
 from seg.cityscapes import CLASS_NAMES
 from seg.manifest import MANIFEST, SELECTION_GROUP, fold_group
 from seg.plots import pyplot, save
-from seg.report import FOLD, STAGE, ReportError, out_of_fold, read_json, read_metrics
+from seg.report import ReportError, out_of_fold, read_json, read_metrics
 
 CONFIDENCE = 0.95
 # tools/evaluate.py writes beside the model by default (reduced/eval-<split>/); a result
 # elsewhere in the experiment counts when its "model" names this stage's reduced model.
-EVALUATION_GLOBS = ("stage{s}/reduced/eval*/metrics.json", "eval*/metrics.json", "eval*/*/metrics.json")
+EVALUATION_GLOBS = ("{reduced}/eval*/metrics.json", "eval*/metrics.json", "eval*/*/metrics.json")
 
 
 class CompareError(ValueError):
@@ -254,7 +254,7 @@ class Experiment:
 
 
 def stages_of(path: Path) -> list[int]:
-    return sorted(int(STAGE.match(p.name)[1]) for p in path.iterdir() if p.is_dir() and STAGE.match(p.name))
+    return [stage.number for stage in runs.Experiment(path).stages()]
 
 
 def load(path: str | Path, stage: int, label: str | None = None) -> Experiment:
@@ -262,25 +262,23 @@ def load(path: str | Path, stage: int, label: str | None = None) -> Experiment:
     path = Path(path)
     if not path.is_dir():
         raise CompareError(f"{path}: not a folder; pass runs/<experiment>")
-    stage_dir = path / f"stage{stage}"
+    run_stage = runs.Experiment(path).stage(stage)
+    stage_dir = run_stage.dir
     if not stage_dir.is_dir():
         found = ", ".join(map(str, stages_of(path))) or "none"
         raise CompareError(f"{path}: has no stage{stage}/ (its stages: {found})")
     label = label or path.resolve().name
     folds: dict[int, Fold] = {}
     notes: list[str] = []
-    for fold_dir in sorted(stage_dir.iterdir()):
-        match = FOLD.match(fold_dir.name)
-        if not fold_dir.is_dir() or not match:
-            continue
-        fold = _load_fold(fold_dir, int(match[1]))
+    for run_fold in run_stage.folds():
+        fold = _load_fold(run_fold)
         folds[fold.fold] = fold
         if not fold.finished:
-            notes.append(f"{label}: stage{stage}/{fold_dir.name} is {fold.status} (no summary.json); left out")
+            notes.append(f"{label}: {stage_dir.name}/{run_fold.dir.name} is {fold.status} (no summary.json); left out")
     if not folds:
         raise CompareError(f"{stage_dir}: no fold*/ folder; nothing to compare")
     reduction = None
-    report = stage_dir / "reduced" / "report.json"
+    report = run_stage.reduced_report
     if report.is_file():
         reduction = _read_json(report)
         _require(report, reduction, "selection", dict)
@@ -291,22 +289,24 @@ def load(path: str | Path, stage: int, label: str | None = None) -> Experiment:
     return experiment
 
 
-def _load_fold(fold_dir: Path, number: int) -> Fold:
+def _load_fold(run_fold: runs.Fold) -> Fold:
+    fold_dir, number, config_path = run_fold.dir, run_fold.number, run_fold.config
+    sidecar = run_fold.weights("model").with_suffix(".json")  # the final weights' sidecar (seg/weights.py)
     config = None
-    if (fold_dir / "config.yaml").is_file():
+    if config_path.is_file():
         try:
-            config = yaml.safe_load((fold_dir / "config.yaml").read_text())
+            config = yaml.safe_load(config_path.read_text())
         except (yaml.YAMLError, OSError) as e:
             mark = getattr(e, "problem_mark", None)
             why = f"line {mark.line + 1}: {e.problem}" if mark is not None else str(e)
-            raise CompareError(f"{fold_dir / 'config.yaml'}: not a readable YAML config ({why})") from None
+            raise CompareError(f"{config_path}: not a readable YAML config ({why})") from None
         if not isinstance(config, dict):
-            raise CompareError(f"{fold_dir / 'config.yaml'}: expected a mapping, found {type(config).__name__}")
-    elif (fold_dir / "model.json").is_file():  # the final weights' sidecar carries the config too
-        config = _require(fold_dir / "model.json", _read_json(fold_dir / "model.json"), "config", dict)
-    summary_path = fold_dir / "summary.json"
+            raise CompareError(f"{config_path}: expected a mapping, found {type(config).__name__}")
+    elif sidecar.is_file():  # the final weights' sidecar carries the config too
+        config = _require(sidecar, _read_json(sidecar), "config", dict)
+    summary_path = run_fold.summary
     if not summary_path.is_file():
-        status = "preempted" if (fold_dir / PREEMPTED).is_file() else "in progress"
+        status = "preempted" if run_fold.preempted.is_file() else "in progress"
         return Fold(number, fold_dir, status, config)
     summary = _read_json(summary_path)
     best = _require(summary_path, summary, "best", dict)
@@ -315,9 +315,9 @@ def _load_fold(fold_dir: Path, number: int) -> Fold:
     if config is None:
         raise CompareError(f"{fold_dir}: finished (summary.json) but has neither config.yaml nor model.json")
     records = []
-    if (fold_dir / "metrics.jsonl").is_file():
+    if run_fold.metrics.is_file():
         try:
-            records, _ = read_metrics(fold_dir / "metrics.jsonl")
+            records, _ = read_metrics(run_fold.metrics)
         except ReportError as e:
             raise CompareError(str(e)) from None
     evaluations = [r for r in records if "fold/miou" in r]
@@ -325,12 +325,12 @@ def _load_fold(fold_dir: Path, number: int) -> Fold:
     if final_result is not None:
         final = _result(summary_path, final_result, "final.fold") | {"step": summary.get("steps")}
     elif evaluations:  # a summary without its final evaluation: the last one logged
-        final = _record_result(fold_dir / "metrics.jsonl", evaluations[-1])
+        final = _record_result(run_fold.metrics, evaluations[-1])
     else:
         raise CompareError(f"{summary_path}: no final.fold evaluation, and metrics.jsonl has none either")
     at_best = [r for r in evaluations if r["step"] == best_step]
     if at_best:
-        best_result = _record_result(fold_dir / "metrics.jsonl", at_best[-1])
+        best_result = _record_result(run_fold.metrics, at_best[-1])
     elif final["step"] == best_step:
         best_result = dict(final)
     else:  # only the mIoU is known at the best step
@@ -377,18 +377,19 @@ def _require(path: Path, mapping: dict[str, Any], key: str, kind: type | tuple[t
 
 def _evaluations(path: Path, stage: int) -> list[tuple[str, dict[str, Any]]]:
     """tools/evaluate.py's results of this stage's reduced model, on the official val."""
-    model = (path / f"stage{stage}" / "reduced" / "model.safetensors").resolve()
+    run_stage = runs.Experiment(path).stage(stage)
+    reduced, model = run_stage.reduced, run_stage.reduced_model.resolve()
     found = []
     seen: set[Path] = set()
     for pattern in EVALUATION_GLOBS:
-        for metrics in sorted(path.glob(pattern.format(s=stage))):
+        for metrics in sorted(path.glob(pattern.format(reduced=reduced.relative_to(path).as_posix()))):
             if metrics in seen:
                 continue
             seen.add(metrics)
             result = _read_json(metrics)
             if result.get("ensemble"):  # an ensemble's evaluation is not the reduced model's
                 continue
-            in_reduced = metrics.parent.parent == path / f"stage{stage}" / "reduced"
+            in_reduced = metrics.parent.parent == reduced
             named = isinstance(result.get("model"), str) and _same_file(result["model"], model, path)
             if not (in_reduced or named) or result.get("split") != "val":
                 continue
@@ -428,7 +429,9 @@ def _data_of(experiment: Experiment) -> Data | None:
         return None
     for k, shards in named.items():
         if not isinstance(shards, str):
-            raise CompareError(f"{experiment.folds[k].path / 'config.yaml'}: data.shards is {shards!r}, not a path")
+            raise CompareError(
+                f"{runs.Fold(experiment.folds[k].path, k).config}: data.shards is {shards!r}, not a path"
+            )
     if len(set(named.values())) > 1:
         listing = ", ".join(f"fold{k}: {s}" for k, s in sorted(named.items()))
         raise NotComparableError(
@@ -1203,8 +1206,8 @@ def log_to_wandb(result: dict[str, Any], out: Path, figures: dict[str, str], set
 
 def wandb_settings(path: Path, stage: int) -> dict[str, Any]:
     """The baseline's wandb project and entity, from its first fold's config."""
-    for fold_dir in sorted((path / f"stage{stage}").glob("fold*")):
-        if (fold_dir / "config.yaml").is_file():
-            config = yaml.safe_load((fold_dir / "config.yaml").read_text())
+    for fold in runs.Experiment(path).stage(stage).folds():
+        if fold.config.is_file():
+            config = yaml.safe_load(fold.config.read_text())
             return (config or {}).get("wandb", {}) or {}
     return {}

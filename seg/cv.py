@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from seg.checkpoint import run_dir
 from seg.config import ConfigError, load_config
 from seg.identity import describe, finished_run, fold_identity
 from seg.launch import launch_command
 from seg.manifest import ManifestError, load_manifest
 from seg.reduce import add_arguments, selection_group
+from seg.runs import Experiment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,19 +47,13 @@ class Chain:
     overrides: list[str]
     stages: int
     folds: list[int]
-    experiment_dir: Path
+    experiment: Experiment
     reduce_args: list[str] = field(default_factory=list)
     first_init: str | None = None  # a model seeding stage 1 (e.g. a previous experiment's)
 
-    def stage_dir(self, stage: int) -> Path:
-        return self.experiment_dir / f"stage{stage}"
-
-    def reduced(self, stage: int) -> Path:
-        return self.stage_dir(stage) / "reduced" / "model.safetensors"
-
     def init_from(self, stage: int) -> str | None:
         """The model ``stage`` starts from: the previous stage's reduced model."""
-        return str(self.reduced(stage - 1)) if stage > 1 else self.first_init
+        return str(self.experiment.stage(stage - 1).reduced_model) if stage > 1 else self.first_init
 
     def train_args(self, stage: int) -> list[str]:
         """seg/train.py's arguments after ``--config`` for every fold of ``stage`` (the fold
@@ -67,9 +61,6 @@ class Chain:
         init = self.init_from(stage)
         seed = ["--init-from", init] if init else []
         return ["--stage", str(stage), *seed, *self.overrides]
-
-    def logs(self) -> Path:
-        return self.experiment_dir / "logs"
 
 
 def plan(
@@ -96,8 +87,8 @@ def plan(
     reduce_options = parse_reduce_options(reduce_args or [])
     selection_group(load_manifest(reduce_options.shards) if reduce_options.shards else manifest,
                     reduce_options.shards or resolved.data.shards, reduce_options.select_on)  # fmt: skip
-    experiment_dir = Path(resolved.train.runs_dir) / resolved.train.experiment
-    return Chain(config, list(overrides), stages, list(range(folds)), experiment_dir, reduce_args or [], first_init)
+    experiment = Experiment.named(resolved.train.runs_dir, resolved.train.experiment)
+    return Chain(config, list(overrides), stages, list(range(folds)), experiment, reduce_args or [], first_init)
 
 
 class _ReduceOptionParser(argparse.ArgumentParser):
@@ -120,11 +111,11 @@ def fold_done(chain: Chain, stage: int, fold: int, processes: int) -> bool:
     """Whether the fold finished as the run the chain would start; a fold that finished as
     another run is refused (ConfigError) with the difference named."""
     config = load_config(chain.config, chain.overrides, stage)
-    fold_dir = run_dir(config.train.runs_dir, config.train.experiment, stage, fold)
-    summary, changes = finished_run(fold_dir, fold_identity(config, stage, fold, chain.init_from(stage), processes))
+    fold_run = Experiment.named(config.train.runs_dir, config.train.experiment).stage(stage).fold(fold)
+    summary, changes = finished_run(fold_run, fold_identity(config, stage, fold, chain.init_from(stage), processes))
     if changes:
         raise ConfigError(
-            f"stage {stage} fold {fold}: {fold_dir} finished as another run than this chain's "
+            f"stage {stage} fold {fold}: {fold_run.dir} finished as another run than this chain's "
             f"({describe(changes)}): run the chain with its settings, train the fold again "
             f"(seg/train.py ... --resume none), or use another train.experiment=NAME"
         )
@@ -132,10 +123,10 @@ def fold_done(chain: Chain, stage: int, fold: int, processes: int) -> bool:
 
 
 def reduction_done(chain: Chain, stage: int) -> bool:
-    reduced = chain.reduced(stage)
+    reduced = chain.experiment.stage(stage).reduced_model
     if not reduced.exists():
         return False
-    models = [chain.stage_dir(stage) / f"fold{k}" / "model.safetensors" for k in chain.folds]
+    models = [chain.experiment.stage(stage).fold(k).weights("model") for k in chain.folds]
     return all(m.exists() and m.stat().st_mtime <= reduced.stat().st_mtime for m in models)
 
 
@@ -172,19 +163,20 @@ def run_local(chain: Chain, processes: int) -> int:
                 continue
             train = [str(REPO / "seg" / "train.py"), "--config", chain.config, "--fold", str(fold)]
             command = [*launcher, *train, *chain.train_args(stage)]
-            log = chain.logs() / f"stage{stage}-fold{fold}.log"
+            log = chain.experiment.logs / f"stage{stage}-fold{fold}.log"
             if code := run_logged(command, log, f"stage {stage} fold {fold}"):
                 print(f"error: stage {stage} fold {fold} failed (exit {code})", file=sys.stderr)
                 return code
         if reduction_done(chain, stage):
             print(f"stage {stage}: reduced before, skipped", flush=True)
             continue
-        command = [*launcher, str(REPO / "tools" / "reduce_folds.py"), str(chain.stage_dir(stage)), *chain.reduce_args]
+        script = str(REPO / "tools" / "reduce_folds.py")
+        command = [*launcher, script, str(chain.experiment.stage(stage).dir), *chain.reduce_args]
         command += ["--folds", *map(str, chain.folds)]
-        if code := run_logged(command, chain.logs() / f"stage{stage}-reduce.log", f"stage {stage} reduction"):
+        if code := run_logged(command, chain.experiment.logs / f"stage{stage}-reduce.log", f"stage {stage} reduction"):
             print(f"error: stage {stage} reduction failed (exit {code})", file=sys.stderr)
             return code
-    print(f"done: final model {chain.reduced(chain.stages)}", flush=True)
+    print(f"done: final model {chain.experiment.stage(chain.stages).reduced_model}", flush=True)
     return 0
 
 
@@ -231,7 +223,7 @@ def submit(
     reduce id) per stage. ``processes`` per node is used only on CPU nodes (``gpus == 0``).
     If a submission fails, the jobs already submitted are cancelled: half a chain would
     wait forever on jobs that never come."""
-    logs = chain.logs()
+    logs = chain.experiment.logs
     logs.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"SEG_PROCS_PER_NODE": str(gpus or processes)}
     resources = ["--nodes", str(nodes), "--ntasks-per-node", "1", *(["--gpus-per-node", str(gpus)] if gpus else [])]
@@ -239,7 +231,7 @@ def submit(
     after = None
     try:
         for stage in range(1, chain.stages + 1):
-            name = f"{chain.experiment_dir.name}-s{stage}"
+            name = f"{chain.experiment.name}-s{stage}"
             array = submit_job(
                 [
                     f"--array={','.join(map(str, chain.folds))}",
@@ -265,7 +257,7 @@ def submit(
                     *(["--gpus-per-node=1"] if gpus else []),
                     *sbatch_args,
                     str(REPO / "slurm" / "reduce.sh"),
-                    str(chain.stage_dir(stage)),
+                    str(chain.experiment.stage(stage).dir),
                     *chain.reduce_args,
                     "--folds",
                     *map(str, chain.folds),
@@ -317,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for stage, array, reduce in jobs:
         print(f"stage {stage}: folds {array} (array {','.join(map(str, chain.folds))}), reduce {reduce}")
-    print(f"logs: {chain.logs()}/   final model: {chain.reduced(chain.stages)}")
+    print(f"logs: {chain.experiment.logs}/   final model: {chain.experiment.stage(chain.stages).reduced_model}")
     print(f"watch: squeue -u $USER    cancel: scancel {' '.join(j for _, a, r in jobs for j in (a, r))}")
     return 0
 

@@ -82,30 +82,31 @@ def main(argv: list[str] | None = None) -> int:
         return code
     print(f"== cross-validation: {time.time() - chain_started:.0f} s", flush=True)
 
-    final = chain.reduced(args.stages)
-    evaluation = chain.experiment_dir / "evaluation"
+    experiment = chain.experiment
+    final = experiment.stage(args.stages).reduced_model
+    evaluation = experiment.dir / "evaluation"
     # The demo trains and evaluates resized to 192x96 (configs/demo.yaml: data.eval_size).
     step("evaluate on val", [python, "tools/evaluate.py", str(final), "--split", "val", "--input-size", "192x96",
                              "--out", str(evaluation)])  # fmt: skip
-    step("report", [python, "tools/report.py", str(chain.experiment_dir)])
+    step("report", [python, "tools/report.py", str(experiment.dir)])
 
     result = json.loads((evaluation / "metrics.json").read_text())
     manifest = json.loads((SHARDS / "manifest.json").read_text())
     chance = chance_miou(np.array(manifest["groups"]["val"]["class_pixels"], dtype=float))
-    stages = [reduction_line(stage, json.loads((chain.stage_dir(stage) / "reduced" / "report.json").read_text()))
+    stages = [reduction_line(stage, json.loads(experiment.stage(stage).reduced_report.read_text()))
               for stage in range(1, args.stages + 1)]  # fmt: skip
     print(f"""
 demo done in {time.time() - started:.0f} s
   shards        {SHARDS}/ (manifest.json)
-  runs          {chain.experiment_dir}/stage*/fold*/ (metrics.jsonl, best.safetensors, summary.json)
-  reductions    {chain.experiment_dir}/stage*/reduced/ (report.md: every candidate, the ensemble's cost)
+  runs          {experiment.dir}/stage*/fold*/ (metrics.jsonl, best.safetensors, summary.json)
+  reductions    {experiment.dir}/stage*/reduced/ (report.md: every candidate, the ensemble's cost)
 {chr(10).join(f"                {line}" for line in stages)}
   final model   {final}
   evaluation    {evaluation}/ (metrics.md and plots)
-  report        {chain.experiment_dir}/report/report.md
-  logs          {chain.logs()}/
+  report        {experiment.dir}/report/report.md
+  logs          {experiment.logs}/
   wandb         offline runs of the folds and reductions; upload them later with
-                wandb sync {chain.experiment_dir}/stage*/{{fold*/,}}wandb/offline-run-*
+                wandb sync {experiment.dir}/stage*/{{fold*/,}}wandb/offline-run-*
 
 final mIoU on the synthetic val ({result["samples"]} images): {100 * result["miou"]:.1f}
   (chance: {100 * chance:.1f}, labels drawn at random with the val class frequencies)""")

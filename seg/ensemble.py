@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from seg.runs import Stage
 from seg.weights import WeightsError, load_model
 
 ENSEMBLE_FORMAT = "seg.ensemble"
-ENSEMBLE_FILE = "ensemble.json"
 # What members must agree on: the network's shape (as seg.soup.MUST_MATCH) and the input size
 # they were validated and selected at (the tools' default input size).
 MEMBERS_MATCH = ("model.depth", "model.output_stride", "model.aspp_pool_norm", "data.eval_size")
@@ -80,16 +80,17 @@ def resolve_members(paths: Sequence[str | Path]) -> list[Path]:
     path = paths[0]
     if path.is_file() and path.suffix == ".json" and _is_ensemble_file(path):
         return read_ensemble_file(path)
-    if path.is_dir() and any(p.is_dir() and p.name.startswith("fold") for p in path.iterdir()):
-        if (path / "reduced" / ENSEMBLE_FILE).is_file():
-            return read_ensemble_file(path / "reduced" / ENSEMBLE_FILE)
-        folds = sorted((p for p in path.glob("fold*") if p.is_dir() and p.name[4:].isdigit()),
-                       key=lambda p: int(p.name[4:]))  # fmt: skip
-        missing = [p for p in folds if not (p / "best.safetensors").is_file()]
+    stage = Stage.at(path)
+    folds = stage.folds()
+    if folds:
+        if stage.reduced_ensemble.is_file():
+            return read_ensemble_file(stage.reduced_ensemble)
+        missing = [fold for fold in folds if not fold.weights("best").is_file()]
         if missing:
-            raise WeightsError(f"{path}: {missing[0]} has no best.safetensors (did its training finish?)")
-        if folds:
-            return [p / "best.safetensors" for p in folds]
+            raise WeightsError(
+                f"{path}: {missing[0].dir} has no {missing[0].weights('best').name} (did its training finish?)"
+            )
+        return [fold.weights("best") for fold in folds]
     return paths
 
 

@@ -31,9 +31,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from seg.checkpoint import PREEMPTED
 from seg.data import steps_per_epoch
 from seg.manifest import FoldSplit
+from seg.runs import Fold
 
 SCRATCH = "scratch"  # --init-from scratch: a later stage trained from the config's backbone weights
 
@@ -183,13 +183,13 @@ def read_identity(path: Path) -> dict[str, Any] | None:
     return record.get("identity") if isinstance(record, dict) else None
 
 
-def finished_run(fold_dir: Path, identity: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
-    """What ``fold_dir`` holds, from its files alone: (its summary, []) when it is a finished
+def finished_run(fold: Fold, identity: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """What the ``fold``'s folder holds, from its files alone: (its summary, []) when it is a finished
     run of ``identity``; (None, the differences) when it finished as another run; (None, [])
     when it has no finished run (nothing yet, in progress, or preempted). A summary written
     before identities were recorded is compared by its length alone."""
-    summary_path = fold_dir / "summary.json"
-    if not summary_path.is_file() or (fold_dir / PREEMPTED).exists():
+    summary_path = fold.summary
+    if not summary_path.is_file() or fold.preempted.exists():
         return None, []
     try:
         summary = json.loads(summary_path.read_text())

@@ -29,12 +29,13 @@ from seg.atomic import atomic_directory
 from seg.augment import DeviceAugment
 from seg.data import TrainStream, eval_loader, shards_of
 from seg.distributed import convert_sync_batchnorm
-from seg.ensemble import ENSEMBLE_FILE, Ensemble, write_ensemble_file
+from seg.ensemble import Ensemble, write_ensemble_file
 from seg.evaluate import evaluate
 from seg.manifest import SELECTION_GROUP, ManifestError, fold_group, load_manifest
 from seg.model import from_config
 from seg.plots import reduction_figure
 from seg.report import reduction_summary, stage_out_of_fold
+from seg.runs import Stage
 from seg.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
 from seg.tracking import log_reduction
 from seg.transforms import TrainGeometry
@@ -202,9 +203,10 @@ def reduce_stage(
 ) -> dict[str, Any]:
     """Reduce ``stage_dir/fold*/`` to ``stage_dir/reduced/``; returns the report."""
     stage_dir = Path(stage_dir)
+    stage = Stage.at(stage_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if folds is None:
-        folds = sorted(int(p.name.removeprefix("fold")) for p in stage_dir.glob("fold*") if p.name[4:].isdigit())
+        folds = [fold.number for fold in stage.folds()]
     if not folds:
         raise WeightsError(f"{stage_dir}: no fold*/ folders")
     unknown = sorted(set(strategies) - set(STRATEGIES))
@@ -306,7 +308,7 @@ def reduce_stage(
         "ensemble": None
         if ensemble_candidate is None
         else {
-            "file": ENSEMBLE_FILE,
+            "file": stage.reduced_ensemble.name,
             "members": [str(m.path) for m in ensemble_candidate.models],
             "cost": ensemble_candidate.cost,
             "miou": ensemble_candidate.result["miou"],
@@ -314,7 +316,7 @@ def reduce_stage(
         "out_of_fold": stage_out_of_fold(stage_dir, folds),
     }
     if accelerator.is_main_process:
-        with atomic_directory(stage_dir / "reduced", overwrite=True) as tmp:
+        with atomic_directory(stage.reduced, overwrite=True) as tmp:
             seeding = recalibrated_states[tuple(sorted(seed.folds))] if seed.recalibrated else None
             reducer.model.load_state_dict(seeding or mean_of(seed.models)())
             sidecar = {
@@ -325,24 +327,24 @@ def reduce_stage(
                 "selection": report["selection"],
                 "metrics": {"selection": seed.result},
             }
-            export_weights(reducer.model, tmp / "model.safetensors", sidecar)
+            export_weights(reducer.model, tmp / stage.reduced_model.name, sidecar)
             if ensemble_candidate is not None:
                 content = write_ensemble_file(
-                    stage_dir / "reduced" / ENSEMBLE_FILE,
+                    stage.reduced_ensemble,
                     [m.path for m in ensemble_candidate.models],
                     {"folds": ensemble_candidate.folds, "weights": weights, "selection": report["selection"],
                      "metrics": {"selection": ensemble_candidate.result}},
                 )  # fmt: skip
-                (tmp / ENSEMBLE_FILE).write_text(json.dumps(content, indent=1) + "\n")
-            (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-            (tmp / "report.md").write_text(markdown(report))
-            reduction_figure(models[0].sidecar["stage"], stage_dir, report, tmp / "reduction.png")
+                (tmp / stage.reduced_ensemble.name).write_text(json.dumps(content, indent=1) + "\n")
+            (tmp / stage.reduced_report.name).write_text(json.dumps(report, indent=1) + "\n")
+            (tmp / stage.reduced_markdown.name).write_text(markdown(report))
+            reduction_figure(models[0].sidecar["stage"], stage_dir, report, tmp / stage.reduction_figure.name)
         # A summary run in the experiment's wandb group, beside the folds' runs (not inside
         # reduced/, which a repeated reduction replaces).
-        log_reduction(config, models[0].sidecar["stage"], report, stage_dir, stage_dir / "reduced" / "reduction.png")
+        log_reduction(config, models[0].sidecar["stage"], report, stage_dir, stage.reduction_figure)
         log(f"winner: {winner.name} (folds {winner.folds}), {scored} {100 * winner.result['miou']:.1f}")
         log(f"seeds the next stage: {seed.name} (folds {seed.folds}), {scored} {100 * seed.result['miou']:.1f} "
-            f"-> {stage_dir / 'reduced' / 'model.safetensors'}; {why}")  # fmt: skip
+            f"-> {stage.reduced_model}; {why}")  # fmt: skip
         oof = report["out_of_fold"]
         pooled = "unavailable: " + oof["unavailable"] if oof["pooled"] is None else f"{100 * oof['pooled']['miou']:.1f}"
         log(f"out-of-fold mIoU (final models): pooled {pooled}; per-fold mean {100 * oof['mean']['miou']:.1f}")

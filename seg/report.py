@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from seg import runs
 from seg.atomic import atomic_directory
-from seg.checkpoint import PREEMPTED
 from seg.cityscapes import CLASS_NAMES
 
-STAGE = re.compile(r"^stage(\d+)$")
-FOLD = re.compile(r"^fold(\d+)$")
 # Where tools/evaluate.py's metrics.json is looked for: its default (beside the model, eval-<split>/)
 # and an --out of the experiment's own (runs/<experiment>/evaluation*/, possibly one level deeper).
 EVALUATION_GLOBS = (
@@ -162,31 +159,32 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     if not path.is_dir():
         raise ReportError(f"{path}: not a folder; pass runs/<experiment>")
-    if not any(path.glob("stage*/fold*/metrics.jsonl")):
+    run_stages = runs.Experiment(path).stages()
+    if not any(fold.metrics.is_file() for run_stage in run_stages for fold in run_stage.folds()):
         raise ReportError(f"{path}: not an experiment folder (no stage*/fold*/metrics.jsonl); pass runs/<experiment>")
     notes: list[str] = []
     stages = []
-    for stage_dir in _numbered(path, STAGE):
-        stage = Stage(int(STAGE.match(stage_dir.name)[1]), stage_dir)
-        where = f"stage{stage.stage}"
-        for fold_dir in _numbered(stage_dir, FOLD):
-            name = f"{where}/{fold_dir.name}"
-            if not (fold_dir / "metrics.jsonl").is_file():
+    for run_stage in run_stages:
+        stage = Stage(run_stage.number, run_stage.dir)
+        where = run_stage.dir.name
+        for run_fold in run_stage.folds():
+            name = f"{where}/{run_fold.dir.name}"
+            if not run_fold.metrics.is_file():
                 notes.append(f"{name}: no metrics.jsonl yet; skipped")
                 continue
-            records, torn = read_metrics(fold_dir / "metrics.jsonl")
+            records, torn = read_metrics(run_fold.metrics)
             if not records:
                 notes.append(f"{name}: metrics.jsonl is empty (nothing logged yet); skipped")
                 continue
-            summary = read_json(fold_dir / "summary.json") if (fold_dir / "summary.json").is_file() else None
+            summary = read_json(run_fold.summary) if run_fold.summary.is_file() else None
             fold = Fold(
                 stage.stage,
-                int(FOLD.match(fold_dir.name)[1]),
-                fold_dir,
+                run_fold.number,
+                run_fold.dir,
                 [r for r in records if "train/loss" in r],
                 [r for r in records if "fold/miou" in r],
                 summary,
-                (fold_dir / PREEMPTED).is_file(),
+                run_fold.preempted.is_file(),
             )
             stage.folds.append(fold)
             if summary is None:
@@ -196,8 +194,8 @@ def load_experiment(path: str | Path) -> Experiment:
                 notes.append(f"{name}: the last line of metrics.jsonl is incomplete (being written); left out")
             if not fold.evals:
                 notes.append(f"{name}: no evaluation yet; no mIoU to show")
-        if (stage_dir / "reduced" / "report.json").is_file():
-            stage.reduction = read_json(stage_dir / "reduced" / "report.json")
+        if run_stage.reduced_report.is_file():
+            stage.reduction = read_json(run_stage.reduced_report)
         else:
             notes.append(f"{where}: not reduced yet (no reduced/report.json; see tools/reduce_folds.py)")
         stages.append(stage)
@@ -216,12 +214,6 @@ def load_experiment(path: str | Path) -> Experiment:
             continue
         evaluations.append(Evaluation(metrics.parent, label, result))
     return Experiment(path, path.resolve().name, stages, evaluations, notes)
-
-
-def _numbered(parent: Path, pattern: re.Pattern[str]) -> list[Path]:
-    """Sub-folders whose name matches ``pattern`` (stage3, fold12), in numeric order."""
-    found = [p for p in parent.iterdir() if p.is_dir() and pattern.match(p.name)]
-    return sorted(found, key=lambda p: int(pattern.match(p.name)[1]))
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -450,8 +442,9 @@ def out_of_fold(results: dict[int, dict[str, Any] | None], source: str = "final"
 def stage_out_of_fold(stage_dir: Path, folds: list[int]) -> dict[str, Any]:
     """:func:`out_of_fold` of ``stage_dir/fold{k}/summary.json``'s final evaluation (``final.fold``)."""
     results: dict[int, dict[str, Any] | None] = {}
+    stage = runs.Stage.at(stage_dir)
     for k in folds:
-        path = Path(stage_dir) / f"fold{k}" / "summary.json"
+        path = stage.fold(k).summary
         final = read_json(path).get("final") if path.is_file() else None
         results[k] = final.get("fold") if isinstance(final, dict) else None
     return out_of_fold(results)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from seg.identity import FOLDS_MAY_DIFFER, describe, differences
+from seg.runs import Stage
 from seg.weights import WeightsError, read_model_file
 
 # Config sections that must agree for weights to be averaged (the model's shape and classes).
@@ -39,10 +40,10 @@ class FoldModel:
 def load_fold_models(stage_dir: str | Path, folds: Iterable[int], weights: str = "best") -> list[FoldModel]:
     """Each fold's ``{weights}.safetensors`` with its sidecar (seg.weights.read_model_file),
     checked against each other."""
-    stage_dir = Path(stage_dir)
+    stage = Stage.at(stage_dir)
     models = []
     for fold in folds:
-        path = stage_dir / f"fold{fold}" / f"{weights}.safetensors"
+        path = stage.fold(fold).weights(weights)
         if not path.is_file() or not path.with_suffix(".json").is_file():
             raise WeightsError(f"{path}: fold {fold} has no {weights} weights (did its training finish?)")
 

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node N seg/train.py ...      python seg/train.py ... (one process)
 
 On a machine without CUDA it runs on the CPU over gloo. State goes to
-``runs/<experiment>/stage{s}/fold{k}/`` (see seg/checkpoint.py). On SIGTERM or SIGUSR1
+``runs/<experiment>/stage{s}/fold{k}/`` (see seg/runs.py). On SIGTERM or SIGUSR1
 every rank stops at the same step, the state is saved, a PREEMPTED file is written in the
 fold's folder, and every rank exits with EXIT_REQUEUE (75); a job script turns either into
 a requeue, and ``--resume auto`` (the default) continues from the newest complete state.
@@ -47,7 +47,6 @@ from tqdm import tqdm
 from seg import losses, optim
 from seg.atomic import atomic_write_bytes, plain_modes
 from seg.augment import DeviceAugment, cut_on_device
-from seg.checkpoint import PREEMPTED, MetricsLog, is_state, latest_state, prune_states, run_dir, state_name
 from seg.config import ConfigError, load_config, to_dict
 from seg.data import DataError, eval_loader, packed_size, shards_of, train_loader
 from seg.distributed import all_reduce_sum, convert_sync_batchnorm
@@ -56,6 +55,7 @@ from seg.identity import SCRATCH, describe, differences, finished_run, fold_iden
 from seg.launch import launcher_problem
 from seg.manifest import FoldSplit, ManifestError
 from seg.model import from_config
+from seg.runs import Experiment, Fold, MetricsLog, is_state, latest_state, prune_states, state_name
 from seg.schedule import Schedule
 from seg.tracking import Tracker
 from seg.transforms import TrainGeometry
@@ -101,7 +101,7 @@ class Run:
     args: argparse.Namespace
     config: Any
     accelerator: Accelerator
-    out: Path
+    out: Fold  # its folder
     machines: list[tuple[int, str]]  # (machine rank, node name) of every rank
     cuda: bool
     identity: dict[str, Any]  # what this run is (seg/identity.py), in every state, sidecar and summary
@@ -206,9 +206,9 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = run_dir(config.train.runs_dir, config.train.experiment, args.stage, args.fold)
+    out = Experiment.named(config.train.runs_dir, config.train.experiment).stage(args.stage).fold(args.fold)
     if args.print_run_dir:
-        print(out)
+        print(out.dir)
         return 0
     error = refusal(args, config)
     identity = planned_identity(args, config) if not error else None
@@ -218,7 +218,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         return 2
     if done is not None:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{out} is complete (step {done['steps']}, the same run); nothing to do", flush=True)
+            print(f"{out.dir} is complete (step {done['steps']}, the same run); nothing to do", flush=True)
         return 0
 
     run, together = start(args, config, out, identity or {}), False
@@ -233,14 +233,14 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         fit = optimisation(run, data, model)
         progress = fit.progress
 
-        state = None if args.resume == "none" else latest_state(out) if args.resume == "auto" else Path(args.resume)
+        state = None if args.resume == "none" else latest_state(out.dir) if args.resume == "auto" else Path(args.resume)
         if state is not None:
             if refused_together(run.accelerator, load_state(run.accelerator, state)):
                 return 2
             if run.main_process:
                 print(f"resumed from {state} at step {progress.step}", flush=True)
-        run.log = MetricsLog(out / "metrics.jsonl", progress.step if state else None) if run.main_process else None
-        run.tracker = Tracker(to_dict(config), out, args.stage, args.fold, run.main_process)
+        run.log = MetricsLog(out.metrics, progress.step if state else None) if run.main_process else None
+        run.tracker = Tracker(to_dict(config), out.dir, args.stage, args.fold, run.main_process)
 
         # The loop: every rank first learns whether any rank was signalled, and all stop at the same step.
         patience = config.train.early_stop_patience
@@ -298,10 +298,10 @@ def refusal(args: argparse.Namespace, config: Any) -> str | None:
     if args.fold < 0:
         return f"--fold {args.fold}: folds count from 0"
     if args.stage > 1 and not args.init_from:
-        reduced = run_dir(config.train.runs_dir, config.train.experiment, args.stage - 1, 0).parent / "reduced"
+        previous = Experiment.named(config.train.runs_dir, config.train.experiment).stage(args.stage - 1)
         return (
             f"--stage {args.stage} without --init-from: a later stage starts from the previous stage's "
-            f"reduced model (--init-from {reduced / 'model.safetensors'}); "
+            f"reduced model (--init-from {previous.reduced_model}); "
             f"--init-from {SCRATCH} trains it from the config's backbone weights instead"
         )
     if args.init_from not in (None, SCRATCH) and not Path(args.init_from).is_file():
@@ -339,7 +339,7 @@ def planned_identity(args: argparse.Namespace, config: Any) -> dict[str, Any] | 
         return None
 
 
-def earlier_run(args: argparse.Namespace, out: Path, identity: dict[str, Any]) -> tuple[dict | None, str | None]:
+def earlier_run(args: argparse.Namespace, out: Fold, identity: dict[str, Any]) -> tuple[dict | None, str | None]:
     """What the fold's folder already holds, from its files alone (nothing loaded, no process
     group): (its summary, None) when it is this very run, finished; (None, why) when it holds
     a finished run or a state to resume that is another experiment; (None, None) otherwise.
@@ -352,10 +352,10 @@ def earlier_run(args: argparse.Namespace, out: Path, identity: dict[str, Any]) -
     if args.resume == "auto":
         summary, changes = finished_run(out, identity)
         if changes:
-            return None, f"{out} finished as another run ({describe(changes)}): {way_out}"
+            return None, f"{out.dir} finished as another run ({describe(changes)}): {way_out}"
         if summary is not None:
             return summary, None
-    state = None if args.resume == "none" else latest_state(out) if args.resume == "auto" else Path(args.resume)
+    state = None if args.resume == "none" else latest_state(out.dir) if args.resume == "auto" else Path(args.resume)
     recorded = read_identity(state / "identity.json") if state is not None else None
     changes = differences(recorded, identity) if recorded is not None else []
     if changes:
@@ -366,7 +366,7 @@ def earlier_run(args: argparse.Namespace, out: Path, identity: dict[str, Any]) -
 # --- processes, and refusals taken by every rank together ---------------------------------------
 
 
-def start(args: argparse.Namespace, config: Any, out: Path, identity: dict[str, Any]) -> Run:
+def start(args: argparse.Namespace, config: Any, out: Fold, identity: dict[str, Any]) -> Run:
     """The processes (gloo on the CPU), the fold's folder with the resolved config, the seeds."""
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
@@ -390,9 +390,9 @@ def open_fold_folder(run: Run) -> None:
     """The fold's folder with the resolved config, once nothing refused the run: a refused
     command leaves no folder behind (a stray ``fold5/`` would reach the reducer and the report)."""
     if run.main_process:
-        run.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run.out / "config.yaml", OmegaConf.to_yaml(run.config).encode())
-        (run.out / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's
+        run.out.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run.out.config, OmegaConf.to_yaml(run.config).encode())
+        run.out.preempted.unlink(missing_ok=True)  # an earlier attempt's
         print(OmegaConf.to_yaml(run.config), flush=True)
 
 
@@ -632,7 +632,7 @@ def evaluate_and_checkpoint(run: Run, data: FoldData, fit: Fit) -> bool:
     fit.schedule.observe(improved)
     if improved and run.main_process:
         weights = run.accelerator.unwrap_model(fit.evaluated)
-        export_weights(weights, run.out / "best.safetensors", sidecar(run, data, progress, progress.final))
+        export_weights(weights, run.out.weights("best"), sidecar(run, data, progress, progress.final))
     if run.main_process:
         print(f"step {progress.step}: fold mIoU {100 * miou:.1f}% (best {100 * progress.best_miou:.1f}%)", flush=True)
     save_state(run, progress.step, {state_name(progress.best_step)})
@@ -678,10 +678,10 @@ def save_state(run: Run, step: int, keep: set[str]) -> Path:
     """A resumable state with the run's identity, renamed into place only once every rank has
     written its part."""
     accelerator, out = run.accelerator, run.out
-    final = out / "checkpoints" / state_name(step)
+    final = out.checkpoints / state_name(step)
     if final.exists():
         return final
-    tmp = out / "checkpoints" / f".{final.name}.partial"
+    tmp = out.checkpoints / f".{final.name}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -692,7 +692,7 @@ def save_state(run: Run, step: int, keep: set[str]) -> Path:
         atomic_write_bytes(tmp / "identity.json", (json.dumps(run.identity, indent=1) + "\n").encode())
         plain_modes(tmp)  # readable by the team like every other output (accelerate's safetensors are 0600)
         os.replace(tmp, final)
-        prune_states(out, run.config.train.keep_last, keep)
+        prune_states(out.dir, run.config.train.keep_last, keep)
     accelerator.wait_for_everyone()
     return final
 
@@ -732,10 +732,10 @@ def stop_on_signal(run: Run, progress: Progress, code: int) -> None:
         if accelerator.is_main_process:
             state = state_name(progress.step) if saved else None
             marker = {"step": progress.step, "state": state, "time": time.time()}
-            atomic_write_bytes(out / PREEMPTED, (json.dumps(marker) + "\n").encode())
+            atomic_write_bytes(out.preempted, (json.dumps(marker) + "\n").encode())
         print(f"rank {accelerator.process_index}: preempted, {what}; exit {preempted_exit_code()}", flush=True)
     elif accelerator.is_main_process:
-        print(f"interrupted: {what} in {out}; rerun the same command to resume; exit {code}", flush=True)
+        print(f"interrupted: {what} in {out.dir}; rerun the same command to resume; exit {code}", flush=True)
 
 
 def preempted_exit_code() -> int:
@@ -752,7 +752,7 @@ def write_outputs(run: Run, data: FoldData, fit: Fit, stopped_early: bool, start
     """The final weights and summary.json (main process), and the ``done:`` line."""
     progress, args, out = fit.progress, run.args, run.out
     final = run.accelerator.unwrap_model(fit.evaluated)
-    export_weights(final, out / "model.safetensors", sidecar(run, data, progress, progress.final))
+    export_weights(final, out.weights("model"), sidecar(run, data, progress, progress.final))
     summary = {
         "fold": args.fold,
         "stage": args.stage,
@@ -769,8 +769,8 @@ def write_outputs(run: Run, data: FoldData, fit: Fit, stopped_early: bool, start
         "stopped_early": stopped_early,
         "seconds": time.time() - started,
     }
-    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
-    print(f"done: {out} (best fold mIoU {100 * progress.best_miou:.1f}% at step {progress.best_step})", flush=True)
+    atomic_write_bytes(out.summary, (json.dumps(summary, indent=1) + "\n").encode())
+    print(f"done: {out.dir} (best fold mIoU {100 * progress.best_miou:.1f}% at step {progress.best_step})", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from safetensors.torch import save
 
 from seg.atomic import atomic_write_bytes
 from seg.model import DeepLabV3Plus, depth_of, from_config
+from seg.runs import Fold, Stage
 
 WEIGHTS_FORMAT = "seg.deeplabv3plus"
 
@@ -116,14 +117,16 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
 def _folder_hint(path: Path) -> str:
     """What to pass instead of a folder: the model files in it (a fold's best and final
     weights, a reduction's model), or the model files one level down (a stage's folds)."""
-    described = {"best.safetensors": "the fold's best weights", "model.safetensors": "its final weights"}
-    found = [path / name for name in described if (path / name).is_file()]
+    fold, stage = Fold.at(path), Stage.at(path)
+    described = {fold.weights("best"): "the fold's best weights", fold.weights("model"): "its final weights"}
+    found = [p for p in described if p.is_file()]
     if found:
-        if path.name == "reduced" or len(found) == 1:
-            described["model.safetensors"] = "the model"
-        choices = " or ".join(f"{p} ({described[p.name]})" for p in found)
+        if path == Stage.at(path.parent).reduced or len(found) == 1:
+            described[fold.weights("model")] = "the model"
+        choices = " or ".join(f"{p} ({described[p]})" for p in found)
         return f"{path}: a folder, not a model file; pass {choices}"
-    below = sorted(path.glob("*/best.safetensors")) + sorted(path.glob("reduced/model.safetensors"))
+    folds = sorted(Fold.at(p).weights("best") for p in path.iterdir() if p.is_dir())
+    below = [p for p in folds if p.is_file()] + ([stage.reduced_model] if stage.reduced_model.is_file() else [])
     if below:
         return f"{path}: a folder, not a model file; pass one of {', '.join(map(str, below[:4]))}"
     return f"{path}: a folder with no model file (*.safetensors) in it; pass a .safetensors file"

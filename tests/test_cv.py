@@ -127,27 +127,27 @@ def finish(plan: cv.Chain, stage: int, fold: int, init_from: str | None, process
     """A summary.json as seg/train.py writes it at the end of that run."""
     identity = fold_identity(load_config(CONFIG, plan.overrides, stage), stage, fold, init_from, processes)
     summary = {"steps": identity["schedule"]["total_steps"], "identity": identity}
-    (plan.stage_dir(stage) / f"fold{fold}").mkdir(parents=True, exist_ok=True)
-    (plan.stage_dir(stage) / f"fold{fold}" / "summary.json").write_text(json.dumps(summary))
+    (plan.experiment.stage(stage).dir / f"fold{fold}").mkdir(parents=True, exist_ok=True)
+    (plan.experiment.stage(stage).dir / f"fold{fold}" / "summary.json").write_text(json.dumps(summary))
 
 
 def test_finished_folds_and_reductions_are_skipped(shards, tmp_path):
     plan = chain(shards, tmp_path / "runs", folds=2)
     assert not cv.fold_done(plan, 1, 0, 1) and not cv.reduction_done(plan, 1)
     for fold in (0, 1):
-        folder = plan.stage_dir(1) / f"fold{fold}"
+        folder = plan.experiment.stage(1).dir / f"fold{fold}"
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"weights")
-    (plan.stage_dir(1) / "fold0" / "summary.json").write_text("{}")  # no steps, no identity: not finished
+    (plan.experiment.stage(1).dir / "fold0" / "summary.json").write_text("{}")  # no steps, no identity: not finished
     assert not cv.fold_done(plan, 1, 0, 1)
     finish(plan, 1, 0, None)
     assert cv.fold_done(plan, 1, 0, 1) and not cv.fold_done(plan, 1, 1, 1)
-    plan.reduced(1).parent.mkdir(parents=True)
-    plan.reduced(1).write_bytes(b"reduced")
+    plan.experiment.stage(1).reduced_model.parent.mkdir(parents=True)
+    plan.experiment.stage(1).reduced_model.write_bytes(b"reduced")
     assert cv.reduction_done(plan, 1)
     # a fold retrained after the reduction makes it stale
-    model = plan.stage_dir(1) / "fold1" / "model.safetensors"
-    stat = plan.reduced(1).stat()
+    model = plan.experiment.stage(1).dir / "fold1" / "model.safetensors"
+    stat = plan.experiment.stage(1).reduced_model.stat()
     os.utime(model, (stat.st_atime, stat.st_mtime + 10))
     assert not cv.reduction_done(plan, 1)
 
@@ -195,18 +195,18 @@ def test_a_fold_that_finished_as_another_run_stops_the_chain_naming_the_differen
                        r"\(batch.global: 4 -> 8"):  # fmt: skip
         cv.fold_done(plan, 1, 0, 2)  # the chain runs 2 processes: another global batch
     # a stage 2 fold trained without its start model (seg/train.py --stage 2 --init-from scratch)
-    plan.reduced(1).parent.mkdir(parents=True)
-    plan.reduced(1).write_bytes(b"the reduced stage-1 model")
+    plan.experiment.stage(1).reduced_model.parent.mkdir(parents=True)
+    plan.experiment.stage(1).reduced_model.write_bytes(b"the reduced stage-1 model")
     finish(plan, 2, 0, None)
     with pytest.raises(ConfigError, match=r"init_from.model: 'scratch' -> 'sha256:[0-9a-f]{64}'"):
         cv.fold_done(plan, 2, 0, 1)
-    finish(plan, 2, 1, str(plan.reduced(1)))
+    finish(plan, 2, 1, str(plan.experiment.stage(1).reduced_model))
     assert cv.fold_done(plan, 2, 1, 1)
-    plan.reduced(1).write_bytes(b"stage 1 reduced again, to another model")
+    plan.experiment.stage(1).reduced_model.write_bytes(b"stage 1 reduced again, to another model")
     with pytest.raises(ConfigError, match=r"stage 2 fold 1: .*init_from.model: 'sha256:"):
         cv.fold_done(plan, 2, 1, 1)
     done = subprocess.run([sys.executable, "-m", "seg.cv", CONFIG, *plan.overrides, "--stages", "2", "--folds", "2",
                            "--local", "--processes", "2", "--reduce", "--select-on val"], capture_output=True,
                           text=True, timeout=300, cwd=REPO)  # fmt: skip
     assert done.returncode == 2 and "error: stage 1 fold 0:" in done.stderr, done.stderr[-2000:]
-    assert "batch.global: 4 -> 8" in done.stderr and not (plan.stage_dir(1) / "fold1").exists()
+    assert "batch.global: 4 -> 8" in done.stderr and not (plan.experiment.stage(1).dir / "fold1").exists()

@@ -38,6 +38,7 @@ from seg.config import load_config, to_dict
 from seg.model import count_parameters, from_config
 from seg.pack import Options, pack
 from seg.reduce import STRATEGIES, Reducer, reduce_stage
+from seg.runs import Experiment
 from seg.soup import average, load_fold_models
 from seg.synthetic import CITIES, Frame, write_frame
 from seg.weights import export_weights
@@ -120,14 +121,14 @@ def main() -> None:
             height, width = parse_size(args.eval_size)
             overrides.append(f"data.eval_size=[{height},{width}]")
         config = to_dict(load_config(REPO / "configs" / "study.yaml", [*overrides, *args.overrides]))
-        stage = scratch / "runs" / "study" / "stage1"
+        stage = Experiment.named(scratch / "runs", "study").stage(1)
         start = time.perf_counter()
         for fold in range(args.folds):
             torch.manual_seed(fold)
             model = from_config(config["model"])
             sidecar = {"config": config, "fold": fold, "stage": 1, "metrics": {"fold": {"miou": 0.5 + 0.01 * fold}}}
-            (stage / f"fold{fold}").mkdir(parents=True)
-            export_weights(model, stage / f"fold{fold}" / "best.safetensors", sidecar)
+            stage.fold(fold).dir.mkdir(parents=True)
+            export_weights(model, stage.fold(fold).weights("best"), sidecar)
         write_s = time.perf_counter() - start
 
         model_config, data = config["model"], config["data"]
@@ -144,7 +145,7 @@ def main() -> None:
         folds = list(range(args.folds))
         rows: list[tuple[str, int, float]] = []  # phase, calls, total seconds
         start = time.perf_counter()
-        models = load_fold_models(stage, folds)
+        models = load_fold_models(stage.dir, folds)
         rows.append((f"load {args.folds} fold models", 1, time.perf_counter() - start))
         start = time.perf_counter()
         mean = average([m.state for m in models])
@@ -167,7 +168,7 @@ def main() -> None:
         with ExitStack() as stack:
             for name, (owner, attribute) in INSIDE:
                 stack.enter_context(counted(owner, attribute, calls[name]))
-            report = reduce_stage(stage, strategies=tuple(args.strategies), k=args.k,
+            report = reduce_stage(stage.dir, strategies=tuple(args.strategies), k=args.k,
                                   recalibrate_batches=args.recalibrate, accelerator=accelerator)  # fmt: skip
         total_s = time.perf_counter() - start
 

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from seg.cli import format_size, parse_size
 from seg.launch import launch_command
 from seg.pack import Options, pack
+from seg.runs import Experiment
 from seg.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,11 +60,11 @@ def main() -> None:
             done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
             if done.returncode != 0:
                 sys.exit(f"training failed:\n{done.stderr[-3000:]}")
-            (metrics,) = runs.glob("*/stage1/fold0/metrics.jsonl")
-            records = [json.loads(line) for line in metrics.read_text().splitlines()]
+            (fold,) = [f for e in runs.iterdir() if (f := Experiment(e).stage(1).fold(0)).metrics.is_file()]
+            records = [json.loads(line) for line in fold.metrics.read_text().splitlines()]
             steps = [r for r in records if "train/loss" in r][1:]  # without the warm-up step
             per_process = sum(r["train/images_per_s_per_process"] for r in steps) / len(steps)
-            batch_size = OmegaConf.load(metrics.parent / "config.yaml").train.batch_size
+            batch_size = OmegaConf.load(fold.config).train.batch_size
             memory = max(r["train/memory_mb"] for r in steps)
             rates = f"{per_process / batch_size:>8.3f} {per_process:>14.2f} {per_process * processes:>12.2f}"
             print(f"{processes:>9} {rates} {memory:>16.0f}")

@@ -59,6 +59,7 @@ from seg.manifest import ManifestError
 from seg.plots import evaluation_figures
 from seg.png import encode_gray8
 from seg.report import count
+from seg.runs import Stage
 from seg.weights import WeightsError
 
 
@@ -90,7 +91,8 @@ def default_folder(given: list[Path], members: list[Path]) -> Path:
         return Path(os.path.commonpath([m.resolve() for m in given]))
     (path,) = given
     if path.is_dir():
-        return path / "reduced" if (path / "reduced").is_dir() else path
+        reduced = Stage.at(path).reduced
+        return reduced if reduced.is_dir() else path
     return path.parent
 
 

@@ -1,4 +1,4 @@
-"""Resumable states on disk: pruning that a kill cannot tear, and a fold without metrics."""
+"""The run folder: its path objects, resumable states (pruning that a kill cannot tear), a fold without metrics."""
 
 import json
 import shutil
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import seg.checkpoint
-from seg.checkpoint import latest_state, prune_states, state_name
+import seg.runs
+from seg.runs import Experiment, Fold, Stage, fold_number, latest_state, prune_states, stage_number, state_name
 from seg.soup import load_fold_models
 from seg.weights import WEIGHTS_FORMAT, WeightsError
 
@@ -34,10 +34,10 @@ def test_a_prune_killed_midway_leaves_no_torn_state_and_the_next_prune_cleans_up
             raise KeyboardInterrupt("killed")
         real_rmtree(path, ignore_errors=ignore_errors)
 
-    monkeypatch.setattr(seg.checkpoint.shutil, "rmtree", killed)
+    monkeypatch.setattr(seg.runs.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
         prune_states(tmp_path, keep_last=2, keep=set())
-    monkeypatch.setattr(seg.checkpoint.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(seg.runs.shutil, "rmtree", real_rmtree)
     for state in (tmp_path / "checkpoints").glob("step-*"):  # every state that looks complete is
         assert sorted(p.name for p in state.iterdir()) == sorted(FILES), state
     assert latest_state(tmp_path).name == state_name(40)
@@ -60,3 +60,33 @@ def test_the_reducer_refuses_a_fold_without_metrics_clearly(tmp_path):
     (fold / "model.json").write_text(json.dumps({"format": WEIGHTS_FORMAT, "fold": 0, "metrics": {}}))
     with pytest.raises(WeightsError, match=r"fold 0 has no fold-validation metrics .* rerun its training"):
         load_fold_models(tmp_path, [0], "model")
+
+
+def test_the_run_folder_is_named_by_its_path_objects_and_numbers_parse_back(tmp_path):
+    experiment = Experiment.named(tmp_path / "runs", "study")
+    assert experiment.dir == tmp_path / "runs" / "study" and experiment.name == "study"
+    assert experiment.logs == experiment.dir / "logs"
+    stage = experiment.stage(2)
+    assert stage == Stage(experiment.dir / "stage2", 2) == Stage.at(experiment.dir / "stage2")
+    assert stage.reduced_model == stage.dir / "reduced" / "model.safetensors"
+    assert (
+        stage.reduced_ensemble.parent == stage.reduced_report.parent == stage.reduction_figure.parent == stage.reduced
+    )
+    fold = stage.fold(3)
+    assert fold == Fold(stage.dir / "fold3", 3) == Fold.at(stage.dir / "fold3")
+    assert fold.weights() == fold.dir / "best.safetensors" and fold.weights("model") == fold.dir / "model.safetensors"
+    assert (fold.config.name, fold.summary.name, fold.metrics.name) == ("config.yaml", "summary.json", "metrics.jsonl")
+    assert fold.preempted.name == "PREEMPTED" and fold.checkpoints == fold.dir / "checkpoints"
+    assert (stage_number("stage2"), fold_number("fold3"), fold_number("fold12")) == (2, 3, 12)
+    assert [fold_number(n) for n in ("fold_x", "fold3.tmp", "fold", "stage1")] == [None] * 4
+    assert Stage.at(tmp_path / "somewhere").number is None
+
+    assert stage.folds() == [] and experiment.stages() == []  # nothing on disk yet
+    for name in ("fold10", "fold2", "fold0", "fold_x", "fold3.tmp", "reduced"):
+        (stage.dir / name).mkdir(parents=True)
+    (stage.dir / "fold7").write_text("a file, not a fold")
+    assert [f.number for f in stage.folds()] == [0, 2, 10]
+    assert stage.folds()[1] == stage.fold(2)
+    (experiment.dir / "stage1").mkdir()
+    (experiment.dir / "stage_old").mkdir()
+    assert [s.number for s in experiment.stages()] == [1, 2]
