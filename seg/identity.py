@@ -137,6 +137,12 @@ def fold_identity(config: DictConfig, stage: int, fold: int, init_from: str | No
     }
 
 
+def stage_identity(fold_identity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What every fold of a stage shares (the reducer checks they do): a fold's identity less
+    what may differ between folds. The reduced model's sidecar records it."""
+    return _without(fold_identity, FOLDS_MAY_DIFFER) if fold_identity is not None else None
+
+
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         flat: dict[str, Any] = {}

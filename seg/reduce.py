@@ -31,6 +31,7 @@ from seg.data import TrainStream, eval_loader, shards_of
 from seg.distributed import convert_sync_batchnorm
 from seg.ensemble import Ensemble, write_ensemble_file
 from seg.evaluate import evaluate
+from seg.identity import stage_identity
 from seg.manifest import SELECTION_GROUP, ManifestError, fold_group, load_manifest
 from seg.model import from_config
 from seg.plots import reduction_figure
@@ -326,6 +327,7 @@ def reduce_stage(
                 | {"selection_winner": winner.name},
                 "selection": report["selection"],
                 "metrics": {"selection": seed.result},
+                "identity": stage_identity(models[0].sidecar.get("identity")),
             }
             export_weights(reducer.model, tmp / stage.reduced_model.name, sidecar)
             if ensemble_candidate is not None:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import subprocess
 import sys
@@ -184,13 +185,21 @@ def test_reduce_folds_end_to_end(tmp_path):
     assert all(folds == folds_of[name.strip("*")] for name, folds in rows)
     weights = load_file(stage / "reduced" / "model.safetensors")
     assert set(weights) == set(load_file(stage / "fold0" / "best.safetensors"))
+    # the reduced model says what its folds share: their identity less the per-fold parts
+    shared = json.loads((stage / "reduced" / "model.json").read_text())["identity"]
+    fold_identity = json.loads((stage / "fold0" / "best.json").read_text())["identity"]
+    assert shared["stage"] == 1 and shared["config"] == fold_identity["config"] and "schedule" not in shared
+    assert shared["batch"] == {"global": 2} and shared["init_from"] == {"model": "scratch"}
 
-    # the reduced model seeds the next stage
+    # the reduced model seeds the next stage, and the stage-2 fold records which one
+    weights_bytes = (stage / "reduced" / "model.safetensors").read_bytes()
     done = subprocess.run([*train, "--fold", "0", "--stage", "2", "--init-from",
                            str(stage / "reduced" / "model.safetensors"), *common, "train.epochs=1"],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "runs" / "demo" / "stage2" / "fold0" / "model.safetensors").is_file()
+    stage2 = json.loads((tmp_path / "runs" / "demo" / "stage2" / "fold0" / "summary.json").read_text())["identity"]
+    assert stage2["init_from"]["path"] == str(stage / "reduced" / "model.safetensors")
+    assert stage2["init_from"]["model"] == "sha256:" + hashlib.sha256(weights_bytes).hexdigest()
 
     # no selection subset: a clear error pointing at --select-on val
     pack(tmp_path / "cityscapes", tmp_path / "plain", Options(folds=2, splits=("train", "val")), progress=False)

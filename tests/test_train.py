@@ -385,3 +385,14 @@ def test_accelerate_launch_asked_for_processes_without_multi_gpu_is_refused(shar
     assert done.returncode != 0
     assert "accelerate launch --num_processes 2 started this script as 1 process" in done.stderr, done.stderr[-2000:]
     assert "Add --multi_gpu" in done.stderr and not (tmp_path / "demo").exists()
+
+
+def test_a_resume_on_another_process_count_with_the_same_global_batch_continues(shards, tmp_path):
+    """A requeued job may land on other machines: 1 process x batch 4, resumed as 2 x 2."""
+    stopped = run(shards, tmp_path, "train.epochs=2", "train.batch_size=4", drill="1:TERM")
+    assert stopped.returncode == EXIT_REQUEUE, stopped.stderr[-2000:]
+    resumed = run(shards, tmp_path, "train.epochs=2", "train.batch_size=2", processes=2)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / FOLD / "summary.json").read_text())
+    assert summary["steps"] == 2 * summary["steps_per_epoch"] and summary["processes"] == 2
+    assert summary["identity"]["batch"] == {"processes": 2, "per_process": 2, "grad_accum": 1, "global": 4}
