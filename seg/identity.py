@@ -22,7 +22,6 @@ content is compared), and the code.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import json
 import subprocess
@@ -32,7 +31,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from seg.data import steps_per_epoch
-from seg.manifest import FoldSplit
+from seg.manifest import FoldSplit, sha256_file
 from seg.runs import Fold
 
 SCRATCH = "scratch"  # --init-from scratch: a later stage trained from the config's backbone weights
@@ -72,11 +71,6 @@ def run_length(config: DictConfig, split: FoldSplit, processes: int) -> tuple[in
     """(steps per epoch, total micro-batches) of training ``split`` with ``processes`` processes."""
     per_epoch = steps_per_epoch(split.train_samples, config.train.batch_size, processes, config.data.workers)
     return per_epoch, total_steps(config, per_epoch)
-
-
-def sha256_of(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @functools.cache
@@ -120,12 +114,13 @@ def fold_identity(config: DictConfig, stage: int, fold: int, init_from: str | No
     per_epoch, total = run_length(config, FoldSplit.of(config.data.shards, fold), processes)
     train = config.train
     scratch = init_from in (None, SCRATCH)
-    start = {"path": None if scratch else init_from, "model": SCRATCH if scratch else f"sha256:{sha256_of(init_from)}"}
+    model = SCRATCH if scratch else f"sha256:{sha256_file(init_from)}"
+    start = {"path": None if scratch else init_from, "model": model}
     return {
         "config": _without(OmegaConf.to_container(config, resolve=True), NOT_IDENTITY),
         "stage": stage,
         "init_from": start,
-        "data": {"manifest_sha256": sha256_of(manifest_path)},
+        "data": {"manifest_sha256": sha256_file(manifest_path)},
         "batch": {
             "processes": processes,
             "per_process": train.batch_size,
