@@ -31,7 +31,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from seg.data import steps_per_epoch
-from seg.manifest import FoldSplit, sha256_file
+from seg.manifest import MANIFEST, FoldSplit, sha256_file
 from seg.runs import Fold
 
 SCRATCH = "scratch"  # --init-from scratch: a later stage trained from the config's backbone weights
@@ -110,7 +110,7 @@ def fold_identity(config: DictConfig, stage: int, fold: int, init_from: str | No
     """The identity of training ``fold`` of ``stage`` with this config and start model over
     ``processes`` processes. Reads the manifest and hashes the start model; raises
     ManifestError / OSError when they can't be read (the run itself says more)."""
-    manifest_path = Path(config.data.shards) / "manifest.json"
+    manifest_path = Path(config.data.shards) / MANIFEST
     per_epoch, total = run_length(config, FoldSplit.of(config.data.shards, fold), processes)
     train = config.train
     scratch = init_from in (None, SCRATCH)
