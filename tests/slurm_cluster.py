@@ -84,8 +84,14 @@ class SlurmCluster:
         return int(self.run(["sbatch", "--parsable", *args], env=env).split(";")[0])
 
     def release(self, job_id: int | str) -> None:
-        """Start a requeued job now rather than after its two-minute BeginTime delay."""
-        self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"])
+        """Start a requeued job in two seconds rather than after its two-minute BeginTime delay.
+
+        Not at once: the requeue revoked the job's credential as of the requeue's second, and
+        slurmd refuses a launch whose credential is from that second or before ("Job N already
+        killed, do not launch batch job"), which fails the job. The delay Slurm sets (its
+        credential lifetime) is there to let that revocation expire; a later second is enough.
+        """
+        self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"])
 
     def states(self, job_ids: Iterable[int | str]) -> dict[str, str]:
         """The state of each job, or of each task of an array job: keys "12" or "12_0", "12_1"...

@@ -74,7 +74,7 @@ def test_requeued_job_released(slurm_cluster: SlurmCluster, tmp_path: Path) -> N
     job = slurm_cluster.sbatch(["-o", f"{tmp_path}/job.out", "--open-mode=append", "--wrap", script])
     wait_for(slurm_cluster, job, "PENDING BeginTime")
     slurm_cluster.release(job)
-    assert slurm_cluster.wait([job]) == {str(job): "COMPLETED"}
+    assert slurm_cluster.wait([job]) == {str(job): "COMPLETED"}, slurm_cluster.log_tail()
     runs = [line for line in (tmp_path / "job.out").read_text().splitlines() if line.startswith("run")]
     assert runs == ["run 0", "run 1"]
 
