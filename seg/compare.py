@@ -38,9 +38,6 @@ from seg.plots import pyplot, save
 from seg.report import ReportError, out_of_fold, read_json, read_metrics
 
 CONFIDENCE = 0.95
-# tools/evaluate.py writes beside the model by default (reduced/eval-<split>/); a result
-# elsewhere in the experiment counts when its "model" names this stage's reduced model.
-EVALUATION_GLOBS = ("{reduced}/eval*/metrics.json", "eval*/metrics.json", "eval*/*/metrics.json")
 
 
 class CompareError(ValueError):
@@ -377,23 +374,20 @@ def _require(path: Path, mapping: dict[str, Any], key: str, kind: type | tuple[t
 
 def _evaluations(path: Path, stage: int) -> list[tuple[str, dict[str, Any]]]:
     """tools/evaluate.py's results of this stage's reduced model, on the official val."""
-    run_stage = runs.Experiment(path).stage(stage)
-    reduced, model = run_stage.reduced, run_stage.reduced_model.resolve()
+    experiment = runs.Experiment(path)
+    reduced, model = experiment.stage(stage).reduced, experiment.stage(stage).reduced_model.resolve()
     found = []
-    seen: set[Path] = set()
-    for pattern in EVALUATION_GLOBS:
-        for metrics in sorted(path.glob(pattern.format(reduced=reduced.relative_to(path).as_posix()))):
-            if metrics in seen:
-                continue
-            seen.add(metrics)
-            result = _read_json(metrics)
-            if result.get("ensemble"):  # an ensemble's evaluation is not the reduced model's
-                continue
-            in_reduced = metrics.parent.parent == reduced
-            named = isinstance(result.get("model"), str) and _same_file(result["model"], model, path)
-            if not (in_reduced or named) or result.get("split") != "val":
-                continue
-            found.append((metrics.parent.relative_to(path).as_posix(), _result(metrics, result, "the result")))
+    # tools/evaluate.py writes beside the model by default (reduced/eval-<split>/), listed first; a
+    # result elsewhere in the experiment counts when its "model" names this stage's reduced model.
+    for metrics in sorted(experiment.evaluations(), key=lambda metrics: metrics.parent.parent != reduced):
+        result = _read_json(metrics)
+        if result.get("ensemble"):  # an ensemble's evaluation is not the reduced model's
+            continue
+        in_reduced = metrics.parent.parent == reduced
+        named = isinstance(result.get("model"), str) and _same_file(result["model"], model, path)
+        if not (in_reduced or named) or result.get("split") != "val":
+            continue
+        found.append((metrics.parent.relative_to(path).as_posix(), _result(metrics, result, "the result")))
     return found
 
 

@@ -32,7 +32,7 @@ from typing import NoReturn
 from seg.config import ConfigError, load_config
 from seg.identity import describe, finished_run, fold_identity
 from seg.launch import launch_command
-from seg.manifest import ManifestError, load_manifest
+from seg.manifest import FoldSplit, ManifestError, load_manifest
 from seg.reduce import add_arguments, selection_group
 from seg.runs import Experiment
 
@@ -112,7 +112,8 @@ def fold_done(chain: Chain, stage: int, fold: int, processes: int) -> bool:
     another run is refused (ConfigError) with the difference named."""
     config = load_config(chain.config, chain.overrides, stage)
     fold_run = Experiment.named(config.train.runs_dir, config.train.experiment).stage(stage).fold(fold)
-    summary, changes = finished_run(fold_run, fold_identity(config, stage, fold, chain.init_from(stage), processes))
+    split = FoldSplit.of(config.data.shards, fold)
+    summary, changes = finished_run(fold_run, fold_identity(config, stage, split, chain.init_from(stage), processes))
     if changes:
         raise ConfigError(
             f"stage {stage} fold {fold}: {fold_run.dir} finished as another run than this chain's "
@@ -163,7 +164,7 @@ def run_local(chain: Chain, processes: int) -> int:
                 continue
             train = [str(REPO / "seg" / "train.py"), "--config", chain.config, "--fold", str(fold)]
             command = [*launcher, *train, *chain.train_args(stage)]
-            log = chain.experiment.logs / f"stage{stage}-fold{fold}.log"
+            log = chain.experiment.fold_log(stage, fold)
             if code := run_logged(command, log, f"stage {stage} fold {fold}"):
                 print(f"error: stage {stage} fold {fold} failed (exit {code})", file=sys.stderr)
                 return code
@@ -173,7 +174,7 @@ def run_local(chain: Chain, processes: int) -> int:
         script = str(REPO / "tools" / "reduce_folds.py")
         command = [*launcher, script, str(chain.experiment.stage(stage).dir), *chain.reduce_args]
         command += ["--folds", *map(str, chain.folds)]
-        if code := run_logged(command, chain.experiment.logs / f"stage{stage}-reduce.log", f"stage {stage} reduction"):
+        if code := run_logged(command, chain.experiment.reduce_log(stage), f"stage {stage} reduction"):
             print(f"error: stage {stage} reduction failed (exit {code})", file=sys.stderr)
             return code
     print(f"done: final model {chain.experiment.stage(chain.stages).reduced_model}", flush=True)
@@ -236,7 +237,7 @@ def submit(
                 [
                     f"--array={','.join(map(str, chain.folds))}",
                     f"--job-name={name}",
-                    f"--output={logs / f'stage{stage}-fold%a-%A.log'}",
+                    f"--output={chain.experiment.fold_log(stage, '%a', job='%A')}",
                     *resources,
                     *(after_ok(after) if after else []),
                     *sbatch_args,
@@ -251,7 +252,7 @@ def submit(
                 [
                     *after_ok(array),
                     f"--job-name={name}-reduce",
-                    f"--output={logs / f'stage{stage}-reduce-%j.log'}",
+                    f"--output={chain.experiment.reduce_log(stage, job='%j')}",
                     "--nodes=1",
                     "--ntasks=1",
                     *(["--gpus-per-node=1"] if gpus else []),

@@ -20,7 +20,7 @@ import random
 import signal
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,11 +378,11 @@ def train_loader(
     pin_memory: bool = False,
     checksums: bool = True,
     geometry_on_device: bool = False,
-) -> tuple[DataLoader, int]:
-    """The loader of a fold's training stream and its steps per epoch (the same on every rank).
+) -> DataLoader:
+    """The loader of a fold's training stream, the same on every rank.
 
-    Iterate the loader once and take ``steps`` batches per epoch: worker streams are
-    endless and aligned to epochs.
+    Iterate the loader once and take ``steps_per_epoch(...)`` batches per epoch (the run's
+    length, seg.identity.run_length): worker streams are endless and aligned to epochs.
     """
     problem = geometry.source_problem(packed_size(split.manifest))
     if problem:
@@ -400,7 +400,7 @@ def train_loader(
         on_error=on_error,
         geometry_on_device=geometry_on_device,
     )
-    return DataLoader(stream, batch_size=batch_size, **_loader_options(workers, pin_memory)), steps
+    return DataLoader(stream, batch_size=batch_size, **_loader_options(workers, pin_memory))
 
 
 def eval_loader(
@@ -420,3 +420,21 @@ def eval_loader(
     stream = EvalStream(shards, size=size, rank=rank, world_size=world_size, on_error=on_error)
     options = _loader_options(workers, pin_memory) | {"persistent_workers": False}
     return DataLoader(stream, batch_size=batch_size, **options), sum(s.samples for s in shards)
+
+
+def eval_loader_of(
+    data: Mapping[str, Any],
+    groups: list[str],
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    shards: str | Path | None = None,
+) -> tuple[DataLoader, int]:
+    """``eval_loader`` as a run's ``data`` config section sets it: its shards (unless
+    ``shards`` names others), eval_size, workers and on_error, one image per batch. The
+    checksums are checked once at the run's start, not at every evaluation."""
+    size = tuple(data["eval_size"]) if data["eval_size"] else None
+    directory = shards if shards is not None else data["shards"]
+    return eval_loader(
+        directory, groups, 1, size, rank, world_size, data["workers"], data["on_error"], pin_memory, checksums=False
+    )

@@ -106,12 +106,14 @@ def _without(tree: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:
     return tree
 
 
-def fold_identity(config: DictConfig, stage: int, fold: int, init_from: str | None, processes: int) -> dict[str, Any]:
-    """The identity of training ``fold`` of ``stage`` with this config and start model over
-    ``processes`` processes. Reads the manifest and hashes the start model; raises
-    ManifestError / OSError when they can't be read (the run itself says more)."""
+def fold_identity(
+    config: DictConfig, stage: int, split: FoldSplit, init_from: str | None, processes: int
+) -> dict[str, Any]:
+    """The identity of training ``split``'s fold of ``stage`` with this config and start model
+    over ``processes`` processes. Hashes the manifest and the start model (every rank does, as
+    it decides before any process group exists); raises OSError when they can't be read."""
     manifest_path = Path(config.data.shards) / MANIFEST
-    per_epoch, total = run_length(config, FoldSplit.of(config.data.shards, fold), processes)
+    per_epoch, total = run_length(config, split, processes)
     train = config.train
     scratch = init_from in (None, SCRATCH)
     model = SCRATCH if scratch else f"sha256:{sha256_file(init_from)}"

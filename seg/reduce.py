@@ -27,7 +27,7 @@ from accelerate import Accelerator
 
 from seg.atomic import atomic_directory
 from seg.augment import DeviceAugment
-from seg.data import TrainStream, eval_loader, shards_of
+from seg.data import TrainStream, eval_loader_of, shards_of
 from seg.distributed import convert_sync_batchnorm
 from seg.ensemble import Ensemble, write_ensemble_file
 from seg.evaluate import evaluate
@@ -131,7 +131,7 @@ class Candidate:
 
 
 class Reducer:
-    """Evaluates weights on the selection set and recalibrates BN, on every process."""
+    """Scores weights on the selection set and recalibrates BN, on every process."""
 
     def __init__(self, accelerator: Accelerator, config: dict[str, Any], shards: str, group: str) -> None:
         self.accelerator, self.config, self.shards, self.group = accelerator, config, shards, group
@@ -141,27 +141,20 @@ class Reducer:
         self.model.to(accelerator.device)
         self.normalise = DeviceAugment("none").to(accelerator.device)
 
-    def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def score(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The selection metrics of these weights."""
         self.model.load_state_dict(state)
-        return self._evaluate(self.model)
+        return self._score(self.model)
 
-    def _evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
-        data = self.config["data"]
-        size = tuple(data["eval_size"]) if data["eval_size"] else None
-        loader, _ = eval_loader(
-            self.shards,
-            [self.group],
-            1,
-            size,
-            self.accelerator.process_index,
-            self.accelerator.num_processes,
-            data["workers"],
-            checksums=False,
+    def _score(self, model: torch.nn.Module) -> dict[str, Any]:
+        accelerator = self.accelerator
+        loader, expected = eval_loader_of(
+            self.config["data"], [self.group], accelerator.process_index, accelerator.num_processes, shards=self.shards
         )
-        matrix, seen, _ = evaluate(model, loader, self.accelerator.device, self.normalise)
-        return matrix.compute() | {"samples": seen}
+        matrix, seen, _ = evaluate(model, loader, accelerator.device, self.normalise)
+        return matrix.compute() | {"samples": seen, "skipped": expected - seen}
 
-    def evaluate_ensemble(self, states: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def score_ensemble(self, states: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """The selection score of the models' averaged probabilities (seg.ensemble.Ensemble)."""
         members = []
         for state in states:
@@ -169,7 +162,7 @@ class Reducer:
             member.load_state_dict(state)
             members.append(member)
         ensemble = Ensemble(members).to(self.accelerator.device).eval()
-        return self._evaluate(ensemble)
+        return self._score(ensemble)
 
     def recalibrate(self, state: dict[str, torch.Tensor], batches: int, folds: list[int]) -> dict[str, torch.Tensor]:
         self.model.load_state_dict(state)
@@ -235,7 +228,7 @@ def reduce_stage(
     def score_of(folds: list[int], state: Callable[[], dict[str, torch.Tensor]], bn: bool = False) -> dict[str, Any]:
         key = (tuple(sorted(folds)), bn)
         if key not in results:
-            results[key] = reducer.evaluate(state())
+            results[key] = reducer.score(state())
         return results[key]
 
     def mean_of(chosen: list[FoldModel]) -> Callable[[], dict[str, torch.Tensor]]:
@@ -260,7 +253,7 @@ def reduce_stage(
         log(f"  greedy: folds {greedy.folds}, {scored} {100 * greedy.result['miou']:.1f}")
     if "ensemble" in strategies:
         ensemble = Candidate("ensemble", models, ensemble=True)
-        ensemble.result = reducer.evaluate_ensemble([m.state for m in models])
+        ensemble.result = reducer.score_ensemble([m.state for m in models])
         candidates.append(ensemble)
         log(f"ensemble: folds {ensemble.folds} ({ensemble.cost} forward passes), {scored} "
             f"{100 * ensemble.result['miou']:.1f}")  # fmt: skip

@@ -21,15 +21,6 @@ from seg import runs
 from seg.atomic import atomic_directory
 from seg.cityscapes import CLASS_NAMES
 
-# Where tools/evaluate.py's metrics.json is looked for: its default (beside the model, eval-<split>/)
-# and an --out of the experiment's own (runs/<experiment>/evaluation*/, possibly one level deeper).
-EVALUATION_GLOBS = (
-    "eval*/metrics.json",
-    "eval*/*/metrics.json",
-    "stage*/reduced/eval*/metrics.json",
-    "stage*/fold*/eval*/metrics.json",
-)
-
 
 class ReportError(ValueError):
     """An input that cannot be read, or an output that cannot be written: the message names the file."""
@@ -200,7 +191,7 @@ def load_experiment(path: str | Path) -> Experiment:
             notes.append(f"{where}: not reduced yet (no reduced/report.json; see tools/reduce_folds.py)")
         stages.append(stage)
     evaluations = []
-    for metrics in sorted({p for pattern in EVALUATION_GLOBS for p in path.glob(pattern)}):
+    for metrics in runs.Experiment(path).evaluations():
         result = read_json(metrics)
         label = metrics.parent.relative_to(path).as_posix()
         if result.get("labelled") is False:
@@ -223,7 +214,7 @@ def write_report(experiment_dir: Path, out: Path | None = None) -> Path:
     """Write the report of ``experiment_dir`` to ``out`` (default ``experiment_dir/report``),
     replacing an earlier report there; returns ``out``."""
     experiment = load_experiment(experiment_dir)
-    out = Path(out) if out is not None else Path(experiment_dir) / "report"
+    out = Path(out) if out is not None else runs.Experiment(Path(experiment_dir)).report
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").is_file())):
         raise ReportError(f"{out}: exists and is not a report folder; choose another --out")
     with atomic_directory(out, overwrite=True) as tmp:

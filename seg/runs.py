@@ -2,7 +2,8 @@
 (resumable states, metric records; the weights files themselves: seg/weights.py).
 
 ``runs/<experiment>/``                     :class:`Experiment`
-    logs/                                  the chain's logs (seg/cv.py)
+    logs/                                  the chain's logs (seg/cv.py): stage{s}-fold{k}.log, stage{s}-reduce.log
+    report/                                seg/report.py's report
     stage{s}/                              :class:`Stage`
         fold{k}/                           :class:`Fold`
             config.yaml                    the resolved config
@@ -43,6 +44,7 @@ PREEMPTED = "PREEMPTED"
 
 
 CHECKPOINTS = "checkpoints"
+REDUCED = "reduced"
 _STAGE = re.compile(r"^stage(\d+)$")
 _FOLD = re.compile(r"^fold(\d+)$")
 
@@ -123,7 +125,7 @@ class Stage:
 
     @property
     def reduced(self) -> Path:
-        return self.dir / "reduced"
+        return self.dir / REDUCED
 
     @property
     def reduced_model(self) -> Path:
@@ -172,6 +174,32 @@ class Experiment:
     @property
     def logs(self) -> Path:
         return self.dir / "logs"
+
+    def fold_log(self, stage: int, fold: int | str, job: str = "") -> Path:
+        """A chain's log of a fold's run, ``logs/stage{s}-fold{k}.log``; under Slurm ``fold`` and
+        ``job`` are sbatch's patterns (``%a``, ``%A``): ``logs/stage{s}-fold%a-%A.log``."""
+        return self.logs / f"stage{stage}-fold{fold}{f'-{job}' if job else ''}.log"
+
+    def reduce_log(self, stage: int, job: str = "") -> Path:
+        """A chain's log of a stage's reduction, ``logs/stage{s}-reduce[-{job}].log``."""
+        return self.logs / f"stage{stage}-reduce{f'-{job}' if job else ''}.log"
+
+    @property
+    def report(self) -> Path:
+        """seg/report.py's default output folder."""
+        return self.dir / "report"
+
+    def evaluations(self) -> list[Path]:
+        """tools/evaluate.py's ``metrics.json`` files in the experiment: in its default folder
+        beside a fold's or a reduced model (``eval-*/``), or in an --out of the experiment's own
+        (``eval*/``, possibly one level deeper)."""
+        patterns = (
+            "eval*/metrics.json",
+            "eval*/*/metrics.json",
+            f"stage*/{REDUCED}/eval*/metrics.json",
+            "stage*/fold*/eval*/metrics.json",
+        )
+        return sorted({found for pattern in patterns for found in self.dir.glob(pattern)})
 
 
 def state_name(step: int) -> str:

@@ -12,7 +12,6 @@ Every image is a pure function of (seed, split, city, sequence number).
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,9 @@ from tqdm import tqdm
 from seg import cityscapes as cs
 from seg import parallel
 from seg.atomic import atomic_directory
+from seg.cli import Size
+
+CITYSCAPES_SIZE = Size(1024, 2048)  # the real frames' size
 
 # The cities of the real splits, so that synthetic trees look like real ones.
 CITIES = {
@@ -272,15 +274,16 @@ def make_synthetic(
     out: str | Path,
     counts: dict[str, int],
     cities: dict[str, int],
-    size: Sequence[int] = (2048, 1024),
+    size: Size = CITYSCAPES_SIZE,
     seed: int = 0,
     workers: int = 1,
     train_ids: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[Frame]:
-    """Write a synthetic Cityscapes tree at ``out``; return the frames written."""
-    width, height = size
+    """Write a synthetic Cityscapes tree at ``out`` with frames of ``size`` (height, width);
+    return the frames written."""
+    height, width = size
     frames = plan_frames(counts, cities, seed)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         jobs = [(tmp, frame, width, height, seed, train_ids) for frame in frames]

@@ -48,7 +48,7 @@ from seg import losses, optim
 from seg.atomic import atomic_write_bytes, plain_modes
 from seg.augment import DeviceAugment, cut_on_device
 from seg.config import ConfigError, load_config, to_dict
-from seg.data import DataError, eval_loader, packed_size, shards_of, train_loader
+from seg.data import DataError, eval_loader_of, packed_size, shards_of, train_loader
 from seg.distributed import all_reduce_sum, convert_sync_batchnorm
 from seg.evaluate import evaluate
 from seg.identity import SCRATCH, describe, differences, finished_run, fold_identity, read_identity, run_length
@@ -211,7 +211,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         print(out.dir)
         return 0
     error = refusal(args, config)
-    identity = planned_identity(args, config) if not error else None
+    identity, split = planned_identity(args, config) if not error else (None, None)
     done, error = earlier_run(args, out, identity) if identity and not error else (None, error)
     if error:
         print(f"error: {error}", file=sys.stderr)
@@ -223,7 +223,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
 
     run, together = start(args, config, out, identity or {}), False
     try:  # from here on, every way out goes through run.close; refusals are taken by all ranks together
-        data, error = fold_data(run)
+        data, error = fold_data(run, split)
         if refused_together(run.accelerator, error):
             return 2
         model, error = load_model(run)
@@ -273,7 +273,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
                     save_state(run, progress.step, {state_name(progress.best_step)})
                 drill.after(progress.step, run.rank)
             if not exit_code and not progress.final:  # resumed at the end from a state that lacks it
-                progress.final = evaluate_fold(run, data, fit)
+                progress.final = validate(run, data, fit)
         except (DataError, FloatingPointError) as e:
             print(f"error (rank {run.rank}): {e}", file=sys.stderr, flush=True)
             return 1
@@ -330,13 +330,15 @@ def refusal(args: argparse.Namespace, config: Any) -> str | None:
     return None
 
 
-def planned_identity(args: argparse.Namespace, config: Any) -> dict[str, Any] | None:
-    """What this run is (seg/identity.py); None when the manifest can't be read (the run then
-    refuses with the manifest's own error)."""
+def planned_identity(args: argparse.Namespace, config: Any) -> tuple[dict[str, Any] | None, FoldSplit | None]:
+    """What this run is (seg/identity.py), and the fold's split it read; (None, None) when the
+    manifest can't be read (the run then refuses with the manifest's own error)."""
     try:
-        return fold_identity(config, args.stage, args.fold, args.init_from, int(os.environ.get("WORLD_SIZE", "1")))
+        split = FoldSplit.of(config.data.shards, args.fold)
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        return fold_identity(config, args.stage, split, args.init_from, processes), split
     except (ManifestError, OSError, KeyError):
-        return None
+        return None, None
 
 
 def earlier_run(args: argparse.Namespace, out: Fold, identity: dict[str, Any]) -> tuple[dict | None, str | None]:
@@ -409,11 +411,12 @@ def refused_together(accelerator: Accelerator, error: str | None) -> bool:
 # --- data ---------------------------------------------------------------------------------------
 
 
-def fold_data(run: Run) -> tuple[FoldData | None, str | None]:
-    """The fold's groups and geometry, checked against the manifest; or why they can't be used."""
+def fold_data(run: Run, split: FoldSplit | None) -> tuple[FoldData | None, str | None]:
+    """The fold's groups and geometry, checked against the manifest; or why they can't be used.
+    ``split``: the fold's split as read at the start (None: it couldn't be; read it for the error)."""
     data = run.config.data
     try:
-        split = FoldSplit.of(data.shards, run.args.fold)
+        split = split or FoldSplit.of(data.shards, run.args.fold)
         geometry = TrainGeometry.from_config(data)
         error = geometry.source_problem(packed_size(split.manifest))
         if run.main_process and not error:  # presence; sizes (under on_error=raise) or sha256 (data.checksums)
@@ -431,7 +434,7 @@ def fold_data(run: Run) -> tuple[FoldData | None, str | None]:
 def training_loader(run: Run, data: FoldData, start_epoch: int) -> torch.utils.data.DataLoader:
     """The fold's training stream from ``start_epoch``, the same on every rank whatever its restarts."""
     config = run.config
-    loader, _ = train_loader(
+    return train_loader(
         data.split,
         data.geometry,
         config.train.batch_size,
@@ -446,7 +449,6 @@ def training_loader(run: Run, data: FoldData, start_epoch: int) -> torch.utils.d
         checksums=False,
         geometry_on_device=config.data.geometry_on_device,
     )
-    return loader
 
 
 def stream_at(loader: torch.utils.data.DataLoader, position: int) -> Iterator[dict[str, Any]]:
@@ -626,7 +628,7 @@ def evaluate_and_checkpoint(run: Run, data: FoldData, fit: Fit) -> bool:
     """Evaluate; on a better fold mIoU export the best weights; save a resumable state.
     Returns whether to stop early (train.early_stop_patience evaluations without a better one)."""
     progress, patience = fit.progress, run.config.train.early_stop_patience
-    progress.final = evaluate_fold(run, data, fit)
+    progress.final = validate(run, data, fit)
     miou = progress.final["fold"]["miou"]
     improved = progress.observe(miou)
     fit.schedule.observe(improved)
@@ -643,25 +645,14 @@ def evaluate_and_checkpoint(run: Run, data: FoldData, fit: Fit) -> bool:
     return False
 
 
-def evaluate_fold(run: Run, data: FoldData, fit: Fit) -> dict[str, Any]:
+def validate(run: Run, data: FoldData, fit: Fit) -> dict[str, Any]:
     """The metrics on the fold's validation group (and on val with train.eval_val), recorded."""
     config = run.config
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
     results = {}
     groups = {"fold": [data.split.val_group]} | ({"val": ["val"]} if config.train.eval_val else {})
     for name, group in groups.items():
-        loader, expected = eval_loader(
-            config.data.shards,
-            group,
-            1,
-            tuple(config.data.eval_size) if config.data.eval_size else None,
-            run.rank,
-            run.world,
-            config.data.workers,
-            config.data.on_error,
-            run.cuda,
-            checksums=False,
-        )
+        loader, expected = eval_loader_of(config.data, group, run.rank, run.world, run.cuda)
         matrix, seen, examples = evaluate(
             fit.evaluated, loader, run.device, data.augment, autocast, config.wandb.images
         )

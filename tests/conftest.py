@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from seg.cli import Size
 from seg.synthetic import make_synthetic
 
 # A tiny synthetic Cityscapes: 6 train cities (uneven sizes), 2 val cities, 2 test cities.
-TINY = {"counts": {"train": 30, "val": 8, "test": 4}, "cities": {"train": 6, "val": 2, "test": 2}, "size": (64, 32)}
+TINY = {"counts": {"train": 30, "val": 8, "test": 4}, "cities": {"train": 6, "val": 2, "test": 2}, "size": Size(32, 64)}
 
 
 def pytest_configure(config: pytest.Config) -> None:

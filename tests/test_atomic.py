@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from seg.atomic import atomic_directory, atomic_write_bytes, plain_modes
+from seg.cli import Size
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 from seg.weights import export_weights
@@ -41,7 +42,7 @@ def test_files_and_folders_get_the_modes_of_a_plain_open_and_mkdir(tmp_path, mas
             (tmp / "inside.txt").write_text("x")
             (tmp / "sub").mkdir()
         make_synthetic(tmp_path / "cityscapes", counts={"train": 4, "val": 1, "test": 1},
-                       cities={"train": 2, "val": 1, "test": 1}, size=(32, 16), progress=False)  # fmt: skip
+                       cities={"train": 2, "val": 1, "test": 1}, size=Size(16, 32), progress=False)  # fmt: skip
         pack(tmp_path / "cityscapes", tmp_path / "shards", Options(folds=2), progress=False)
         export_weights(torch.nn.Linear(2, 2), tmp_path / "model.safetensors", {"config": {}})
     assert mode(tmp_path / "a.json") == file_mode

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from seg import cv
+from seg.cli import Size
 from seg.config import ConfigError, load_config
 from seg.identity import fold_identity
-from seg.manifest import ManifestError
+from seg.manifest import FoldSplit, ManifestError
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 
@@ -26,7 +27,7 @@ CONFIG = str(REPO / "configs" / "demo.yaml")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cv") / "cityscapes"
     make_synthetic(root, counts={"train": 9, "val": 2, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
-                   size=(64, 32), progress=False)  # fmt: skip
+                   size=Size(32, 64), progress=False)  # fmt: skip
     pack(root, root.parent / "shards", Options(folds=3, splits=("train", "val")), progress=False)
     return root.parent / "shards"
 
@@ -125,7 +126,8 @@ def test_a_chain_that_cannot_reduce_is_refused_before_anything_is_submitted(shar
 
 def finish(plan: cv.Chain, stage: int, fold: int, init_from: str | None, processes: int = 1) -> None:
     """A summary.json as seg/train.py writes it at the end of that run."""
-    identity = fold_identity(load_config(CONFIG, plan.overrides, stage), stage, fold, init_from, processes)
+    config = load_config(CONFIG, plan.overrides, stage)
+    identity = fold_identity(config, stage, FoldSplit.of(config.data.shards, fold), init_from, processes)
     summary = {"steps": identity["schedule"]["total_steps"], "identity": identity}
     (plan.experiment.stage(stage).dir / f"fold{fold}").mkdir(parents=True, exist_ok=True)
     (plan.experiment.stage(stage).dir / f"fold{fold}" / "summary.json").write_text(json.dumps(summary))

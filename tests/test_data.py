@@ -24,6 +24,7 @@ from seg.data import (
     _loader_options,
     eval_loader,
     shards_of,
+    steps_per_epoch,
     train_loader,
 )
 from seg.manifest import FoldSplit, ManifestError, load_manifest
@@ -54,6 +55,14 @@ def group_keys(directory: Path, group: str) -> list[str]:
         with tarfile.open(shard.path) as tar:
             keys += sorted({m.name.split(".")[0] for m in tar})
     return keys
+
+
+def loader_and_steps(
+    split: FoldSplit, geometry: TrainGeometry, batch_size: int, world_size: int = 1, workers: int = 2, **options
+) -> tuple[torch.utils.data.DataLoader, int]:
+    """train_loader, and the batches per epoch a run takes from it (seg.identity.run_length's)."""
+    loader = train_loader(split, geometry, batch_size, world_size=world_size, workers=workers, **options)
+    return loader, steps_per_epoch(split.train_samples, batch_size, world_size, workers)
 
 
 @pytest.mark.parametrize("dataset", ["many_shards", "one_shard_per_group"])
@@ -99,8 +108,8 @@ def test_every_rank_takes_the_same_number_of_full_batches(request, dataset, worl
     directory = request.getfixturevalue(dataset)
     counts = []
     for rank in range(world):
-        loader, steps = train_loader(FoldSplit.of(directory, 0), GEOMETRY, batch_size=3, rank=rank, world_size=world,
-                                     workers=workers)  # fmt: skip
+        split = FoldSplit.of(directory, 0)
+        loader, steps = loader_and_steps(split, GEOMETRY, batch_size=3, rank=rank, world_size=world, workers=workers)
         batches = iter(loader)
         for _epoch in range(2):
             sizes = [len(next(batches)["key"]) for _ in range(steps)]
@@ -112,8 +121,8 @@ def test_every_rank_takes_the_same_number_of_full_batches(request, dataset, worl
 
 
 def _epochs(directory: Path, start_epoch: int, epochs: int, workers: int = 2) -> list[dict]:
-    loader, steps = train_loader(FoldSplit.of(directory, 2), GEOMETRY, batch_size=2, rank=1, world_size=2,
-                                 workers=workers, seed=7, start_epoch=start_epoch)  # fmt: skip
+    loader, steps = loader_and_steps(FoldSplit.of(directory, 2), GEOMETRY, batch_size=2, rank=1, world_size=2,
+                                     workers=workers, seed=7, start_epoch=start_epoch)  # fmt: skip
     batches = iter(loader)
     return [next(batches) for _ in range(steps * epochs)]
 
@@ -130,8 +139,8 @@ def test_the_stream_after_a_restart_at_an_epoch_is_the_same(many_shards):
 
 def test_the_stream_depends_on_the_seed_and_the_rank(many_shards):
     def keys(seed: int, rank: int) -> list[str]:
-        loader, steps = train_loader(FoldSplit.of(many_shards, 0), GEOMETRY, batch_size=2, rank=rank, world_size=2,
-                                     workers=0, seed=seed)  # fmt: skip
+        split = FoldSplit.of(many_shards, 0)
+        loader, steps = loader_and_steps(split, GEOMETRY, batch_size=2, rank=rank, world_size=2, workers=0, seed=seed)
         batches = iter(loader)
         return [k for _ in range(steps) for k in next(batches)["key"]]
 
@@ -327,7 +336,7 @@ def test_a_truncated_shard_without_checksums_trains_on_what_is_readable_or_is_re
     directory, shard, keys, torn = _truncate_mid_member(one_shard_per_group, tmp_path)
     readable = keys.index(torn)
     # on_error=skip: the loader accepts it; an epoch counts every sample the shard lacks
-    loader, _ = train_loader(
+    loader = train_loader(
         FoldSplit.of(directory, 0), GEOMETRY, batch_size=2, workers=0, checksums=False, on_error="skip"
     )
     (shards,) = shards_of(directory, ["train-fold1"], checksums=False, sizes=False)
@@ -364,7 +373,8 @@ def test_a_shard_cut_at_a_member_boundary_is_short_not_silent(one_shard_per_grou
 def test_shards_packed_at_the_training_size_train_at_that_size_and_refuse_any_other(synthetic_root, tmp_path):
     out = tmp_path / "resized"
     pack(synthetic_root, out, Options(folds=3, resize=(16, 32)), progress=False)
-    loader, steps = train_loader(FoldSplit.of(out, 0), TrainGeometry(size=(16, 32)), batch_size=2, workers=0, seed=0)
+    split, geometry = FoldSplit.of(out, 0), TrainGeometry(size=(16, 32))
+    loader, steps = loader_and_steps(split, geometry, batch_size=2, workers=0, seed=0)
     batch = next(iter(loader))
     assert batch["image"].shape == (2, 3, 16, 32) and batch["label"].shape == (2, 16, 32) and steps > 0
     labelled = batch["label"][batch["label"] != cs.IGNORE_INDEX]
@@ -389,10 +399,8 @@ def test_geometry_on_the_device_matches_the_workers_from_the_same_stream(one_sha
     by the sub-pixel part of the window (whole source pixels on the device)."""
     geometry = TrainGeometry(mode, size=(16, 32), base_size=(32, 64), level="standard")
     options = {"batch_size": 4, "workers": 0, "seed": 3}
-    cpu = next(iter(train_loader(FoldSplit.of(one_shard_per_group, 0), geometry, **options)[0]))
-    raw = next(
-        iter(train_loader(FoldSplit.of(one_shard_per_group, 0), geometry, geometry_on_device=True, **options)[0])
-    )
+    cpu = next(iter(train_loader(FoldSplit.of(one_shard_per_group, 0), geometry, **options)))
+    raw = next(iter(train_loader(FoldSplit.of(one_shard_per_group, 0), geometry, geometry_on_device=True, **options)))
     assert raw["key"] == cpu["key"] and raw["image"].shape[1:] == (32, 64, 3)
     images, labels = cut_on_device(raw["image"], raw["label"], raw["window"], raw["flip"], geometry.size)
     assert images.shape == cpu["image"].shape and labels.shape == cpu["label"].shape

@@ -11,6 +11,7 @@ from PIL import Image
 
 from seg.augment import DeviceAugment
 from seg.cityscapes import CLASS_NAMES, ID_TO_TRAINID, VALID_IDS
+from seg.cli import Size
 from seg.config import load_config, to_dict
 from seg.data import EvalStream, shards_of
 from seg.inference import TestTimeAugmentation, predict_probabilities
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def model_and_shards(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("evaluate")
     make_synthetic(root / "cityscapes", counts={"train": 4, "val": 5, "test": 2},
-                   cities={"train": 2, "val": 2, "test": 1}, size=(64, 32), progress=False)  # fmt: skip
+                   cities={"train": 2, "val": 2, "test": 1}, size=Size(32, 64), progress=False)  # fmt: skip
     pack(root / "cityscapes", root / "shards", Options(folds=2, splits=("train", "val", "test")), progress=False)
     torch.manual_seed(0)
     model = DeepLabV3Plus(18, 8).eval()

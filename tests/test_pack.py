@@ -17,12 +17,15 @@ from PIL import Image
 
 from seg import cityscapes as cs
 from seg import pack as pack_module
+from seg.cli import Size
 from seg.manifest import ManifestError, fold_groups, load_manifest, shard_paths, verify
 from seg.pack import Options, PackError, pack
 from seg.synthetic import make_synthetic
 from tools import pack_cityscapes
 
 from .conftest import TINY
+
+PIL_SIZE = (TINY["size"].width, TINY["size"].height)  # Pillow and the records say (width, height)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +92,7 @@ def test_samples_hold_original_image_bytes_trainid_labels_and_records(synthetic_
                 record = json.loads(sample["json"])
                 assert record["key"] == sample["__key__"]
                 assert record["fold"] == manifest["groups"][group]["fold"]
-                assert (record["width"], record["height"]) == TINY["size"]
+                assert (record["height"], record["width"]) == TINY["size"]
                 assert sample["image.png"] == (synthetic_root / record["image"]).read_bytes()
                 if record["split"] == "test":
                     assert "label.png" not in sample and record["label"] is None
@@ -154,7 +157,7 @@ def test_train_id_labels_are_used_as_they_are_when_present(tmp_path):
         root,
         counts={"train": 6, "val": 2, "test": 0},
         cities={"train": 3, "val": 1, "test": 1},
-        size=(64, 32),
+        size=Size(32, 64),
         train_ids=True,
         progress=False,
     )
@@ -171,7 +174,7 @@ def test_jpg_image_format_is_an_explicit_lossy_option(synthetic_root, tmp_path):
     pack(synthetic_root, tmp_path / "jpg", Options(image_format="jpg", jpeg_quality=90), progress=False)
     sample = next(iter(read_shards(tmp_path / "jpg")["val"].values()))[0]
     image = Image.open(io.BytesIO(sample["image.jpg"]))
-    assert image.format == "JPEG" and image.size == TINY["size"]
+    assert image.format == "JPEG" and image.size == PIL_SIZE
     assert load_manifest(tmp_path / "jpg")["options"]["jpeg_quality"] == 90
 
 
@@ -409,9 +412,9 @@ def test_resize_stores_the_train_split_at_the_training_size_and_keeps_val_and_te
             for sample in samples:
                 record = json.loads(sample["json"])
                 image = Image.open(io.BytesIO(sample["image.png"]))
-                stored = (32, 16) if record["split"] == "train" else TINY["size"]
+                stored = (32, 16) if record["split"] == "train" else PIL_SIZE
                 assert image.size == (record["width"], record["height"]) == stored
-                assert (record["source_width"], record["source_height"]) == TINY["size"]
+                assert (record["source_width"], record["source_height"]) == PIL_SIZE
                 if record["split"] == "test":
                     continue
                 # the label: the full-resolution trainIds resized with nearest neighbours

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from seg.cli import Size
 from seg.pack import Options, pack
 from seg.synthetic import make_synthetic
 from tests.slurm_cluster import FINISHED, SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
@@ -50,7 +51,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 def test_cv_chain_with_two_node_folds_a_preemption_and_reductions(slurm_cluster: SlurmCluster, tmp_path: Path):
     root = tmp_path / "cityscapes"
     make_synthetic(root, counts={"train": 12, "val": 2, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
-                   size=(64, 32), progress=False)  # fmt: skip
+                   size=Size(32, 64), progress=False)  # fmt: skip
     shards = tmp_path / "shards"
     pack(root, shards, Options(folds=2, splits=("train", "val"), selection_cities=("bochum",)), progress=False)
     runs = tmp_path / "runs"
@@ -136,7 +137,7 @@ def test_cv_chain_with_two_node_folds_a_preemption_and_reductions(slurm_cluster:
 def test_a_chain_that_cannot_reduce_is_never_submitted(slurm_cluster: SlurmCluster, tmp_path: Path):
     root = tmp_path / "cityscapes"
     make_synthetic(root, counts={"train": 6, "val": 1, "test": 0}, cities={"train": 2, "val": 1, "test": 1},
-                   size=(64, 32), progress=False)  # fmt: skip
+                   size=Size(32, 64), progress=False)  # fmt: skip
     shards = tmp_path / "shards"
     pack(root, shards, Options(folds=2, splits=("train", "val")), progress=False)  # no selection subset
     before = slurm_cluster.env | {"SEG_PYTHON": sys.executable}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from seg.cli import Size
 from seg.config import load_config, to_dict
 from seg.model import DeepLabV3Plus
 from seg.pack import Options, pack
@@ -144,7 +145,7 @@ def selection_shards(tmp_path: Path, train: int, val: int) -> Path:
     """A tiny synthetic Cityscapes packed into 2 folds with the city bochum held out for selection."""
     root = tmp_path / "cityscapes"
     make_synthetic(root, counts={"train": train, "val": val, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
-                   size=(64, 32), progress=False)  # fmt: skip
+                   size=Size(32, 64), progress=False)  # fmt: skip
     shards = tmp_path / "shards"
     pack(root, shards, Options(folds=2, splits=("train", "val"), selection_cities=("bochum",)), progress=False)
     return shards

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from seg.atomic import current_umask
+from seg.cli import Size
 from seg.launch import launch_command
 from seg.pack import Options, pack
 from seg.soup import load_fold_models
@@ -36,7 +37,7 @@ TINY = [
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train") / "cityscapes"
     make_synthetic(root, counts={"train": 16, "val": 4, "test": 0}, cities={"train": 4, "val": 1, "test": 1},
-                   size=(64, 32), progress=False)  # fmt: skip
+                   size=Size(32, 64), progress=False)  # fmt: skip
     out = root.parent / "shards"
     pack(root, out, Options(folds=2, splits=("train", "val")), progress=False)
     return out

@@ -66,7 +66,7 @@ def timed(produce: Callable[[], int], seconds: float) -> float:
 
 
 def pipeline_rate(shards: Path, geometry: TrainGeometry, on_device: bool, seconds: float) -> float:
-    loader, _ = train_loader(FoldSplit.of(shards, 0), geometry, batch_size=2, workers=0, checksums=False,
+    loader = train_loader(FoldSplit.of(shards, 0), geometry, batch_size=2, workers=0, checksums=False,
                              geometry_on_device=on_device)  # fmt: skip
     batches = iter(loader)
     return timed(lambda: next(batches)["image"].shape[0], seconds)

@@ -68,7 +68,7 @@ def main() -> None:
                 root,
                 counts={"train": args.images, "val": 0, "test": 0},
                 cities={"train": 6, "val": 1, "test": 1},
-                size=(args.size.width, args.size.height),  # make_synthetic takes (W, H)
+                size=args.size,
                 workers=max(args.workers),
                 progress=False,
             )

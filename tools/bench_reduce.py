@@ -49,7 +49,7 @@ INSIDE = (
     ("load_fold_models", (seg.reduce, "load_fold_models")),
     ("average (mean, topk, greedy soups)", (seg.reduce, "average")),
     ("Reducer() (build the model)", (Reducer, "__init__")),
-    ("Reducer.evaluate", (Reducer, "evaluate")),
+    ("Reducer.score", (Reducer, "score")),
     ("Reducer.recalibrate", (Reducer, "recalibrate")),
 )
 
@@ -155,7 +155,7 @@ def main() -> None:
         rows.append(("build the evaluation model", 1, time.perf_counter() - start))
         for name, state in (("fold0", models[0].state), ("mean", mean)):  # the first one warms up
             start = time.perf_counter()
-            reducer.evaluate(state)
+            reducer.score(state)
             rows.append((f"evaluate {name} on selection ({args.selection_frames} img)", 1, time.perf_counter() - start))
         if args.recalibrate > 0:
             start = time.perf_counter()

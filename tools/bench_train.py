@@ -45,7 +45,7 @@ def main() -> None:
     try:
         root = scratch / "cityscapes"
         make_synthetic(root, counts={"train": args.frames, "val": 2, "test": 0},
-                       cities={"train": 6, "val": 1, "test": 1}, size=(args.size.width, args.size.height), workers=2,
+                       cities={"train": 6, "val": 1, "test": 1}, size=args.size, workers=2,
                        progress=False)  # fmt: skip
         pack(root, scratch / "shards", Options(splits=("train", "val")), workers=2, progress=False)
         print(f"{args.config} {' '.join(args.overrides)}; {args.frames} synthetic frames at {format_size(args.size)}")

@@ -559,13 +559,14 @@ def loader_speed(tiny: bool, train_images_per_s: float | None) -> list[dict[str,
     shards with the geometry in the worker, and shards packed at the training size with the
     geometry on the device (``pack --resize``, ``data.geometry_on_device``); tools/bench_loader.py
     has every variant."""
-    from seg.data import train_loader
+    from seg.cli import Size
+    from seg.data import steps_per_epoch, train_loader
     from seg.manifest import FoldSplit
     from seg.pack import Options, pack
     from seg.synthetic import make_synthetic
     from seg.transforms import TrainGeometry
 
-    frame, train_size, frames = ((256, 128), (64, 128), 8) if tiny else ((2048, 1024), (512, 1024), 24)
+    frame, train_size, frames = (Size(128, 256), (64, 128), 8) if tiny else (Size(1024, 2048), (512, 1024), 24)
     rows = []
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
@@ -578,8 +579,9 @@ def loader_speed(tiny: bool, train_images_per_s: float | None) -> list[dict[str,
                                         ("train-size PNG, geometry on the device", train_size, True)):  # fmt: skip
             shards = Path(scratch) / name.split(",")[0].replace(" ", "-")
             pack(root, shards, Options(splits=("train",), folds=3, resize=resize), workers=workers, progress=False)
-            loader, steps = train_loader(FoldSplit.of(shards, 0), geometry, batch_size=2, workers=0, seed=0,
-                                         geometry_on_device=on_device)  # fmt: skip
+            split = FoldSplit.of(shards, 0)
+            loader = train_loader(split, geometry, batch_size=2, workers=0, seed=0, geometry_on_device=on_device)
+            steps = steps_per_epoch(split.train_samples, 2, 1, 0)
             batches = iter(loader)
             next(batches)
             torch.set_num_threads(1)  # one core

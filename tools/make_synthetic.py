@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             counts={s: getattr(args, s) for s in CITIES},
             cities={s: getattr(args, f"{s}_cities") for s in CITIES},
-            size=(args.size.width, args.size.height),  # make_synthetic takes (W, H)
+            size=args.size,
             seed=args.seed,
             workers=args.workers,
             train_ids=args.train_ids,
