@@ -148,11 +148,14 @@ class Reducer:
 
     def _score(self, model: torch.nn.Module) -> dict[str, Any]:
         accelerator = self.accelerator
-        loader, expected = eval_loader_of(
-            self.config["data"], [self.group], accelerator.process_index, accelerator.num_processes, shards=self.shards
+        # Every candidate is scored on every selection sample: one that can't be read stops the
+        # reduction, whatever data.on_error let training skip.
+        data = {**self.config["data"], "on_error": "raise"}
+        loader, _ = eval_loader_of(
+            data, [self.group], accelerator.process_index, accelerator.num_processes, shards=self.shards
         )
         matrix, seen, _ = evaluate(model, loader, accelerator.device, self.normalise)
-        return matrix.compute() | {"samples": seen, "skipped": expected - seen}
+        return matrix.compute() | {"samples": seen}
 
     def score_ensemble(self, states: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """The selection score of the models' averaged probabilities (seg.ensemble.Ensemble)."""
