@@ -9,7 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -18,45 +17,16 @@ import torch
 from safetensors.torch import load_file
 
 from seg.atomic import current_umask
-from seg.cli import Size
 from seg.launch import launch_command
-from seg.pack import Options, pack
 from seg.soup import load_fold_models
-from seg.synthetic import make_synthetic
 from seg.train import EXIT_REQUEUE, main
+from tests.tiny_training import FOLD, REPO, command, run, steps_logged, tiny_shards, wait_for
 from tests.wandb_records import run_record as wandb_run_record
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.size=[32,64]", "data.eval_size=null", "data.workers=0", "train.batch_size=2", "train.log_every=1",
-    "train.eval_every=1", "wandb.mode=disabled", "model.depth=18",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train") / "cityscapes"
-    make_synthetic(root, counts={"train": 16, "val": 4, "test": 0}, cities={"train": 4, "val": 1, "test": 1},
-                   size=Size(32, 64), progress=False)  # fmt: skip
-    out = root.parent / "shards"
-    pack(root, out, Options(folds=2, splits=("train", "val")), progress=False)
-    return out
-
-
-def command(shards: Path, runs: Path, *extra: str, processes: int = 1) -> list[str]:
-    script = [str(REPO / "seg" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"), "--fold", "0",
-              f"data.shards={shards}", f"train.runs_dir={runs}", *TINY, *extra]  # fmt: skip
-    return [*launch_command(processes), *script]
-
-
-def run(shards: Path, runs: Path, *extra: str, processes: int = 1, drill: str = "") -> subprocess.CompletedProcess:
-    """seg/train.py to its end; ``drill``: a signal it sends itself after a step (SEG_DRILL)."""
-    env = os.environ | ({"SEG_DRILL": drill} if drill else {})
-    return subprocess.run(command(shards, runs, *extra, processes=processes), capture_output=True, text=True,
-                          timeout=600, cwd=REPO, env=env)  # fmt: skip
-
-
-FOLD = Path("demo/stage1/fold0")
+    return tiny_shards(tmp_path_factory.mktemp("train"))
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path):
@@ -111,20 +81,6 @@ def test_a_run_writes_its_outputs(shards, tmp_path):
     ]
 
 
-def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
-
-
-def _steps(path: Path) -> int:
-    if not path.exists():
-        return 0
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line), default=0)
-
-
 def test_a_killed_run_resumes_to_the_weights_of_one_never_stopped(shards, tmp_path):
     epochs = ["train.epochs=3"]
     assert run(shards, tmp_path / "whole", *epochs).returncode == 0
@@ -132,7 +88,7 @@ def test_a_killed_run_resumes_to_the_weights_of_one_never_stopped(shards, tmp_pa
     # SIGKILL, past the first state and mid-epoch, at an exact step whatever the machine's load
     killed = run(shards, tmp_path / "killed", *epochs, drill=f"{per_epoch + 1}:KILL")
     out = tmp_path / "killed" / FOLD
-    assert killed.returncode == -signal.SIGKILL and _steps(out / "metrics.jsonl") == per_epoch + 1
+    assert killed.returncode == -signal.SIGKILL and steps_logged(out / "metrics.jsonl") == per_epoch + 1
     assert not (out / "summary.json").exists()
     resumed = run(shards, tmp_path / "killed", *epochs)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -171,12 +127,12 @@ def test_sigterm_to_every_process_with_data_workers_saves_and_exits_75(shards, t
     job = subprocess.Popen(command(shards, tmp_path, "train.epochs=20", "data.workers=2"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)  # fmt: skip
     metrics = tmp_path / FOLD / "metrics.jsonl"
-    _wait_for(lambda: _steps(metrics) >= 2, job)
+    wait_for(lambda: steps_logged(metrics) >= 2, job)
     workers = psutil.Process(job.pid).children()
     assert len(workers) == 2
     os.kill(workers[0].pid, signal.SIGUSR1)
-    reached = _steps(metrics)
-    _wait_for(lambda: _steps(metrics) >= reached + 2, job)  # it trains on, the worker alive
+    reached = steps_logged(metrics)
+    wait_for(lambda: steps_logged(metrics) >= reached + 2, job)  # it trains on, the worker alive
     os.killpg(job.pid, signal.SIGTERM)  # the whole process group, as Slurm does
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == EXIT_REQUEUE, stderr[-3000:]
@@ -195,21 +151,21 @@ def _catches(pid: int, sig: int) -> bool:
 def test_a_signal_during_start_up_stops_before_the_first_step_with_exit_75(shards, tmp_path):
     job = subprocess.Popen(command(shards, tmp_path, "train.epochs=20"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
-    _wait_for(lambda: _catches(job.pid, signal.SIGTERM), job, timeout=120)
+    wait_for(lambda: _catches(job.pid, signal.SIGTERM), job, timeout=120)
     assert not (tmp_path / FOLD / "config.yaml").exists()  # still importing: long before the loop
     job.send_signal(signal.SIGTERM)
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == EXIT_REQUEUE, stderr[-3000:]
     assert f"rank 0: preempted, nothing to save before the first step; exit {EXIT_REQUEUE}" in stdout
     assert json.loads((tmp_path / FOLD / "PREEMPTED").read_text())["state"] is None
-    assert not (tmp_path / FOLD / "checkpoints").exists() and _steps(tmp_path / FOLD / "metrics.jsonl") == 0
+    assert not (tmp_path / FOLD / "checkpoints").exists() and steps_logged(tmp_path / FOLD / "metrics.jsonl") == 0
 
 
 def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_saves_and_exits_130(shards, tmp_path):
     job = subprocess.Popen(command(shards, tmp_path, "train.epochs=20", processes=2), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
     out = tmp_path / FOLD
-    _wait_for(lambda: _steps(out / "metrics.jsonl") >= 3, job)
+    wait_for(lambda: steps_logged(out / "metrics.jsonl") >= 3, job)
     ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
     os.kill(ranks[1].pid, signal.SIGINT)
     stdout, stderr = job.communicate(timeout=300)
