@@ -1,9 +1,11 @@
 """wandb logging from the main process: offline unless an API key is configured.
 
 Runs are grouped by experiment (``group``), typed by stage and fold (``job_type``), named
-``{experiment}-s{stage}-f{fold}`` and identified by that name, so a resumed fold continues
-its run. Everything logged here also lands in ``metrics.jsonl``: nothing depends on wandb
-being reachable; ``wandb sync runs/<experiment>/**/wandb/offline-run-*`` uploads later.
+``{experiment}-s{stage}-f{fold}`` and identified by that name and the fold's experiment key
+(seg/identity.py), kept in the fold's states: a resumed or requeued fold continues its run,
+another run of the fold (another config, or ``--resume none``) gets its own. Everything
+logged here also lands in ``metrics.jsonl``: nothing depends on wandb being reachable;
+``wandb sync runs/<experiment>/**/wandb/offline-run-*`` uploads later.
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_key else "offline"
 
 
-def start_run(config: dict[str, Any], run_dir: Path, job_type: str, suffix: str):  # -> wandb Run | None
-    """A run in the experiment's group, named and identified ``{experiment}-{suffix}`` (so a
-    resumed job continues its run), or None when wandb is disabled."""
+def start_run(
+    config: dict[str, Any], run_dir: Path, job_type: str, suffix: str, key: str | None = None
+):  # -> wandb Run | None
+    """A run in the experiment's group, named ``{experiment}-{suffix}`` and identified
+    ``{experiment}-{key or suffix}`` (so a resumed job continues its run), or None when wandb
+    is disabled."""
     settings = config["wandb"]
     mode = resolve_mode(settings["mode"])
     if mode == "disabled":
@@ -51,7 +56,7 @@ def start_run(config: dict[str, Any], run_dir: Path, job_type: str, suffix: str)
         group=experiment,
         job_type=job_type,
         name=name,
-        id=re.sub(r"[^A-Za-z0-9_.-]", "-", name),
+        id=re.sub(r"[^A-Za-z0-9_.-]", "-", f"{experiment}-{key or suffix}"),
         resume="allow",
         dir=str(run_dir),
         config=config,
@@ -67,11 +72,15 @@ class Tracker:
         stage: int,
         fold: int,
         main_process: bool,
+        key: str | None = None,
     ) -> None:
+        """``key``: the run's id within the experiment (the fold's run keeps it in its states:
+        one wandb run per fold's run, continued by every resume)."""
         # experiment, stage and fold as top-level fields, so the wandb UI can group and filter
         # runs by them across experiments (the nested config keeps every key as well)
         config = {"experiment": config["train"]["experiment"], "stage": stage, "fold": fold, **config}
-        self.run = start_run(config, run_dir, f"stage{stage}-fold{fold}", f"s{stage}-f{fold}") if main_process else None
+        job, name = f"stage{stage}-fold{fold}", f"s{stage}-f{fold}"
+        self.run = start_run(config, run_dir, job, name, key) if main_process else None
 
     def log(self, record: dict[str, Any], step: int) -> None:
         if self.run is not None:
