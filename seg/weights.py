@@ -96,10 +96,13 @@ def load_model(path: str | Path) -> tuple[DeepLabV3Plus, dict[str, Any]]:
         model = from_config(sidecar["config"]["model"])
     except (KeyError, TypeError) as e:
         raise WeightsError(f"{path.with_suffix('.json')}: not a seg model sidecar ({type(e).__name__}: {e})") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise WeightsError(f"{path}: does not fit the model its sidecar describes ({str(e).splitlines()[0]})") from None
+    if problems := _misfit(state, model.state_dict()):
+        described = ", ".join(f"{k}={v!r}" for k, v in sidecar["config"]["model"].items())
+        raise WeightsError(
+            f"{path}: does not fit the model its sidecar describes ({described}): {'; '.join(problems)}. "
+            f"The weights and {path.with_suffix('.json').name} come from different models: copy both again"
+        )
+    model.load_state_dict(state)
     return model.eval(), sidecar
 
 
@@ -177,12 +180,23 @@ def load_weights(model: DeepLabV3Plus, path: str | Path, config: Mapping[str, An
     and the likely cause (its sidecar's model, when it has one, against ``config``)."""
     state = read_state_dict(path)
     own = model.state_dict()
+    problems = _misfit(state, own)
+    if not problems:
+        model.load_state_dict(state)
+        return
+    missing = [k for k in own if k not in state]
+    raise WeightsError(
+        f"{path}: does not fit the depth-{depth_of(model)} model of this config: {'; '.join(problems)}. "
+        f"Likely cause: {_misfit_cause(Path(path), state, missing, own, config)}"
+    )
+
+
+def _misfit(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> list[str]:
+    """How ``state`` does not fit a model whose state dict is ``own``: the first missing,
+    unexpected and mismatched keys with their shapes (none when it fits)."""
     missing = [k for k in own if k not in state]
     unexpected = sorted((k for k in state if k not in own), key=lambda k: k.endswith("num_batches_tracked"))
     mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if not (missing or unexpected or mismatched):
-        model.load_state_dict(state)
-        return
 
     def first(keys: list[str], show: Any) -> str:
         more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
@@ -192,10 +206,7 @@ def load_weights(model: DeepLabV3Plus, path: str | Path, config: Mapping[str, An
     problems += [f"unexpected {first(unexpected, lambda k: f'{k} {tuple(state[k].shape)}')}"] if unexpected else []
     shapes = lambda k: f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"  # noqa: E731
     problems += [f"other shapes {first(mismatched, shapes)}"] if mismatched else []
-    raise WeightsError(
-        f"{path}: does not fit the depth-{depth_of(model)} model of this config: {'; '.join(problems)}. "
-        f"Likely cause: {_misfit_cause(Path(path), state, missing, own, config)}"
-    )
+    return problems
 
 
 def _misfit_cause(
