@@ -60,6 +60,7 @@ from seg.plots import evaluation_figures
 from seg.png import encode_gray8
 from seg.report import count
 from seg.runs import Stage
+from seg.storage import EXIT_STORAGE, StorageError, check_writable
 from seg.weights import WeightsError
 
 
@@ -147,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"ensemble of {len(members)} models ({len(members)} forward passes per view): {listed}")
     say(f"{describe_settings(record)}; input size from {size_from}"
         + (" (--input-size WIDTHxHEIGHT or full to change it)" if args.input_size is None else ""))  # fmt: skip
+    out = args.out or default_folder(args.models, members) / (
+        settings_name(args.split, record) + (f"-ensemble{len(members)}" if len(members) > 1 else "")
+    )
+    try:  # before the work: a folder that can't be written fails now, not after every image
+        for folder in [out, *([args.export] if args.export else [])]:
+            check_writable(folder)
+    except StorageError as e:
+        say(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     export = None
     if args.export:
         args.export.mkdir(parents=True, exist_ok=True)
@@ -168,9 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(members) > 1:
         result["ensemble"] = [str(m) for m in members]
     if accelerator.is_main_process:
-        out = args.out or default_folder(args.models, members) / (
-            settings_name(args.split, record) + (f"-ensemble{len(members)}" if len(members) > 1 else "")
-        )
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
         title = f"{result['model']} on {args.split}"

@@ -37,6 +37,7 @@ from seg.evaluate import describe_settings, parse_input_size
 from seg.inference import TestTimeAugmentation
 from seg.predict import MODEL_SIZE, PredictError, predict_files
 from seg.report import count as plural
+from seg.storage import EXIT_STORAGE, StorageError, check_writable, writing
 from seg.weights import WeightsError
 
 
@@ -92,12 +93,17 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = tqdm(disable=not sys.stderr.isatty(), unit="image", dynamic_ncols=True)
     try:
-        count = predict_files(
-            models, images, args.out, tta, size, args.alpha, progress=lambda _: bar.update(), announce=announce
-        )
+        check_writable(args.out)
+        with writing(args.out):
+            count = predict_files(
+                models, images, args.out, tta, size, args.alpha, progress=lambda _: bar.update(), announce=announce
+            )
     except (WeightsError, PredictError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     finally:
         bar.close()
     print(f"{plural(count, 'image')} -> {args.out}")
