@@ -2,6 +2,7 @@
 is refused while the first writes, a lease left by a dead process is taken over."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -64,3 +65,28 @@ def test_a_reduction_is_refused_while_another_reduces_the_stage(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.startswith(f"error: {stage} is being written by reduction of {stage} (host ")
     assert done.stderr.count("\n") == 1 and not (stage / "reduced").exists()
+
+
+def _wandb_ids(fold) -> list[str]:
+    """The run id of each offline wandb run of the fold, in the order they were made."""
+    return [p.name.split("-", 3)[3] for p in sorted((fold / "wandb").glob("offline-run-*"))]
+
+
+def test_one_wandb_run_per_fold_run_continued_by_a_resume_and_another_for_a_restart(shards, tmp_path):
+    wandb = ("train.epochs=2", "wandb.mode=offline")
+    assert run(shards, tmp_path, *wandb, drill="3:TERM").returncode == 75
+    resumed = run(shards, tmp_path, *wandb)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    fold = tmp_path / FOLD
+    first, second = _wandb_ids(fold)
+    assert first == second and re.fullmatch(r"demo-s1-f0-[0-9a-f]{8}", first)  # the same run, continued
+    restarted = run(shards, tmp_path, *wandb, "--resume", "none")
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    third = _wandb_ids(fold)[-1]
+    assert third.startswith(f"{first}-r") and third != first  # trained again from scratch: its own run
+
+
+def test_a_config_typo_under_a_two_process_launcher_is_said_once(shards, tmp_path):
+    done = run(shards, tmp_path, "train.epoch=3", processes=2)
+    assert done.returncode != 0
+    assert done.stderr.count("error: config key 'train.epoch'") == 1, done.stderr[-3000:]
