@@ -144,9 +144,11 @@ def reduction_done(chain: Chain, stage: int) -> tuple[bool, str]:
     if not all(m.exists() and m.stat().st_mtime <= reduced.reduced_model.stat().st_mtime for m in models):
         return False, "a fold was trained again since its reduction: reducing again"
     try:
-        recorded = json.loads(reduced.reduced_report.read_text()).get("options", {})
+        recorded = json.loads(reduced.reduced_report.read_text()).get("options")
     except (OSError, json.JSONDecodeError):
-        recorded = {}
+        recorded = None
+    if recorded is None:
+        return False, "its report does not record the options it ran with (an older seg): reducing again"
     changes = [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in chain.reduce_options().items()
                if recorded.get(key) != value]  # fmt: skip
     if changes:

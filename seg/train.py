@@ -302,7 +302,9 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
             if exit_code:
                 stop_on_signal(run, progress, exit_code)
             while not exit_code and not stopped_early and progress.step < data.total_steps:
+                waiting = time.perf_counter()
                 batch = next(batches)
+                window.waited += time.perf_counter() - waiting
                 exit_code, skipped = agreed_signal(run, signals, float(batch["skipped"].sum()))
                 if exit_code:  # this batch is not trained on; a resumed run draws it again
                     stop_on_signal(run, progress, exit_code)
@@ -686,12 +688,29 @@ def train_step(
     return loss.detach(), parts, stepped
 
 
+WAIT_WARNING = 0.10  # a data-wait share above this for WAIT_LOGS log steps in a row is said once
+WAIT_LOGS = 3
+
+
 @dataclass
 class Window:
-    """The steps since the last log line, for images per second."""
+    """The steps since the last log line, for images per second and the share of the time
+    spent waiting for the loader; and whether that share has been too high for a while."""
 
     start: float = field(default_factory=time.time)
     steps: int = 0
+    waited: float = 0.0  # seconds blocked on the loader
+    slow_logs: int = 0  # log steps in a row above WAIT_WARNING
+    warned: bool = False
+
+    def too_slow(self, wait_share: float) -> bool:
+        """Whether to say now that the loader holds training back: the share has been above
+        WAIT_WARNING for WAIT_LOGS log steps in a row (said once a run)."""
+        self.slow_logs = self.slow_logs + 1 if wait_share > WAIT_WARNING else 0
+        if self.slow_logs >= WAIT_LOGS and not self.warned:
+            self.warned = True
+            return True
+        return False
 
 
 def progress_bar(run: Run, total: int, initial: int) -> tqdm:
@@ -708,26 +727,40 @@ def log_step(
     """The loss and its parts averaged over the ranks, the lr, images/s and memory: recorded,
     and shown on the bar or as a line."""
     config, progress = run.config, fit.progress
-    values = all_reduce_sum(torch.stack([loss, *parts.values()]).float()) / run.world
-    seconds = time.time() - window.start
-    per_process = window.steps * config.train.batch_size / max(seconds, 1e-9)
+    if run.cuda:  # the queued kernels end before the clock is read: here only, so the steps between run freely
+        torch.cuda.synchronize(run.device)
+    waited = torch.tensor(window.waited, device=loss.device)
+    values = all_reduce_sum(torch.stack([loss, *parts.values(), waited]).float()) / run.world
+    seconds = max(time.time() - window.start, 1e-9)
+    per_process = window.steps * config.train.batch_size / seconds
+    wait_share = min(values[-1].item() / seconds, 1.0)  # the ranks' mean
     entry = {
         "train/loss": values[0].item(),
         "train/lr": fit.schedule.lr(),
         "train/images_per_s": per_process * run.world,
         "train/images_per_s_per_process": per_process,
+        "train/data_wait_s": values[-1].item(),
+        "train/data_wait_share": wait_share,
         "train/memory_mb": memory_mb(run.device),
     }
-    entry |= {f"train/{k}": v.item() for k, v in zip(parts, values[1:], strict=True)}
+    entry |= {f"train/{k}": v.item() for k, v in zip(parts, values[1:-1], strict=True)}
     run.record(entry, progress, data.steps_per_epoch)
-    bar.set_postfix(loss=f"{entry['train/loss']:.4f}", lr=f"{entry['train/lr']:.2e}")
+    bar.set_postfix(loss=f"{entry['train/loss']:.4f}", lr=f"{entry['train/lr']:.2e}", data_wait=f"{wait_share:.0%}")
     if run.main_process and bar.disable:
         print(
             f"step {progress.step}/{data.total_steps} loss {entry['train/loss']:.4f} "
-            f"lr {entry['train/lr']:.2e} {entry['train/images_per_s']:.1f} img/s",
+            f"lr {entry['train/lr']:.2e} {entry['train/images_per_s']:.1f} img/s, data wait {wait_share:.0%}",
             flush=True,
         )
-    window.start, window.steps = time.time(), 0
+    if window.too_slow(wait_share) and run.main_process:
+        print(
+            f"warning: training waited for data {wait_share:.0%} of the time in {WAIT_LOGS} log steps in a row: "
+            f"pack the shards at the training size (tools/pack_cityscapes.py --resize WxH), set "
+            f"data.geometry_on_device=true, raise data.workers, or pack JPEG (--image-format jpg)",
+            file=sys.stderr,
+            flush=True,
+        )
+    window.start, window.steps, window.waited = time.time(), 0, 0.0
 
 
 def memory_mb(device: torch.device) -> float:

@@ -151,6 +151,9 @@ def test_finished_folds_and_reductions_are_skipped(shards, tmp_path):
     reduced = plan.experiment.stage(1)
     reduced.reduced_model.parent.mkdir(parents=True)
     reduced.reduced_model.write_bytes(b"reduced")
+    reduced.reduced_report.write_text("{}")  # by an older seg
+    assert cv.reduction_done(plan, 1) == (False, "its report does not record the options it ran with (an older "
+                                                 "seg): reducing again")  # fmt: skip
     reduced.reduced_report.write_text(json.dumps({"options": plan.reduce_options()}))
     assert cv.reduction_done(plan, 1) == (True, "reduced before, skipped")
     # reduced by hand with other options: the chain reduces again, saying why

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from seg.atomic import current_umask
 from seg.launch import launch_command
 from seg.soup import load_fold_models
-from seg.train import EXIT_REQUEUE, main
+from seg.train import EXIT_REQUEUE, Window, main
 from tests.tiny_training import FOLD, REPO, command, run, steps_logged, tiny_shards, wait_for
 from tests.wandb_records import run_record as wandb_run_record
 
@@ -57,6 +57,9 @@ def test_a_run_writes_its_outputs(shards, tmp_path):
     assert summary["steps"] == 2 * summary["steps_per_epoch"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == list(range(1, summary["steps"] + 1))
+    # how long each log step's window waited for the loader (data.workers=0: the decoding itself)
+    waits = [(r["train/data_wait_s"], r["train/data_wait_share"]) for r in records if "train/loss" in r]
+    assert all(s > 0 and 0 < share <= 1 for s, share in waits), waits
     evaluations = [r for r in records if "fold/miou" in r]
     assert len(evaluations) == 2 and set(evaluations[0]["fold/iou"]) >= {"road", "sky"}
     sidecar = json.loads((out / "model.json").read_text())
@@ -353,3 +356,10 @@ def test_a_resume_on_another_process_count_with_the_same_global_batch_continues(
     summary = json.loads((tmp_path / FOLD / "summary.json").read_text())
     assert summary["steps"] == 2 * summary["steps_per_epoch"] and summary["processes"] == 2
     assert summary["identity"]["batch"] == {"processes": 2, "per_process": 2, "grad_accum": 1, "global": 4}
+
+
+def test_the_loader_holding_training_back_is_said_once_after_three_slow_log_steps_in_a_row():
+    window = Window()
+    assert [window.too_slow(share) for share in (0.5, 0.5, 0.05, 0.5, 0.5)] == [False] * 5  # not 3 in a row
+    assert window.too_slow(0.2) is True  # the third in a row
+    assert [window.too_slow(0.9) for _ in range(5)] == [False] * 5  # once a run
