@@ -3,6 +3,13 @@
 A config is this schema, overlaid by a YAML file, overlaid by ``key=value`` overrides from
 the command line. Unknown keys and values of the wrong type are refused with the key's
 name; the resolved config is printed and saved with every run.
+
+A YAML file may extend others, as mmseg's configs do: ``_base_: other.yaml`` (or a list,
+merged in order), relative to the file that names it. Bases are merged first, then the
+file's own keys, so a file only states what differs; sections merge key by key, while a
+list, ``stages`` included, is replaced whole by the file that sets it (OmegaConf's merge).
+Only the resolved config is saved and compared, so a based config and its flattened copy
+are the same run.
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 from seg.data import ON_ERROR
 from seg.losses import CLASS_WEIGHTS, LOSSES
@@ -194,20 +202,57 @@ class ConfigError(ValueError):
     """A config that cannot be used: the message names the key."""
 
 
+BASE_KEY = "_base_"  # mmseg's name for the configs a config extends
+
+
+def read_layers(path: str | Path, including: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """The YAML files a config is made of, in merge order (each file's bases, depth first and
+    in the order listed, before the file), each with its own keys less ``_base_``.
+    ``including``: the files that led here, so a cycle is refused naming them."""
+    path = Path(path)
+    named = f" (a {BASE_KEY} of {including[-1]})" if including else ""
+    if not path.is_file():
+        raise ConfigError(f"config file {path}{named} not found")
+    if any(path.resolve() == p.resolve() for p in including):
+        cycle = " -> ".join(map(str, (*including, path)))
+        raise ConfigError(f"config files extend each other in a cycle: {cycle} (remove one {BASE_KEY})")
+    try:
+        raw = OmegaConf.load(path)
+    except (YAMLError, OSError) as e:
+        raise ConfigError(f"config file {path}{named} is not readable YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"config file {path}{named} is not a mapping of sections (data:, model:, ...)")
+    bases = raw.pop(BASE_KEY, [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list | ListConfig) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"config key {BASE_KEY!r} in {path}: {bases!r} is not a file name or a list of file names")
+    layers = []
+    for base in bases:
+        layers += read_layers(path.parent / base, (*including, path))
+    return [*layers, (path, raw)]
+
+
+def origin(layers: list[tuple[Path, DictConfig]], key: str) -> Path | None:
+    """The file whose value of ``key`` the merge kept: the last that sets it."""
+    unset = object()
+    setting = (file for file, raw in reversed(layers) if OmegaConf.select(raw, key, default=unset) is not unset)
+    return next(setting, None)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), stage: int | None = None
 ) -> DictConfig:
-    """Schema <- YAML file <- the file's ``stages`` entry for ``stage`` <- ``key=value``
-    overrides, checked; read-only once resolved."""
+    """Schema <- YAML file (its bases first) <- the ``stages`` entry for ``stage`` <- ``key=value``
+    overrides, checked; read-only once resolved. Every caller reads configs through here."""
     config = OmegaConf.structured(Config)
-    where = f" in {path}" if path else ""
+    where, layers = "", []
     try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} not found")
-            config = OmegaConf.merge(config, OmegaConf.load(path))
+        layers = read_layers(path) if path is not None else []
+        for file, raw in layers:
+            where = f" in {file}"
+            config = OmegaConf.merge(config, raw)
         if stage is not None and config.stages:
-            config = apply_stage(config, stage, path)
+            config = apply_stage(config, stage, origin(layers, "stages"))
         where = " on the command line"
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -218,17 +263,18 @@ def load_config(
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"config key {key!r}{where}: {e.msg if hasattr(e, 'msg') else e}".split("\n")[0]) from None
-    check_values(config, path, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
+    check_values(config, layers, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
     OmegaConf.set_readonly(config, True)
     return config
 
 
-def check_values(config: DictConfig, path: str | Path | None, overridden: set[str]) -> None:
+def check_values(config: DictConfig, layers: list[tuple[Path, DictConfig]], overridden: set[str]) -> None:
     """Choices, sizes and numeric ranges, each refused with its key, its value, what is valid
-    and where the value came from."""
+    and where the value came from (the command line, or the file of ``layers`` that set it)."""
 
     def refuse(key: str, problem: str) -> None:
-        source = " (on the command line)" if key in overridden else f" (in {path})" if path else ""
+        file = origin(layers, key)
+        source = " (on the command line)" if key in overridden else f" (in {file})" if file else ""
         raise ConfigError(f"config key {key!r}{source}: {problem}")
 
     for key, choices in CHOICES.items():
@@ -245,7 +291,7 @@ def check_values(config: DictConfig, path: str | Path | None, overridden: set[st
             refuse(key, f"{value!r} is out of range; valid: {describe_range(*bounds)}")
 
 
-def apply_stage(config: DictConfig, stage: int, path: str | Path | None) -> DictConfig:
+def apply_stage(config: DictConfig, stage: int, path: Path | None) -> DictConfig:
     """The config with its ``stages`` entry for ``stage`` applied (dotted keys)."""
     index = min(stage, len(config.stages)) - 1
     for key, value in config.stages[index].items():
