@@ -27,7 +27,7 @@ from seg.losses import CLASS_WEIGHTS, LOSSES
 from seg.model import DEPTHS, OUTPUT_STRIDES
 from seg.optim import OPTIMIZERS
 from seg.schedule import SCHEDULES
-from seg.tracking import MODES
+from seg.tracking import BACKENDS, DEFAULT_BACKENDS, MODES, missing_package
 from seg.transforms import GEOMETRIES, LEVELS
 
 
@@ -121,6 +121,13 @@ class WandbConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # where runs are logged besides metrics.jsonl: wandb (the wandb section's settings) and/or
+    # tensorboard (event files in the run's folder; pip install -e '.[tensorboard]'); [] for neither
+    backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -129,6 +136,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # What changes from stage to stage of the cross-validation chain: stage s (seg/train.py
     # --stage s) applies entry s, or the last entry beyond the list; e.g. [{}, {optim.lr: 3.0e-5}].
     stages: list[dict[str, Any]] = field(default_factory=list)
@@ -289,6 +297,14 @@ def check_values(config: DictConfig, layers: list[tuple[Path, DictConfig]], over
         value = OmegaConf.select(config, key)
         if value is not None and not in_range(value, *bounds):
             refuse(key, f"{value!r} is out of range; valid: {describe_range(*bounds)}")
+    backends = list(config.tracking.backends)
+    for backend in backends:
+        if backend not in BACKENDS:
+            refuse("tracking.backends", f"{backend!r} is not one of {', '.join(BACKENDS)}")
+        if backends.count(backend) > 1:
+            refuse("tracking.backends", f"{backend!r} is named twice")
+        if missing := missing_package(backend):
+            refuse("tracking.backends", f"{backend} is asked for but {missing}")
 
 
 def apply_stage(config: DictConfig, stage: int, path: Path | None) -> DictConfig:
