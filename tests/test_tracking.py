@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from seg.cityscapes import CLASS_NAMES
 from seg.cli import Size
 from seg.config import ConfigError, load_config, to_dict
 from seg.identity import fold_identity, run_length
@@ -46,6 +48,36 @@ def test_a_fold_run_carries_experiment_stage_and_fold_as_top_level_fields(tmp_pa
     assert fields["data"]["shards"] == "s" and fields["train"]["experiment"] == "aug-none"
     run = run_record(record_file)
     assert (run.run_group, run.job_type) == ("aug-none", "stage2-fold3")
+
+
+@pytest.mark.timeout(180)
+def test_both_backends_get_the_same_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    overrides = ["data.shards=s", "wandb.mode=offline", "tracking.backends=[wandb,tensorboard]"]
+    config = to_dict(load_config(str(REPO / "configs" / "demo.yaml"), overrides))
+    tracker = Tracker(config, tmp_path, stage=1, fold=0, main_process=True)
+    tracker.log({"train/loss": 1.5, "train/lr": 0.25}, step=1)
+    result = {"miou": 0.5, "iou": {name: 0.5 for name in CLASS_NAMES}}
+    tracker.log_evaluation("fold", result, torch.eye(len(CLASS_NAMES), dtype=torch.long), [], step=2)
+    tracker.finish()
+    import wandb
+
+    wandb.teardown()
+    (record_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    assert b"train/loss" in record_file.read_bytes() and b"fold/per_class_iou" in record_file.read_bytes()
+    scalars = board_scalars(tmp_path / "tensorboard")
+    assert (scalars["train/loss"], scalars["train/lr"], scalars["fold/iou/road"]) == (
+        [(1, 1.5)],
+        [(1, 0.25)],
+        [(2, 0.5)],
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["images"] == ["fold/confusion"]  # the figure wandb gets too
 
 
 # --- TensorBoard beside wandb (tracking.backends) ------------------------------------------
