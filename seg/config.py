@@ -253,14 +253,14 @@ def load_config(
     """Schema <- YAML file (its bases first) <- the ``stages`` entry for ``stage`` <- ``key=value``
     overrides, checked; read-only once resolved. Every caller reads configs through here."""
     config = OmegaConf.structured(Config)
-    where, layers = "", []
+    where, layers, staged = "", [], {}
     try:
         layers = read_layers(path) if path is not None else []
         for file, raw in layers:
             where = f" in {file}"
             config = OmegaConf.merge(config, raw)
         if stage is not None and config.stages:
-            config = apply_stage(config, stage, origin(layers, "stages"))
+            config, staged = apply_stage(config, stage, origin(layers, "stages"))
         where = " on the command line"
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -271,18 +271,28 @@ def load_config(
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"config key {key!r}{where}: {e.msg if hasattr(e, 'msg') else e}".split("\n")[0]) from None
-    check_values(config, layers, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
+    sources = {key: f"in {file}" for file, raw in layers for key in _keys(raw)} | staged
+    sources |= {o.split("=", 1)[0].lstrip("+~"): "on the command line" for o in overrides}
+    check_values(config, sources)
     OmegaConf.set_readonly(config, True)
     return config
 
 
-def check_values(config: DictConfig, layers: list[tuple[Path, DictConfig]], overridden: set[str]) -> None:
+def _keys(tree: DictConfig, prefix: str = "") -> list[str]:
+    """The dotted keys a YAML layer sets."""
+    keys = []
+    for key, value in tree.items_ex(resolve=False):
+        keys += _keys(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else [f"{prefix}{key}"]
+    return keys
+
+
+def check_values(config: DictConfig, sources: dict[str, str]) -> None:
     """Choices, sizes and numeric ranges, each refused with its key, its value, what is valid
-    and where the value came from (the command line, or the file of ``layers`` that set it)."""
+    and where the value came from (``sources``: key -> "in FILE", "in stages[i] of FILE" or
+    "on the command line"; a key in none of them has the schema's default)."""
 
     def refuse(key: str, problem: str) -> None:
-        file = origin(layers, key)
-        source = " (on the command line)" if key in overridden else f" (in {file})" if file else ""
+        source = f" ({sources[key]})" if key in sources else ""
         raise ConfigError(f"config key {key!r}{source}: {problem}")
 
     for key, choices in CHOICES.items():
@@ -307,8 +317,9 @@ def check_values(config: DictConfig, layers: list[tuple[Path, DictConfig]], over
             refuse("tracking.backends", f"{backend} is asked for but {missing}")
 
 
-def apply_stage(config: DictConfig, stage: int, path: Path | None) -> DictConfig:
-    """The config with its ``stages`` entry for ``stage`` applied (dotted keys)."""
+def apply_stage(config: DictConfig, stage: int, path: Path | None) -> tuple[DictConfig, dict[str, str]]:
+    """The config with its ``stages`` entry for ``stage`` applied (dotted keys), and where
+    each key it set came from."""
     index = min(stage, len(config.stages)) - 1
     for key, value in config.stages[index].items():
         try:
@@ -316,7 +327,7 @@ def apply_stage(config: DictConfig, stage: int, path: Path | None) -> DictConfig
         except OmegaConfBaseException as e:
             reason = e.msg if hasattr(e, "msg") else e
             raise ConfigError(f"config key {key!r} in stages[{index}] of {path}: {reason}".split("\n")[0]) from None
-    return config
+    return config, {key: f"in stages[{index}] of {path}" for key in config.stages[index]}
 
 
 def to_dict(config: DictConfig) -> dict[str, Any]:

@@ -122,6 +122,13 @@ def test_a_bad_key_or_value_in_a_base_is_refused_naming_the_key_and_that_file(tm
     write(tmp_path / "child.yaml", "_base_: base.yaml\ntrain:\n  log_every: -1\n")  # the child's value is the one kept
     with pytest.raises(ConfigError, match=rf"'train.log_every' \(in {child}\): -1 is out of range"):
         load_config(child)
+    write(tmp_path / "base.yaml", "data:\n  shards: x\nstages:\n  - {}\n  - {train.log_every: 0}\n")
+    with pytest.raises(ConfigError, match=rf"'train.log_every' \(in stages\[1\] of {base}\): 0 is out of range"):
+        load_config(tmp_path / "base.yaml", [], stage=2)
+    with pytest.raises(ConfigError, match=r"'optim.lr' \(on the command line\): 0.0 is out of range"):
+        load_config(child, ["optim.lr=0"])
+    with pytest.raises(ConfigError, match=r"'train.log_every' \(in stages\[1\] of "):
+        load_config(child, [], stage=2)  # the child's own value, then its base's stage entry
 
 
 def test_the_r101_recipe_extends_the_r50_one_stating_only_what_differs():
