@@ -42,6 +42,7 @@ SCRATCH = "scratch"  # --init-from scratch: a later stage trained from the confi
 # of steps per epoch, which ``schedule`` records; data.shards is the folder, ``data`` its content.
 NOT_IDENTITY = (
     "wandb",
+    "tracking",
     "stages",  # the resolved config has this stage's entry applied
     "train.experiment",
     "train.runs_dir",

@@ -502,7 +502,11 @@ def open_records(run: Run, progress: Progress, resumed: bool) -> tuple[str | Non
     if not progress.tracking_id:  # a new run: named after the fold and what it is (a restart gets its own)
         restart = f"-r{int(time.time())}" if run.args.resume == "none" else ""
         progress.tracking_id = f"s{run.args.stage}-f{run.args.fold}-{experiment_key(run.identity)}{restart}"
-    run.tracker = Tracker(to_dict(run.config), run.out.dir, run.args.stage, run.args.fold, True, progress.tracking_id)
+    resume_step = progress.step if resumed else None  # TensorBoard hides what metrics.jsonl drops
+    args = run.args
+    run.tracker = Tracker(
+        to_dict(run.config), run.out.dir, args.stage, args.fold, True, progress.tracking_id, resume_step
+    )
     return None, 0
 
 
