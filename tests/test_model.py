@@ -225,3 +225,22 @@ def test_the_auxiliary_head_gives_logits_in_training_only():
 def test_mmseg_model_keys_refuse_bad_values_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_config(None, [f"{key}={value}", "data.shards=x"])
+
+
+def test_the_auxiliary_head_is_exported_only_when_asked_and_init_from_starts_it_afresh(tmp_path):
+    from seg.weights import export_weights, load_model, load_weights
+
+    model = {"depth": 18, "output_stride": 8, "aspp_pool_norm": True, "aux_head": True, "aux_weight": 0.4}
+    training = from_config(model, training=True)
+    assert training.aux_head is not None and from_config(model).aux_head is None
+    export_weights(training, tmp_path / "model.safetensors", {"config": {"model": model}, "metrics": {}})
+    loaded, _ = load_model(tmp_path / "model.safetensors")
+    assert loaded.aux_head is None and not any(k.startswith("aux_head") for k in loaded.state_dict())
+    export_weights(training, tmp_path / "aux.safetensors", {"config": {"model": model}, "metrics": {}}, aux=True)
+    with_aux, _ = load_model(tmp_path / "aux.safetensors")
+    assert torch.equal(with_aux.aux_head[2].weight, training.aux_head[2].weight)
+    fresh = from_config(model, training=True)
+    before = fresh.aux_head[2].weight.clone()
+    load_weights(fresh, tmp_path / "model.safetensors")  # a later stage from an inference file
+    assert torch.equal(fresh.classifier.weight, training.classifier.weight)
+    assert torch.equal(fresh.aux_head[2].weight, before)
