@@ -353,3 +353,19 @@ def test_a_resume_on_another_process_count_with_the_same_global_batch_continues(
     summary = json.loads((tmp_path / FOLD / "summary.json").read_text())
     assert summary["steps"] == 2 * summary["steps_per_epoch"] and summary["processes"] == 2
     assert summary["identity"]["batch"] == {"processes": 2, "per_process": 2, "grad_accum": 1, "global": 4}
+
+
+def test_mmsegs_model_trains_with_its_auxiliary_head_and_exports_without_it(shards, tmp_path):
+    mmseg = ["model.stem=deep", "model.contract_dilation=true", "model.head=separable-aspp", "model.aux_head=true"]
+    done = run(shards, tmp_path, "train.epochs=1", *mmseg)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / FOLD
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "train/loss" in r]
+    assert steps and all(r["train/aux_ce"] > 0 for r in steps)
+    for r in steps:  # the demo's loss (0.6 CE + 0.4 Dice) plus 0.4 x the auxiliary head's CE
+        expected = 0.6 * r["train/ce"] + 0.4 * r["train/dice"] + 0.4 * r["train/aux_ce"]
+        assert r["train/loss"] == pytest.approx(expected, rel=1e-5)
+    weights = load_file(out / "model.safetensors")
+    assert "backbone.stem.0.weight" in weights and not any(k.startswith("aux_head") for k in weights)
+    assert json.loads((out / "model.json").read_text())["config"]["model"]["aux_head"] is True
