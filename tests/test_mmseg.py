@@ -12,7 +12,7 @@ import torch
 
 from seg.model import from_config
 from seg.weights import from_mmseg, load_model, load_state
-from tests.test_model import MMSEG_PARAMETERS
+from tests.test_model import MMSEG_PARAMETERS, FLOPS_512x1024
 from tools.convert_mmseg import main as convert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +66,13 @@ def test_mmsegs_own_configs_count_the_parameters_pinned_for_seg(mmseg_model, dep
         model = mmseg_model(depth)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert (count(model) - count(model.auxiliary_head), count(model.auxiliary_head)) == MMSEG_PARAMETERS[depth]
+    if depth == 50:  # and the forward's FLOPs at 512x1024, as seg's model counts them
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with torch.device("meta"), counter, torch.no_grad():
+            model.eval().encode_decode(torch.empty(1, 3, 512, 1024), [{"img_shape": (512, 1024)}])
+        assert counter.get_total_flops() == FLOPS_512x1024["mmseg_r50"]
 
 
 def _randomise(model: torch.nn.Module) -> None:

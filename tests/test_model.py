@@ -15,6 +15,9 @@ STUDY_PARAMETERS = 26_715_827
 # auxiliary head, counted by building mmsegmentation 1.2.2's own configs with its own code
 # (sum of parameter numel; tests/test_mmseg.py counts them again from the installed package).
 MMSEG_PARAMETERS = {50: (41_225_187, 2_364_691), 101: (60_217_315, 2_364_691)}
+# Forward FLOPs of one 512x1024 image (torch's FlopCounterMode, eval mode): the study's model
+# as before mmseg's options were added, and mmseg's R50-D8 as its own encode_decode counts.
+FLOPS_512x1024 = {"study": 512_208_666_624, "mmseg_r50": 704_631_537_664}
 
 
 def test_the_study_model_has_its_parameter_count_and_layout():
@@ -244,3 +247,16 @@ def test_the_auxiliary_head_is_exported_only_when_asked_and_init_from_starts_it_
     load_weights(fresh, tmp_path / "model.safetensors")  # a later stage from an inference file
     assert torch.equal(fresh.classifier.weight, training.classifier.weight)
     assert torch.equal(fresh.aux_head[2].weight, before)
+
+
+def test_forward_flops_of_the_study_model_and_of_mmsegs_r50():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    configs = {"study": load_config(None, ["data.shards=x"]), "mmseg_r50": load_config("configs/mmseg_r50.yaml")}
+    for name, config in configs.items():
+        with torch.device("meta"):  # shapes only: no memory, no arithmetic
+            model, x = from_config(config.model).eval(), torch.empty(1, 3, 512, 1024)
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                model(x)
+        assert counter.get_total_flops() == FLOPS_512x1024[name], name
