@@ -24,7 +24,7 @@ from yaml import YAMLError
 
 from seg.data import ON_ERROR
 from seg.losses import CLASS_WEIGHTS, LOSSES
-from seg.model import DEPTHS, OUTPUT_STRIDES
+from seg.model import DEPTHS, HEADS, OUTPUT_STRIDES, STEMS
 from seg.optim import OPTIMIZERS
 from seg.schedule import SCHEDULES
 from seg.tracking import BACKENDS, DEFAULT_BACKENDS, MODES, missing_package
@@ -54,8 +54,16 @@ class ModelConfig:
     depth: int = 34  # 18 | 34 | 50 | 101
     output_stride: int = 8  # 8 | 16
     aspp_pool_norm: bool = True  # False: batch 1 on a single device trains (see seg/model.py)
-    pretrained: str | None = None  # ImageNet weights in torchvision's ResNet layout (.pth/.safetensors)
+    # ImageNet weights for the backbone: a file (.pth/.safetensors, torchvision's or ResNetV1c's
+    # layout) or a name fetched into torch.hub's cache: imagenet (the one for model.depth and
+    # model.stem), ResNet50_Weights.IMAGENET1K_V2 (torchvision's), open-mmlab://resnet50_v1c
+    pretrained: str | None = None
     sync_bn: bool = True  # batch statistics over all processes
+    stem: str = "torchvision"  # torchvision (7x7 conv) | deep (mmseg's ResNetV1c: 3x3 convs 32-32-64)
+    contract_dilation: bool = False  # a dilated layer's first block at half the dilation (ResNetV1c)
+    head: str = "aspp"  # aspp (the study's) | separable-aspp (mmseg's DepthwiseSeparableASPPHead)
+    aux_head: bool = False  # mmseg's auxiliary FCNHead on layer3, in training only
+    aux_weight: float = 0.4  # its cross entropy's weight in the loss
 
 
 @dataclass
@@ -149,6 +157,8 @@ CHOICES = {
     "data.on_error": ON_ERROR,
     "model.depth": tuple(DEPTHS),
     "model.output_stride": tuple(OUTPUT_STRIDES),
+    "model.stem": STEMS,
+    "model.head": tuple(HEADS),
     "loss.name": LOSSES,
     "loss.class_weights": (None, *CLASS_WEIGHTS),
     "optim.name": tuple(OPTIMIZERS),
@@ -163,6 +173,7 @@ CHOICES = {
 RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.workers": (0, None, True, False),
     "data.shuffle_buffer": (1, None, True, False),
+    "model.aux_weight": (0, None, True, False),
     "loss.alpha": (0, 1, True, True),
     "loss.label_smoothing": (0, 1, True, False),
     "loss.ohem_threshold": (0, 1, False, True),

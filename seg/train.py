@@ -587,7 +587,7 @@ def load_model(run: Run) -> tuple[torch.nn.Module, str | None]:
     """The network with its starting weights (a previous stage's model, or ImageNet weights for
     the backbone); or why those weights don't fit."""
     config = run.config
-    model = from_config(config.model)
+    model = from_config(config.model, training=True)  # with model.aux_head's head
     try:
         if run.args.init_from not in (None, SCRATCH):
             load_weights(model, run.args.init_from, config.model)
@@ -608,7 +608,8 @@ def optimisation(run: Run, data: FoldData, model: torch.nn.Module) -> Fit:
         model = convert_sync_batchnorm(model, run.cuda)
     if config.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = losses.from_config(config.loss, data.split.class_pixels(), distributed=run.world > 1).to(run.device)
+    aux_weight = config.model.aux_weight if config.model.aux_head else None
+    loss_fn = losses.from_config(config.loss, data.split.class_pixels(), run.world > 1, aux_weight).to(run.device)
     optimizer = optim.from_config(config.optim, model)
     schedule = Schedule.from_config(optimizer, config.schedule, data.total_steps // config.train.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)

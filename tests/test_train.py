@@ -363,3 +363,19 @@ def test_the_loader_holding_training_back_is_said_once_after_three_slow_log_step
     assert [window.too_slow(share) for share in (0.5, 0.5, 0.05, 0.5, 0.5)] == [False] * 5  # not 3 in a row
     assert window.too_slow(0.2) is True  # the third in a row
     assert [window.too_slow(0.9) for _ in range(5)] == [False] * 5  # once a run
+
+
+def test_mmsegs_model_trains_with_its_auxiliary_head_and_exports_without_it(shards, tmp_path):
+    mmseg = ["model.stem=deep", "model.contract_dilation=true", "model.head=separable-aspp", "model.aux_head=true"]
+    done = run(shards, tmp_path, "train.epochs=1", *mmseg)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / FOLD
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "train/loss" in r]
+    assert steps and all(r["train/aux_ce"] > 0 for r in steps)
+    for r in steps:  # the demo's loss (0.6 CE + 0.4 Dice) plus 0.4 x the auxiliary head's CE
+        expected = 0.6 * r["train/ce"] + 0.4 * r["train/dice"] + 0.4 * r["train/aux_ce"]
+        assert r["train/loss"] == pytest.approx(expected, rel=1e-5)
+    weights = load_file(out / "model.safetensors")
+    assert "backbone.stem.0.weight" in weights and not any(k.startswith("aux_head") for k in weights)
+    assert json.loads((out / "model.json").read_text())["config"]["model"]["aux_head"] is True
