@@ -31,6 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from seg.config import Config
 from seg.data import steps_per_epoch
 from seg.manifest import MANIFEST, FoldSplit, sha256_file
 from seg.runs import Fold
@@ -158,22 +159,32 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
+@functools.cache
+def _schema_defaults() -> dict[str, Any]:
+    """The config schema's defaults, keyed as an identity's (``config.model.stem``, ...)."""
+    return _flat({"config": OmegaConf.to_container(OmegaConf.structured(Config))})
+
+
 def differences(
     recorded: dict[str, Any],
     wanted: dict[str, Any],
     may_differ: tuple[str, ...] = MAY_DIFFER,
 ) -> list[str]:
-    """What differs between two identities, beyond ``may_differ``, as ``key: recorded -> wanted``."""
-    a, b = _flat(recorded), _flat(wanted)
+    """What differs between two identities, beyond ``may_differ``, as ``key: recorded -> wanted``.
+    A config key one side lacks counts as the schema's default: a run recorded before a key
+    existed ran as its default does (a new option is no new experiment)."""
+    a, b, defaults = _flat(recorded), _flat(wanted), _schema_defaults()
 
     def allowed(key: str) -> bool:
         return any(key == k or key.startswith(f"{k}.") for k in may_differ)
 
-    missing = "(absent)"
+    def value(side: dict[str, Any], key: str) -> Any:
+        return side.get(key, defaults.get(key, "(absent)"))
+
     return [
-        f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}"
+        f"{key}: {value(a, key)!r} -> {value(b, key)!r}"
         for key in sorted(a.keys() | b.keys())
-        if not allowed(key) and a.get(key, missing) != b.get(key, missing)
+        if not allowed(key) and value(a, key) != value(b, key)
     ]
 
 
