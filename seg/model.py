@@ -238,16 +238,18 @@ class DeepLabV3Plus(nn.Module):
             raise ValueError(f"head {head!r}: choose from {', '.join(HEADS)}")
         self.backbone = ResNet(depth, output_stride, stem, contract_dilation)
         _, rates = OUTPUT_STRIDES[output_stride]
-        channels, cin = HEADS[head], self.backbone.out_channels
+        channels, cin, study = HEADS[head], self.backbone.out_channels, head == "aspp"
+        # registered in the study model's order (backbone, aspp, reduce, decoder, classifier):
+        # reset_parameters draws each module's init in that order, so a seed gives its weights as before
+        aspp = ASPP if study else SeparableASPP
+        self.aspp: nn.Module = aspp(cin, rates, channels, pool_norm=aspp_pool_norm)
         self.reduce = _conv_bn_relu(self.backbone.low_channels, 48)
-        if head == "aspp":
-            self.aspp = ASPP(cin, rates, channels, pool_norm=aspp_pool_norm)
+        if study:
             self.decoder = nn.Sequential(
                 _conv_bn_relu(channels + 48, channels, 3), _conv_bn_relu(channels, channels, 3)
             )
             self.dropout: nn.Module = nn.Identity()  # the study's dropout is in the ASPP's projection
         else:
-            self.aspp = SeparableASPP(cin, rates, channels, pool_norm=aspp_pool_norm)
             self.decoder = nn.Sequential(_separable(channels + 48, channels), _separable(channels, channels))
             self.dropout = nn.Dropout2d(0.1)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
