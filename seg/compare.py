@@ -915,11 +915,18 @@ def caveat(result: dict[str, Any]) -> list[str]:
         f"Wilcoxon test cannot give a p-value below {_p(smallest)} (all {n} differences of one sign)"
         + (", so it can never reach 0.05" if smallest > 0.05 else "")
         + f". The t-test can, but it assumes the fold differences are normal, which {n} values cannot check, and "
-        f"one unusual fold moves it a lot; its 95% interval has {n - 1} degree{'s' if n != 2 else ''} of freedom "
-        f"(t = {t_ppf(0.975, max(n - 1, 1)):.2f}, not 1.96). The folds also share most of their training data, so "
-        "they are not independent replicates: the paired interval understates the spread a new dataset would show. "
-        "Read the mean difference beside its interval and the per-fold signs, not a p-value threshold.",
+        f"one unusual fold moves it a lot; {_interval_freedom(n)}. The folds also share most of their training data, "
+        "so they are not independent replicates: the paired interval understates the spread a new dataset would "
+        "show. Read the mean difference beside its interval and the per-fold signs, not a p-value threshold.",
     ]
+
+
+def _interval_freedom(n: int) -> str:
+    """What the t-interval of ``n`` paired folds rests on; with one pair there is none (no spread to measure)."""
+    if n < 2:
+        return "with one fold per side there is no interval and no t-test at all (one difference has no spread)"
+    degrees = f"{n - 1} degree{'s' if n != 2 else ''} of freedom"
+    return f"its 95% interval has {degrees} (t = {t_ppf(0.975, n - 1):.2f}, not 1.96)"
 
 
 def markdown(result: dict[str, Any], figures: dict[str, str]) -> str:

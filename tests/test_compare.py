@@ -511,3 +511,16 @@ def test_the_pooled_out_of_fold_score_sits_beside_the_mean_and_folds_without_a_m
     # best is at step 3 where best > final; elsewhere the final (step 6) evaluation, with the final matrix
     expected = [best[k] if best_steps[k] == 3 else final[k] for k in range(5)]
     assert used["value"] == pytest.approx(pooled(expected)["miou"], abs=1e-12)
+
+
+def test_one_fold_per_side_says_there_is_no_interval(tmp_path):
+    """With one pair the t quantile printed used to be df=1's (12.71) beside '0 degrees of freedom'."""
+    runs = tmp_path / "runs"
+    shards = write_shards(tmp_path / "shards" / "cityscapes", manifest(folds=1))
+    write_fold(runs, "A", 0, 0.41, 0.42, shards)
+    write_fold(runs, "B", 0, 0.43, 0.43, shards)
+    from seg.compare import caveat
+
+    text = " ".join(caveat(compare([runs / "A", runs / "B"])))
+    assert "0 degrees of freedom" not in text and "12.71" not in text
+    assert "one fold per side there is no interval" in text
