@@ -130,12 +130,18 @@ def _encode_rgb(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_outputs(stem: Path, image: Image.Image, prediction: np.ndarray, alpha: float) -> None:
-    """``stem``_color.png, _overlay.png and _labelIds.png (official label ids)."""
+def write_outputs(stem: Path, image: Image.Image, prediction: np.ndarray, alpha: float, legend: bool = False) -> None:
+    """``stem``_color.png, _overlay.png (with ``legend``: a legend of the classes it shows
+    beside it, seg.plots.overlay_with_legend) and _labelIds.png (official label ids)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     colours = colorize(prediction)
     atomic_write_bytes(f"{stem}_color.png", _encode_rgb(colours))
-    atomic_write_bytes(f"{stem}_overlay.png", _encode_rgb(overlay(np.asarray(image), colours, alpha)))
+    blended = overlay(np.asarray(image), colours, alpha)
+    if legend:
+        from seg.plots import overlay_with_legend  # (matplotlib, only when asked for)
+
+        blended = overlay_with_legend(blended, prediction)
+    atomic_write_bytes(f"{stem}_overlay.png", _encode_rgb(blended))
     atomic_write_bytes(f"{stem}_labelIds.png", encode_gray8(TRAINID_TO_ID[prediction]))
 
 
@@ -151,6 +157,7 @@ def predict_files(
     announce: Callable[[dict[str, Any]], None] | None = None,
     config: Path | None = None,
     say: Callable[[str], None] | None = None,
+    legend: bool = False,
 ) -> int:
     """Predict every image of ``inputs`` into ``out``, one at a time; returns how many.
 
@@ -162,7 +169,8 @@ def predict_files(
     config's settings, a clipped window). ``config``: a config given with the model (mmseg's
     habit), checked against its sidecar (seg.evaluate.check_config), whose data.eval_size
     and data.size replace the sidecar's. A --size the other way round than the model's
-    training size, or a slide window, is refused (seg.evaluate.SettingsError).
+    training size, or a slide window, is refused (seg.evaluate.SettingsError). ``legend``:
+    each overlay carries a legend of the classes it shows.
     The model and every image's header are checked before anything is written; an image
     that turns out truncated stops the run with its earlier images' outputs complete."""
     out = Path(out)
@@ -189,7 +197,7 @@ def predict_files(
     for path, stem in images:
         image = read_image(path)
         prediction = predict_image(model, image, tta, normalise, device, size)
-        write_outputs(out / stem, image, prediction, alpha)
+        write_outputs(out / stem, image, prediction, alpha, legend)
         if progress is not None:
             progress(path)
     return len(images)

@@ -257,3 +257,12 @@ def test_a_size_the_wrong_way_round_is_refused_and_a_config_first_is_accepted(mo
     assert main([str(config), str(model_path), str(single), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "single_labelIds.png").is_file()
     assert f"input size from {config} (data.eval_size)" in capsys.readouterr().out
+
+
+def test_legend_gives_each_overlay_a_legend_beside_it(model_and_images, tmp_path):
+    model_path, _, single = model_and_images
+    assert main([str(model_path), str(single), "--out", str(tmp_path / "out"), "--legend"]) == 0
+    with Image.open(tmp_path / "out" / "single_overlay.png") as overlay:
+        assert overlay.height >= 40 and overlay.width > 72  # the 72x40 image and its legend to the right
+    with Image.open(tmp_path / "out" / "single_labelIds.png") as label_ids:
+        assert label_ids.size == (72, 40)  # the other outputs keep the image's size

@@ -11,7 +11,8 @@
 
 IMAGES are files or folders (searched recursively for *.png, *.jpg, *.jpeg; the sub-folders
 are kept under --out). Each image gives NAME_color.png (Cityscapes palette), NAME_overlay.png
-(the colours blended over the image) and NAME_labelIds.png (official label ids, as the
+(the colours blended over the image; with --legend, a legend of the classes it shows
+beside it) and NAME_labelIds.png (official label ids, as the
 Cityscapes benchmark expects), all at the image's size; NAME drops a ``_leftImg8bit`` suffix.
 The model's input is resized to the model config's ``data.eval_size`` (the size it was
 validated at; printed) unless --size says otherwise. One image at a time, on CUDA when
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         "outputs keep the image's size",
     )
     parser.add_argument("--alpha", type=alpha, default=0.5, help="weight of the colours in the overlay (default 0.5)")
+    parser.add_argument(
+        "--legend", action="store_true", help="give each overlay a legend of the classes it shows (to its right)"
+    )
     args = parser.parse_args(argv)
     tta = TestTimeAugmentation.from_arguments(args, parser)
     try:
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             announce=announce,
             config=config,
             say=lambda line: print(line, flush=True),
+            legend=args.legend,
         )
     except (WeightsError, PredictError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
