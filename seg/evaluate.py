@@ -178,11 +178,6 @@ def _pair(size: Any) -> tuple[int, int] | None:
     return (int(size[0]), int(size[1])) if size else None
 
 
-def model_input_size(sidecar: dict[str, Any]) -> tuple[int, int] | None:
-    """(H, W) the model's own config evaluates at (``data.eval_size``), or None: full resolution."""
-    return Defaults.of(sidecar).input_size
-
-
 def split_config(paths: list[Path]) -> tuple[Path | None, list[Path]]:
     """(the config among ``paths``, if any, and the rest: the models). mmseg's habit, CONFIG
     then CHECKPOINT; a config alone, or two, are refused saying what to pass."""
