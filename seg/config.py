@@ -3,6 +3,13 @@
 A config is this schema, overlaid by a YAML file, overlaid by ``key=value`` overrides from
 the command line. Unknown keys and values of the wrong type are refused with the key's
 name; the resolved config is printed and saved with every run.
+
+A YAML file may extend others, as mmseg's configs do: ``_base_: other.yaml`` (or a list,
+merged in order), relative to the file that names it. Bases are merged first, then the
+file's own keys, so a file only states what differs; sections merge key by key, while a
+list, ``stages`` included, is replaced whole by the file that sets it (OmegaConf's merge).
+Only the resolved config is saved and compared, so a based config and its flattened copy
+are the same run.
 """
 
 from __future__ import annotations
@@ -11,15 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 from seg.data import ON_ERROR
 from seg.losses import CLASS_WEIGHTS, LOSSES
-from seg.model import DEPTHS, OUTPUT_STRIDES
+from seg.model import DEPTHS, HEADS, OUTPUT_STRIDES, STEMS
 from seg.optim import OPTIMIZERS
 from seg.schedule import SCHEDULES
-from seg.tracking import MODES
+from seg.tracking import BACKENDS, DEFAULT_BACKENDS, MODES, missing_package
 from seg.transforms import GEOMETRIES, LEVELS
 
 
@@ -46,8 +54,16 @@ class ModelConfig:
     depth: int = 34  # 18 | 34 | 50 | 101
     output_stride: int = 8  # 8 | 16
     aspp_pool_norm: bool = True  # False: batch 1 on a single device trains (see seg/model.py)
-    pretrained: str | None = None  # ImageNet weights in torchvision's ResNet layout (.pth/.safetensors)
+    # ImageNet weights for the backbone: a file (.pth/.safetensors, torchvision's or ResNetV1c's
+    # layout) or a name fetched into torch.hub's cache: imagenet (the one for model.depth and
+    # model.stem), ResNet50_Weights.IMAGENET1K_V2 (torchvision's), open-mmlab://resnet50_v1c
+    pretrained: str | None = None
     sync_bn: bool = True  # batch statistics over all processes
+    stem: str = "torchvision"  # torchvision (7x7 conv) | deep (mmseg's ResNetV1c: 3x3 convs 32-32-64)
+    contract_dilation: bool = False  # a dilated layer's first block at half the dilation (ResNetV1c)
+    head: str = "aspp"  # aspp (the study's) | separable-aspp (mmseg's DepthwiseSeparableASPPHead)
+    aux_head: bool = False  # mmseg's auxiliary FCNHead on layer3, in training only
+    aux_weight: float = 0.4  # its cross entropy's weight in the loss
 
 
 @dataclass
@@ -113,6 +129,13 @@ class WandbConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # where runs are logged besides metrics.jsonl: wandb (the wandb section's settings) and/or
+    # tensorboard (event files in the run's folder; pip install -e '.[tensorboard]'); [] for neither
+    backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -121,6 +144,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # What changes from stage to stage of the cross-validation chain: stage s (seg/train.py
     # --stage s) applies entry s, or the last entry beyond the list; e.g. [{}, {optim.lr: 3.0e-5}].
     stages: list[dict[str, Any]] = field(default_factory=list)
@@ -133,6 +157,8 @@ CHOICES = {
     "data.on_error": ON_ERROR,
     "model.depth": tuple(DEPTHS),
     "model.output_stride": tuple(OUTPUT_STRIDES),
+    "model.stem": STEMS,
+    "model.head": tuple(HEADS),
     "loss.name": LOSSES,
     "loss.class_weights": (None, *CLASS_WEIGHTS),
     "optim.name": tuple(OPTIMIZERS),
@@ -147,6 +173,7 @@ CHOICES = {
 RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.workers": (0, None, True, False),
     "data.shuffle_buffer": (1, None, True, False),
+    "model.aux_weight": (0, None, True, False),
     "loss.alpha": (0, 1, True, True),
     "loss.label_smoothing": (0, 1, True, False),
     "loss.ohem_threshold": (0, 1, False, True),
@@ -194,20 +221,57 @@ class ConfigError(ValueError):
     """A config that cannot be used: the message names the key."""
 
 
+BASE_KEY = "_base_"  # mmseg's name for the configs a config extends
+
+
+def read_layers(path: str | Path, including: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """The YAML files a config is made of, in merge order (each file's bases, depth first and
+    in the order listed, before the file), each with its own keys less ``_base_``.
+    ``including``: the files that led here, so a cycle is refused naming them."""
+    path = Path(path)
+    named = f" (a {BASE_KEY} of {including[-1]})" if including else ""
+    if not path.is_file():
+        raise ConfigError(f"config file {path}{named} not found")
+    if any(path.resolve() == p.resolve() for p in including):
+        cycle = " -> ".join(map(str, (*including, path)))
+        raise ConfigError(f"config files extend each other in a cycle: {cycle} (remove one {BASE_KEY})")
+    try:
+        raw = OmegaConf.load(path)
+    except (YAMLError, OSError) as e:
+        raise ConfigError(f"config file {path}{named} is not readable YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"config file {path}{named} is not a mapping of sections (data:, model:, ...)")
+    bases = raw.pop(BASE_KEY, [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list | ListConfig) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"config key {BASE_KEY!r} in {path}: {bases!r} is not a file name or a list of file names")
+    layers = []
+    for base in bases:
+        layers += read_layers(path.parent / base, (*including, path))
+    return [*layers, (path, raw)]
+
+
+def origin(layers: list[tuple[Path, DictConfig]], key: str) -> Path | None:
+    """The file whose value of ``key`` the merge kept: the last that sets it."""
+    unset = object()
+    setting = (file for file, raw in reversed(layers) if OmegaConf.select(raw, key, default=unset) is not unset)
+    return next(setting, None)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), stage: int | None = None
 ) -> DictConfig:
-    """Schema <- YAML file <- the file's ``stages`` entry for ``stage`` <- ``key=value``
-    overrides, checked; read-only once resolved."""
+    """Schema <- YAML file (its bases first) <- the ``stages`` entry for ``stage`` <- ``key=value``
+    overrides, checked; read-only once resolved. Every caller reads configs through here."""
     config = OmegaConf.structured(Config)
-    where = f" in {path}" if path else ""
+    where, layers, staged = "", [], {}
     try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} not found")
-            config = OmegaConf.merge(config, OmegaConf.load(path))
+        layers = read_layers(path) if path is not None else []
+        for file, raw in layers:
+            where = f" in {file}"
+            config = OmegaConf.merge(config, raw)
         if stage is not None and config.stages:
-            config = apply_stage(config, stage, path)
+            config, staged = apply_stage(config, stage, origin(layers, "stages"))
         where = " on the command line"
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -218,17 +282,28 @@ def load_config(
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"config key {key!r}{where}: {e.msg if hasattr(e, 'msg') else e}".split("\n")[0]) from None
-    check_values(config, path, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
+    sources = {key: f"in {file}" for file, raw in layers for key in _keys(raw)} | staged
+    sources |= {o.split("=", 1)[0].lstrip("+~"): "on the command line" for o in overrides}
+    check_values(config, sources)
     OmegaConf.set_readonly(config, True)
     return config
 
 
-def check_values(config: DictConfig, path: str | Path | None, overridden: set[str]) -> None:
+def _keys(tree: DictConfig, prefix: str = "") -> list[str]:
+    """The dotted keys a YAML layer sets."""
+    keys = []
+    for key, value in tree.items_ex(resolve=False):
+        keys += _keys(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else [f"{prefix}{key}"]
+    return keys
+
+
+def check_values(config: DictConfig, sources: dict[str, str]) -> None:
     """Choices, sizes and numeric ranges, each refused with its key, its value, what is valid
-    and where the value came from."""
+    and where the value came from (``sources``: key -> "in FILE", "in stages[i] of FILE" or
+    "on the command line"; a key in none of them has the schema's default)."""
 
     def refuse(key: str, problem: str) -> None:
-        source = " (on the command line)" if key in overridden else f" (in {path})" if path else ""
+        source = f" ({sources[key]})" if key in sources else ""
         raise ConfigError(f"config key {key!r}{source}: {problem}")
 
     for key, choices in CHOICES.items():
@@ -243,10 +318,19 @@ def check_values(config: DictConfig, path: str | Path | None, overridden: set[st
         value = OmegaConf.select(config, key)
         if value is not None and not in_range(value, *bounds):
             refuse(key, f"{value!r} is out of range; valid: {describe_range(*bounds)}")
+    backends = list(config.tracking.backends)
+    for backend in backends:
+        if backend not in BACKENDS:
+            refuse("tracking.backends", f"{backend!r} is not one of {', '.join(BACKENDS)}")
+        if backends.count(backend) > 1:
+            refuse("tracking.backends", f"{backend!r} is named twice")
+        if missing := missing_package(backend):
+            refuse("tracking.backends", f"{backend} is asked for but {missing}")
 
 
-def apply_stage(config: DictConfig, stage: int, path: str | Path | None) -> DictConfig:
-    """The config with its ``stages`` entry for ``stage`` applied (dotted keys)."""
+def apply_stage(config: DictConfig, stage: int, path: Path | None) -> tuple[DictConfig, dict[str, str]]:
+    """The config with its ``stages`` entry for ``stage`` applied (dotted keys), and where
+    each key it set came from."""
     index = min(stage, len(config.stages)) - 1
     for key, value in config.stages[index].items():
         try:
@@ -254,7 +338,7 @@ def apply_stage(config: DictConfig, stage: int, path: str | Path | None) -> Dict
         except OmegaConfBaseException as e:
             reason = e.msg if hasattr(e, "msg") else e
             raise ConfigError(f"config key {key!r} in stages[{index}] of {path}: {reason}".split("\n")[0]) from None
-    return config
+    return config, {key: f"in stages[{index}] of {path}" for key in config.stages[index]}
 
 
 def to_dict(config: DictConfig) -> dict[str, Any]:

@@ -18,23 +18,27 @@ the chain with the difference named.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from seg.config import ConfigError, load_config
 from seg.identity import describe, finished_run, fold_identity
 from seg.launch import launch_command
+from seg.lease import LeaseHeldError, acquire
 from seg.manifest import FoldSplit, ManifestError, load_manifest
-from seg.reduce import add_arguments, selection_group
-from seg.runs import Experiment
+from seg.reduce import add_arguments, options_record, selection_group
+from seg.runs import Experiment, latest_state, state_step
+from seg.signals import Signals
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +58,13 @@ class Chain:
     def init_from(self, stage: int) -> str | None:
         """The model ``stage`` starts from: the previous stage's reduced model."""
         return str(self.experiment.stage(stage - 1).reduced_model) if stage > 1 else self.first_init
+
+    def reduce_options(self) -> dict[str, Any]:
+        """The options its reductions run with, as a reduction's report records them."""
+        options = parse_reduce_options(self.reduce_args)
+        shards = options.shards or load_config(self.config, self.overrides, 1).data.shards
+        return options_record(options.strategies, options.k, options.recalibrate, options.select_on, options.weights,
+                              options.seed_from, self.folds, shards)  # fmt: skip
 
     def train_args(self, stage: int) -> list[str]:
         """seg/train.py's arguments after ``--config`` for every fold of ``stage`` (the fold
@@ -123,24 +134,47 @@ def fold_done(chain: Chain, stage: int, fold: int, processes: int) -> bool:
     return summary is not None
 
 
-def reduction_done(chain: Chain, stage: int) -> bool:
-    reduced = chain.experiment.stage(stage).reduced_model
-    if not reduced.exists():
-        return False
-    models = [chain.experiment.stage(stage).fold(k).weights("model") for k in chain.folds]
-    return all(m.exists() and m.stat().st_mtime <= reduced.stat().st_mtime for m in models)
+def reduction_done(chain: Chain, stage: int) -> tuple[bool, str]:
+    """Whether the stage's reduction is the one the chain would run (newer than every fold's
+    model, with the chain's reduce options); else why it runs (again)."""
+    reduced = chain.experiment.stage(stage)
+    if not reduced.reduced_model.exists():
+        return False, "reducing"
+    models = [reduced.fold(k).weights("model") for k in chain.folds]
+    if not all(m.exists() and m.stat().st_mtime <= reduced.reduced_model.stat().st_mtime for m in models):
+        return False, "a fold was trained again since its reduction: reducing again"
+    try:
+        recorded = json.loads(reduced.reduced_report.read_text()).get("options")
+    except (OSError, json.JSONDecodeError):
+        recorded = None
+    if recorded is None:
+        return False, "its report does not record the options it ran with (an older seg): reducing again"
+    changes = [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in chain.reduce_options().items()
+               if recorded.get(key) != value]  # fmt: skip
+    if changes:
+        return False, f"reduced before with other options ({describe(changes)}): reducing again"
+    return True, "reduced before, skipped"
 
 
-def run_logged(command: list[str], log: Path, what: str) -> int:
+def run_logged(command: list[str], log: Path, what: str, signals: Signals) -> int:
     """Run ``command`` with its whole output appended to ``log``; on this terminal one line
-    when it ends (and the log's tail if it failed)."""
+    when it ends (and the log's tail if it failed). A Ctrl-C (or TERM) of the chain is passed
+    on once and the command is waited for: a fold saves its state before it exits."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"{what}: running (log: {log})", flush=True)
     started = time.monotonic()
     with open(log, "ab") as f:
         f.write(f"$ {shlex.join(command)}\n".encode())
         f.flush()
-        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
+        child, passed_on = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT), False
+        while (code := child.poll()) is None:
+            if (signals.interrupted or signals.preempted) and not passed_on:
+                # a terminal's Ctrl-C reached it already (one process group); a kill of the chain did not
+                child.send_signal(signal.SIGTERM if signals.preempted else signal.SIGINT)
+                passed_on = True
+            time.sleep(0.2)
+    if signals.interrupted or signals.preempted:
+        return code
     if code:
         tail = log.read_text(errors="replace").splitlines()[-25:]
         print("\n".join([f"--- the end of {log}:", *tail, "---"]), file=sys.stderr)
@@ -149,36 +183,71 @@ def run_logged(command: list[str], log: Path, what: str) -> int:
     return code
 
 
+def stopped(what: str, fold_dir: Path | None = None) -> int:
+    """The one line of a chain stopped by a signal: where it stopped, and how to go on."""
+    state = latest_state(fold_dir) if fold_dir is not None else None
+    saved = f"at step {state_step(state)}, state saved in {state}" if state else "nothing saved"
+    where = saved if fold_dir is not None else "not reduced (an earlier reduction is untouched)"
+    print(f"{what}: interrupted, {where}; rerun the same command to continue; exit 130", file=sys.stderr)
+    return 130
+
+
 def run_local(chain: Chain, processes: int) -> int:
-    """Every stage, fold after fold, then its reduction; stops at the first failure."""
-    launcher = launch_command(processes)
-    for stage in range(1, chain.stages + 1):
-        for fold in chain.folds:
+    """Every stage, fold after fold, then its reduction; stops at the first failure. One local
+    chain per stage at a time (the stage's chain lease), and Ctrl-C stops it where it is."""
+    signals = Signals().install()
+    try:
+        for stage in range(1, chain.stages + 1):
+            if signals.interrupted or signals.preempted:
+                return stopped(f"stage {stage}")
             try:
-                done = fold_done(chain, stage, fold, processes)
-            except (ConfigError, ManifestError, OSError) as e:
+                with acquire(chain.experiment.stage(stage).chain_lease, f"local chain of stage {stage}"):
+                    code = run_stage(chain, stage, processes, signals)
+            except LeaseHeldError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
-            if done:
-                print(f"stage {stage} fold {fold}: done before, skipped", flush=True)
-                continue
-            train = [str(REPO / "seg" / "train.py"), "--config", chain.config, "--fold", str(fold)]
-            command = [*launcher, *train, *chain.train_args(stage)]
-            log = chain.experiment.fold_log(stage, fold)
-            if code := run_logged(command, log, f"stage {stage} fold {fold}"):
-                print(f"error: stage {stage} fold {fold} failed (exit {code})", file=sys.stderr)
+            if code:
                 return code
-        if reduction_done(chain, stage):
-            print(f"stage {stage}: reduced before, skipped", flush=True)
-            continue
-        script = str(REPO / "tools" / "reduce_folds.py")
-        command = [*launcher, script, str(chain.experiment.stage(stage).dir), *chain.reduce_args]
-        command += ["--folds", *map(str, chain.folds)]
-        if code := run_logged(command, chain.experiment.reduce_log(stage), f"stage {stage} reduction"):
-            print(f"error: stage {stage} reduction failed (exit {code})", file=sys.stderr)
-            return code
+    finally:
+        signals.restore()
     print(f"done: final model {chain.experiment.stage(chain.stages).reduced_model}", flush=True)
     return 0
+
+
+def run_stage(chain: Chain, stage: int, processes: int, signals: Signals) -> int:
+    """A stage's folds, then its reduction, on this machine."""
+    launcher = launch_command(processes)
+    for fold in chain.folds:
+        try:
+            done = fold_done(chain, stage, fold, processes)
+        except (ConfigError, ManifestError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if done:
+            print(f"stage {stage} fold {fold}: done before, skipped", flush=True)
+            continue
+        train = [str(REPO / "seg" / "train.py"), "--config", chain.config, "--fold", str(fold)]
+        command = [*launcher, *train, *chain.train_args(stage)]
+        what = f"stage {stage} fold {fold}"
+        code = run_logged(command, chain.experiment.fold_log(stage, fold), what, signals)
+        if signals.interrupted or signals.preempted:
+            return stopped(what, chain.experiment.stage(stage).fold(fold).dir)
+        if code:
+            print(f"error: {what} failed (exit {code})", file=sys.stderr)
+            return code
+    done, why = reduction_done(chain, stage)
+    print(f"stage {stage}: {why}", flush=True)
+    if done:
+        return 0
+    script = str(REPO / "tools" / "reduce_folds.py")
+    command = [*launcher, script, str(chain.experiment.stage(stage).dir), *chain.reduce_args]
+    command += ["--folds", *map(str, chain.folds)]
+    code = run_logged(command, chain.experiment.reduce_log(stage), f"stage {stage} reduction", signals)
+    if signals.interrupted or signals.preempted:
+        return stopped(f"stage {stage} reduction")
+    if code:
+        print(f"error: stage {stage} reduction failed (exit {code})", file=sys.stderr)
+    return code
 
 
 def slurm_problem() -> str | None:
@@ -316,4 +385,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before the chain's own handling (run_local) or after it
+        print("interrupted: nothing was running; rerun the same command to continue; exit 130", file=sys.stderr)
+        sys.exit(130)

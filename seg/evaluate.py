@@ -139,9 +139,10 @@ class SettingsError(ValueError):
 
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
-# What builds the network from a sidecar (as seg.ensemble.MEMBERS_MATCH): a config given
+# What builds the network from a sidecar (seg.model.from_config's keys): a config given
 # with a model must agree on these, since the model is built from its own sidecar.
-MODEL_KEYS = ("model.depth", "model.output_stride", "model.aspp_pool_norm")
+MODEL_KEYS = ("model.depth", "model.output_stride", "model.aspp_pool_norm", "model.stem", "model.contract_dilation",
+              "model.head")  # fmt: skip
 # What a config given with a model decides for the evaluation (mmseg's test_cfg and test pipeline).
 CONFIG_USED = ("data.shards", "data.eval_size", "data.size")
 
@@ -199,17 +200,22 @@ def check_config(path: Path, sidecar: dict[str, Any]) -> tuple[dict[str, Any], l
     """The config at ``path`` (resolved) and lines naming what it changes for the evaluation
     (``CONFIG_USED`` keys that differ from the model's sidecar). Refused (SettingsError),
     naming the keys: a config that describes another network than the model's sidecar."""
-    from seg.config import ConfigError, load_config, to_dict  # (seg.config imports the training stack)
+    from seg.config import ConfigError, ModelConfig, load_config, to_dict  # (it imports the training stack)
 
     try:
         config = to_dict(load_config(path))
     except ConfigError as e:
         raise SettingsError(str(e)) from None
     theirs = sidecar.get("config", {})
+
+    def network(tree: dict[str, Any], key: str) -> Any:  # a sidecar older than a key builds its default
+        value = _select(tree, key)
+        return getattr(ModelConfig, key.removeprefix("model."), None) if value is None else value
+
     differ = [
-        f"{key} {_select(config, key)!r} there, {_select(theirs, key)!r} in the model's sidecar"
+        f"{key} {network(config, key)!r} there, {network(theirs, key)!r} in the model's sidecar"
         for key in MODEL_KEYS
-        if _select(config, key) != _select(theirs, key)
+        if network(config, key) != network(theirs, key)
     ]
     if differ:
         raise SettingsError(

@@ -22,6 +22,7 @@ content is compared), and the code.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import json
 import subprocess
@@ -41,6 +42,7 @@ SCRATCH = "scratch"  # --init-from scratch: a later stage trained from the confi
 # of steps per epoch, which ``schedule`` records; data.shards is the folder, ``data`` its content.
 NOT_IDENTITY = (
     "wandb",
+    "tracking",
     "stages",  # the resolved config has this stage's entry applied
     "train.experiment",
     "train.runs_dir",
@@ -132,6 +134,13 @@ def fold_identity(
         "schedule": {"steps_per_epoch": per_epoch, "total_steps": total},
         "code": code_version(),
     }
+
+
+def experiment_key(identity: dict[str, Any]) -> str:
+    """Eight hex digits that name the experiment an identity belongs to: the same for every
+    run that may resume it (what ``MAY_DIFFER`` leaves out), another for another experiment."""
+    core = json.dumps(_without(identity, MAY_DIFFER), sort_keys=True)
+    return hashlib.sha256(core.encode()).hexdigest()[:8]
 
 
 def stage_identity(fold_identity: dict[str, Any] | None) -> dict[str, Any] | None:

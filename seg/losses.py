@@ -152,14 +152,43 @@ class OHEMLoss(nn.Module):
         return value, {"ohem": value.detach()}
 
 
+class WithAuxiliary(nn.Module):
+    """The loss of a model with mmseg's auxiliary head: in training such a model returns
+    ``(logits, aux_logits)``; the configured loss of the logits plus ``weight`` x the cross
+    entropy of the auxiliary logits (mmseg's ``auxiliary_head.loss_decode``: plain CE, no
+    class weights or smoothing). Plain logits (no auxiliary head) pass to the loss as they are."""
+
+    def __init__(self, loss: nn.Module, weight: float, ignore_index: int = IGNORE_INDEX, distributed: bool = False):
+        super().__init__()
+        self.loss, self.weight, self.ignore_index, self.distributed = loss, weight, ignore_index, distributed
+
+    def forward(
+        self, logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not isinstance(logits, tuple):
+            return self.loss(logits, target)
+        logits, aux_logits = logits
+        total, parts = self.loss(logits, target)
+        aux = cross_entropy(aux_logits, target, ignore_index=self.ignore_index, distributed=self.distributed)
+        return total + self.weight * aux, {**parts, "aux_ce": aux.detach()}
+
+
 LOSSES = ("combined", "ce", "ohem")
 CLASS_WEIGHTS = ("inverse", "inverse-sqrt", "log")  # or None: unweighted
 
 
-def from_config(loss: Any, class_pixels: list[list[int]] | None = None, distributed: bool = False) -> nn.Module:
+def from_config(
+    loss: Any, class_pixels: list[list[int]] | None = None, distributed: bool = False, aux_weight: float | None = None
+) -> nn.Module:
     """The loss of a config's ``loss`` section. ``class_pixels``: the training groups'
     per-class pixel counts (the manifest's), summed into class weights when
-    ``loss.class_weights`` names a kind."""
+    ``loss.class_weights`` names a kind. ``aux_weight``: the weight of an auxiliary head's
+    cross entropy (``model.aux_weight`` when ``model.aux_head``; :class:`WithAuxiliary`)."""
+    main = _main_loss(loss, class_pixels, distributed)
+    return main if aux_weight is None else WithAuxiliary(main, aux_weight, distributed=distributed)
+
+
+def _main_loss(loss: Any, class_pixels: list[list[int]] | None, distributed: bool) -> nn.Module:
     weights = None
     if loss.class_weights:
         weights = class_weights_from_pixels(torch.tensor(class_pixels).sum(0), loss.class_weights)

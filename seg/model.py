@@ -5,6 +5,14 @@ The backbone keeps torchvision's ResNet key layout (``conv1``, ``bn1``, ``layer1
 written here because torchvision's BasicBlock refuses dilation, and the study's model is a
 dilated ResNet-34. Depth 34 at output stride 8 is exactly the model of the DeepLabV3+ study
 this project reproduces. Files are seg/weights.py's: this module knows nothing about them.
+
+mmsegmentation's DeepLabV3+ (``deeplabv3plus_r50-d8``) is the same skeleton with other parts,
+each an option: ResNetV1c's deep stem (``stem="deep"``) and contracted dilations
+(``contract_dilation``), its ``DepthwiseSeparableASPPHead`` (``head="separable-aspp"``) and
+its auxiliary ``FCNHead`` on layer3 (``aux_head``, training only). Those modules keep the
+layer order of mmseg's, so a checkpoint of mmseg's maps onto them key for key
+(tools/convert_mmseg.py). Exact for the bottleneck depths (50, 101), mmseg's configs: at
+depths 18 and 34 seg's basic block dilates both its convs (the study's), mmseg's the first.
 """
 
 from __future__ import annotations
@@ -22,6 +30,10 @@ DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottle
           101: ("bottleneck", (3, 4, 23, 3))}  # fmt: skip
 # output stride -> (stride, dilation) of layer3 and layer4, and the ASPP rates
 OUTPUT_STRIDES = {8: (((1, 2), (1, 4)), (12, 24, 36)), 16: (((2, 1), (1, 2)), (6, 12, 18))}
+STEMS = ("torchvision", "deep")  # 7x7 conv | ResNetV1c's three 3x3 convs (32-32-64 channels)
+# the study's ASPP and decoder (256 channels, dense convs) | mmseg's DepthwiseSeparableASPPHead
+HEADS = {"aspp": 256, "separable-aspp": 512}  # -> the head's channels
+AUX_CHANNELS = 256  # mmseg's auxiliary FCNHead: one 3x3 conv of 256 channels on layer3
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -68,20 +80,34 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A dilated ResNet returning (layer1, layer4) features."""
+    """A dilated ResNet returning (layer1, layer4) features.
 
-    def __init__(self, depth: int = 34, output_stride: int = 8) -> None:
+    ``stem="deep"`` is ResNetV1c's stem (mmseg's and open-mmlab's ``resnet50_v1c``), keys
+    ``stem.0``...``stem.7`` as there; ``contract_dilation`` halves the dilation of a dilated
+    layer's first block, as mmseg's ResLayer does for ResNetV1c."""
+
+    def __init__(
+        self, depth: int = 34, output_stride: int = 8, stem: str = "torchvision", contract_dilation: bool = False
+    ) -> None:
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"depth {depth}: choose from {', '.join(map(str, DEPTHS))}")
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output stride {output_stride}: choose from {', '.join(map(str, OUTPUT_STRIDES))}")
+        if stem not in STEMS:
+            raise ValueError(f"stem {stem!r}: choose from {', '.join(STEMS)}")
         kind, layers = DEPTHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         (layer3, layer4), _ = OUTPUT_STRIDES[output_stride]
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
+        self.contract_dilation = contract_dilation
+        if stem == "deep":
+            self.stem = nn.Sequential(
+                *_conv_bn_relu(3, 32, 3, stride=2), *_conv_bn_relu(32, 32, 3), *_conv_bn_relu(32, 64, 3)
+            )
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.channels = 64
         self.layer1 = self._layer(block, 64, layers[0], stride=1, dilation=1)
@@ -98,24 +124,38 @@ class ResNet(nn.Module):
                 nn.Conv2d(self.channels, width * block.expansion, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(width * block.expansion),
             )
-        modules = [block(self.channels, width, stride, dilation, downsample)]
+        first = dilation // 2 if self.contract_dilation and dilation > 1 else dilation
+        modules = [block(self.channels, width, stride, first, downsample)]
         self.channels = width * block.expansion
         modules += [block(self.channels, width, 1, dilation) for _ in range(1, blocks)]
         return nn.Sequential(*modules)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        low = self.layer1(x)
-        return low, self.layer4(self.layer3(self.layer2(low)))
+        low, _, high = self.features(x)
+        return low, high
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """layer1, layer3 and layer4 features (layer3 feeds the auxiliary head)."""
+        x = self.stem(x) if hasattr(self, "stem") else self.relu(self.bn1(self.conv1(x)))
+        low = self.layer1(self.maxpool(x))
+        mid = self.layer3(self.layer2(low))
+        return low, mid, self.layer4(mid)
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1, stride: int = 1) -> nn.Sequential:
     padding = 0 if kernel == 1 else dilation
     return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, bias=False),
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
+
+
+def _separable(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
+    """mmcv's DepthwiseSeparableConvModule: a depthwise 3x3 conv and a pointwise 1x1 conv,
+    each followed by BN and ReLU (keys 0, 1 and 3, 4)."""
+    depthwise = nn.Conv2d(cin, cin, 3, padding=dilation, dilation=dilation, groups=cin, bias=False)
+    return nn.Sequential(depthwise, nn.BatchNorm2d(cin), nn.ReLU(inplace=True), *_conv_bn_relu(cin, cout))
 
 
 class ImagePooling(nn.Module):
@@ -151,8 +191,36 @@ class ASPP(nn.Module):
         return self.project(torch.cat([branch(x) for branch in self.branches] + [self.pool(x)], dim=1))
 
 
+class SeparableASPP(nn.Module):
+    """The ASPP of mmseg's DepthwiseSeparableASPPHead, in its order: image pooling first, a
+    1x1 conv, depthwise-separable atrous convs, then ASPPHead's dense 3x3 bottleneck (mmseg
+    1.x keeps its parent's; no dropout here: mmseg drops out before the classifier)."""
+
+    def __init__(self, cin: int, rates: tuple[int, ...], channels: int = 512, pool_norm: bool = True) -> None:
+        super().__init__()
+        self.pool = ImagePooling(cin, channels, norm=pool_norm)
+        self.branches = nn.ModuleList([_conv_bn_relu(cin, channels)] + [_separable(cin, channels, r) for r in rates])
+        self.project = _conv_bn_relu(channels * (len(rates) + 2), channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([self.pool(x)] + [branch(x) for branch in self.branches], dim=1))
+
+
+def aux_head(cin: int, num_classes: int) -> nn.Sequential:
+    """mmseg's auxiliary FCNHead (num_convs 1, concat_input False): a 3x3 conv, BN, ReLU,
+    dropout 0.1, a 1x1 classifier."""
+    return nn.Sequential(
+        _conv_bn_relu(cin, AUX_CHANNELS, 3), nn.Dropout2d(0.1), nn.Conv2d(AUX_CHANNELS, num_classes, 1)
+    )
+
+
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+: dilated ResNet, ASPP, a decoder fusing 48-channel layer1 features."""
+    """DeepLabV3+: dilated ResNet, ASPP, a decoder fusing 48-channel layer1 features.
+
+    ``head="separable-aspp"`` is mmseg's head (512 channels, separable convs, Dropout2d 0.1
+    before the classifier); ``aux=True`` adds mmseg's auxiliary head on layer3, whose logits
+    the forward returns beside the main ones in training mode only: ``(logits, aux_logits)``,
+    both at the input's size. In eval mode the forward is the same with or without it."""
 
     def __init__(
         self,
@@ -160,14 +228,30 @@ class DeepLabV3Plus(nn.Module):
         output_stride: int = 8,
         num_classes: int = NUM_CLASSES,
         aspp_pool_norm: bool = True,
+        stem: str = "torchvision",
+        contract_dilation: bool = False,
+        head: str = "aspp",
+        aux: bool = False,
     ) -> None:
         super().__init__()
-        self.backbone = ResNet(depth, output_stride)
+        if head not in HEADS:
+            raise ValueError(f"head {head!r}: choose from {', '.join(HEADS)}")
+        self.backbone = ResNet(depth, output_stride, stem, contract_dilation)
         _, rates = OUTPUT_STRIDES[output_stride]
-        self.aspp = ASPP(self.backbone.out_channels, rates, pool_norm=aspp_pool_norm)
+        channels, cin = HEADS[head], self.backbone.out_channels
         self.reduce = _conv_bn_relu(self.backbone.low_channels, 48)
-        self.decoder = nn.Sequential(_conv_bn_relu(256 + 48, 256, 3), _conv_bn_relu(256, 256, 3))
-        self.classifier = nn.Conv2d(256, num_classes, 1)
+        if head == "aspp":
+            self.aspp = ASPP(cin, rates, channels, pool_norm=aspp_pool_norm)
+            self.decoder = nn.Sequential(
+                _conv_bn_relu(channels + 48, channels, 3), _conv_bn_relu(channels, channels, 3)
+            )
+            self.dropout: nn.Module = nn.Identity()  # the study's dropout is in the ASPP's projection
+        else:
+            self.aspp = SeparableASPP(cin, rates, channels, pool_norm=aspp_pool_norm)
+            self.decoder = nn.Sequential(_separable(channels + 48, channels), _separable(channels, channels))
+            self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.aux_head = aux_head(self.backbone.out_channels // 2, num_classes) if aux else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -181,17 +265,33 @@ class DeepLabV3Plus(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low, high = self.backbone(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        low, mid, high = self.backbone.features(x)
         high = self.aspp(high)
         high = F.interpolate(high, size=low.shape[2:], mode="bilinear", align_corners=False)
         out = self.decoder(torch.cat([high, self.reduce(low)], dim=1))
-        return F.interpolate(self.classifier(out), size=x.shape[2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            self.classifier(self.dropout(out)), size=x.shape[2:], mode="bilinear", align_corners=False
+        )
+        if self.aux_head is None or not self.training:
+            return logits
+        aux = F.interpolate(self.aux_head(mid), size=x.shape[2:], mode="bilinear", align_corners=False)
+        return logits, aux
 
 
-def from_config(model: Mapping[str, Any]) -> DeepLabV3Plus:
-    """The model a config's ``model`` section (or a sidecar's) describes."""
-    return DeepLabV3Plus(model["depth"], model["output_stride"], aspp_pool_norm=model["aspp_pool_norm"])
+def from_config(model: Mapping[str, Any], training: bool = False) -> DeepLabV3Plus:
+    """The model a config's ``model`` section (or a sidecar's) describes; with ``training``,
+    its auxiliary head too when ``model.aux_head`` asks for one (inference never needs it).
+    Keys a sidecar older than them lacks take the study's values."""
+    return DeepLabV3Plus(
+        model["depth"],
+        model["output_stride"],
+        aspp_pool_norm=model["aspp_pool_norm"],
+        stem=model.get("stem", "torchvision"),
+        contract_dilation=model.get("contract_dilation", False),
+        head=model.get("head", "aspp"),
+        aux=training and bool(model.get("aux_head", False)),
+    )
 
 
 def depth_of(model: DeepLabV3Plus) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from seg.atomic import atomic_directory
 from seg.augment import DeviceAugment
@@ -32,12 +33,14 @@ from seg.distributed import convert_sync_batchnorm
 from seg.ensemble import Ensemble, write_ensemble_file
 from seg.evaluate import evaluate
 from seg.identity import stage_identity
+from seg.lease import LeaseHeldError, acquire
 from seg.manifest import SELECTION_GROUP, ManifestError, fold_group, load_manifest
 from seg.model import from_config
 from seg.plots import reduction_figure
 from seg.report import reduction_summary, stage_out_of_fold
 from seg.runs import Stage
 from seg.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
+from seg.storage import StorageError, check_writable, writing
 from seg.tracking import log_reduction
 from seg.transforms import TrainGeometry
 from seg.weights import WeightsError, export_weights
@@ -186,6 +189,30 @@ class Reducer:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
 
+def options_record(
+    strategies: tuple[str, ...] | list[str],
+    k: int,
+    recalibrate: int,
+    select_on: str,
+    weights: str,
+    seed_from: str,
+    folds: list[int],
+    shards: str,
+) -> dict[str, Any]:
+    """What a reduction was asked for, as its report records it: the chain compares it before
+    it calls a stage reduced (seg/cv.py)."""
+    return {
+        "strategies": sorted(strategies),
+        "k": k,
+        "recalibrate": recalibrate,
+        "select_on": select_on,
+        "weights": weights,
+        "seed_from": seed_from,
+        "folds": sorted(folds),
+        "shards": str(shards),
+    }
+
+
 def reduce_stage(
     stage_dir: str | Path,
     shards: str | Path | None = None,
@@ -198,10 +225,42 @@ def reduce_stage(
     accelerator: Accelerator | None = None,
     seed_from: str = BEST_SINGLE,
 ) -> dict[str, Any]:
-    """Reduce ``stage_dir/fold*/`` to ``stage_dir/reduced/``; returns the report."""
-    stage_dir = Path(stage_dir)
-    stage = Stage.at(stage_dir)
+    """Reduce ``stage_dir/fold*/`` to ``stage_dir/reduced/``; returns the report. One reduction
+    of a stage at a time: the main process holds the stage's reduce lease (seg/lease.py)
+    throughout, and every rank raises what refused it (LeaseHeldError, StorageError)."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    stage = Stage.at(stage_dir)
+    lease, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            check_writable(stage.dir)
+            lease = acquire(stage.reduce_lease, f"reduction of {stage.dir}")
+        except (LeaseHeldError, StorageError) as e:
+            refusal = e
+    refused = next((r for r in gather_object([refusal]) if r), None)
+    if refused is not None:
+        raise refused
+    try:
+        arguments = (shards, folds, strategies, k, recalibrate_batches, select_on, weights, accelerator, seed_from)
+        return _reduce_stage(stage, *arguments)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _reduce_stage(
+    stage: Stage,
+    shards: str | Path | None,
+    folds: list[int] | None,
+    strategies: tuple[str, ...],
+    k: int,
+    recalibrate_batches: int,
+    select_on: str,
+    weights: str,
+    accelerator: Accelerator,
+    seed_from: str,
+) -> dict[str, Any]:
+    stage_dir = stage.dir
     if folds is None:
         folds = [fold.number for fold in stage.folds()]
     if not folds:
@@ -277,6 +336,7 @@ def reduce_stage(
     ensemble_candidate = next((c for c in candidates if c.ensemble), None)
     report = {
         "stage_dir": str(stage_dir),
+        "options": options_record(strategies, k, recalibrate_batches, select_on, weights, seed_from, folds, shards),
         "selection": {"group": group, "is_official_val": group == "val", "samples": winner.result["samples"]},
         "weights": weights,
         "folds": {m.fold: {"fold_miou": m.miou, "path": str(m.path)} for m in models},
@@ -313,7 +373,7 @@ def reduce_stage(
         "out_of_fold": stage_out_of_fold(stage_dir, folds),
     }
     if accelerator.is_main_process:
-        with atomic_directory(stage.reduced, overwrite=True) as tmp:
+        with writing(stage.reduced), atomic_directory(stage.reduced, overwrite=True) as tmp:
             seeding = recalibrated_states[tuple(sorted(seed.folds))] if seed.recalibrated else None
             reducer.model.load_state_dict(seeding or mean_of(seed.models)())
             sidecar = {

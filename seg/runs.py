@@ -13,8 +13,10 @@
             metrics.jsonl                  one record per log step and per evaluation
             summary.json                   written at the end
             PREEMPTED                      the step and state of a preemption, until the fold resumes
+            .lease                         held while a training writes here (seg/lease.py)
         reduced/                           seg/reduce.py's: model.safetensors (+ .json), ensemble.json,
                                            report.json, report.md, reduction.png
+        .reduce.lease, .chain.lease        held while a reduction, a local chain works on the stage
 
 Every module asks these objects for a path instead of spelling it, and a folder's name is
 parsed back to its number here only (:func:`stage_number`, :func:`fold_number`).
@@ -45,6 +47,7 @@ PREEMPTED = "PREEMPTED"
 
 CHECKPOINTS = "checkpoints"
 REDUCED = "reduced"
+LEASE = ".lease"  # one writer at a time (seg/lease.py)
 _STAGE = re.compile(r"^stage(\d+)$")
 _FOLD = re.compile(r"^fold(\d+)$")
 
@@ -99,6 +102,11 @@ class Fold:
     def checkpoints(self) -> Path:
         return self.dir / CHECKPOINTS
 
+    @property
+    def lease(self) -> Path:
+        """Held by the training that writes this folder."""
+        return self.dir / LEASE
+
     def weights(self, which: Literal["best", "model"] = "best") -> Path:
         """``best.safetensors`` (the best fold-validation mIoU) or ``model.safetensors`` (final)."""
         return self.dir / f"{which}.safetensors"
@@ -126,6 +134,16 @@ class Stage:
     @property
     def reduced(self) -> Path:
         return self.dir / REDUCED
+
+    @property
+    def reduce_lease(self) -> Path:
+        """Held by the reduction that writes ``reduced/`` (beside it: ``reduced/`` is replaced whole)."""
+        return self.dir / f".reduce{LEASE}"
+
+    @property
+    def chain_lease(self) -> Path:
+        """Held by a local chain (seg/cv.py) while it runs this stage's folds and reduction."""
+        return self.dir / f".chain{LEASE}"
 
     @property
     def reduced_model(self) -> Path:
@@ -210,6 +228,11 @@ def latest_state(directory: Path) -> Path | None:
     """The newest complete resumable state under ``directory/checkpoints``."""
     states = sorted(p for p in (directory / CHECKPOINTS).glob("step-*") if STATE.match(p.name) and p.is_dir())
     return states[-1] if states else None
+
+
+def state_step(state: Path) -> int:
+    """The step a state folder (``step-NNNNNNNN``) was saved at."""
+    return int(STATE.match(state.name)[1])
 
 
 def is_state(path: Path) -> bool:

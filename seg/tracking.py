@@ -1,13 +1,27 @@
-"""wandb logging from the main process: offline unless an API key is configured.
+"""Logging from the main process to the tracking backends: wandb (the default) and TensorBoard.
 
-Runs are grouped by experiment (``group``), typed by stage and fold (``job_type``), named
-``{experiment}-s{stage}-f{fold}`` and identified by that name, so a resumed fold continues
-its run. Everything logged here also lands in ``metrics.jsonl``: nothing depends on wandb
-being reachable; ``wandb sync runs/<experiment>/**/wandb/offline-run-*`` uploads later.
+``tracking.backends`` picks them (``[wandb]``, ``[tensorboard]``, both, or ``[]``);
+everything logged here also lands in ``metrics.jsonl``, so nothing depends on a backend.
+
+wandb: offline unless an API key is configured. Runs are grouped by experiment (``group``),
+typed by stage and fold (``job_type``), named ``{experiment}-s{stage}-f{fold}`` and
+identified by that name and the fold's experiment key (seg/identity.py), kept in the fold's
+states: a resumed or requeued fold continues its run, another run of the fold (another
+config, or ``--resume none``) gets its own. ``wandb sync runs/<experiment>/**/wandb/offline-run-*``
+uploads later.
+
+TensorBoard: the same scalars through accelerate's ``TensorBoardTracker``, as event files in
+``tensorboard/`` beside ``wandb/`` (the fold's folder; the stage's for a reduction), so
+``tensorboard --logdir runs/<experiment>`` groups them by the folders' names
+(``stage{s}/fold{k}/tensorboard``). A resumed fold hides what the stopped run logged after
+the resumed step, as ``metrics.jsonl`` drops it (SummaryWriter's ``purge_step``). MLflow is
+not offered: mlflow 3 refuses its file store (``MLFLOW_ALLOW_FILE_STORE``) and its
+database store needs the full mlflow (SQLAlchemy, alembic, pandas, ...), no lean extra.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -15,11 +29,29 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from PIL import Image
 
 from seg.cityscapes import CLASS_NAMES
-from seg.plots import confusion_figure
+from seg.plots import confusion_figure, pyplot
 
 MODES = ("auto", "online", "offline", "disabled")
+BACKENDS = ("wandb", "tensorboard")
+DEFAULT_BACKENDS = ["wandb"]
+TENSORBOARD = "tensorboard"  # the event files' folder, in the folder the run writes to
+# backend -> (the module it imports, the install that brings it)
+PACKAGES = {"wandb": ("wandb", "pip install wandb"), "tensorboard": ("tensorboard", "pip install -e '.[tensorboard]'")}
+
+
+def backends_of(config: dict[str, Any]) -> list[str]:
+    """The backends a resolved config asks for (a config saved before ``tracking`` existed: wandb)."""
+    return list(config.get("tracking", {}).get("backends", DEFAULT_BACKENDS))
+
+
+def missing_package(backend: str) -> str | None:
+    """What to install for ``backend`` when its package is not importable, else None."""
+    module, install = PACKAGES[backend]
+    return None if importlib.util.find_spec(module) is not None else f"{module} is not installed ({install})"
 
 
 def resolve_mode(mode: str) -> str:
@@ -34,9 +66,12 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_key else "offline"
 
 
-def start_run(config: dict[str, Any], run_dir: Path, job_type: str, suffix: str):  # -> wandb Run | None
-    """A run in the experiment's group, named and identified ``{experiment}-{suffix}`` (so a
-    resumed job continues its run), or None when wandb is disabled."""
+def start_run(
+    config: dict[str, Any], run_dir: Path, job_type: str, suffix: str, key: str | None = None
+):  # -> wandb Run | None
+    """A run in the experiment's group, named ``{experiment}-{suffix}`` and identified
+    ``{experiment}-{key or suffix}`` (so a resumed job continues its run), or None when wandb
+    is disabled."""
     settings = config["wandb"]
     mode = resolve_mode(settings["mode"])
     if mode == "disabled":
@@ -51,7 +86,7 @@ def start_run(config: dict[str, Any], run_dir: Path, job_type: str, suffix: str)
         group=experiment,
         job_type=job_type,
         name=name,
-        id=re.sub(r"[^A-Za-z0-9_.-]", "-", name),
+        id=re.sub(r"[^A-Za-z0-9_.-]", "-", f"{experiment}-{key or suffix}"),
         resume="allow",
         dir=str(run_dir),
         config=config,
@@ -60,6 +95,10 @@ def start_run(config: dict[str, Any], run_dir: Path, job_type: str, suffix: str)
 
 
 class Tracker:
+    """A fold's logging (main process): a wandb run and/or TensorBoard event files, as
+    ``tracking.backends`` asks. ``resume_step``: the step a resumed run continues from (None
+    for a new run), so TensorBoard shows what ``metrics.jsonl`` keeps."""
+
     def __init__(
         self,
         config: dict[str, Any],
@@ -67,28 +106,50 @@ class Tracker:
         stage: int,
         fold: int,
         main_process: bool,
+        key: str | None = None,
+        resume_step: int | None = None,
     ) -> None:
+        """``key``: the wandb run's id within the experiment (the fold's run keeps it in its
+        states: one wandb run per fold's run, continued by every resume)."""
+        backends = backends_of(config) if main_process else []
         # experiment, stage and fold as top-level fields, so the wandb UI can group and filter
         # runs by them across experiments (the nested config keeps every key as well)
         config = {"experiment": config["train"]["experiment"], "stage": stage, "fold": fold, **config}
-        self.run = start_run(config, run_dir, f"stage{stage}-fold{fold}", f"s{stage}-f{fold}") if main_process else None
+        job, name = f"stage{stage}-fold{fold}", f"s{stage}-f{fold}"
+        self.run = start_run(config, run_dir, job, name, key) if "wandb" in backends else None
+        self.board = start_board(config, run_dir, resume_step) if TENSORBOARD in backends else None
 
     def log(self, record: dict[str, Any], step: int) -> None:
         if self.run is not None:
             self.run.log(record, step=step)
+        if self.board is not None:
+            self.board.log(record, step=step)
 
     def log_evaluation(
         self, prefix: str, result: dict[str, Any], matrix: torch.Tensor, examples: list[dict], step: int
     ) -> None:
-        if self.run is None:
+        if self.run is None and self.board is None:
             return
+        confusion = confusion_figure(matrix.cpu().numpy())
+        if self.board is not None:
+            # per-class IoU as scalars (wandb gets a table); prediction overlays stay wandb's
+            self.board.log({f"{prefix}/iou/{name}": value for name, value in result["iou"].items()}, step=step)
+            self.board.writer.add_figure(f"{prefix}/confusion", confusion, global_step=step, close=False)
+            self.board.writer.flush()
+        if self.run is not None:
+            self._wandb_evaluation(prefix, result, confusion, examples, step)
+        pyplot().close(confusion)
+
+    def _wandb_evaluation(
+        self, prefix: str, result: dict[str, Any], confusion, examples: list[dict], step: int
+    ) -> None:
         import wandb
 
         table = wandb.Table(columns=["class", "iou"], data=[[k, v] for k, v in result["iou"].items()])
         record = {
             f"{prefix}/miou": result["miou"],
             f"{prefix}/per_class_iou": table,
-            f"{prefix}/confusion": wandb.Image(confusion_figure(matrix.cpu().numpy())),
+            f"{prefix}/confusion": wandb.Image(confusion),
         }
         labels = dict(enumerate(CLASS_NAMES))
         record[f"{prefix}/predictions"] = [
@@ -113,27 +174,72 @@ class Tracker:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+        if self.board is not None:
+            self.board.finish()
+
+
+def start_board(config: dict[str, Any], run_dir: Path, resume_step: int | None):  # -> TensorBoardTracker
+    """accelerate's TensorBoard tracker writing to ``run_dir/tensorboard``. Events the folder
+    already holds from a step after ``resume_step`` (every step, for a new run) are purged
+    from TensorBoard's view; a new run also records its resolved config as text."""
+    from accelerate.tracking import TensorBoardTracker
+
+    purge = 0 if resume_step is None else resume_step + 1
+    board = TensorBoardTracker(TENSORBOARD, run_dir, purge_step=purge)
+    board.start()  # on the main process of accelerate's state (the caller's Accelerator; a lone process otherwise)
+    if resume_step is None:
+        board.writer.add_text("config", f"```\n{yaml.safe_dump(config, sort_keys=False)}```", global_step=0)
+    return board
 
 
 def log_reduction(config: dict[str, Any], stage: int, report: dict[str, Any], out_dir: Path, plot: Path) -> None:
-    """A summary run of a stage's fold reduction (main process), in the experiment's group:
-    the candidates as a table, the winner as summary fields, the reduction plot as an image.
+    """A stage's fold reduction (main process), to each backend of ``tracking.backends``:
+    the candidates as a table, the winner and the out-of-fold scores as summary fields, the
+    reduction plot as an image.
 
-    Named and identified ``{experiment}-s{stage}-reduce``, so a repeated reduction continues
-    its run; nothing is written when the mode is ``disabled``.
+    wandb: a summary run in the experiment's group, named and identified
+    ``{experiment}-s{stage}-reduce``, so a repeated reduction continues its run; nothing is
+    written when the mode is ``disabled``. TensorBoard: ``out_dir/tensorboard``, the summary
+    fields at step ``stage`` (a repeated reduction hides the one before).
     """
-    config = {"experiment": config["train"]["experiment"], "stage": stage, "fold": "reduced", **config}
-    run = start_run(config, out_dir, f"stage{stage}-reduce", f"s{stage}-reduce")
-    if run is None:
+    backends = backends_of(config)
+    if not backends:
         return
-    import wandb
-
+    summary = reduction_summary(report)
     columns = ["name", "folds", "recalibrated", "kind", "forward_passes", "miou", "fwiou", "pixel_accuracy"]
     rows = [
         [c["name"], ", ".join(map(str, c["folds"])), c["recalibrated"], c.get("kind", ""), c.get("cost", 1),
          c["miou"], c["fwiou"], c["pixel_accuracy"]]
         for c in report["candidates"]
     ]  # fmt: skip
+    if TENSORBOARD in backends:
+        board = start_board(config, out_dir, None)
+        board.log(summary, step=stage)  # numbers as scalars, names as text
+        table = [f"| {' | '.join(columns)} |", f"|{' --- |' * len(columns)}"]
+        table += [f"| {' | '.join(map(str, row))} |" for row in rows]
+        board.writer.add_text("reduction/candidates", "\n".join(table), global_step=stage)
+        board.writer.add_image("reduction/plot", np.asarray(Image.open(plot).convert("RGB")), stage, dataformats="HWC")
+        board.finish()
+    if "wandb" in backends:
+        _wandb_reduction(config, stage, report, out_dir, plot, summary, columns, rows)
+
+
+def _wandb_reduction(
+    config: dict[str, Any],
+    stage: int,
+    report: dict[str, Any],
+    out_dir: Path,
+    plot: Path,
+    summary: dict[str, Any],
+    columns: list[str],
+    rows: list[list[Any]],
+) -> None:
+    config = {"experiment": config["train"]["experiment"], "stage": stage, "fold": "reduced", **config}
+    run = start_run(config, out_dir, f"stage{stage}-reduce", f"s{stage}-reduce")
+    if run is None:
+        return
+    import wandb
+
     record: dict[str, Any] = {
         "reduction/candidates": wandb.Table(columns=columns, data=rows),
         "reduction/plot": wandb.Image(str(plot)),
@@ -144,6 +250,13 @@ def log_reduction(config: dict[str, Any], stage: int, report: dict[str, Any], ou
             columns=["class", "iou"], data=[[k, v] for k, v in oof["pooled"]["iou"].items()]
         )
     run.log(record)
+    run.summary.update(summary)
+    run.finish()
+
+
+def reduction_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """A reduction's result as flat fields: the winner, what it chose on, the seed of the next
+    stage, the ensemble and the out-of-fold scores."""
     winner, selection = report["winner"], report["selection"]
     summary: dict[str, Any] = {
         "winner/name": winner["name"],
@@ -159,6 +272,7 @@ def log_reduction(config: dict[str, Any], stage: int, report: dict[str, Any], ou
                     "seed/miou": seed["miou"]}  # fmt: skip
     if report.get("ensemble"):
         summary |= {"ensemble/miou": report["ensemble"]["miou"], "ensemble/forward_passes": report["ensemble"]["cost"]}
+    oof = report.get("out_of_fold")
     if oof:
         # which number is which: pooled = one confusion matrix over every held-out image of the
         # folds' final models; mean/std = over the per-fold scores
@@ -177,8 +291,7 @@ def log_reduction(config: dict[str, Any], stage: int, report: dict[str, Any], ou
             }
         else:
             summary["out_of_fold/pooled_unavailable"] = oof["unavailable"]
-    run.summary.update(summary)
-    run.finish()
+    return summary
 
 
 def _resize_mask(mask: torch.Tensor, image: torch.Tensor) -> np.ndarray:

@@ -25,7 +25,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,18 +51,35 @@ from seg.config import ConfigError, load_config, to_dict
 from seg.data import DataError, eval_loader_of, packed_size, shards_of, train_loader
 from seg.distributed import all_reduce_sum, convert_sync_batchnorm
 from seg.evaluate import evaluate
-from seg.identity import SCRATCH, describe, differences, finished_run, fold_identity, read_identity, run_length
+from seg.identity import (
+    SCRATCH,
+    describe,
+    differences,
+    experiment_key,
+    finished_run,
+    fold_identity,
+    read_identity,
+    run_length,
+)
 from seg.launch import launcher_problem
+from seg.lease import Lease, LeaseHeldError, acquire
 from seg.manifest import FoldSplit, ManifestError
 from seg.model import from_config
 from seg.runs import Experiment, Fold, MetricsLog, is_state, latest_state, prune_states, state_name
 from seg.schedule import Schedule
+from seg.storage import EXIT_STORAGE, NoRoomError, free_bytes, megabytes, storage_problem, writable_problem
 from seg.tracking import Tracker
 from seg.transforms import TrainGeometry
 from seg.weights import WeightsError, export_weights, load_backbone, load_weights
 
 EXIT_REQUEUE = 75  # saved on a preemption signal (TERM, USR1): requeue and resume
 EXIT_INTERRUPTED = 130  # saved on Ctrl-C (INT): stopped by hand, rerun to resume
+EXIT_REFUSED = 2  # a refusal: nothing was written
+
+
+class StorageFailureError(Exception):
+    """A write failed for the disk's sake (full, quota, read-only, forbidden) on some rank:
+    every rank raises it at the same point, with that rank's one line."""
 
 
 @dataclass
@@ -75,6 +92,7 @@ class Progress:
     bad_evals: int = 0
     skipped: int = 0  # unreadable samples skipped (data.on_error=skip)
     final: dict[str, Any] = field(default_factory=dict)  # the latest evaluation: a run resumed at its end reports it
+    tracking_id: str = ""  # the wandb run's id, kept by every resume of this run
 
     def observe(self, miou: float) -> bool:
         """A validation mIoU at this step: whether it is the best so far (then remembered),
@@ -107,6 +125,11 @@ class Run:
     identity: dict[str, Any]  # what this run is (seg/identity.py), in every state, sidecar and summary
     log: MetricsLog | None = None
     tracker: Tracker | None = None
+    lease: Lease | None = None  # the fold's folder is ours (main process)
+    made: list[Path] = field(default_factory=list)  # folders the lease created, removed if left empty
+    failure: str | None = None  # a write of this rank that failed for the disk's sake, not yet agreed on
+    state_bytes: int = 0  # the size of the last state saved, to foresee the next
+    warned_disk: bool = False
 
     @property
     def rank(self) -> int:
@@ -127,15 +150,34 @@ class Run:
     def record(self, entry: dict[str, Any], progress: Progress, steps_per_epoch: int) -> None:
         entry = {"step": progress.step, "epoch": progress.step / steps_per_epoch, **entry}
         if self.log:
-            self.log.write(entry)
+            self.keep_writing(lambda: self.log.write(entry), self.log.path, "appending to")
         self.tracker.log({k: v for k, v in entry.items() if isinstance(v, int | float)}, progress.step)
 
+    def keep_writing(self, write: Callable[[], None], path: Path, doing: str = "writing") -> None:
+        """A write of this rank's own: one that fails for the disk's sake is remembered, and
+        every rank stops at the next step (``agreed_signal``) with the last complete state."""
+        if self.failure is not None:
+            return
+        try:
+            write()
+        except Exception as e:
+            self.failure = storage_problem(e, path, doing)
+            if self.failure is None:
+                raise
+
     def close(self, together: bool) -> None:
-        """Every way out once the processes exist, error or not: the wandb run is finished, and
-        the process group left; ``together``: after waiting for every rank, since a launcher
-        (torchrun) stops the other ranks as soon as one exits non-zero."""
+        """Every way out once the processes exist, error or not: the wandb run is finished, the
+        lease released, and the process group left; ``together``: after waiting for every rank,
+        since a launcher (torchrun) stops the other ranks as soon as one exits non-zero."""
         if self.tracker is not None:
             self.tracker.finish()
+        if self.lease is not None:
+            self.lease.release()
+            for folder in self.made:  # a refused run leaves no folder behind
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         if together:
             self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
@@ -200,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace, signals: Signals) -> int:
     """The recipe: configuration, processes, data, model, resume, the loop, the outputs."""
-    # Configuration: a refusal or a finished fold is decided before any process group exists.
+    # Configuration: a refusal or a finished fold is decided before any process group exists,
+    # by every rank from the files alone; rank 0 alone says it.
     try:
         config = load_config(args.config, args.overrides, args.stage)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return say_refusal(str(e))
     out = Experiment.named(config.train.runs_dir, config.train.experiment).stage(args.stage).fold(args.fold)
     if args.print_run_dir:
         print(out.dir)
@@ -214,38 +256,44 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     identity, split = planned_identity(args, config) if not error else (None, None)
     done, error = earlier_run(args, out, identity) if identity and not error else (None, error)
     if error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return say_refusal(error)
     if done is not None:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{out.dir} is complete (step {done['steps']}, the same run); nothing to do", flush=True)
-        return 0
+        return say_complete(out, done)
+    if problem := writable_problem(out.dir):
+        return say_refusal(f"{out.dir}: {problem}", EXIT_STORAGE)
 
     run, together = start(args, config, out, identity or {}), False
     try:  # from here on, every way out goes through run.close; refusals are taken by all ranks together
+        if code := refused_together(run.accelerator, *take_lease(run)):
+            return code
+        done, error = earlier_run(args, out, identity or {})  # again, now that no one else writes here
+        if error or done is not None:
+            together = True
+            return refused_together(run.accelerator, error) or (say_complete(out, done) if run.main_process else 0)
         data, error = fold_data(run, split)
-        if refused_together(run.accelerator, error):
-            return 2
+        if code := refused_together(run.accelerator, error):
+            return code
         model, error = load_model(run)
-        if refused_together(run.accelerator, error):
-            return 2
-        open_fold_folder(run)
+        if code := refused_together(run.accelerator, error):
+            return code
+        if code := refused_together(run.accelerator, *open_fold_folder(run)):
+            return code
         fit = optimisation(run, data, model)
         progress = fit.progress
 
         state = None if args.resume == "none" else latest_state(out.dir) if args.resume == "auto" else Path(args.resume)
         if state is not None:
-            if refused_together(run.accelerator, load_state(run.accelerator, state)):
-                return 2
+            if code := refused_together(run.accelerator, load_state(run.accelerator, state)):
+                return code
             if run.main_process:
                 print(f"resumed from {state} at step {progress.step}", flush=True)
-        run.log = MetricsLog(out.metrics, progress.step if state else None) if run.main_process else None
-        run.tracker = Tracker(to_dict(config), out.dir, args.stage, args.fold, run.main_process)
+        if code := refused_together(run.accelerator, *open_records(run, progress, resumed=state is not None)):
+            return code
 
         # The loop: every rank first learns whether any rank was signalled, and all stop at the same step.
         patience = config.train.early_stop_patience
         stopped_early = bool(patience and progress.bad_evals >= patience)  # resumed after its early stop
-        exit_code, _ = agreed_signal(signals, run.device)  # signalled during start-up: stop before the first step
+        exit_code, _ = agreed_signal(run, signals)  # signalled during start-up: stop before the first step
         loader = training_loader(run, data, start_epoch=progress.step // data.steps_per_epoch)
         batches = stream_at(loader, progress.step % data.steps_per_epoch) if not exit_code else iter(())
         bar = progress_bar(run, data.total_steps, progress.step)
@@ -254,8 +302,10 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
             if exit_code:
                 stop_on_signal(run, progress, exit_code)
             while not exit_code and not stopped_early and progress.step < data.total_steps:
+                waiting = time.perf_counter()
                 batch = next(batches)
-                exit_code, skipped = agreed_signal(signals, run.device, float(batch["skipped"].sum()))
+                window.waited += time.perf_counter() - waiting
+                exit_code, skipped = agreed_signal(run, signals, float(batch["skipped"].sum()))
                 if exit_code:  # this batch is not trained on; a resumed run draws it again
                     stop_on_signal(run, progress, exit_code)
                     break
@@ -277,18 +327,40 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         except (DataError, FloatingPointError) as e:
             print(f"error (rank {run.rank}): {e}", file=sys.stderr, flush=True)
             return 1
+        except StorageFailureError as e:  # every rank is here, at the same step
+            together = True
+            return stopped_on_storage(run, str(e))
         finally:
             bar.close()
 
-        if exit_code == 0 and run.main_process:
-            write_outputs(run, data, fit, stopped_early, started)
         together = True  # a normal end or a signal: every rank is here
+        if exit_code == 0 and run.main_process:
+            try:
+                write_outputs(run, data, fit, stopped_early, started)
+            except Exception as e:
+                if (problem := storage_problem(e, out.dir, "writing the outputs to")) is None:
+                    raise
+                return stopped_on_storage(run, problem)
         return preempted_exit_code() if exit_code == EXIT_REQUEUE else exit_code
     finally:
         run.close(together)
 
 
 # --- configuration: decided from the config and the fold's files alone ------------------------
+
+
+def say_refusal(error: str, code: int = EXIT_REFUSED) -> int:
+    """A refusal before the process group: every rank takes it, rank 0 alone says it (one line
+    under a launcher too, whose own summary of the failed ranks follows)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return code
+
+
+def say_complete(out: Fold, summary: dict[str, Any]) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{out.dir} is complete (step {summary['steps']}, the same run); nothing to do", flush=True)
+    return 0
 
 
 def refusal(args: argparse.Namespace, config: Any) -> str | None:
@@ -388,24 +460,73 @@ def start(args: argparse.Namespace, config: Any, out: Fold, identity: dict[str, 
     return Run(args, config, accelerator, out, machines, cuda, identity)
 
 
-def open_fold_folder(run: Run) -> None:
+def take_lease(run: Run) -> tuple[str | None, int]:
+    """The fold's lease (main process): one training writes a fold's folder at a time, across
+    nodes too (seg/lease.py). (None, 0), or why not and the exit code."""
+    if not run.main_process:
+        return None, 0
+    folder = run.out.dir
+    run.made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        run.lease = acquire(run.out.lease, f"training of stage {run.args.stage} fold {run.args.fold}")
+    except LeaseHeldError as e:
+        return str(e), EXIT_REFUSED
+    except OSError as e:
+        return storage_problem(e, run.out.lease, "taking the lease") or str(e), EXIT_STORAGE
+    return None, 0
+
+
+def open_fold_folder(run: Run) -> tuple[str | None, int]:
     """The fold's folder with the resolved config, once nothing refused the run: a refused
     command leaves no folder behind (a stray ``fold5/`` would reach the reducer and the report)."""
     if run.main_process:
-        run.out.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run.out.config, OmegaConf.to_yaml(run.config).encode())
-        run.out.preempted.unlink(missing_ok=True)  # an earlier attempt's
+        try:
+            atomic_write_bytes(run.out.config, OmegaConf.to_yaml(run.config).encode())
+            run.out.preempted.unlink(missing_ok=True)  # an earlier attempt's
+        except OSError as e:
+            return storage_problem(e, run.out.config) or str(e), EXIT_STORAGE
         print(OmegaConf.to_yaml(run.config), flush=True)
+    return None, 0
 
 
-def refused_together(accelerator: Accelerator, error: str | None) -> bool:
+def open_records(run: Run, progress: Progress, resumed: bool) -> tuple[str | None, int]:
+    """metrics.jsonl (main process; on resume, cut back to the resumed step) and the wandb run:
+    one per fold's run, its id kept in the progress so that every resume continues it."""
+    if not run.main_process:
+        run.tracker = Tracker(to_dict(run.config), run.out.dir, run.args.stage, run.args.fold, False)
+        return None, 0
+    try:
+        run.log = MetricsLog(run.out.metrics, progress.step if resumed else None)
+    except OSError as e:
+        return storage_problem(e, run.out.metrics) or str(e), EXIT_STORAGE
+    if not progress.tracking_id:  # a new run: named after the fold and what it is (a restart gets its own)
+        restart = f"-r{int(time.time())}" if run.args.resume == "none" else ""
+        progress.tracking_id = f"s{run.args.stage}-f{run.args.fold}-{experiment_key(run.identity)}{restart}"
+    resume_step = progress.step if resumed else None  # TensorBoard hides what metrics.jsonl drops
+    args = run.args
+    run.tracker = Tracker(
+        to_dict(run.config), run.out.dir, args.stage, args.fold, True, progress.tracking_id, resume_step
+    )
+    return None, 0
+
+
+def refused_together(accelerator: Accelerator, error: str | None, code: int = EXIT_REFUSED) -> int:
     """Every rank's verdict to every rank: on an error of any rank, the main process prints
-    the first one and every rank returns (and leaves the process group through Run.close),
-    none left waiting at a barrier."""
-    first = next((e for e in gather_object([error]) if e), None)
+    the first one and every rank returns its exit code (and leaves the process group through
+    Run.close), none left waiting at a barrier; 0 when no rank has one."""
+    first = next((pair for pair in gather_object([(error, code) if error else None]) if pair), None)
     if first and accelerator.is_main_process:
-        print(f"error: {first}", file=sys.stderr, flush=True)
-    return first is not None
+        print(f"error: {first[0]}", file=sys.stderr, flush=True)
+    return first[1] if first else 0
+
+
+def stopped_on_storage(run: Run, problem: str) -> int:
+    """The one line of a write that failed for the disk's sake, with the state a rerun resumes from."""
+    if run.main_process:
+        state = latest_state(run.out.dir)
+        resume = f"rerun the same command to resume from {state}" if state else "rerun the same command to start"
+        print(f"error: {problem}; {resume}; exit {EXIT_STORAGE}", file=sys.stderr, flush=True)
+    return EXIT_STORAGE
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -466,7 +587,7 @@ def load_model(run: Run) -> tuple[torch.nn.Module, str | None]:
     """The network with its starting weights (a previous stage's model, or ImageNet weights for
     the backbone); or why those weights don't fit."""
     config = run.config
-    model = from_config(config.model)
+    model = from_config(config.model, training=True)  # with model.aux_head's head
     try:
         if run.args.init_from not in (None, SCRATCH):
             load_weights(model, run.args.init_from, config.model)
@@ -487,7 +608,8 @@ def optimisation(run: Run, data: FoldData, model: torch.nn.Module) -> Fit:
         model = convert_sync_batchnorm(model, run.cuda)
     if config.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = losses.from_config(config.loss, data.split.class_pixels(), distributed=run.world > 1).to(run.device)
+    aux_weight = config.model.aux_weight if config.model.aux_head else None
+    loss_fn = losses.from_config(config.loss, data.split.class_pixels(), run.world > 1, aux_weight).to(run.device)
     optimizer = optim.from_config(config.optim, model)
     schedule = Schedule.from_config(optimizer, config.schedule, data.total_steps // config.train.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -571,12 +693,29 @@ def train_step(
     return loss.detach(), parts, stepped
 
 
+WAIT_WARNING = 0.10  # a data-wait share above this for WAIT_LOGS log steps in a row is said once
+WAIT_LOGS = 3
+
+
 @dataclass
 class Window:
-    """The steps since the last log line, for images per second."""
+    """The steps since the last log line, for images per second and the share of the time
+    spent waiting for the loader; and whether that share has been too high for a while."""
 
     start: float = field(default_factory=time.time)
     steps: int = 0
+    waited: float = 0.0  # seconds blocked on the loader
+    slow_logs: int = 0  # log steps in a row above WAIT_WARNING
+    warned: bool = False
+
+    def too_slow(self, wait_share: float) -> bool:
+        """Whether to say now that the loader holds training back: the share has been above
+        WAIT_WARNING for WAIT_LOGS log steps in a row (said once a run)."""
+        self.slow_logs = self.slow_logs + 1 if wait_share > WAIT_WARNING else 0
+        if self.slow_logs >= WAIT_LOGS and not self.warned:
+            self.warned = True
+            return True
+        return False
 
 
 def progress_bar(run: Run, total: int, initial: int) -> tqdm:
@@ -593,26 +732,40 @@ def log_step(
     """The loss and its parts averaged over the ranks, the lr, images/s and memory: recorded,
     and shown on the bar or as a line."""
     config, progress = run.config, fit.progress
-    values = all_reduce_sum(torch.stack([loss, *parts.values()]).float()) / run.world
-    seconds = time.time() - window.start
-    per_process = window.steps * config.train.batch_size / max(seconds, 1e-9)
+    if run.cuda:  # the queued kernels end before the clock is read: here only, so the steps between run freely
+        torch.cuda.synchronize(run.device)
+    waited = torch.tensor(window.waited, device=loss.device)
+    values = all_reduce_sum(torch.stack([loss, *parts.values(), waited]).float()) / run.world
+    seconds = max(time.time() - window.start, 1e-9)
+    per_process = window.steps * config.train.batch_size / seconds
+    wait_share = min(values[-1].item() / seconds, 1.0)  # the ranks' mean
     entry = {
         "train/loss": values[0].item(),
         "train/lr": fit.schedule.lr(),
         "train/images_per_s": per_process * run.world,
         "train/images_per_s_per_process": per_process,
+        "train/data_wait_s": values[-1].item(),
+        "train/data_wait_share": wait_share,
         "train/memory_mb": memory_mb(run.device),
     }
-    entry |= {f"train/{k}": v.item() for k, v in zip(parts, values[1:], strict=True)}
+    entry |= {f"train/{k}": v.item() for k, v in zip(parts, values[1:-1], strict=True)}
     run.record(entry, progress, data.steps_per_epoch)
-    bar.set_postfix(loss=f"{entry['train/loss']:.4f}", lr=f"{entry['train/lr']:.2e}")
+    bar.set_postfix(loss=f"{entry['train/loss']:.4f}", lr=f"{entry['train/lr']:.2e}", data_wait=f"{wait_share:.0%}")
     if run.main_process and bar.disable:
         print(
             f"step {progress.step}/{data.total_steps} loss {entry['train/loss']:.4f} "
-            f"lr {entry['train/lr']:.2e} {entry['train/images_per_s']:.1f} img/s",
+            f"lr {entry['train/lr']:.2e} {entry['train/images_per_s']:.1f} img/s, data wait {wait_share:.0%}",
             flush=True,
         )
-    window.start, window.steps = time.time(), 0
+    if window.too_slow(wait_share) and run.main_process:
+        print(
+            f"warning: training waited for data {wait_share:.0%} of the time in {WAIT_LOGS} log steps in a row: "
+            f"pack the shards at the training size (tools/pack_cityscapes.py --resize WxH), set "
+            f"data.geometry_on_device=true, raise data.workers, or pack JPEG (--image-format jpg)",
+            file=sys.stderr,
+            flush=True,
+        )
+    window.start, window.steps, window.waited = time.time(), 0, 0.0
 
 
 def memory_mb(device: torch.device) -> float:
@@ -633,8 +786,8 @@ def evaluate_and_checkpoint(run: Run, data: FoldData, fit: Fit) -> bool:
     improved = progress.observe(miou)
     fit.schedule.observe(improved)
     if improved and run.main_process:
-        weights = run.accelerator.unwrap_model(fit.evaluated)
-        export_weights(weights, run.out.weights("best"), sidecar(run, data, progress, progress.final))
+        weights, path = run.accelerator.unwrap_model(fit.evaluated), run.out.weights("best")
+        run.keep_writing(lambda: export_weights(weights, path, sidecar(run, data, progress, progress.final)), path)
     if run.main_process:
         print(f"step {progress.step}: fold mIoU {100 * miou:.1f}% (best {100 * progress.best_miou:.1f}%)", flush=True)
     save_state(run, progress.step, {state_name(progress.best_step)})
@@ -667,25 +820,69 @@ def validate(run: Run, data: FoldData, fit: Fit) -> dict[str, Any]:
 
 def save_state(run: Run, step: int, keep: set[str]) -> Path:
     """A resumable state with the run's identity, renamed into place only once every rank has
-    written its part."""
-    accelerator, out = run.accelerator, run.out
+    written its part. A write that fails for the disk's sake on any rank (or one foreseen not
+    to fit) stops every rank with StorageFailureError, the previous states untouched."""
+    accelerator, out, main = run.accelerator, run.out, run.main_process
     final = out.checkpoints / state_name(step)
     if final.exists():
         return final
     tmp = out.checkpoints / f".{final.name}.partial"
-    if accelerator.is_main_process:
+
+    def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+        if run.state_bytes and free_bytes(tmp) < run.state_bytes:  # writing it would fill the disk for nothing
+            raise NoRoomError(tmp, run.state_bytes)
+
+    def complete() -> None:
         atomic_write_bytes(tmp / "identity.json", (json.dumps(run.identity, indent=1) + "\n").encode())
         plain_modes(tmp)  # readable by the team like every other output (accelerate's safetensors are 0600)
         os.replace(tmp, final)
         prune_states(out.dir, run.config.train.keep_last, keep)
-    accelerator.wait_for_everyone()
+
+    try:
+        agreed_write(run, prepare if main else None, tmp, "saving the state to")
+        agreed_write(run, lambda: accelerator.save_state(str(tmp)), tmp, "saving the state to")
+        agreed_write(run, complete if main else None, tmp, "saving the state to")
+    except StorageFailureError:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # its space back, for the next attempt
+        raise
+    if main:
+        run.state_bytes = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+        warn_if_disk_fills(run, final)
     return final
+
+
+def agreed_write(run: Run, write: Callable[[], None] | None, path: Path, doing: str) -> None:
+    """``write`` on this rank (None: nothing here), then every rank learns whether any rank's
+    write (or an earlier one, ``run.failure``) failed for the disk's sake: all raise
+    StorageFailureError with the first such line, or all go on. Any other error is raised as it is."""
+    problem = run.failure
+    if problem is None and write is not None:
+        try:
+            write()
+        except Exception as e:
+            if (problem := storage_problem(e, path, doing)) is None:
+                raise
+    first = next((p for p in gather_object([problem]) if p), None)
+    if first is not None:
+        raise StorageFailureError(first)
+
+
+def warn_if_disk_fills(run: Run, state: Path) -> None:
+    """Once per run: a line when fewer than two more states fit on the disk (the next save
+    writes before it prunes), so a full disk is a warning before it is an error."""
+    free = free_bytes(state)
+    if free < 2 * run.state_bytes and not run.warned_disk:
+        run.warned_disk = True
+        print(
+            f"warning: {megabytes(free)} free on the disk of {state.parent}, a state takes "
+            f"{megabytes(run.state_bytes)}: room for {free // max(run.state_bytes, 1)} more; free space, or the "
+            f"run stops at a save that does not fit (keeping the last complete state)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def sidecar(run: Run, data: FoldData, progress: Progress, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -704,11 +901,14 @@ def sidecar(run: Run, data: FoldData, progress: Progress, metrics: dict[str, Any
 # --- preempt ------------------------------------------------------------------------------------
 
 
-def agreed_signal(signals: Signals, device: torch.device, skipped: float = 0.0) -> tuple[int, float]:
+def agreed_signal(run: Run, signals: Signals, skipped: float = 0.0) -> tuple[int, float]:
     """One small all-reduce: the exit code every rank takes for the signals any rank caught
-    (0: go on; a preemption outranks a Ctrl-C), and the samples skipped on all ranks."""
-    flags = torch.tensor([float(signals.preempted), float(signals.interrupted), skipped], device=device)
-    preempted, interrupted, skipped = all_reduce_sum(flags).tolist()
+    (0: go on; a preemption outranks a Ctrl-C), and the samples skipped on all ranks. A write
+    of any rank that failed for the disk's sake stops every rank here (StorageFailureError)."""
+    flags = [float(signals.preempted), float(signals.interrupted), skipped, float(run.failure is not None)]
+    preempted, interrupted, skipped, failed = all_reduce_sum(torch.tensor(flags, device=run.device)).tolist()
+    if failed:
+        agreed_write(run, None, run.out.dir, "")  # every rank raises the failed rank's line
     return (EXIT_REQUEUE if preempted else EXIT_INTERRUPTED if interrupted else 0), skipped
 
 

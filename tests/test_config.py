@@ -3,8 +3,16 @@
 from pathlib import Path
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
+from seg.cli import Size
 from seg.config import ConfigError, load_config
+from seg.identity import fold_identity
+from seg.manifest import FoldSplit
+from seg.pack import Options, pack
+from seg.synthetic import make_synthetic
+from seg.train import main
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -45,3 +53,113 @@ def test_an_error_says_whether_the_file_or_the_command_line_gave_the_value(tmp_p
 def test_the_shipped_configs_are_in_range():
     for path in DEMO.parent.glob("*.yaml"):
         load_config(path, ["data.shards=x"], stage=1)
+
+
+# --- base configs (mmseg's _base_) ---------------------------------------------------------
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_chain_of_bases_merges_base_first_and_the_command_line_wins(tmp_path):
+    # bases/root.yaml <- bases/mid.yaml (and extra.yaml, merged after it) <- child.yaml, each
+    # path relative to the file that names it
+    write(tmp_path / "bases" / "root.yaml", "data:\n  shards: root\n  size: [64, 128]\noptim:\n  lr: 0.5\n"
+          "train:\n  epochs: 7\nstages:\n  - {}\n  - {optim.lr: 0.1}\n  - {optim.lr: 0.01}\n")  # fmt: skip
+    write(tmp_path / "bases" / "mid.yaml", "_base_: root.yaml\noptim:\n  name: sgd\ntrain:\n  epochs: 5\n")
+    write(tmp_path / "extra.yaml", "model:\n  depth: 50\ntrain:\n  epochs: 4\n")
+    child = write(tmp_path / "child.yaml", "_base_: [bases/mid.yaml, extra.yaml]\ntrain:\n  batch_size: 3\n"
+                  "stages:\n  - {}\n  - {optim.lr: 0.2}\n")  # fmt: skip
+    config = load_config(child)
+    assert (config.data.shards, list(config.data.size), config.optim.lr) == ("root", [64, 128], 0.5)  # root's
+    assert (config.optim.name, config.model.depth, config.train.epochs) == ("sgd", 50, 4)  # mid's, extra's last
+    assert config.train.batch_size == 3 and "_base_" not in config
+    # the child's stages replace the base's whole list (OmegaConf's list merge), as in mmseg
+    assert [dict(s) for s in config.stages] == [{}, {"optim.lr": 0.2}]
+    assert load_config(child, [], stage=3).optim.lr == 0.2  # beyond the child's list: its last entry
+    overridden = load_config(child, ["train.epochs=9", "optim.lr=0.3"], stage=2)
+    assert (overridden.train.epochs, overridden.optim.lr) == (9, 0.3)
+
+
+def test_a_cycle_of_bases_is_refused_naming_the_files(tmp_path):
+    a = write(tmp_path / "a.yaml", "_base_: b.yaml\ndata:\n  shards: x\n")
+    b = write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(a)
+    message = str(refused.value)
+    assert message == f"config files extend each other in a cycle: {a} -> {b} -> {a} (remove one _base_)"
+    write(tmp_path / "self.yaml", "_base_: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*self\.yaml -> .*self\.yaml"):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_a_missing_or_malformed_base_is_refused_naming_it_and_the_file_that_names_it(tmp_path):
+    child = write(tmp_path / "child.yaml", "_base_: [base.yaml, gone.yaml]\n")
+    write(tmp_path / "base.yaml", "data:\n  shards: x\n")
+    with pytest.raises(ConfigError, match=rf"^config file {tmp_path / 'gone.yaml'} \(a _base_ of {child}\) not found$"):
+        load_config(child)
+    write(tmp_path / "child.yaml", "_base_: {file: base.yaml}\n")
+    with pytest.raises(ConfigError, match=rf"'_base_' in {child}: .* is not a file name or a list of file names"):
+        load_config(child)
+    write(tmp_path / "base.yaml", "data: [unclosed\n")
+    write(tmp_path / "child.yaml", "_base_: base.yaml\n")
+    base = tmp_path / "base.yaml"
+    with pytest.raises(ConfigError, match=rf"config file {base} \(a _base_ of {child}\) is not readable YAML"):
+        load_config(child)
+
+
+def test_a_bad_key_or_value_in_a_base_is_refused_naming_the_key_and_that_file(tmp_path):
+    base = write(tmp_path / "base.yaml", "data:\n  shards: x\ntrain:\n  epoch: 3\n")
+    child = write(tmp_path / "child.yaml", "_base_: base.yaml\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=rf"^config key 'train.epoch' in {base}: Key 'epoch' not in"):
+        load_config(child)
+    write(tmp_path / "base.yaml", "data:\n  shards: x\ntrain:\n  log_every: 0\n")
+    with pytest.raises(ConfigError, match=rf"'train.log_every' \(in {base}\): 0 is out of range"):
+        load_config(child)
+    write(tmp_path / "child.yaml", "_base_: base.yaml\ntrain:\n  log_every: -1\n")  # the child's value is the one kept
+    with pytest.raises(ConfigError, match=rf"'train.log_every' \(in {child}\): -1 is out of range"):
+        load_config(child)
+    write(tmp_path / "base.yaml", "data:\n  shards: x\nstages:\n  - {}\n  - {train.log_every: 0}\n")
+    with pytest.raises(ConfigError, match=rf"'train.log_every' \(in stages\[1\] of {base}\): 0 is out of range"):
+        load_config(tmp_path / "base.yaml", [], stage=2)
+    with pytest.raises(ConfigError, match=r"'optim.lr' \(on the command line\): 0.0 is out of range"):
+        load_config(child, ["optim.lr=0"])
+    with pytest.raises(ConfigError, match=r"'train.log_every' \(in stages\[1\] of "):
+        load_config(child, [], stage=2)  # the child's own value, then its base's stage entry
+
+
+def test_the_r101_recipe_extends_the_r50_one_stating_only_what_differs():
+    r50, r101 = DEMO.parent / "mmseg_r50.yaml", DEMO.parent / "mmseg_r101.yaml"
+    assert "_base_: mmseg_r50.yaml" in r101.read_text()
+    a, b = OmegaConf.to_container(load_config(r50)), OmegaConf.to_container(load_config(r101))
+    assert b["model"]["depth"] == 101 and b["train"]["experiment"] == "mmseg-r101"
+    for section, key in [("model", "depth"), ("model", "pretrained"), ("train", "experiment")]:
+        a[section].pop(key), b[section].pop(key)
+    assert a == b  # as the two files were before r101 had a base: the same recipe but for these
+
+
+def test_a_based_config_is_the_same_run_as_its_flattened_copy(tmp_path, capsys):
+    root = tmp_path / "cityscapes"
+    make_synthetic(root, counts={"train": 6, "val": 2, "test": 0}, cities={"train": 2, "val": 1, "test": 1},
+                   size=Size(32, 64), progress=False)  # fmt: skip
+    pack(root, tmp_path / "shards", Options(folds=2, splits=("train", "val")), progress=False)
+    write(tmp_path / "base.yaml", f"_base_: {DEMO}\ndata:\n  shards: {tmp_path / 'shards'}\noptim:\n  lr: 0.02\n")
+    based = write(tmp_path / "based.yaml", "_base_: base.yaml\nmodel:\n  depth: 34\n")
+    # the same config written out in one file, as a user would flatten it by hand
+    flattened = yaml.safe_load(DEMO.read_text())
+    flattened["data"]["shards"], flattened["optim"]["lr"] = str(tmp_path / "shards"), 0.02
+    flattened["model"]["depth"] = 34
+    flat = write(tmp_path / "flat.yaml", yaml.safe_dump(flattened))
+    for stage in (1, 2):  # stage 2 applies demo.yaml's stages entry (optim.lr: 3.0e-4) to both
+        a, b = load_config(based, [], stage), load_config(flat, [], stage)
+        assert OmegaConf.to_yaml(a) == OmegaConf.to_yaml(b)  # what config.yaml holds
+        split = FoldSplit.of(a.data.shards, 0)
+        assert fold_identity(a, stage, split, None, 1) == fold_identity(b, stage, split, None, 1)
+    # seg/train.py refuses a cycle in one line, exit 2, as any config error
+    write(tmp_path / "base.yaml", "_base_: based.yaml\n")
+    assert main(["--config", str(based), "--fold", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config files extend each other in a cycle") and err.count("\n") == 1

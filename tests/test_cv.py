@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from seg.config import ConfigError, load_config
 from seg.identity import fold_identity
 from seg.manifest import FoldSplit, ManifestError
 from seg.pack import Options, pack
+from seg.signals import Signals
 from seg.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +139,7 @@ def finish(plan: cv.Chain, stage: int, fold: int, init_from: str | None, process
 
 def test_finished_folds_and_reductions_are_skipped(shards, tmp_path):
     plan = chain(shards, tmp_path / "runs", folds=2)
-    assert not cv.fold_done(plan, 1, 0, 1) and not cv.reduction_done(plan, 1)
+    assert not cv.fold_done(plan, 1, 0, 1) and not cv.reduction_done(plan, 1)[0]
     for fold in (0, 1):
         folder = plan.experiment.stage(1).dir / f"fold{fold}"
         folder.mkdir(parents=True)
@@ -144,14 +148,26 @@ def test_finished_folds_and_reductions_are_skipped(shards, tmp_path):
     assert not cv.fold_done(plan, 1, 0, 1)
     finish(plan, 1, 0, None)
     assert cv.fold_done(plan, 1, 0, 1) and not cv.fold_done(plan, 1, 1, 1)
-    plan.experiment.stage(1).reduced_model.parent.mkdir(parents=True)
-    plan.experiment.stage(1).reduced_model.write_bytes(b"reduced")
-    assert cv.reduction_done(plan, 1)
+    reduced = plan.experiment.stage(1)
+    reduced.reduced_model.parent.mkdir(parents=True)
+    reduced.reduced_model.write_bytes(b"reduced")
+    reduced.reduced_report.write_text("{}")  # by an older seg
+    assert cv.reduction_done(plan, 1) == (False, "its report does not record the options it ran with (an older "
+                                                 "seg): reducing again")  # fmt: skip
+    reduced.reduced_report.write_text(json.dumps({"options": plan.reduce_options()}))
+    assert cv.reduction_done(plan, 1) == (True, "reduced before, skipped")
+    # reduced by hand with other options: the chain reduces again, saying why
+    other = json.loads(reduced.reduced_report.read_text())
+    other["options"]["recalibrate"] = 5
+    reduced.reduced_report.write_text(json.dumps(other))
+    done, why = cv.reduction_done(plan, 1)
+    assert not done and why == "reduced before with other options (recalibrate: 5 -> 3): reducing again"
+    reduced.reduced_report.write_text(json.dumps({"options": plan.reduce_options()}))
     # a fold retrained after the reduction makes it stale
     model = plan.experiment.stage(1).dir / "fold1" / "model.safetensors"
     stat = plan.experiment.stage(1).reduced_model.stat()
     os.utime(model, (stat.st_atime, stat.st_mtime + 10))
-    assert not cv.reduction_done(plan, 1)
+    assert cv.reduction_done(plan, 1) == (False, "a fold was trained again since its reduction: reducing again")
 
 
 def test_each_stage_applies_its_entry_of_the_config_and_bad_keys_name_the_entry(tmp_path):
@@ -181,12 +197,12 @@ def test_without_slurm_the_chain_says_so_and_points_to_local(shards, tmp_path):
 def test_a_local_step_prints_one_line_and_keeps_its_output_in_the_log(tmp_path, capsys):
     log = tmp_path / "logs" / "step.log"
     talk = [sys.executable, "-c", "for i in range(100): print('config line', i)"]
-    assert cv.run_logged(talk, log, "stage 1 fold 0") == 0
+    assert cv.run_logged(talk, log, "stage 1 fold 0", Signals()) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 2 and "stage 1 fold 0: done in" in out and "config line" not in out
     assert log.read_text().count("\nconfig line") == 100  # the command line heads the log
     fail = [sys.executable, "-c", "import sys; print('what went wrong'); sys.exit(3)"]
-    assert cv.run_logged(fail, log, "stage 1 reduction") == 3
+    assert cv.run_logged(fail, log, "stage 1 reduction", Signals()) == 3
     assert "what went wrong" in capsys.readouterr().err  # the log's tail, on a failure
 
 
@@ -212,3 +228,47 @@ def test_a_fold_that_finished_as_another_run_stops_the_chain_naming_the_differen
                           text=True, timeout=300, cwd=REPO)  # fmt: skip
     assert done.returncode == 2 and "error: stage 1 fold 0:" in done.stderr, done.stderr[-2000:]
     assert "batch.global: 4 -> 8" in done.stderr and not (plan.experiment.stage(1).dir / "fold1").exists()
+
+
+def _tiny_chain(shards: Path, runs: Path, *extra: str) -> list[str]:
+    overrides = [f"data.shards={shards}", f"train.runs_dir={runs}", "data.size=[32,64]", "data.eval_size=null",
+                 "data.workers=0", "train.batch_size=2", "train.log_every=1", "wandb.mode=disabled",
+                 "model.depth=18"]  # fmt: skip
+    return [sys.executable, "-m", "seg.cv", CONFIG, "--stages", "1", "--folds", "1", "--local", "--reduce",
+            "--select-on val", *overrides, *extra]  # fmt: skip
+
+
+def test_ctrl_c_of_a_local_chain_lets_the_fold_save_and_says_where_it_stopped(shards, tmp_path):
+    """As a terminal sends it: SIGINT to the whole process group, the chain and its fold."""
+    chain = subprocess.Popen(_tiny_chain(shards, tmp_path, "train.epochs=50", "train.eval_every=100"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             start_new_session=True)  # fmt: skip
+    metrics = tmp_path / "demo" / "stage1" / "fold0" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert chain.poll() is None and time.time() < deadline, chain.communicate()[1][-3000:]
+            time.sleep(0.2)
+        os.killpg(chain.pid, signal.SIGINT)
+        _, err = chain.communicate(timeout=300)
+    finally:
+        chain.kill()
+    assert chain.returncode == 130, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    step = re.search(r"^stage 1 fold 0: interrupted, at step (\d+), state saved in (\S+); rerun the same command "
+                     r"to continue; exit 130$", lines[0])  # fmt: skip
+    assert step and Path(step[2]).is_dir() and step[2].endswith(f"step-{int(step[1]):08d}"), lines[0]
+    log = (tmp_path / "demo" / "logs" / "stage1-fold0.log").read_text()
+    assert f"interrupted: state saved at step {step[1]}" in log  # the fold saved before it exited
+    assert not (tmp_path / "demo" / "stage1" / ".chain.lease").exists()
+
+
+def test_a_second_local_chain_on_a_stage_is_refused_naming_the_first(shards, tmp_path):
+    from seg.lease import acquire
+
+    with acquire(tmp_path / "demo" / "stage1" / ".chain.lease", "local chain of stage 1"):
+        done = subprocess.run(_tiny_chain(shards, tmp_path), capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"is being written by local chain of stage 1 (host {socket.gethostname()}, pid {os.getpid()}" in done.stderr
+    assert not (tmp_path / "demo" / "stage1" / "fold0").exists()

@@ -143,3 +143,17 @@ def test_from_config_builds_each_loss_with_the_fold_class_weights():
     assert value.item() == pytest.approx(expected.item(), rel=1e-6) and set(parts) == {"ohem"}
     with pytest.raises(ValueError, match="choose from combined, ce, ohem"):
         from_config(LossConfig(name="focal"))
+
+
+def test_an_auxiliary_heads_cross_entropy_is_added_with_its_weight():
+    loss = from_config(LossConfig(name="combined", alpha=0.6, label_smoothing=0.1), aux_weight=0.4)
+    aux_logits = LOGITS.flip(1)
+    total, parts = loss((LOGITS, aux_logits), TARGET)
+    main, main_parts = CombinedLoss(0.6, 0.1)(LOGITS, TARGET)
+    expected_aux = torch.nn.functional.cross_entropy(aux_logits, TARGET, ignore_index=255)  # plain: no smoothing
+    assert total.item() == pytest.approx(main.item() + 0.4 * expected_aux.item(), rel=1e-6)
+    assert parts["aux_ce"].item() == pytest.approx(expected_aux.item(), rel=1e-6)
+    assert set(parts) == {*main_parts, "aux_ce"}
+    # a model without the auxiliary head (or in eval mode) gives plain logits: the loss alone
+    assert loss(LOGITS, TARGET)[0].item() == pytest.approx(main.item(), rel=1e-6)
+    assert isinstance(from_config(LossConfig(name="ce")), CombinedLoss)  # no wrapper unless asked

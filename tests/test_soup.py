@@ -332,3 +332,19 @@ def test_the_reduction_evaluates_the_ensemble_beside_the_soups_and_reports_each_
     assert "pooled: unavailable (fold 0, 1 have no confusion matrix" in text  # no summary.json written here
     seed = load_file(stage / "reduced" / "model.safetensors")
     assert set(seed) == set(load_file(stage / "fold0" / "best.safetensors"))
+
+
+def test_a_model_file_whose_sidecar_describes_another_model_names_the_keys_and_shapes(tmp_path):
+    from seg.weights import load_model
+
+    config = load_config(REPO / "configs" / "demo.yaml", ["data.shards=unused"])  # depth 18
+    export_weights(DeepLabV3Plus(18, 16), tmp_path / "model.safetensors", {"config": to_dict(config)})
+    sidecar = json.loads((tmp_path / "model.json").read_text())
+    sidecar["config"]["model"]["depth"] = 50  # a sidecar of another model beside these weights
+    (tmp_path / "model.json").write_text(json.dumps(sidecar))
+    with pytest.raises(WeightsError) as refused:
+        load_model(tmp_path / "model.safetensors")
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'model.safetensors'}: does not fit the model its sidecar describes (")
+    assert "depth=50" in message and "missing 198, e.g. backbone.layer1.0.conv3.weight (256, 64, 1, 1)" in message
+    assert "other shapes" in message and "in the file" in message and "copy both again" in message

@@ -9,7 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -18,45 +17,16 @@ import torch
 from safetensors.torch import load_file
 
 from seg.atomic import current_umask
-from seg.cli import Size
 from seg.launch import launch_command
-from seg.pack import Options, pack
 from seg.soup import load_fold_models
-from seg.synthetic import make_synthetic
-from seg.train import EXIT_REQUEUE, main
+from seg.train import EXIT_REQUEUE, Window, main
+from tests.tiny_training import FOLD, REPO, command, run, steps_logged, tiny_shards, wait_for
 from tests.wandb_records import run_record as wandb_run_record
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.size=[32,64]", "data.eval_size=null", "data.workers=0", "train.batch_size=2", "train.log_every=1",
-    "train.eval_every=1", "wandb.mode=disabled", "model.depth=18",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train") / "cityscapes"
-    make_synthetic(root, counts={"train": 16, "val": 4, "test": 0}, cities={"train": 4, "val": 1, "test": 1},
-                   size=Size(32, 64), progress=False)  # fmt: skip
-    out = root.parent / "shards"
-    pack(root, out, Options(folds=2, splits=("train", "val")), progress=False)
-    return out
-
-
-def command(shards: Path, runs: Path, *extra: str, processes: int = 1) -> list[str]:
-    script = [str(REPO / "seg" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"), "--fold", "0",
-              f"data.shards={shards}", f"train.runs_dir={runs}", *TINY, *extra]  # fmt: skip
-    return [*launch_command(processes), *script]
-
-
-def run(shards: Path, runs: Path, *extra: str, processes: int = 1, drill: str = "") -> subprocess.CompletedProcess:
-    """seg/train.py to its end; ``drill``: a signal it sends itself after a step (SEG_DRILL)."""
-    env = os.environ | ({"SEG_DRILL": drill} if drill else {})
-    return subprocess.run(command(shards, runs, *extra, processes=processes), capture_output=True, text=True,
-                          timeout=600, cwd=REPO, env=env)  # fmt: skip
-
-
-FOLD = Path("demo/stage1/fold0")
+    return tiny_shards(tmp_path_factory.mktemp("train"))
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path):
@@ -87,6 +57,9 @@ def test_a_run_writes_its_outputs(shards, tmp_path):
     assert summary["steps"] == 2 * summary["steps_per_epoch"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == list(range(1, summary["steps"] + 1))
+    # how long each log step's window waited for the loader (data.workers=0: the decoding itself)
+    waits = [(r["train/data_wait_s"], r["train/data_wait_share"]) for r in records if "train/loss" in r]
+    assert all(s > 0 and 0 < share <= 1 for s, share in waits), waits
     evaluations = [r for r in records if "fold/miou" in r]
     assert len(evaluations) == 2 and set(evaluations[0]["fold/iou"]) >= {"road", "sky"}
     sidecar = json.loads((out / "model.json").read_text())
@@ -111,20 +84,6 @@ def test_a_run_writes_its_outputs(shards, tmp_path):
     ]
 
 
-def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
-
-
-def _steps(path: Path) -> int:
-    if not path.exists():
-        return 0
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line), default=0)
-
-
 def test_a_killed_run_resumes_to_the_weights_of_one_never_stopped(shards, tmp_path):
     epochs = ["train.epochs=3"]
     assert run(shards, tmp_path / "whole", *epochs).returncode == 0
@@ -132,7 +91,7 @@ def test_a_killed_run_resumes_to_the_weights_of_one_never_stopped(shards, tmp_pa
     # SIGKILL, past the first state and mid-epoch, at an exact step whatever the machine's load
     killed = run(shards, tmp_path / "killed", *epochs, drill=f"{per_epoch + 1}:KILL")
     out = tmp_path / "killed" / FOLD
-    assert killed.returncode == -signal.SIGKILL and _steps(out / "metrics.jsonl") == per_epoch + 1
+    assert killed.returncode == -signal.SIGKILL and steps_logged(out / "metrics.jsonl") == per_epoch + 1
     assert not (out / "summary.json").exists()
     resumed = run(shards, tmp_path / "killed", *epochs)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -171,12 +130,12 @@ def test_sigterm_to_every_process_with_data_workers_saves_and_exits_75(shards, t
     job = subprocess.Popen(command(shards, tmp_path, "train.epochs=20", "data.workers=2"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)  # fmt: skip
     metrics = tmp_path / FOLD / "metrics.jsonl"
-    _wait_for(lambda: _steps(metrics) >= 2, job)
+    wait_for(lambda: steps_logged(metrics) >= 2, job)
     workers = psutil.Process(job.pid).children()
     assert len(workers) == 2
     os.kill(workers[0].pid, signal.SIGUSR1)
-    reached = _steps(metrics)
-    _wait_for(lambda: _steps(metrics) >= reached + 2, job)  # it trains on, the worker alive
+    reached = steps_logged(metrics)
+    wait_for(lambda: steps_logged(metrics) >= reached + 2, job)  # it trains on, the worker alive
     os.killpg(job.pid, signal.SIGTERM)  # the whole process group, as Slurm does
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == EXIT_REQUEUE, stderr[-3000:]
@@ -195,21 +154,21 @@ def _catches(pid: int, sig: int) -> bool:
 def test_a_signal_during_start_up_stops_before_the_first_step_with_exit_75(shards, tmp_path):
     job = subprocess.Popen(command(shards, tmp_path, "train.epochs=20"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
-    _wait_for(lambda: _catches(job.pid, signal.SIGTERM), job, timeout=120)
+    wait_for(lambda: _catches(job.pid, signal.SIGTERM), job, timeout=120)
     assert not (tmp_path / FOLD / "config.yaml").exists()  # still importing: long before the loop
     job.send_signal(signal.SIGTERM)
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == EXIT_REQUEUE, stderr[-3000:]
     assert f"rank 0: preempted, nothing to save before the first step; exit {EXIT_REQUEUE}" in stdout
     assert json.loads((tmp_path / FOLD / "PREEMPTED").read_text())["state"] is None
-    assert not (tmp_path / FOLD / "checkpoints").exists() and _steps(tmp_path / FOLD / "metrics.jsonl") == 0
+    assert not (tmp_path / FOLD / "checkpoints").exists() and steps_logged(tmp_path / FOLD / "metrics.jsonl") == 0
 
 
 def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_saves_and_exits_130(shards, tmp_path):
     job = subprocess.Popen(command(shards, tmp_path, "train.epochs=20", processes=2), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
     out = tmp_path / FOLD
-    _wait_for(lambda: _steps(out / "metrics.jsonl") >= 3, job)
+    wait_for(lambda: steps_logged(out / "metrics.jsonl") >= 3, job)
     ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
     os.kill(ranks[1].pid, signal.SIGINT)
     stdout, stderr = job.communicate(timeout=300)
@@ -397,3 +356,26 @@ def test_a_resume_on_another_process_count_with_the_same_global_batch_continues(
     summary = json.loads((tmp_path / FOLD / "summary.json").read_text())
     assert summary["steps"] == 2 * summary["steps_per_epoch"] and summary["processes"] == 2
     assert summary["identity"]["batch"] == {"processes": 2, "per_process": 2, "grad_accum": 1, "global": 4}
+
+
+def test_the_loader_holding_training_back_is_said_once_after_three_slow_log_steps_in_a_row():
+    window = Window()
+    assert [window.too_slow(share) for share in (0.5, 0.5, 0.05, 0.5, 0.5)] == [False] * 5  # not 3 in a row
+    assert window.too_slow(0.2) is True  # the third in a row
+    assert [window.too_slow(0.9) for _ in range(5)] == [False] * 5  # once a run
+
+
+def test_mmsegs_model_trains_with_its_auxiliary_head_and_exports_without_it(shards, tmp_path):
+    mmseg = ["model.stem=deep", "model.contract_dilation=true", "model.head=separable-aspp", "model.aux_head=true"]
+    done = run(shards, tmp_path, "train.epochs=1", *mmseg)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / FOLD
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "train/loss" in r]
+    assert steps and all(r["train/aux_ce"] > 0 for r in steps)
+    for r in steps:  # the demo's loss (0.6 CE + 0.4 Dice) plus 0.4 x the auxiliary head's CE
+        expected = 0.6 * r["train/ce"] + 0.4 * r["train/dice"] + 0.4 * r["train/aux_ce"]
+        assert r["train/loss"] == pytest.approx(expected, rel=1e-5)
+    weights = load_file(out / "model.safetensors")
+    assert "backbone.stem.0.weight" in weights and not any(k.startswith("aux_head") for k in weights)
+    assert json.loads((out / "model.json").read_text())["config"]["model"]["aux_head"] is True

@@ -17,8 +17,8 @@ a window of the model's training size (``data.size``, as mmseg's test_cfg takes 
 crop) unless --crop says otherwise, with a stride of 2/3 of the window unless --stride says
 otherwise; a window larger than the input is clipped to it (and said). A config given
 before the model must describe the same network (model.depth, output_stride,
-aspp_pool_norm; else refused naming them); its data.shards, data.eval_size and data.size
-then replace the sidecar's. Writes OUT/metrics.json (the metrics and the settings: input
+aspp_pool_norm, stem, contract_dilation, head; else refused naming them); its data.shards,
+data.eval_size and data.size then replace the sidecar's. Writes OUT/metrics.json (the metrics and the settings: input
 size, mode, flip, scales, and in slide mode the window and stride used), OUT/metrics.md,
 OUT/per_class_iou.png, OUT/confusion.png and OUT/frequency_vs_iou.png; OUT defaults to
 ``eval-SPLIT-SETTINGS/`` beside the model (e.g. ``eval-val-1024x512-whole``), so evaluations
@@ -74,6 +74,7 @@ from seg.plots import evaluation_figures
 from seg.png import encode_gray8
 from seg.report import count
 from seg.runs import Stage
+from seg.storage import EXIT_STORAGE, StorageError, check_writable
 from seg.weights import WeightsError
 
 
@@ -170,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"ensemble of {len(members)} models ({len(members)} forward passes per view): {listed}")
     say(f"{describe_settings(record)}; input size from {size_from}"
         + (" (--input-size WIDTHxHEIGHT or full to change it)" if args.input_size is None else ""))  # fmt: skip
+    out = args.out or default_folder(model_paths, members) / (
+        settings_name(args.split, record) + (f"-ensemble{len(members)}" if len(members) > 1 else "")
+    )
+    try:  # before the work: a folder that can't be written fails now, not after every image
+        for folder in [out, *([args.export] if args.export else [])]:
+            check_writable(folder)
+    except StorageError as e:
+        say(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     export = None
     if args.export:
         args.export.mkdir(parents=True, exist_ok=True)
@@ -193,9 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(members) > 1:
         result["ensemble"] = [str(m) for m in members]
     if accelerator.is_main_process:
-        out = args.out or default_folder(model_paths, members) / (
-            settings_name(args.split, record) + (f"-ensemble{len(members)}" if len(members) > 1 else "")
-        )
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
         title = f"{result['model']} on {args.split}"

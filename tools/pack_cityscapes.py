@@ -23,6 +23,7 @@ from seg.atomic import OutputExistsError
 from seg.cli import parse_bytes, parse_list, parse_size
 from seg.manifest import ManifestError, verify
 from seg.pack import FOLD_MODES, IMAGE_FORMATS, Options, PackError, pack
+from seg.storage import EXIT_STORAGE, StorageError, check_writable, writing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +95,15 @@ def main(argv: list[str] | None = None) -> int:
             jpeg_quality=args.jpeg_quality,
             resize=tuple(args.resize) if args.resize else None,
         )
-        manifest = pack(args.root, out, options, workers=args.workers, overwrite=args.overwrite)
+        check_writable(out.parent)
+        with writing(out, "packing into"):
+            manifest = pack(args.root, out, options, workers=args.workers, overwrite=args.overwrite)
     except (PackError, OutputExistsError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:
+        print(f"error: {e} (nothing was left behind)", file=sys.stderr)
+        return EXIT_STORAGE
     counts = manifest["counts"]
     shards = sum(len(g["shards"]) for g in manifest["groups"].values())
     split_counts = ", ".join(f"{s} {counts[s]}" for s in cs.SPLITS if s in counts)

@@ -39,6 +39,7 @@ from seg.evaluate import SettingsError, describe_settings, parse_input_size, spl
 from seg.inference import TestTimeAugmentation
 from seg.predict import MODEL_SIZE, PredictError, predict_files
 from seg.report import count as plural
+from seg.storage import EXIT_STORAGE, StorageError, check_writable, writing
 from seg.weights import WeightsError
 
 
@@ -103,22 +104,27 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = tqdm(disable=not sys.stderr.isatty(), unit="image", dynamic_ncols=True)
     try:
-        count = predict_files(
-            models,
-            images,
-            args.out,
-            tta,
-            size,
-            args.alpha,
-            progress=lambda _: bar.update(),
-            announce=announce,
-            config=config,
-            say=lambda line: print(line, flush=True),
-            legend=args.legend,
-        )
+        check_writable(args.out)
+        with writing(args.out):
+            count = predict_files(
+                models,
+                images,
+                args.out,
+                tta,
+                size,
+                args.alpha,
+                progress=lambda _: bar.update(),
+                announce=announce,
+                config=config,
+                say=lambda line: print(line, flush=True),
+                legend=args.legend,
+            )
     except (WeightsError, PredictError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     finally:
         bar.close()
     print(f"{plural(count, 'image')} -> {args.out}")

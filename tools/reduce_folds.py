@@ -20,8 +20,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python tools/reduce_folds.py` from a checkout, not installed: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from seg.lease import LeaseHeldError
 from seg.manifest import ManifestError
 from seg.reduce import add_arguments, reduce_stage
+from seg.storage import EXIT_STORAGE, StorageError
 from seg.weights import WeightsError
 
 
@@ -44,9 +46,16 @@ def main(argv: list[str] | None = None) -> int:
             args.weights,
             seed_from=args.seed_from,
         )
-    except (WeightsError, ManifestError, ValueError) as e:
+    except (WeightsError, ManifestError, ValueError, LeaseHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:
+        print(f"error: {e}; the stage's earlier reduction, if any, is untouched", file=sys.stderr)
+        return EXIT_STORAGE
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.stage_dir} not reduced (an earlier reduction is untouched); exit 130",
+              file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 

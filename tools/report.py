@@ -20,6 +20,8 @@ if __package__ in (None, ""):  # `python tools/report.py` from a checkout, not i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seg.report import ReportError, write_report
+from seg.runs import Experiment
+from seg.storage import EXIT_STORAGE, StorageError, check_writable, writing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,10 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="report folder (default: runs/<experiment>/report)")
     args = parser.parse_args(argv)
     try:
-        out = write_report(args.experiment, args.out)
+        out = args.out or Experiment(args.experiment).report
+        check_writable(out)
+        with writing(out):
+            write_report(args.experiment, out)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     print(f"report: {out / 'report.md'}")
     return 0
 

@@ -1,0 +1,118 @@
+"""A disk that is full, over quota, read-only or forbidden, told in one line: the path, what
+failed, why, and what to do; every command exits EXIT_STORAGE on it.
+
+Libraries report these failures in their own ways: ``open`` and ``os`` raise OSError with an
+errno, torch.save raises RuntimeError ("file write failed"), safetensors its own error type
+with the OS message inside. :func:`storage_problem` turns any of them into the line, by the
+errno where there is one and by looking at the disk where there is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+EXIT_STORAGE = 74  # sysexits' EX_IOERR: the disk, not the input or the code
+
+_REASONS = {
+    errno.ENOSPC: ("no space left on the device", "free space there or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within the quota (quota -s) or write elsewhere"),
+    errno.EROFS: ("read-only file system", "write to a writable folder"),
+    errno.EACCES: ("permission denied", "make it writable for this user (chmod/chown) or write elsewhere"),
+    errno.EPERM: ("operation not permitted", "make it writable for this user (chmod/chown) or write elsewhere"),
+}
+_FULL_BELOW = 1 << 20  # under this many free bytes a failed write is taken for a full disk
+
+
+class NoRoomError(OSError):
+    """A write foreseen not to fit (``needed`` bytes): refused before it fills the disk."""
+
+    def __init__(self, path: str | os.PathLike, needed: int) -> None:
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        self.needed = needed
+
+
+def existing_parent(path: str | os.PathLike) -> Path:
+    """``path`` itself or its nearest ancestor that exists."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds (or would hold) ``path``."""
+    return shutil.disk_usage(existing_parent(path)).free
+
+
+def megabytes(n: float) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
+
+
+def _line(doing: str, path: Path, code: int, needed: int | None = None) -> str:
+    reason, fix = _REASONS[code]
+    if code == errno.ENOSPC:
+        more = f", {megabytes(needed)} needed" if needed else ""
+        reason = f"{reason} ({megabytes(free_bytes(path))} free{more})"
+    return f"{doing} {path} failed: {reason}: {fix}"
+
+
+def storage_problem(error: BaseException, path: str | os.PathLike, doing: str = "writing") -> str | None:
+    """The one line for ``error``, raised while ``doing`` ``path``, when the disk is the cause
+    (full, over quota, read-only, forbidden); None when it is something else."""
+    path = Path(path)
+    code = getattr(error, "errno", None)
+    if code in _REASONS:
+        return _line(doing, Path(getattr(error, "filename", None) or path), code, getattr(error, "needed", None))
+    if isinstance(error, OSError) and code is not None:
+        return None  # another OS error (no such file, ...): not the disk's state
+    # torch and safetensors wrap the OS error: look at the disk itself
+    if free_bytes(path) < _FULL_BELOW:
+        return _line(doing, path, errno.ENOSPC)
+    problem = writable_problem(path.parent if not path.is_dir() else path)
+    return f"{doing} {path} failed: {problem}" if problem else None
+
+
+def writable_problem(folder: str | os.PathLike) -> str | None:
+    """Why files can't be created in ``folder`` (or where it would be made), or None: tried
+    with a real temporary file, since ``access`` answers for the permission bits only."""
+    where = existing_parent(folder)
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        if e.errno in _REASONS:
+            reason, fix = _REASONS[e.errno]
+            return f"cannot create files in {where} ({reason}): {fix}"
+        raise
+    return None
+
+
+class StorageError(Exception):
+    """A write the disk refused: the message is its one line (:func:`storage_problem`)."""
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, doing: str = "writing") -> Iterator[None]:
+    """Inside, a failure for the disk's sake becomes a StorageError with its one line; any
+    other error passes as it is. A command checks ``path`` first (:func:`check_writable`)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        if (problem := storage_problem(e, path, doing)) is None:
+            raise
+        raise StorageError(problem) from None
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Before the work starts: StorageError when files can't be created where ``folder`` is
+    (or would be made), so a command fails at once, not after hours of work."""
+    if problem := writable_problem(folder):
+        raise StorageError(problem)

@@ -1,0 +1,103 @@
+"""The command-line steps on a full or read-only disk: one line naming the path and what to
+do, exit 74, checked before the work where the output folder is known, nothing half-written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from seg.cli import Size
+from seg.config import load_config, to_dict
+from seg.model import DeepLabV3Plus
+from seg.pack import Options, pack
+from seg.storage import EXIT_STORAGE, StorageError, storage_problem, writing
+from seg.synthetic import make_synthetic
+from seg.weights import export_weights
+from tests.disks import tmpfs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tree_model_shards(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("storage-tools")
+    make_synthetic(root / "cityscapes", counts={"train": 4, "val": 2, "test": 0},
+                   cities={"train": 2, "val": 1, "test": 1}, size=Size(32, 64), progress=False)  # fmt: skip
+    pack(root / "cityscapes", root / "shards", Options(folds=2, splits=("train", "val")), progress=False)
+    config = load_config(REPO / "configs" / "demo.yaml", [f"data.shards={root / 'shards'}"])
+    export_weights(DeepLabV3Plus(18, 16).eval(), root / "model.safetensors", {"config": to_dict(config), "metrics": {}})
+    return root / "cityscapes", root / "model.safetensors", root / "shards"
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def _error_line(done: subprocess.CompletedProcess) -> str:
+    """The one error line (a progress bar may share stderr; no traceback)."""
+    assert done.returncode == EXIT_STORAGE, done.stderr[-3000:]
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[0]
+
+
+def test_the_one_line_names_the_path_why_and_what_to_do_for_every_kind_of_refusal(tmp_path):
+    import errno
+
+    for code, words, fix in [
+        (errno.ENOSPC, "no space left on the device", "free space there or write elsewhere"),
+        (errno.EDQUOT, "disk quota exceeded", "free space within the quota"),
+        (errno.EROFS, "read-only file system", "write to a writable folder"),
+        (errno.EACCES, "permission denied", "make it writable for this user"),
+    ]:
+        line = storage_problem(OSError(code, "x", str(tmp_path / "f")), tmp_path, "saving")
+        assert line.startswith(f"saving {tmp_path / 'f'} failed: {words}") and fix in line
+    assert storage_problem(FileNotFoundError(errno.ENOENT, "x"), tmp_path) is None  # not the disk's state
+    assert storage_problem(ValueError("not about the disk"), tmp_path) is None
+    with pytest.raises(StorageError, match="writing"), writing(tmp_path):
+        raise OSError(errno.EDQUOT, "quota")
+    with pytest.raises(KeyError), writing(tmp_path):
+        raise KeyError("anything else passes")
+
+
+def test_pack_on_a_full_disk_says_so_in_one_line_and_leaves_nothing(tree_model_shards, tmp_path):
+    tree, _, _ = tree_model_shards
+    with tmpfs(tmp_path / "disk", "40k") as disk:  # room for a start, not for the shards
+        done = _tool(str(REPO / "tools" / "pack_cityscapes.py"), str(tree), "--out", str(disk / "shards"),
+                     "--folds", "2", "--splits", "train,val", "--workers", "2", "--shard-size", "20kB")  # fmt: skip
+        line = _error_line(done)
+        assert f"packing into {disk / 'shards'} failed: no space left on the device" in line
+        assert list(disk.iterdir()) == []  # the partial output was removed
+
+
+def test_evaluate_into_a_read_only_folder_is_refused_before_any_image(tree_model_shards, tmp_path):
+    _, model, _ = tree_model_shards
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        done = _tool(str(REPO / "tools" / "evaluate.py"), str(model), "--out", str(ro / "eval"), "--workers", "0")
+    line = _error_line(done)
+    assert f"cannot create files in {ro} (read-only file system)" in line
+    assert "mIoU" not in done.stdout and "images" not in done.stdout  # refused before the work
+
+
+def test_predict_report_and_reduce_into_read_only_folders_are_refused(tree_model_shards, tmp_path):
+    tree, model, _ = tree_model_shards
+    image = next((tree / "leftImg8bit" / "val").rglob("*.png"))
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        predicted = _tool(str(REPO / "tools" / "predict.py"), str(model), str(image), "--out", str(ro / "out"))
+        reported = _tool(str(REPO / "tools" / "report.py"), str(tmp_path), "--out", str(ro / "report"))
+        reduced = _tool(str(REPO / "tools" / "reduce_folds.py"), str(ro))
+    assert f"cannot create files in {ro} (read-only file system)" in _error_line(predicted)
+    assert f"cannot create files in {ro} (read-only file system)" in _error_line(reported)
+    assert f"cannot create files in {ro} (read-only file system)" in _error_line(reduced)
+
+
+def test_a_model_written_to_a_full_disk_leaves_no_torn_file(tmp_path):
+    """export_weights writes through a temporary file: a full disk leaves the old file or none."""
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        with pytest.raises(OSError) as failed:
+            export_weights(DeepLabV3Plus(18, 16), disk / "model.safetensors", {"metrics": {}})
+        assert "no space left" in storage_problem(failed.value, disk / "model.safetensors")
+        assert list(disk.iterdir()) == []
+    torch.manual_seed(0)
