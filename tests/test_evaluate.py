@@ -349,3 +349,20 @@ def test_a_config_before_the_model_is_checked_against_its_sidecar_and_used(model
     assert result["config"] == str(config) and result["model"] == str(model_path)
     assert result["settings"]["input_size"] == "128x64"
     assert result["settings"]["input_size_from"] == f"{config} (data.eval_size)"
+
+
+def test_a_config_of_another_head_or_stem_is_refused_even_against_an_older_sidecar(tmp_path):
+    """A sidecar written before model.stem/contract_dilation/head existed builds their defaults:
+    a config asking for mmseg's head is another network."""
+    from seg.evaluate import SettingsError, check_config
+
+    config = tmp_path / "mmseg_like.yaml"
+    config.write_text(
+        "data: {shards: x, size: [96, 192]}\nmodel: {depth: 18, output_stride: 8, head: separable-aspp}\n"
+    )
+    older = {"config": {"data": {"shards": "x", "size": [96, 192]},
+                        "model": {"depth": 18, "output_stride": 8, "aspp_pool_norm": True}}}  # fmt: skip
+    with pytest.raises(SettingsError, match=r"model\.head 'separable-aspp' there, 'aspp' in the model's sidecar"):
+        check_config(config, older)
+    config.write_text("data: {shards: x, size: [96, 192]}\nmodel: {depth: 18, output_stride: 8}\n")
+    assert check_config(config, older)[1] == []  # the same network, the same data: nothing to say
