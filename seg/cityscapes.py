@@ -111,7 +111,10 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
 LABEL_TRAINIDS_SUFFIX = "_gtFine_labelTrainIds.png"
 COLOR_SUFFIX = "_gtFine_color.png"
-_STEM = re.compile(r"^(?P<city>[a-z_]+)_(?P<seq>\d{6})_(?P<frame>\d{6})$")
+# A city is letters, digits and hyphens (train_extra has bad-honnef and muhlheim-ruhr), starting with a
+# letter; the underscore is the separator, so it cannot be in the city.
+CITY_RULE = "a city of letters, digits and hyphens starting with a letter, then 6 digits, then 6 digits"
+_STEM = re.compile(r"^(?P<city>[A-Za-z][A-Za-z0-9-]*)_(?P<seq>\d{6})_(?P<frame>\d{6})$")
 
 
 def image_path(split: str, city: str, seq: int, frame: int) -> str:
@@ -128,5 +131,5 @@ def parse_stem(stem: str) -> tuple[str, int, int]:
     """``aachen_000012_000019`` -> (``aachen``, 12, 19); ValueError if it is not one."""
     match = _STEM.match(stem)
     if not match:
-        raise ValueError(f"{stem!r} is not a Cityscapes name of the form <city>_<seq:06d>_<frame:06d>")
+        raise ValueError(f"{stem!r} is not a Cityscapes name <city>_<seq:06d>_<frame:06d> ({CITY_RULE})")
     return match["city"], int(match["seq"]), int(match["frame"])

@@ -48,3 +48,27 @@ def format_size(size: Sequence[int]) -> str:
     """(H, W) (a Size, a tuple, a config's ``[H, W]``) as the command line writes it: ``WIDTHxHEIGHT``."""
     height, width = size
     return f"{width}x{height}"
+
+
+def orientation(size: Sequence[int]) -> str:
+    """(H, W) as ``landscape`` (wider than high), ``portrait`` or ``square``."""
+    height, width = size
+    return "landscape" if width > height else "portrait" if height > width else "square"
+
+
+def orientation_mismatch(option: str, size: Sequence[int], reference: Sequence[int], what: str) -> str | None:
+    """None when ``size`` (H, W, given as ``option``) lies the way ``reference`` (H, W, described
+    by ``what``: ``the frames``, ``the model's training size (data.size)``) does, or either is
+    square; else one line naming the likely swap: ``--resize 64x128 is WIDTHxHEIGHT: 64 wide,
+    128 high, portrait, but the frames are 2048x1024, landscape; did you mean 128x64?``.
+    The one check of a size's orientation every tool makes (sizes are easily typed (H, W)
+    on a command line that takes WIDTHxHEIGHT)."""
+    mine, theirs = orientation(size), orientation(reference)
+    if "square" in (mine, theirs) or mine == theirs:
+        return None
+    height, width = size
+    return (
+        f"{option} {format_size(size)} is WIDTHxHEIGHT: {width} wide, {height} high, {mine}, but {what} "
+        f"{'are' if what.endswith('s') else 'is'} {format_size(reference)}, {theirs}; did you mean "
+        f"{format_size((width, height))}?"
+    )

@@ -33,6 +33,7 @@ import yaml
 from seg import runs
 from seg.atomic import atomic_directory
 from seg.cityscapes import CLASS_NAMES
+from seg.identity import NOT_IDENTITY, differences, stage_identity
 from seg.manifest import MANIFEST, SELECTION_GROUP, fold_group
 from seg.plots import pyplot, save
 from seg.report import ReportError, out_of_fold, read_json, read_metrics
@@ -219,6 +220,7 @@ class Fold:
     config: dict[str, Any] | None
     final: dict[str, Any] | None = None  # {"miou", "fwiou", "iou", "step"} on the held-out fold
     best: dict[str, Any] | None = None  # the same at the best step (chosen by the fold's own mIoU)
+    identity: dict[str, Any] | None = None  # summary.json's identity (seg/identity.py), if recorded
 
     @property
     def finished(self) -> bool:
@@ -248,6 +250,13 @@ class Experiment:
 
     def finished(self) -> dict[int, Fold]:
         return {k: f for k, f in self.folds.items() if f.finished}
+
+    def setup(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(the stage's identity, seg.identity.stage_identity of its first finished fold that
+        recorded one; the first config there is): what the experiment is."""
+        identity = next((f.identity for f in self.finished().values() if f.identity is not None), None)
+        config = next((f.config for f in self.folds.values() if f.config is not None), None)
+        return stage_identity(identity), config
 
 
 def stages_of(path: Path) -> list[int]:
@@ -333,7 +342,8 @@ def _load_fold(run_fold: runs.Fold) -> Fold:
     else:  # only the mIoU is known at the best step
         best_result = {"miou": float(best["miou"]), "fwiou": math.nan, "iou": {}, "step": best_step}
     status = "stopped early" if summary.get("stopped_early") else "done"
-    return Fold(number, fold_dir, status, config, final, best_result)
+    identity = summary.get("identity") if isinstance(summary.get("identity"), dict) else None
+    return Fold(number, fold_dir, status, config, final, best_result, identity)
 
 
 def _result(path: Path, result: Any, where: str) -> dict[str, Any]:
@@ -553,6 +563,28 @@ def data_differences(a: Experiment, b: Experiment) -> tuple[list[str], list[str]
     return why, []
 
 
+def setup_differences(baseline: Experiment, other: Experiment) -> dict[str, Any]:
+    """What makes ``other`` another experiment than ``baseline``: seg.identity's differences
+    of their stages' identities (resolved config, start model, data, global batch), else,
+    for folds that recorded none, of their configs less what does not change a run."""
+    (ia, ca), (ib, cb) = baseline.setup(), other.setup()
+    if ia is not None and ib is not None:
+        changes, source = differences(ia, ib, may_differ=()), "the folds' recorded identities (summary.json)"
+    elif ca is not None and cb is not None:
+        ignored = tuple(f"config.{key}" for key in NOT_IDENTITY)
+        changes = differences({"config": ca}, {"config": cb}, may_differ=ignored)
+        source = "the folds' configs (no identity recorded)"
+    else:
+        changes, source = [], "nothing: a side has no config"
+    return {"baseline": baseline.label, "candidate": other.label, "from": source, "differences": changes}
+
+
+def describe_setup(entry: dict[str, Any]) -> str:
+    """One line for a person: ``B vs A: config.data.level: 'standard' -> 'none'``."""
+    what = "; ".join(entry["differences"]) or "no difference in resolved config, start model or data"
+    return f"{entry['candidate']} vs {entry['baseline']} (from {entry['from']}): {what}"
+
+
 def pair_folds(a: Experiment, b: Experiment, allow_missing: bool) -> tuple[list[int], list[str]]:
     """The folds both experiments finished, and notes on what was left out; a fold folder on
     one side only is refused unless ``allow_missing``."""
@@ -673,6 +705,8 @@ def compare(
         "use": use,
         "confidence": CONFIDENCE,
         "baseline": baseline.label,
+        # first: what the statistics below are about
+        "differences": [setup_differences(baseline, other) for other, _ in pairs_of],
         "experiments": per_experiment,
         "pairs": pairs,
         "notes": notes,
@@ -915,11 +949,18 @@ def caveat(result: dict[str, Any]) -> list[str]:
         f"Wilcoxon test cannot give a p-value below {_p(smallest)} (all {n} differences of one sign)"
         + (", so it can never reach 0.05" if smallest > 0.05 else "")
         + f". The t-test can, but it assumes the fold differences are normal, which {n} values cannot check, and "
-        f"one unusual fold moves it a lot; its 95% interval has {n - 1} degree{'s' if n != 2 else ''} of freedom "
-        f"(t = {t_ppf(0.975, max(n - 1, 1)):.2f}, not 1.96). The folds also share most of their training data, so "
-        "they are not independent replicates: the paired interval understates the spread a new dataset would show. "
-        "Read the mean difference beside its interval and the per-fold signs, not a p-value threshold.",
+        f"one unusual fold moves it a lot; {_interval_freedom(n)}. The folds also share most of their training data, "
+        "so they are not independent replicates: the paired interval understates the spread a new dataset would "
+        "show. Read the mean difference beside its interval and the per-fold signs, not a p-value threshold.",
     ]
+
+
+def _interval_freedom(n: int) -> str:
+    """What the t-interval of ``n`` paired folds rests on; with one pair there is none (no spread to measure)."""
+    if n < 2:
+        return "with one fold per side there is no interval and no t-test at all (one difference has no spread)"
+    degrees = f"{n - 1} degree{'s' if n != 2 else ''} of freedom"
+    return f"its 95% interval has {degrees} (t = {t_ppf(0.975, n - 1):.2f}, not 1.96)"
 
 
 def markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
@@ -938,6 +979,7 @@ def markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
         digest = e["manifest_sha256"][:16] if e["manifest_sha256"] else "manifest not found"
         lines.append(f"| {e['label']} | `{e['path']}` | `{e['shards']}` | `{digest}` |")
     lines.append("")
+    lines[4:4] = [*difference_lines(result), ""]  # after the baseline: what the numbers are about
     if result["notes"]:
         lines += ["## Skipped or incomplete", "", *(f"- {n}" for n in result["notes"]), ""]
     lines += ["## Results", "", *tables(result), "", *caveat(result), ""]
@@ -969,6 +1011,19 @@ def markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
         if role in figures:
             lines += [f"![per-class differences]({figures[role]})", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def difference_lines(result: dict[str, Any]) -> list[str]:
+    """## What differs: each candidate's differences from the baseline, one bullet each."""
+    lines = ["## What differs", ""]
+    for entry in result.get("differences", []):
+        head = f"- **{entry['candidate']}** vs {entry['baseline']} (from {entry['from']}):"
+        if not entry["differences"]:
+            lines.append(f"{head} no difference in resolved config, start model or data")
+            continue
+        lines += [head, *(f"  - `{change.split(': ', 1)[0]}`: {change.split(': ', 1)[1]}" for change in
+                          entry["differences"])]  # fmt: skip
+    return lines
 
 
 def default_out(result: dict[str, Any], first: Path) -> Path:
@@ -1122,6 +1177,7 @@ def log_to_wandb(result: dict[str, Any], out: Path, figures: dict[str, str], set
             "stage": result["stage"],
             "metric": result["metric"],
             "use": result["use"],
+            "differences": {d["candidate"]: d["differences"] for d in result.get("differences", [])},
         },
     )
     fold_rows = [
@@ -1144,7 +1200,12 @@ def log_to_wandb(result: dict[str, Any], out: Path, figures: dict[str, str], set
         for p in result["pairs"]
         for c in p["classes"]
     ]
+    difference_rows = [
+        [d["candidate"], d["baseline"], *change.split(": ", 1)] for d in result.get("differences", [])
+        for change in d["differences"]
+    ]  # fmt: skip
     record = {
+        "compare/differences": wandb.Table(columns=["candidate", "baseline", "key", "change"], data=difference_rows),
         "compare/per_fold": wandb.Table(
             columns=["experiment", "fold", "status", "final", "best", "used"], data=_jsonable(fold_rows)
         ),

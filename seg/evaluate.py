@@ -4,6 +4,7 @@ record of an evaluation (input size, mode, flip, scales) that its results carry.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from seg.augment import DeviceAugment
-from seg.cli import Size, format_size, parse_size
+from seg.cli import Size, format_size, orientation_mismatch, parse_size
 from seg.data import EvalStream, Shard, _loader_options, shards_of
 from seg.distributed import all_reduce_sum
 from seg.inference import TestTimeAugmentation, predict_probabilities
@@ -133,10 +134,136 @@ def parse_input_size(text: str) -> Size | str:
     return "full" if text.strip().lower() == "full" else parse_size(text)
 
 
-def model_input_size(sidecar: dict[str, Any]) -> tuple[int, int] | None:
-    """(H, W) the model's own config evaluates at (``data.eval_size``), or None: full resolution."""
-    size = sidecar.get("config", {}).get("data", {}).get("eval_size")
+class SettingsError(ValueError):
+    """Evaluation settings that contradict the model (or a config given with it): the message says which."""
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
+# What builds the network from a sidecar (seg.model.from_config's keys): a config given
+# with a model must agree on these, since the model is built from its own sidecar.
+MODEL_KEYS = ("model.depth", "model.output_stride", "model.aspp_pool_norm", "model.stem", "model.contract_dilation",
+              "model.head")  # fmt: skip
+# What a config given with a model decides for the evaluation (mmseg's test_cfg and test pipeline).
+CONFIG_USED = ("data.shards", "data.eval_size", "data.size")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What an evaluation takes when the command line does not say: from the model's sidecar,
+    or from a config given before the model (mmseg's ``test.py CONFIG CHECKPOINT``)."""
+
+    shards: str | None
+    input_size: tuple[int, int] | None  # data.eval_size (H, W); None: full resolution
+    train_size: tuple[int, int] | None  # data.size (H, W): the slide window's default
+    source: str  # "the model's config" or the config file's path
+
+    @classmethod
+    def of(cls, sidecar: dict[str, Any], config: dict[str, Any] | None = None, path: Path | None = None) -> Defaults:
+        chosen = config if config is not None else sidecar.get("config", {})
+        return cls(
+            _select(chosen, "data.shards"),
+            _pair(_select(chosen, "data.eval_size")),
+            _pair(_select(chosen, "data.size")),
+            str(path) if config is not None else "the model's config",
+        )
+
+
+def _select(tree: dict[str, Any], key: str) -> Any:
+    value: Any = tree
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _pair(size: Any) -> tuple[int, int] | None:
     return (int(size[0]), int(size[1])) if size else None
+
+
+def split_config(paths: list[Path]) -> tuple[Path | None, list[Path]]:
+    """(the config among ``paths``, if any, and the rest: the models). mmseg's habit, CONFIG
+    then CHECKPOINT; a config alone, or two, are refused saying what to pass."""
+    configs = [p for p in paths if p.suffix.lower() in CONFIG_SUFFIXES]
+    if not configs:
+        return None, paths
+    if len(configs) > 1:
+        raise SettingsError(f"{configs[0]} and {configs[1]}: one config at most, then the model (CONFIG MODEL)")
+    models = [p for p in paths if p != configs[0]]
+    if not models:
+        raise SettingsError(
+            f"{configs[0]} is a config, not a model: pass the model file too (CONFIG MODEL, or MODEL alone: "
+            f"its sidecar holds its config), e.g. runs/<experiment>/stage1/reduced/model.safetensors"
+        )
+    return configs[0], models
+
+
+def check_config(path: Path, sidecar: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The config at ``path`` (resolved) and lines naming what it changes for the evaluation
+    (``CONFIG_USED`` keys that differ from the model's sidecar). Refused (SettingsError),
+    naming the keys: a config that describes another network than the model's sidecar."""
+    from seg.config import ConfigError, ModelConfig, load_config, to_dict  # (it imports the training stack)
+
+    try:
+        config = to_dict(load_config(path))
+    except ConfigError as e:
+        raise SettingsError(str(e)) from None
+    theirs = sidecar.get("config", {})
+
+    def network(tree: dict[str, Any], key: str) -> Any:  # a sidecar older than a key builds its default
+        value = _select(tree, key)
+        return getattr(ModelConfig, key.removeprefix("model."), None) if value is None else value
+
+    differ = [
+        f"{key} {network(config, key)!r} there, {network(theirs, key)!r} in the model's sidecar"
+        for key in MODEL_KEYS
+        if network(config, key) != network(theirs, key)
+    ]
+    if differ:
+        raise SettingsError(
+            f"{path} describes another network than the model ({'; '.join(differ)}); the model is built from its "
+            f"sidecar: pass the config it was trained with, or the model alone"
+        )
+    used = [
+        f"{key} {_shown(key, _select(config, key))} from {path} (the model's: {_shown(key, _select(theirs, key))})"
+        for key in CONFIG_USED
+        if _select(config, key) != _select(theirs, key)
+    ]
+    return config, used
+
+
+def _shown(key: str, value: Any) -> str:
+    if key.endswith("size"):
+        return describe_size(_pair(value))
+    return str(value)
+
+
+def check_orientation(option: str, size: tuple[int, int] | None, defaults: Defaults) -> None:
+    """Refuse a size (H, W; given as ``option``) that lies the other way than the model's
+    training size: 96x192 typed for a 192x96 model scores badly without a word."""
+    if size is None or defaults.train_size is None:
+        return
+    swapped = orientation_mismatch(option, size, defaults.train_size, "the model's training size (data.size)")
+    if swapped:
+        raise SettingsError(swapped)
+
+
+def fit_window(
+    tta: TestTimeAugmentation, defaults: Defaults, size: tuple[int, int] | None
+) -> tuple[TestTimeAugmentation, str | None, list[str]]:
+    """``tta`` with its sliding window decided (TestTimeAugmentation.fitted: --crop, else the
+    training size; clipped to a fixed input ``size``), where the window came from, and lines
+    for the person running it. Whole mode: unchanged, None, no lines."""
+    if tta.mode != "slide":
+        return tta, None, []
+    if tta.crop is not None:
+        check_orientation("--crop", tta.crop, defaults)
+    try:
+        fitted, clipped = tta.fitted(defaults.train_size, size)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+    source = "--crop" if tta.crop is not None else f"the training size (data.size of {defaults.source})"
+    if clipped:
+        return fitted, f"{source}, clipped to the input", [clipped]
+    return fitted, source, []
 
 
 def describe_size(size: tuple[int, int] | None) -> str:
@@ -144,10 +271,13 @@ def describe_size(size: tuple[int, int] | None) -> str:
     return "full" if size is None else format_size(size)
 
 
-def settings(size: tuple[int, int] | None, size_from: str, tta: TestTimeAugmentation) -> dict[str, Any]:
+def settings(
+    size: tuple[int, int] | None, size_from: str, tta: TestTimeAugmentation, window_from: str | None = None
+) -> dict[str, Any]:
     """What an evaluation's numbers depend on besides the model and the data, as recorded in
     metrics.json: the input size (WIDTHxHEIGHT or ``full``) and where it came from, mode,
-    flip, scales, and the sliding window (WIDTHxHEIGHT) in slide mode."""
+    flip, scales, and only in slide mode the window and stride used (WIDTHxHEIGHT) and where
+    the window came from. ``tta`` is :meth:`TestTimeAugmentation.fitted`'s."""
     record: dict[str, Any] = {
         "input_size": describe_size(size),
         "input_size_from": size_from,
@@ -157,6 +287,7 @@ def settings(size: tuple[int, int] | None, size_from: str, tta: TestTimeAugmenta
     }
     if tta.mode == "slide":
         record |= {"crop": describe_size(tta.crop), "stride": describe_size(tta.stride)}
+        record["crop_from"] = window_from or "--crop"
     return record
 
 

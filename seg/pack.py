@@ -27,7 +27,7 @@ from tqdm import tqdm
 from seg import cityscapes as cs
 from seg import parallel
 from seg.atomic import atomic_directory
-from seg.cli import format_size
+from seg.cli import format_size, orientation_mismatch
 from seg.manifest import FORMAT, FORMAT_VERSION, MANIFEST, SELECTION_GROUP, fold_group, group_fold
 from seg.png import encode_gray8, encode_rgb8
 
@@ -420,6 +420,23 @@ def build_manifest(root: Path, groups: dict[str, list[Source]], results: list[Sh
     }
 
 
+def check_resize(root: Path, train: list[Source], resize: tuple[int, int] | None) -> None:
+    """Refuse a --resize (H, W) that lies the other way than the train frames (read from the
+    first frame's header), before anything is written: typed HxW where WIDTHxHEIGHT is meant,
+    it would store squashed frames."""
+    if resize is None or not train:
+        return
+    first = root / train[0].image
+    try:
+        with Image.open(first) as image:
+            frame = (image.height, image.width)
+    except OSError as e:
+        raise PackError(f"{first}: cannot read the image ({e}); is it a complete PNG?") from None
+    swapped = orientation_mismatch("--resize", resize, frame, f"the train frames (e.g. {first.name})")
+    if swapped:
+        raise PackError(swapped)
+
+
 def pack(
     root: str | Path,
     out: str | Path,
@@ -441,6 +458,7 @@ def pack(
     for split in ("val", "test"):
         if split in splits:
             groups[split] = splits[split]
+    check_resize(root, splits.get("train", []), options.resize)
     jobs = plan_shards(root, groups, options)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:

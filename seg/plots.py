@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from seg.cityscapes import CLASS_NAMES
+from seg.cityscapes import CLASS_NAMES, PALETTE
 from seg.report import Experiment, Stage, class_order, count, final_columns
 
 
@@ -68,9 +68,10 @@ def plot_training(stage: Stage) -> Any:
         if not fold.train:
             continue
         epochs, colour = [r["epoch"] for r in fold.train], fold_colour(fold.fold)
-        loss.plot(epochs, [r["train/loss"] for r in fold.train], color=colour, label=f"fold {fold.fold}")
+        # markers: a fold of one log record (a 1-epoch fold) is a point, which a bare line never draws
+        loss.plot(epochs, [r["train/loss"] for r in fold.train], "o-", ms=3, color=colour, label=f"fold {fold.fold}")
         if all("train/lr" in r for r in fold.train):
-            lr.plot(epochs, [r["train/lr"] for r in fold.train], color=colour, label=f"fold {fold.fold}")
+            lr.plot(epochs, [r["train/lr"] for r in fold.train], "o-", ms=3, color=colour, label=f"fold {fold.fold}")
     loss.set(title=f"stage {stage.stage}: training loss", xlabel="epoch", ylabel="loss")
     lr.set(title=f"stage {stage.stage}: learning rate (head)", xlabel="epoch", ylabel="learning rate")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
@@ -101,7 +102,8 @@ def plot_fold_miou(stages: list[Stage]) -> Any:
                 axes.plot(
                     [r["epoch"] for r in val],
                     [100 * r["val/miou"] for r in val],
-                    "--",
+                    "s--",
+                    ms=3,
                     color=colour,
                     label=f"fold {fold.fold} (official val)",
                 )
@@ -312,7 +314,8 @@ def frequency_figure(iou: np.ndarray, frequency: np.ndarray) -> object:
 
 
 def confusion_figure(matrix: np.ndarray):  # -> matplotlib Figure
-    """The row-normalised confusion matrix as a figure."""
+    """The row-normalised confusion matrix as a figure, saying so: each row (a true class) is
+    the share of that class's labelled pixels predicted as each class (its diagonal: recall)."""
     plt = pyplot()
     rows = matrix.sum(1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
@@ -322,6 +325,37 @@ def confusion_figure(matrix: np.ndarray):  # -> matplotlib Figure
     axes.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES, fontsize=7)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    figure.colorbar(image)
+    axes.set_title("confusion matrix, normalised per true class (each row sums to 1)", fontsize=10)
+    figure.colorbar(image, label="share of the true class's pixels (row-normalised)")
     figure.tight_layout()
     return figure
+
+
+# --- a prediction overlay (tools/predict.py --legend) ------------------------------------------
+
+
+def overlay_with_legend(overlay: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """(H, W', 3) uint8: the overlay ``overlay`` (H, W, 3) at its own pixels, with a legend of
+    the classes ``prediction`` (H, W trainIds) shows, each in its palette colour, beside it on
+    the right, largest share first."""
+    plt = pyplot()
+    from matplotlib.patches import Patch
+
+    height, width = prediction.shape
+    counts = np.bincount(prediction.ravel(), minlength=256)[: len(CLASS_NAMES)]
+    shown = sorted(np.flatnonzero(counts), key=lambda i: -counts[i])
+    dpi = 100
+    legend_width = 190  # pixels: the longest class name at 8 points
+    figure = plt.figure(figsize=((width + legend_width) / dpi, max(height, 14 * len(shown) + 20) / dpi), dpi=dpi)
+    axes = figure.add_axes((0, 1 - height / (figure.get_figheight() * dpi), width / (figure.get_figwidth() * dpi),
+                            height / (figure.get_figheight() * dpi)))  # fmt: skip
+    axes.imshow(overlay, interpolation="nearest")
+    axes.set_axis_off()
+    handles = [
+        Patch(color=PALETTE[i] / 255, label=f"{CLASS_NAMES[i]} {100 * counts[i] / counts.sum():.0f}%") for i in shown
+    ]
+    figure.legend(handles=handles, loc="upper right", fontsize=8, frameon=False, borderaxespad=0.3)
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return pixels

@@ -24,7 +24,7 @@ from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment
 from seg.cityscapes import TRAINID_TO_ID, colorize
 from seg.ensemble import load_models
-from seg.evaluate import model_input_size, settings
+from seg.evaluate import Defaults, check_config, check_orientation, fit_window, settings
 from seg.inference import TestTimeAugmentation, predict_probabilities
 from seg.png import encode_gray8
 from seg.transforms import eval_sample
@@ -130,12 +130,18 @@ def _encode_rgb(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_outputs(stem: Path, image: Image.Image, prediction: np.ndarray, alpha: float) -> None:
-    """``stem``_color.png, _overlay.png and _labelIds.png (official label ids)."""
+def write_outputs(stem: Path, image: Image.Image, prediction: np.ndarray, alpha: float, legend: bool = False) -> None:
+    """``stem``_color.png, _overlay.png (with ``legend``: a legend of the classes it shows
+    beside it, seg.plots.overlay_with_legend) and _labelIds.png (official label ids)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     colours = colorize(prediction)
     atomic_write_bytes(f"{stem}_color.png", _encode_rgb(colours))
-    atomic_write_bytes(f"{stem}_overlay.png", _encode_rgb(overlay(np.asarray(image), colours, alpha)))
+    blended = overlay(np.asarray(image), colours, alpha)
+    if legend:
+        from seg.plots import overlay_with_legend  # (matplotlib, only when asked for)
+
+        blended = overlay_with_legend(blended, prediction)
+    atomic_write_bytes(f"{stem}_overlay.png", _encode_rgb(blended))
     atomic_write_bytes(f"{stem}_labelIds.png", encode_gray8(TRAINID_TO_ID[prediction]))
 
 
@@ -149,6 +155,9 @@ def predict_files(
     device: torch.device | None = None,
     progress: Callable[[Path], None] | None = None,
     announce: Callable[[dict[str, Any]], None] | None = None,
+    config: Path | None = None,
+    say: Callable[[str], None] | None = None,
+    legend: bool = False,
 ) -> int:
     """Predict every image of ``inputs`` into ``out``, one at a time; returns how many.
 
@@ -156,7 +165,12 @@ def predict_files(
     ``MODEL_SIZE`` (the default) takes the model config's ``data.eval_size``, the size it
     was validated at. ``model_path``: a model file, or several files, a stage folder or an
     ensemble.json for their ensemble (seg.ensemble.load_models). ``announce`` receives the
-    settings (seg.evaluate.settings) once known.
+    settings (seg.evaluate.settings) once known, ``say`` lines on what was decided (a
+    config's settings, a clipped window). ``config``: a config given with the model (mmseg's
+    habit), checked against its sidecar (seg.evaluate.check_config), whose data.eval_size
+    and data.size replace the sidecar's. A --size the other way round than the model's
+    training size, or a slide window, is refused (seg.evaluate.SettingsError). ``legend``:
+    each overlay carries a legend of the classes it shows.
     The model and every image's header are checked before anything is written; an image
     that turns out truncated stops the run with its earlier images' outputs complete."""
     out = Path(out)
@@ -164,19 +178,26 @@ def predict_files(
     for path, _ in images:
         check_image(path)
     model, sidecar, _ = load_models(model_path if isinstance(model_path, list) else [model_path])
+    chosen, changed = check_config(config, sidecar) if config is not None else (None, [])
+    defaults = Defaults.of(sidecar, chosen, config)
     if isinstance(size, str):
-        size, size_from = model_input_size(sidecar), "the model's config (data.eval_size)"
+        size, size_from = defaults.input_size, f"{defaults.source} (data.eval_size)"
     else:
         size_from = "--size"
+        check_orientation("--size", size, defaults)
+    tta, window_from, window_lines = fit_window(tta, defaults, size)
+    for line in changed + window_lines:
+        if say is not None:
+            say(line)
     if announce is not None:
-        announce(settings(size, size_from, tta))
+        announce(settings(size, size_from, tta, window_from))
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     normalise = DeviceAugment("none").to(device)
     for path, stem in images:
         image = read_image(path)
         prediction = predict_image(model, image, tta, normalise, device, size)
-        write_outputs(out / stem, image, prediction, alpha)
+        write_outputs(out / stem, image, prediction, alpha, legend)
         if progress is not None:
             progress(path)
     return len(images)

@@ -500,13 +500,18 @@ def _evaluation_lines(experiment: Experiment) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for evaluation in experiment.evaluations:
-        r, tta = evaluation.result, evaluation.result.get("tta", {})
+        r = evaluation.result
+        # settings: tools/evaluate.py's record; tta: what an older one wrote beside it
+        tta = r.get("settings") or r.get("tta", {})
         scales = ", ".join(f"{s:g}" for s in tta.get("scales", [])) or "n/a"
-        size = r.get("settings", {}).get("input_size", "not recorded")
+        size = tta.get("input_size", "not recorded")
+        mode = tta.get("mode", "n/a")
+        if mode == "slide" and isinstance(tta.get("crop"), str):  # the window used, WIDTHxHEIGHT
+            mode = f"slide {tta['crop']} (stride {tta['stride']})"
         lines.append(
             f"| `{evaluation.label}` | `{r.get('model', 'n/a')}` | {r.get('split', 'n/a')} | "
             f"{r.get('samples', 'n/a')} | {size} | "
-            f"{tta.get('mode', 'n/a')} | {'yes' if tta.get('flip') else 'no'} | {scales} | {_pct(r['miou'])} | "
+            f"{mode} | {'yes' if tta.get('flip') else 'no'} | {scales} | {_pct(r['miou'])} | "
             f"{_pct(r.get('fwiou'))} | {_pct(r.get('pixel_accuracy'))} |"
         )
     return [*lines, ""]

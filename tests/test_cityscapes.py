@@ -41,3 +41,15 @@ def test_file_names_follow_the_official_layout():
     assert cs.parse_stem("aachen_000012_000019") == ("aachen", 12, 19)
     with pytest.raises(ValueError, match="not a Cityscapes name"):
         cs.parse_stem("aachen_12_19")
+
+
+@pytest.mark.parametrize("city", ["bad-honnef", "muhlheim-ruhr", "aachen", "city2"])
+def test_cityscapes_own_city_names_are_accepted(city):
+    """train_extra's cities have hyphens; the old rule (lowercase letters and underscores) refused them."""
+    assert cs.parse_stem(f"{city}_000012_000019") == (city, 12, 19)
+
+
+@pytest.mark.parametrize("stem", ["aachen_12_19", "2city_000012_000019", "a b_000012_000019", "_000012_000019"])
+def test_a_refused_name_states_the_rule(stem):
+    with pytest.raises(ValueError, match="letters, digits and hyphens starting with a letter"):
+        cs.parse_stem(stem)

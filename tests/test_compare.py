@@ -471,6 +471,7 @@ def test_wandb_logs_one_offline_compare_run_grouped_by_the_experiments(pair, tmp
     assert (run.job_type, run.run_group, run.display_name) == ("compare", "compare-A-vs-B", "compare-A-vs-B-s1")
     data = record_file.read_bytes()
     assert b"compare/pairs" in data and b"compare/classes" in data and b"compare/figures" in data
+    assert b"compare/differences" in data  # what the experiments differ in, as compare.md leads with
 
 
 def test_the_pooled_out_of_fold_score_sits_beside_the_mean_and_folds_without_a_matrix_are_named(pair):
@@ -511,3 +512,65 @@ def test_the_pooled_out_of_fold_score_sits_beside_the_mean_and_folds_without_a_m
     # best is at step 3 where best > final; elsewhere the final (step 6) evaluation, with the final matrix
     expected = [best[k] if best_steps[k] == 3 else final[k] for k in range(5)]
     assert used["value"] == pytest.approx(pooled(expected)["miou"], abs=1e-12)
+
+
+def test_one_fold_per_side_says_there_is_no_interval(tmp_path):
+    """With one pair the t quantile printed used to be df=1's (12.71) beside '0 degrees of freedom'."""
+    runs = tmp_path / "runs"
+    shards = write_shards(tmp_path / "shards" / "cityscapes", manifest(folds=1))
+    write_fold(runs, "A", 0, 0.41, 0.42, shards)
+    write_fold(runs, "B", 0, 0.43, 0.43, shards)
+    from seg.compare import caveat
+
+    text = " ".join(caveat(compare([runs / "A", runs / "B"])))
+    assert "0 degrees of freedom" not in text and "12.71" not in text
+    assert "one fold per side there is no interval" in text
+
+
+def identity(level: str, processes: int, start: str) -> dict:
+    """A fold identity as seg/identity.py records it in summary.json."""
+    return {"config": {"data": {"level": level, "size": [32, 64]}, "model": {"depth": 18}}, "stage": 1,
+            "init_from": {"path": f"/somewhere/{processes}/model.safetensors", "model": start},
+            "data": {"manifest_sha256": "ab" * 32},
+            "batch": {"processes": processes, "per_process": 8 // processes, "grad_accum": 1, "global": 8},
+            "schedule": {"steps_per_epoch": 3, "total_steps": 6}, "code": f"commit{processes}"}  # fmt: skip
+
+
+def test_the_comparison_leads_with_what_the_experiments_differ_in(pair, tmp_path, capsys):
+    """Standard against no augmentation: the comparison never said that the two differ in data.level."""
+    a, b = pair
+    for k in range(5):  # B: no augmentation, in its configs (no identity recorded, as an older seg wrote)
+        path = b / "stage1" / f"fold{k}" / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        config["data"]["level"] = "none"
+        config["wandb"]["images"] = 8  # not what a run is: left out
+        path.write_text(yaml.safe_dump(config))
+    from tools.compare import main
+
+    out = tmp_path / "cmp"
+    assert main([str(a), str(b), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(
+        "differs: B vs A (from the folds' configs (no identity recorded)): config.data.level: 'standard' -> 'none'\n"
+    )
+    text = (out / "compare.md").read_text()
+    assert "## What differs" in text and "- `config.data.level`: 'standard' -> 'none'" in text
+    assert text.index("## What differs") < text.index("## Results") and "wandb" not in text.split("## Results")[0]
+    saved = json.loads((out / "compare.json").read_text())
+    assert list(saved)[:7] == ["stage", "metric", "metric_title", "use", "confidence", "baseline", "differences"]
+    (entry,) = saved["differences"]
+    assert (entry["baseline"], entry["candidate"]) == ("A", "B")
+    assert entry["differences"] == ["config.data.level: 'standard' -> 'none'"]
+
+    # recorded identities (seg/identity.py's) are compared as the chain compares them: processes and
+    # code may differ, the start model's content may not
+    for side, start, processes in ((a, "sha256:aaa", 1), (b, "sha256:bbb", 2)):
+        for k in range(5):
+            path = side / "stage1" / f"fold{k}" / "summary.json"
+            summary = json.loads(path.read_text())
+            summary["identity"] = identity("standard" if side == a else "none", processes, start)
+            path.write_text(json.dumps(summary))
+    saved = compare([a, b])["differences"][0]
+    assert saved["from"] == "the folds' recorded identities (summary.json)"
+    assert saved["differences"] == ["config.data.level: 'standard' -> 'none'",
+                                    "init_from.model: 'sha256:aaa' -> 'sha256:bbb'"]  # fmt: skip

@@ -121,6 +121,7 @@ def test_the_model_configs_eval_size_is_the_default_recorded_and_kept_apart_from
     result = json.loads((out / "metrics.json").read_text())
     assert result["settings"] == {"input_size": "192x96", "input_size_from": "the model's config (data.eval_size)",
                                   "mode": "whole", "flip": False, "scales": [1.0]}  # fmt: skip
+    assert "tta" not in result  # whole image: no window or stride recorded, as none was used
     assert f"val: mIoU {100 * result['miou']:.2f}% over 5 images -> {out}" in done.stdout
     text = (out / "metrics.md").read_text()
     assert "Settings: input 192x96, whole, no flip, scales 1." in text and f"{100 * result['miou']:.2f}%" in text
@@ -259,3 +260,109 @@ def test_several_model_files_or_an_ensemble_json_evaluate_their_ensemble(model_a
     export_weights(DeepLabV3Plus(18, 8).eval(), models / "small.safetensors", {"config": other, "metrics": {}})
     refused = evaluate_tool(files[0], str(models / "small.safetensors"))
     assert refused.returncode == 2 and "differ in data.eval_size: [96, 192] vs [48, 96]" in refused.stderr
+
+
+# --- sizes the right way round, a window that fits the model, records of what was used ------
+
+
+def test_an_input_size_the_wrong_way_round_is_refused_naming_the_swap(model_and_shards, tmp_path):
+    """96x192 on a 192x96 model used to score badly without a word."""
+    model_path, _ = model_and_shards
+    done = evaluate_tool(str(model_path), "--input-size", "96x192", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert ("--input-size 96x192 is WIDTHxHEIGHT: 96 wide, 192 high, portrait, but the model's training size "
+            "(data.size) is 192x96, landscape; did you mean 192x96?") in done.stderr  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    done = evaluate_tool(str(model_path), "--mode", "slide", "--crop", "48x96", "--out", str(tmp_path / "out"))
+    assert (
+        done.returncode == 2 and "--crop 48x96 is WIDTHxHEIGHT" in done.stderr and "did you mean 96x48?" in done.stderr
+    )
+
+
+def test_the_slide_window_is_the_models_training_size_and_the_record_says_what_was_used(model_and_shards):
+    """The window used to be 1024x512 (stride 683x341) whatever the model, and the folder said so."""
+    model_path, _ = model_and_shards
+    done = evaluate_tool(str(model_path), "--mode", "slide")  # (one window on the 192x96 input: a fast test)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = model_path.parent / "eval-val-192x96-slide192x96s128x64"
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["settings"] == {
+        "input_size": "192x96", "input_size_from": "the model's config (data.eval_size)", "mode": "slide",
+        "flip": False, "scales": [1.0], "crop": "192x96", "stride": "128x64",
+        "crop_from": "the training size (data.size of the model's config)",
+    }  # fmt: skip
+    assert "tta" not in result  # one record, in one notation
+    assert "slide (window 192x96, stride 128x64)" in done.stdout
+
+
+def test_a_window_larger_than_the_input_is_clipped_and_said(model_and_shards, tmp_path):
+    model_path, _ = model_and_shards
+    done = evaluate_tool(str(model_path), "--mode", "slide", "--crop", "256x128", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("slide window 256x128 is larger than the 192x96 input: clipped to 192x96 "
+            "(a single window: the same as --mode whole)") in done.stdout  # fmt: skip
+    settings = json.loads((tmp_path / "out" / "metrics.json").read_text())["settings"]
+    assert (settings["crop"], settings["stride"], settings["crop_from"]) == ("192x96", "128x64",
+                                                                            "--crop, clipped to the input")  # fmt: skip
+
+
+def test_a_window_without_slide_is_refused(model_and_shards, tmp_path):
+    model_path, _ = model_and_shards
+    done = evaluate_tool(str(model_path), "--crop", "192x96", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "--crop and --stride are the sliding window's: add --mode slide" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_window_is_decided_by_mmsegs_rule():
+    tta = TestTimeAugmentation("slide")
+    fitted, clipped = tta.fitted((512, 1024), None)
+    assert (fitted.crop, fitted.stride, clipped) == ((512, 1024), (341, 683), None)  # mmseg's Cityscapes test_cfg
+    fitted, clipped = TestTimeAugmentation("slide", stride=(10, 20)).fitted((96, 192), (64, 256))
+    assert (fitted.crop, fitted.stride) == ((64, 192), (10, 20)) and "clipped to 192x64" in clipped
+
+
+# --- mmseg's habit: CONFIG MODEL ------------------------------------------------------------
+
+
+def test_a_config_before_the_model_is_checked_against_its_sidecar_and_used(model_and_shards, tmp_path):
+    """tools/evaluate.py CONFIG MODEL used to fail with 'not a readable safetensors file ... truncated?'."""
+    model_path, shards = model_and_shards
+    alone = evaluate_tool(str(REPO / "configs" / "demo.yaml"))
+    assert alone.returncode == 2 and "is a config, not a model: pass the model file too" in alone.stderr
+    # demo.yaml's network (output stride 16) is not this model's (8): refused, naming the key
+    other = evaluate_tool(str(REPO / "configs" / "demo.yaml"), str(model_path), "--shards", str(shards))
+    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr[-2000:]
+    assert "describes another network than the model (model.output_stride 16 there, 8 in the model's sidecar)" \
+        in other.stderr  # fmt: skip
+    assert "truncated" not in other.stderr
+    # the same network, evaluated at the config's size
+    config = tmp_path / "same.yaml"
+    config.write_text((REPO / "configs" / "demo.yaml").read_text() + "\n")
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(config), {"model": {"output_stride": 8}, "data": {
+        "shards": str(shards), "eval_size": [64, 128]}}), config)  # fmt: skip
+    done = evaluate_tool(str(config), str(model_path), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"data.eval_size 128x64 from {config} (the model's: 192x96)" in done.stdout
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert result["config"] == str(config) and result["model"] == str(model_path)
+    assert result["settings"]["input_size"] == "128x64"
+    assert result["settings"]["input_size_from"] == f"{config} (data.eval_size)"
+
+
+def test_a_config_of_another_head_or_stem_is_refused_even_against_an_older_sidecar(tmp_path):
+    """A sidecar written before model.stem/contract_dilation/head existed builds their defaults:
+    a config asking for mmseg's head is another network."""
+    from seg.evaluate import SettingsError, check_config
+
+    config = tmp_path / "mmseg_like.yaml"
+    config.write_text(
+        "data: {shards: x, size: [96, 192]}\nmodel: {depth: 18, output_stride: 8, head: separable-aspp}\n"
+    )
+    older = {"config": {"data": {"shards": "x", "size": [96, 192]},
+                        "model": {"depth": 18, "output_stride": 8, "aspp_pool_norm": True}}}  # fmt: skip
+    with pytest.raises(SettingsError, match=r"model\.head 'separable-aspp' there, 'aspp' in the model's sidecar"):
+        check_config(config, older)
+    config.write_text("data: {shards: x, size: [96, 192]}\nmodel: {depth: 18, output_stride: 8}\n")
+    assert check_config(config, older)[1] == []  # the same network, the same data: nothing to say

@@ -435,3 +435,14 @@ def test_resize_larger_than_the_frames_is_refused(synthetic_root, tmp_path):
     with pytest.raises(PackError, match="larger than the image"):
         pack(synthetic_root, tmp_path / "big", Options(resize=(64, 128)), progress=False)
     assert leftovers(tmp_path) == []
+
+
+def test_a_resize_the_wrong_way_round_is_refused_naming_the_swap(synthetic_root, tmp_path, capsys):
+    """--resize is WIDTHxHEIGHT: 32x48 on 64x32 landscape frames would store portrait, squashed images."""
+    out = tmp_path / "swapped"
+    assert pack_cityscapes.main([str(synthetic_root), "--out", str(out), "--resize", "32x48", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--resize 32x48 is WIDTHxHEIGHT: 32 wide, 48 high, portrait" in err
+    assert "64x32, landscape; did you mean 48x32?" in err
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -240,3 +240,29 @@ def test_several_model_files_predict_as_their_ensemble(model_and_images, tmp_pat
     assert (two == one).mean() > 0.999  # equal up to a float near-tie
     with pytest.raises(SystemExit):
         main([str(model_path), str(copy), "--out", str(tmp_path / "none")])  # models, but no image
+
+
+def test_a_size_the_wrong_way_round_is_refused_and_a_config_first_is_accepted(model_and_images, tmp_path, capsys):
+    model_path, _, single = model_and_images
+    assert main([str(model_path), str(single), "--out", str(tmp_path / "out"), "--size", "96x192"]) == 2
+    err = capsys.readouterr().err
+    assert "--size 96x192 is WIDTHxHEIGHT: 96 wide, 192 high, portrait" in err and "did you mean 192x96?" in err
+    assert not (tmp_path / "out").exists()
+    # mmseg's habit: the config first; the model's own network, so accepted
+    config = tmp_path / "same.yaml"
+    from omegaconf import OmegaConf
+
+    sidecar = OmegaConf.load(model_path.with_suffix(".json"))
+    OmegaConf.save(sidecar.config, config)
+    assert main([str(config), str(model_path), str(single), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "single_labelIds.png").is_file()
+    assert f"input size from {config} (data.eval_size)" in capsys.readouterr().out
+
+
+def test_legend_gives_each_overlay_a_legend_beside_it(model_and_images, tmp_path):
+    model_path, _, single = model_and_images
+    assert main([str(model_path), str(single), "--out", str(tmp_path / "out"), "--legend"]) == 0
+    with Image.open(tmp_path / "out" / "single_overlay.png") as overlay:
+        assert overlay.height >= 40 and overlay.width > 72  # the 72x40 image and its legend to the right
+    with Image.open(tmp_path / "out" / "single_labelIds.png") as label_ids:
+        assert label_ids.size == (72, 40)  # the other outputs keep the image's size

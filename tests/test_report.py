@@ -404,3 +404,49 @@ def test_the_experiment_report_shows_the_out_of_fold_estimates_and_names_folds_w
     # stage 2: both folds carry it; pooled over 200 pixels: road 80/85, sidewalk 15/20
     assert f"| {100 * (80 / 85 + 15 / 20) / 2:.2f} | 45.00 ± 7.07 |" in text
     assert "| **pooled** | 0, 1 | 6 |" in text
+
+
+# --- figures that always draw --------------------------------------------------------------
+
+
+def test_a_one_epoch_fold_draws_its_single_loss_record(tmp_path):
+    """stage1_training.png was blank for 1-epoch folds: one record each, drawn as a line with no marker."""
+    from seg.plots import fold_colour, plot_training, save
+    from seg.report import Fold, Stage
+
+    folds = [Fold(1, k, tmp_path, [{"epoch": 1.0, "step": 5, "train/loss": 1.0 + k, "train/lr": 1e-3}], [], None,
+                  False) for k in range(2)]  # fmt: skip
+    figure = plot_training(Stage(1, tmp_path, folds))
+    for axes in figure.axes[:2]:
+        assert all(line.get_marker() not in (None, "", "None") for line in axes.get_lines())
+    save(figure, tmp_path / "training.png")
+    pixels = np.asarray(Image.open(tmp_path / "training.png").convert("RGB")).reshape(-1, 3).astype(int)
+    for k in range(2):
+        colour = np.round(np.array(fold_colour(k)[:3]) * 255).astype(int)
+        assert (np.abs(pixels - colour).max(1) <= 2).sum() > 20, f"fold {k}'s point is not drawn"
+
+
+def test_the_confusion_matrix_says_how_it_is_normalised():
+    from seg.plots import confusion_figure
+
+    figure = confusion_figure(np.eye(19) * 10 + 1)
+    image_axes, colorbar = figure.axes
+    assert "normalised per true class" in image_axes.get_title()
+    assert "row-normalised" in colorbar.get_ylabel()
+
+
+def test_a_prediction_overlay_can_carry_a_legend_of_the_classes_it_shows():
+    from seg.cityscapes import PALETTE, colorize
+    from seg.plots import overlay_with_legend
+
+    prediction = np.zeros((64, 128), np.uint8)
+    prediction[:, 64:] = 13  # car
+    prediction[:10, :10] = 11  # person
+    overlay = colorize(prediction)
+    drawn = overlay_with_legend(overlay, prediction)
+    assert drawn.shape[0] == 64 and drawn.shape[1] > 128
+    np.testing.assert_array_equal(drawn[:, :128], overlay)  # the overlay's own pixels, untouched
+    legend = drawn[:, 128:].reshape(-1, 3)
+    for train_id in (0, 13, 11):  # each class shown has its swatch; a class not shown has none
+        assert (legend == PALETTE[train_id]).all(1).sum() > 20
+    assert not (legend == PALETTE[5]).all(1).any()

@@ -90,3 +90,19 @@ def test_full_resolution_images_are_textured_like_real_ones():
     # Real leftImg8bit PNGs are about 2-2.5 MB; flat colour would compress to a few kB.
     assert len(png_bytes(image)) > 1_500_000
     assert FRAME == 19
+
+
+def test_a_portrait_size_is_written_with_a_warning_naming_the_swap(tmp_path, capsys):
+    """A portrait scene can be meant, so make_synthetic warns (naming the likely swap) and writes it."""
+    from tools.make_synthetic import main
+
+    out = tmp_path / "tall"
+    args = [str(out), "--train", "1", "--train-cities", "1", "--val", "0", "--val-cities", "0"]
+    assert main([*args, "--test", "0", "--test-cities", "0", "--size", "32x64", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --size 32x64 is WIDTHxHEIGHT: 32 wide, 64 high, portrait" in err and "did you mean 64x32?" in err
+    (image,) = out.glob("leftImg8bit/train/*/*.png")
+    assert Image.open(image).size == (32, 64)
+    assert main([str(tmp_path / "wide"), "--train", "1", "--train-cities", "1", "--val", "0", "--val-cities", "0",
+                 "--test", "0", "--test-cities", "0", "--size", "64x32", "--workers", "1"]) == 0  # fmt: skip
+    assert "warning" not in capsys.readouterr().err

@@ -10,7 +10,7 @@ In-process and without start-up: the model is built once and --frames synthetic 
 rendered in memory; each mode gets one untimed warm-up prediction, then
 seg.inference.predict_probabilities plus the argmax is timed per image over the frames
 (the same call and autocast as seg/evaluate.py; data loading and the confusion matrix are
-left out). Sliding windows use tools/evaluate.py's defaults (1024x512 crops, stride 683x341).
+left out). Sliding windows are 1024x512 with stride 683x341 (the study's training size, 2/3 overlap).
 """
 
 from __future__ import annotations
@@ -88,15 +88,18 @@ def main() -> None:
     images = [normalise(frame.to(device), train=False)[0] for frame in frames(args.frames, width, height)]
     render_s = time.perf_counter() - start
 
+    def window(mode: str) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        return (crop, stride) if mode == "slide" else (None, None)  # whole mode takes no window
+
     runs: list[tuple[str, TestTimeAugmentation]] = []
     for mode in args.modes:
         base, flip = mode.removesuffix("+flip"), mode.endswith("+flip")
-        runs.append((mode, TestTimeAugmentation(base, crop, stride, (1.0,), flip)))
+        runs.append((mode, TestTimeAugmentation(base, *window(base), (1.0,), flip)))
     if args.scales:
         label = ",".join(f"{s:g}" for s in args.scales)
         for mode in args.modes:
             base, flip = mode.removesuffix("+flip"), mode.endswith("+flip")
-            runs.append((f"{mode}@{label}", TestTimeAugmentation(base, crop, stride, tuple(args.scales), flip)))
+            runs.append((f"{mode}@{label}", TestTimeAugmentation(base, *window(base), tuple(args.scales), flip)))
 
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"torch {torch.__version__}, device {args.device} ({name}), threads {torch.get_num_threads()}, "

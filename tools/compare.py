@@ -9,6 +9,8 @@ Reads each experiment's stage{s}/fold{k}/summary.json, metrics.jsonl and config.
 shards' manifest.json the config names, stage{s}/reduced/report.json and tools/evaluate.py's
 metrics.json of the reduced model. Refuses pairs that are not comparable (other shards, fold
 assignment or selection set; a fold on one side only unless --allow-missing), naming why.
+Leads with what the experiments differ in: their stages' identities (resolved config, start
+model, data; seg/identity.py) compared, else their configs.
 Writes OUT/compare.md, compare.json and PNGs (default OUT: runs/comparisons/A-vs-B-stage{s},
 replaced as a whole) and prints the tables. Exit 2 with one line on any refusal or bad file.
 """
@@ -22,7 +24,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python tools/compare.py` from a checkout, not installed: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.compare import CompareError, caveat, compare, default_out, log_to_wandb, tables, wandb_settings, write
+from seg.compare import (
+    CompareError,
+    caveat,
+    compare,
+    default_out,
+    describe_setup,
+    log_to_wandb,
+    tables,
+    wandb_settings,
+    write,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CompareError, OSError) as e:
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line
         return 2
+    print("\n".join(f"differs: {describe_setup(entry)}" for entry in result["differences"]) + "\n")
     print("\n".join(tables(result)))
     if result["notes"]:
         print("\n" + "\n".join(f"note: {n}" for n in result["notes"]))

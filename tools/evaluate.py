@@ -7,13 +7,22 @@
     python tools/evaluate.py MODEL --split test --export eval/predictions   # labelIds PNGs for the benchmark
     python tools/evaluate.py runs/study/stage4/reduced/ensemble.json         # the fold ensemble (or a stage folder,
     python tools/evaluate.py A.safetensors B.safetensors C.safetensors       # or several model files)
+    python tools/evaluate.py configs/X.yaml MODEL      # mmseg's test.py CONFIG CHECKPOINT
 
 The input is resized to the model's own ``data.eval_size`` (from its sidecar: the size it
 was validated and selected at) unless --input-size says otherwise; the size used is
-printed and recorded. Writes OUT/metrics.json (the metrics and the settings: input size,
-mode, flip, scales), OUT/metrics.md, OUT/per_class_iou.png, OUT/confusion.png and
-OUT/frequency_vs_iou.png; OUT defaults to ``eval-SPLIT-SETTINGS/`` beside the model (e.g.
-``eval-val-1024x512-whole``), so evaluations with other settings sit side by side.
+printed and recorded. An --input-size the other way round than the model's training size
+(``data.size``; 96x192 for a 192x96 model) is refused naming the swap. --mode slide slides
+a window of the model's training size (``data.size``, as mmseg's test_cfg takes the training
+crop) unless --crop says otherwise, with a stride of 2/3 of the window unless --stride says
+otherwise; a window larger than the input is clipped to it (and said). A config given
+before the model must describe the same network (model.depth, output_stride,
+aspp_pool_norm, stem, contract_dilation, head; else refused naming them); its data.shards,
+data.eval_size and data.size then replace the sidecar's. Writes OUT/metrics.json (the metrics and the settings: input
+size, mode, flip, scales, and in slide mode the window and stride used), OUT/metrics.md,
+OUT/per_class_iou.png, OUT/confusion.png and OUT/frequency_vs_iou.png; OUT defaults to
+``eval-SPLIT-SETTINGS/`` beside the model (e.g. ``eval-val-1024x512-whole``), so evaluations
+with other settings sit side by side.
 --export writes one ``{city}_{seq}_{frame}_labelIds.png`` per image (official label ids, at
 the image's original size, as the Cityscapes benchmark expects). A split without labels
 (test) needs --export: its predictions are exported and no metrics are reported.
@@ -45,13 +54,18 @@ from seg.augment import DeviceAugment
 from seg.cityscapes import TRAINID_TO_ID
 from seg.ensemble import load_models
 from seg.evaluate import (
+    Defaults,
+    SettingsError,
+    check_config,
+    check_orientation,
     describe_settings,
     evaluate,
-    model_input_size,
+    fit_window,
     parse_input_size,
     prediction_loader,
     settings,
     settings_name,
+    split_config,
     split_is_labelled,
 )
 from seg.inference import TestTimeAugmentation
@@ -103,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         "models",
         type=Path,
         nargs="+",
-        metavar="MODEL",
-        help="a .safetensors model with its .json sidecar; several, a stage folder or an ensemble.json: their ensemble",
+        metavar="[CONFIG] MODEL",
+        help="a .safetensors model with its .json sidecar; several, a stage folder or an ensemble.json: their "
+        "ensemble. A config (.yaml) before it, as mmseg's test.py CONFIG CHECKPOINT, must describe the same network; "
+        "its data.shards, data.eval_size and data.size then replace the model's",
     )
     parser.add_argument("--shards", help="packed dataset (default: the one in the model's config)")
     parser.add_argument("--split", default="val", help="a group of the manifest: val (default), test, train-fold0, ...")
@@ -120,35 +136,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--export", type=Path, help="write predictions as labelIds PNGs here")
     args = parser.parse_args(argv)
+    tta = TestTimeAugmentation.from_arguments(args, parser)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     say = accelerator.print
     try:
-        model, sidecar, members = load_models(args.models)
-        shards = args.shards or sidecar["config"]["data"]["shards"]
+        config_path, model_paths = split_config(args.models)
+        model, sidecar, members = load_models(model_paths)
+        config, changed = check_config(config_path, sidecar) if config_path else (None, [])
+        defaults = Defaults.of(sidecar, config, config_path)
+        shards = args.shards or defaults.shards
         labelled = split_is_labelled(shards, args.split)
         if not labelled and not args.export:
             raise ManifestError(f"{shards}: the {args.split} split has no labels, so there is nothing to measure; "
                                 f"pass --export DIR to write its predictions (labelIds PNGs for the Cityscapes "
                                 f"benchmark server)")  # fmt: skip
         if args.input_size is None:
-            size, size_from = model_input_size(sidecar), "the model's config (data.eval_size)"
+            size, size_from = defaults.input_size, f"{defaults.source} (data.eval_size)"
         else:
             size = None if args.input_size == "full" else tuple(args.input_size)
             size_from = "--input-size"
+            check_orientation("--input-size", size, defaults)
+        tta, window_from, window_lines = fit_window(tta, defaults, size)
         loader, expected = prediction_loader(shards, [args.split], size, accelerator.process_index,
                                              accelerator.num_processes, args.workers)  # fmt: skip
-    except (WeightsError, ManifestError) as e:
+    except (WeightsError, ManifestError, SettingsError) as e:
         say(f"error: {e}", file=sys.stderr)
         return 2
-    tta = TestTimeAugmentation.from_arguments(args)
-    record = settings(size, size_from, tta)
+    record = settings(size, size_from, tta, window_from)
+    for line in changed + window_lines:
+        say(line)
     if len(members) > 1:
         listed = ", ".join(map(str, members))
         say(f"ensemble of {len(members)} models ({len(members)} forward passes per view): {listed}")
     say(f"{describe_settings(record)}; input size from {size_from}"
         + (" (--input-size WIDTHxHEIGHT or full to change it)" if args.input_size is None else ""))  # fmt: skip
-    out = args.out or default_folder(args.models, members) / (
+    out = args.out or default_folder(model_paths, members) / (
         settings_name(args.split, record) + (f"-ensemble{len(members)}" if len(members) > 1 else "")
     )
     try:  # before the work: a folder that can't be written fails now, not after every image
@@ -169,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     matrix, seen, _ = evaluate(model.to(device), loader, device, DeviceAugment("none").to(device), tta=tta,
                                export=export)  # fmt: skip
     result = {"samples": seen, "expected": expected, "split": args.split, "shards": str(shards),
-              "model": ", ".join(map(str, args.models)), "labelled": labelled, "settings": record, "tta": tta.__dict__,
+              "model": ", ".join(map(str, model_paths)), "labelled": labelled, "settings": record,
               "export": str(args.export) if args.export else None}  # fmt: skip
+    if config_path is not None:
+        result["config"] = str(config_path)
     if labelled:
         result = matrix.compute() | result
     else:

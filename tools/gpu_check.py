@@ -61,9 +61,11 @@ from seg.atomic import atomic_write_bytes
 from seg.augment import DeviceAugment
 from seg.cityscapes import IGNORE_INDEX, NUM_CLASSES
 from seg.cli import format_size
-from seg.inference import TestTimeAugmentation, predict_probabilities
+from seg.inference import TestTimeAugmentation, default_stride, predict_probabilities
 from seg.losses import CombinedLoss
 from seg.model import DeepLabV3Plus
+
+STUDY_WINDOW = (512, 1024)  # slide mode's window: the study's training size (H, W)
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity), matched as
 # substrings of torch.cuda.get_device_name, most specific first. --peak-tflops overrides.
@@ -513,9 +515,9 @@ def eval_speed(deadline: float) -> list[dict[str, Any]]:
     """Full-resolution inference of the study's model: bf16, channels_last, one image at a time."""
     modes = [
         TestTimeAugmentation("whole"),
-        TestTimeAugmentation("slide"),
+        TestTimeAugmentation("slide", STUDY_WINDOW, default_stride(STUDY_WINDOW)),
         TestTimeAugmentation("whole", flip=True),
-        TestTimeAugmentation("slide", flip=True),
+        TestTimeAugmentation("slide", STUDY_WINDOW, default_stride(STUDY_WINDOW), flip=True),
     ]
     results = []
     for tta in modes:

@@ -11,8 +11,8 @@ import os
 import sys
 
 from seg.atomic import OutputExistsError
-from seg.cli import parse_size
-from seg.synthetic import CITIES, make_synthetic
+from seg.cli import orientation_mismatch, parse_size
+from seg.synthetic import CITIES, CITYSCAPES_SIZE, make_synthetic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing tree")
     args = parser.parse_args(argv)
+    # A portrait scene can be meant (it is still drawn as a street), so only a warning.
+    swapped = orientation_mismatch("--size", args.size, CITYSCAPES_SIZE, "Cityscapes frames")
+    if swapped:
+        print(
+            f"warning: {swapped} (writing the {args.size.width}x{args.size.height} scenes asked for)", file=sys.stderr
+        )
     try:
         frames = make_synthetic(
             args.out,

@@ -7,10 +7,12 @@
     python tools/predict.py MODEL frames/ --out pred/ --size full    # each image at its own resolution
     python tools/predict.py A.safetensors B.safetensors frames/ --out pred/   # an ensemble of the models
     python tools/predict.py runs/study/stage4/reduced/ensemble.json frames/ --out pred/
+    python tools/predict.py configs/X.yaml MODEL frames/ --out pred/      # a config first, as mmseg's demo
 
 IMAGES are files or folders (searched recursively for *.png, *.jpg, *.jpeg; the sub-folders
 are kept under --out). Each image gives NAME_color.png (Cityscapes palette), NAME_overlay.png
-(the colours blended over the image) and NAME_labelIds.png (official label ids, as the
+(the colours blended over the image; with --legend, a legend of the classes it shows
+beside it) and NAME_labelIds.png (official label ids, as the
 Cityscapes benchmark expects), all at the image's size; NAME drops a ``_leftImg8bit`` suffix.
 The model's input is resized to the model config's ``data.eval_size`` (the size it was
 validated at; printed) unless --size says otherwise. One image at a time, on CUDA when
@@ -33,7 +35,7 @@ if __package__ in (None, ""):  # `python tools/predict.py` from a checkout, not 
 
 from tqdm import tqdm
 
-from seg.evaluate import describe_settings, parse_input_size
+from seg.evaluate import SettingsError, describe_settings, parse_input_size, split_config
 from seg.inference import TestTimeAugmentation
 from seg.predict import MODEL_SIZE, PredictError, predict_files
 from seg.report import count as plural
@@ -63,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         "paths",
         nargs="+",
         type=Path,
-        metavar="MODEL... IMAGES",
+        metavar="[CONFIG] MODEL... IMAGES",
         help="the model (a .safetensors file with its .json sidecar; several for an ensemble, or an ensemble.json "
-        "or a stage folder), then image files or folders",
+        "or a stage folder), then image files or folders; a config (.yaml) first, as mmseg's habit, must describe "
+        "the model's network, and its data.eval_size and data.size then replace the model's",
     )
     parser.add_argument("--out", type=Path, required=True, help="where the PNGs go")
     TestTimeAugmentation.add_arguments(parser)
@@ -76,12 +79,20 @@ def main(argv: list[str] | None = None) -> int:
         "outputs keep the image's size",
     )
     parser.add_argument("--alpha", type=alpha, default=0.5, help="weight of the colours in the overlay (default 0.5)")
+    parser.add_argument(
+        "--legend", action="store_true", help="give each overlay a legend of the classes it shows (to its right)"
+    )
     args = parser.parse_args(argv)
-    models, images = split_models(args.paths)
+    tta = TestTimeAugmentation.from_arguments(args, parser)
+    try:
+        config, paths = split_config(args.paths)
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    models, images = split_models(paths)
     if not images:
         parser.error("give the model, then at least one image file or folder")
 
-    tta = TestTimeAugmentation.from_arguments(args)
     if args.size is None:
         size: tuple[int, int] | str | None = MODEL_SIZE
     else:
@@ -96,9 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(args.out)
         with writing(args.out):
             count = predict_files(
-                models, images, args.out, tta, size, args.alpha, progress=lambda _: bar.update(), announce=announce
+                models,
+                images,
+                args.out,
+                tta,
+                size,
+                args.alpha,
+                progress=lambda _: bar.update(),
+                announce=announce,
+                config=config,
+                say=lambda line: print(line, flush=True),
+                legend=args.legend,
             )
-    except (WeightsError, PredictError) as e:
+    except (WeightsError, PredictError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StorageError as e:

@@ -1,0 +1,40 @@
+"""./launch's help comes before its setup: asking how to use a command builds nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(60)
+
+
+def launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"SEG_VENV": str(tmp_path / "venv")}
+    return subprocess.run(["bash", str(REPO / "launch"), *args], capture_output=True, text=True, env=env, timeout=50)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("cv", "--help"), "./launch cv configs/X.yaml --stages"),
+        (("cv", "configs/demo.yaml", "-h"), "The cross-validation chain"),
+        (("demo", "--help"), "The whole system on this machine"),
+        (("--help",), "seg's front door"),
+    ],
+)
+def test_help_prints_without_setting_up_a_venv(tmp_path, args, expected):
+    done = launch(tmp_path, *args)
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout
+    assert "setting up" not in done.stdout + done.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_no_command_is_still_a_usage_error(tmp_path):
+    done = launch(tmp_path)
+    assert done.returncode == 2 and "./launch cv" in done.stdout
+    assert not (tmp_path / "venv").exists()
