@@ -81,6 +81,15 @@ def test_evaluate_into_a_read_only_folder_is_refused_before_any_image(tree_model
     assert "mIoU" not in done.stdout and "images" not in done.stdout  # refused before the work
 
 
+def test_evaluate_exporting_to_a_disk_that_fills_says_so_in_one_line(tree_model_shards, tmp_path):
+    _, model, _ = tree_model_shards
+    with tmpfs(tmp_path / "disk", "4k") as disk:  # room for a PNG or so, not for every prediction
+        done = _tool(str(REPO / "tools" / "evaluate.py"), str(model), "--out", str(tmp_path / "eval"), "--export",
+                     str(disk / "png"), "--workers", "0", "--input-size", "full")  # fmt: skip
+    line = _error_line(done)
+    assert f"exporting predictions to {disk / 'png'} failed: no space left on the device" in line
+
+
 def test_predict_report_and_reduce_into_read_only_folders_are_refused(tree_model_shards, tmp_path):
     tree, model, _ = tree_model_shards
     image = next((tree / "leftImg8bit" / "val").rglob("*.png"))

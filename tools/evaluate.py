@@ -74,7 +74,7 @@ from seg.plots import evaluation_figures
 from seg.png import encode_gray8
 from seg.report import count
 from seg.runs import Stage
-from seg.storage import EXIT_STORAGE, StorageError, check_writable
+from seg.storage import EXIT_STORAGE, StorageError, check_writable, writing
 from seg.weights import WeightsError
 
 
@@ -112,6 +112,16 @@ def default_folder(given: list[Path], members: list[Path]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a disk that refuses a write (its folders are checked before the work) is
+    one line and EXIT_STORAGE."""
+    try:
+        return run(argv)
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+
+
+def run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "models",
@@ -174,19 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_folder(model_paths, members) / (
         settings_name(args.split, record) + (f"-ensemble{len(members)}" if len(members) > 1 else "")
     )
-    try:  # before the work: a folder that can't be written fails now, not after every image
-        for folder in [out, *([args.export] if args.export else [])]:
-            check_writable(folder)
-    except StorageError as e:
-        say(f"error: {e}", file=sys.stderr)
-        return EXIT_STORAGE
+    for folder in [out, *([args.export] if args.export else [])]:
+        check_writable(folder)  # before the work: a folder that can't be written fails now, not after every image
     export = None
     if args.export:
         args.export.mkdir(parents=True, exist_ok=True)
 
         def export(key: str, prediction: torch.Tensor) -> None:
             labels = TRAINID_TO_ID[prediction.numpy().astype(np.uint8)]
-            atomic_write_bytes(args.export / f"{key}_labelIds.png", encode_gray8(labels))
+            with writing(args.export, "exporting predictions to"):
+                atomic_write_bytes(args.export / f"{key}_labelIds.png", encode_gray8(labels))
 
     device = accelerator.device
     matrix, seen, _ = evaluate(model.to(device), loader, device, DeviceAugment("none").to(device), tta=tta,
@@ -203,14 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(members) > 1:
         result["ensemble"] = [str(m) for m in members]
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
         title = f"{result['model']} on {args.split}"
         if len(members) > 1:
             title = f"ensemble of {len(members)} models ({result['model']}) on {args.split}"
-        atomic_write_bytes(out / "metrics.md", markdown(result, title).encode())
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
+            atomic_write_bytes(out / "metrics.md", markdown(result, title).encode())
+            if labelled:
+                evaluation_figures(result, matrix.matrix.cpu().numpy(), out, describe_settings(result["settings"]))
         if labelled:
-            evaluation_figures(result, matrix.matrix.cpu().numpy(), out, describe_settings(result["settings"]))
             print(f"{args.split}: mIoU {100 * result['miou']:.2f}% over {count(seen, 'image')} -> {out}")
         else:
             print(f"{args.split}: no labels, no metrics; {count(seen, 'prediction')} (labelIds PNGs) -> "
