@@ -67,7 +67,16 @@ from seg.manifest import FoldSplit, ManifestError
 from seg.model import from_config
 from seg.runs import Experiment, Fold, MetricsLog, is_state, latest_state, prune_states, state_name
 from seg.schedule import Schedule
-from seg.storage import EXIT_STORAGE, NoRoomError, free_bytes, megabytes, storage_problem, writable_problem
+from seg.storage import (
+    EXIT_STORAGE,
+    NoRoomError,
+    StorageError,
+    free_bytes,
+    megabytes,
+    storage_problem,
+    writable_problem,
+    writing,
+)
 from seg.tracking import Tracker
 from seg.transforms import TrainGeometry
 from seg.weights import WeightsError, export_weights, load_backbone, load_weights
@@ -159,11 +168,10 @@ class Run:
         if self.failure is not None:
             return
         try:
-            write()
-        except Exception as e:
-            self.failure = storage_problem(e, path, doing)
-            if self.failure is None:
-                raise
+            with writing(path, doing):
+                write()
+        except StorageError as e:
+            self.failure = str(e)
 
     def close(self, together: bool) -> None:
         """Every way out once the processes exist, error or not: the wandb run is finished, the
@@ -336,11 +344,10 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         together = True  # a normal end or a signal: every rank is here
         if exit_code == 0 and run.main_process:
             try:
-                write_outputs(run, data, fit, stopped_early, started)
-            except Exception as e:
-                if (problem := storage_problem(e, out.dir, "writing the outputs to")) is None:
-                    raise
-                return stopped_on_storage(run, problem)
+                with writing(out.dir, "writing the outputs to"):
+                    write_outputs(run, data, fit, stopped_early, started)
+            except StorageError as e:
+                return stopped_on_storage(run, str(e))
         return preempted_exit_code() if exit_code == EXIT_REQUEUE else exit_code
     finally:
         run.close(together)
@@ -861,10 +868,10 @@ def agreed_write(run: Run, write: Callable[[], None] | None, path: Path, doing: 
     problem = run.failure
     if problem is None and write is not None:
         try:
-            write()
-        except Exception as e:
-            if (problem := storage_problem(e, path, doing)) is None:
-                raise
+            with writing(path, doing):
+                write()
+        except StorageError as e:
+            problem = str(e)
     first = next((p for p in gather_object([problem]) if p), None)
     if first is not None:
         raise StorageFailureError(first)

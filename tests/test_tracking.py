@@ -16,13 +16,11 @@ import torch
 from PIL import Image
 
 from seg.cityscapes import CLASS_NAMES
-from seg.cli import Size
 from seg.config import ConfigError, load_config, to_dict
 from seg.identity import fold_identity, run_length
 from seg.manifest import FoldSplit
-from seg.pack import Options, pack
-from seg.synthetic import make_synthetic
 from seg.tracking import Tracker, log_reduction
+from tests.tiny_training import tiny_shards
 from tests.wandb_records import run_config, run_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,11 +88,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tracking") / "cityscapes"
-    make_synthetic(root, counts={"train": 16, "val": 4, "test": 0}, cities={"train": 4, "val": 1, "test": 1},
-                   size=Size(32, 64), progress=False)  # fmt: skip
-    pack(root, root.parent / "shards", Options(folds=2, splits=("train", "val")), progress=False)
-    return root.parent / "shards"
+    return tiny_shards(tmp_path_factory.mktemp("tracking"))
 
 
 def train(shards: Path, runs: Path, *extra: str, drill: str = "") -> subprocess.CompletedProcess:
