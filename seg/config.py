@@ -308,6 +308,9 @@ def check_values(config: DictConfig, sources: dict[str, str]) -> None:
 
     for key, choices in CHOICES.items():
         value = OmegaConf.select(config, key)
+        if value == "False" and "no" in choices:  # YAML 1.1 reads `no` as false: `train.precision=no` meant "no"
+            OmegaConf.update(config, key, "no")
+            continue
         if value not in choices:
             refuse(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
     for key in ("data.size", "data.base_size", "data.eval_size"):

@@ -136,10 +136,10 @@ def fold_done(chain: Chain, stage: int, fold: int, processes: int) -> bool:
 
 def reduction_done(chain: Chain, stage: int) -> tuple[bool, str]:
     """Whether the stage's reduction is the one the chain would run (newer than every fold's
-    model, with the chain's reduce options); else why it runs (again)."""
+    model, with the chain's reduce options); else why it runs again ("" for a first time)."""
     reduced = chain.experiment.stage(stage)
     if not reduced.reduced_model.exists():
-        return False, "reducing"
+        return False, ""
     models = [reduced.fold(k).weights("model") for k in chain.folds]
     if not all(m.exists() and m.stat().st_mtime <= reduced.reduced_model.stat().st_mtime for m in models):
         return False, "a fold was trained again since its reduction: reducing again"
@@ -236,7 +236,8 @@ def run_stage(chain: Chain, stage: int, processes: int, signals: Signals) -> int
             print(f"error: {what} failed (exit {code})", file=sys.stderr)
             return code
     done, why = reduction_done(chain, stage)
-    print(f"stage {stage}: {why}", flush=True)
+    if why:
+        print(f"stage {stage}: {why}", flush=True)
     if done:
         return 0
     script = str(REPO / "tools" / "reduce_folds.py")

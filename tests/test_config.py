@@ -163,3 +163,14 @@ def test_a_based_config_is_the_same_run_as_its_flattened_copy(tmp_path, capsys):
     assert main(["--config", str(based), "--fold", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config files extend each other in a cycle") and err.count("\n") == 1
+
+
+def test_precision_no_as_the_readme_writes_it_is_no_mixed_precision(tmp_path):
+    """YAML 1.1 reads an unquoted `no` as false; `train.precision=no` (and `precision: no` in a
+    file) mean accelerate's "no", not a refusal of 'False'."""
+    assert load_config(DEMO, ["train.precision=no"]).train.precision == "no"
+    config = tmp_path / "x.yaml"
+    config.write_text("data: {shards: s}\ntrain: {precision: no}\n")
+    assert load_config(config, []).train.precision == "no"
+    with pytest.raises(ConfigError, match="'True' is not one of no, bf16, fp16"):
+        load_config(config, ["train.precision=yes"])

@@ -139,7 +139,7 @@ def finish(plan: cv.Chain, stage: int, fold: int, init_from: str | None, process
 
 def test_finished_folds_and_reductions_are_skipped(shards, tmp_path):
     plan = chain(shards, tmp_path / "runs", folds=2)
-    assert not cv.fold_done(plan, 1, 0, 1) and not cv.reduction_done(plan, 1)[0]
+    assert not cv.fold_done(plan, 1, 0, 1) and cv.reduction_done(plan, 1) == (False, "")
     for fold in (0, 1):
         folder = plan.experiment.stage(1).dir / f"fold{fold}"
         folder.mkdir(parents=True)
