@@ -274,7 +274,8 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     try:  # from here on, every way out goes through run.close; refusals are taken by all ranks together
         if code := refused_together(run.accelerator, *take_lease(run)):
             return code
-        done, error = earlier_run(args, out, identity or {})  # again, now that no one else writes here
+        # again, now that no one else writes here (no identity: the manifest's own error follows)
+        done, error = earlier_run(args, out, identity) if identity else (None, None)
         if error or done is not None:
             together = True
             return refused_together(run.accelerator, error) or (say_complete(out, done) if run.main_process else 0)
