@@ -183,13 +183,17 @@ def run_logged(command: list[str], log: Path, what: str, signals: Signals) -> in
     return code
 
 
-def stopped(what: str, fold_dir: Path | None = None) -> int:
-    """The one line of a chain stopped by a signal: where it stopped, and how to go on."""
-    state = latest_state(fold_dir) if fold_dir is not None else None
-    saved = f"at step {state_step(state)}, state saved in {state}" if state else "nothing saved"
-    where = saved if fold_dir is not None else "not reduced (an earlier reduction is untouched)"
+def stopped(what: str, where: str) -> int:
+    """The one line of a chain stopped by a signal: what it was doing, where that stopped, and
+    how to go on."""
     print(f"{what}: interrupted, {where}; rerun the same command to continue; exit 130", file=sys.stderr)
     return 130
+
+
+def saved_state(fold_dir: Path) -> str:
+    """Where an interrupted fold stopped: its newest state."""
+    state = latest_state(fold_dir)
+    return f"at step {state_step(state)}, state saved in {state}" if state else "nothing saved"
 
 
 def run_local(chain: Chain, processes: int) -> int:
@@ -199,7 +203,7 @@ def run_local(chain: Chain, processes: int) -> int:
     try:
         for stage in range(1, chain.stages + 1):
             if signals.interrupted or signals.preempted:
-                return stopped(f"stage {stage}")
+                return stopped(f"stage {stage}", "before it started")
             try:
                 with acquire(chain.experiment.stage(stage).chain_lease, f"local chain of stage {stage}"):
                     code = run_stage(chain, stage, processes, signals)
@@ -231,7 +235,7 @@ def run_stage(chain: Chain, stage: int, processes: int, signals: Signals) -> int
         what = f"stage {stage} fold {fold}"
         code = run_logged(command, chain.experiment.fold_log(stage, fold), what, signals)
         if signals.interrupted or signals.preempted:
-            return stopped(what, chain.experiment.stage(stage).fold(fold).dir)
+            return stopped(what, saved_state(chain.experiment.stage(stage).fold(fold).dir))
         if code:
             print(f"error: {what} failed (exit {code})", file=sys.stderr)
             return code
@@ -245,7 +249,7 @@ def run_stage(chain: Chain, stage: int, processes: int, signals: Signals) -> int
     command += ["--folds", *map(str, chain.folds)]
     code = run_logged(command, chain.experiment.reduce_log(stage), f"stage {stage} reduction", signals)
     if signals.interrupted or signals.preempted:
-        return stopped(f"stage {stage} reduction")
+        return stopped(f"stage {stage} reduction", "not reduced (an earlier reduction is untouched)")
     if code:
         print(f"error: stage {stage} reduction failed (exit {code})", file=sys.stderr)
     return code
