@@ -13,14 +13,14 @@ Correctness
                  is larger): both differ from fp64 only by rounding and summation order, so
                  the CPU's error is the yardstick for "the same computation". CUDA with TF32
                  convolutions (torch's default) is reported beside it, not judged.
-  bf16 / fp16    a few steps of seg.train.train_step through accelerate (fp16 with its loss
+  bf16 / fp16    a few steps of seg.training.step.train_step through accelerate (fp16 with its loss
                  scaling) on one fixed batch: every loss finite, the last below the first.
   syncbn         torch's SyncBatchNorm kernels over NCCL (one process per GPU; with one GPU a
                  one-process NCCL group, which runs the same kernels and collectives but not
                  a cross-GPU reduction) against BatchNorm2d on the whole batch on the CPU:
                  outputs, input/weight gradients and running statistics.
 Speed (CUDA only)
-  train          images/s and peak memory of seg.train.train_step (device augmentation,
+  train          images/s and peak memory of seg.training.step.train_step (device augmentation,
                  loss, backward, clipping, Adam) at 512x1024 for R34/R50/R101 at OS8, batch 8
                  and 4, fp32/bf16/fp16, channels_last on and off, torch.compile on and off;
                  model FLOP utilisation against the device's dense bf16 peak.
@@ -293,7 +293,7 @@ def fresh_accelerator(precision: str, cpu: bool) -> Iterator[Any]:
 def check_mixed_precision(precision: str, depth: int, size: tuple[int, int], cuda: bool) -> dict[str, Any]:
     if precision == "fp16" and not cuda:
         return {"status": "skipped", "reason": "fp16 loss scaling needs CUDA (the CPU trains in bf16)"}
-    from seg.train import train_step
+    from seg.training.step import train_step
 
     steps = 8
     with fresh_accelerator(precision, cpu=not cuda) as accelerator:
@@ -451,8 +451,8 @@ def training_flops(depth: int, size: tuple[int, int], device: torch.device) -> f
 def measure_train(
     row: SpeedRow, device: torch.device, peak: float | None, steps: int = 10, warmup: int = 3
 ) -> dict[str, Any]:
-    """seg.train.train_step timed on device-resident uint8 batches (the loader is measured apart)."""
-    from seg.train import train_step
+    """seg.training.step.train_step timed on device-resident uint8 batches (the loader is measured apart)."""
+    from seg.training.step import train_step
 
     cuda = device.type == "cuda"
     result: dict[str, Any] = dict(row)
