@@ -27,6 +27,26 @@ from seg.recipe.losses import CombinedLoss
 
 MODES = ("fp32", "bf16", "fp16", "fp32-channels-last", "bf16-channels-last")
 
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity), matched as
+# substrings of torch.cuda.get_device_name, most specific first. tools/gpu_check.py's --peak-tflops overrides.
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+    ("A6000", 155.0),
+    ("V100", 125.0),  # fp16: V100 has no bf16
+)
+
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -96,6 +116,11 @@ def training_flops(depth: int, output_stride: int, size: tuple[int, int], device
     with counter:
         model(x).sum().backward()
     return float(counter.get_total_flops())
+
+
+def device_peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak of a device named so (torch.cuda.get_device_name), if the table knows it."""
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
 
 
 def main() -> None:

@@ -64,29 +64,10 @@ from seg.training.step import train_step
 # on sys.path): the GPU check runs their measurements instead of repeating them.
 from bench_eval import mode_name, time_predictions
 from bench_loader import one_core, pack_shards, pipeline_rate
+from bench_model import device_peak_tflops
 from bench_train import SpeedRow, fixed_batch, fresh_accelerator, measure_train_step, study_model
 
 STUDY_WINDOW = (512, 1024)  # slide mode's window: the study's training size (H, W)
-
-# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity), matched as
-# substrings of torch.cuda.get_device_name, most specific first. --peak-tflops overrides.
-BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("A10", 125.0),
-    ("RTX 4090", 165.0),
-    ("RTX 3090", 71.0),
-    ("A6000", 155.0),
-    ("V100", 125.0),  # fp16: V100 has no bf16
-)
 
 
 def main() -> int:
@@ -180,10 +161,6 @@ def environment(cuda: bool) -> dict[str, Any]:
 
 def _version(version: int | tuple[int, ...]) -> str:
     return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-
-
-def device_peak_tflops(name: str) -> float | None:
-    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
 
 
 # --- correctness ------------------------------------------------------------------------------
