@@ -168,12 +168,12 @@ def run_logged(command: list[str], log: Path, what: str, signals: Signals) -> in
         f.flush()
         child, passed_on = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT), False
         while (code := child.poll()) is None:
-            if (signals.interrupted or signals.preempted) and not passed_on:
+            if signals.stop_requested and not passed_on:
                 # a terminal's Ctrl-C reached it already (one process group); a kill of the chain did not
                 child.send_signal(signal.SIGTERM if signals.preempted else signal.SIGINT)
                 passed_on = True
             time.sleep(0.2)
-    if signals.interrupted or signals.preempted:
+    if signals.stop_requested:
         return code
     if code:
         tail = log.read_text(errors="replace").splitlines()[-25:]
@@ -202,7 +202,7 @@ def run_local(chain: Chain, processes: int) -> int:
     signals = Signals().install()
     try:
         for stage in range(1, chain.stages + 1):
-            if signals.interrupted or signals.preempted:
+            if signals.stop_requested:
                 return stopped(f"stage {stage}", "before it started")
             try:
                 with acquire(chain.experiment.stage(stage).chain_lease, f"local chain of stage {stage}"):
@@ -234,7 +234,7 @@ def run_stage(chain: Chain, stage: int, processes: int, signals: Signals) -> int
         command = [*launcher, *train, *chain.train_args(stage)]
         what = f"stage {stage} fold {fold}"
         code = run_logged(command, chain.experiment.fold_log(stage, fold), what, signals)
-        if signals.interrupted or signals.preempted:
+        if signals.stop_requested:
             return stopped(what, saved_state(chain.experiment.stage(stage).fold(fold).dir))
         if code:
             print(f"error: {what} failed (exit {code})", file=sys.stderr)
@@ -248,7 +248,7 @@ def run_stage(chain: Chain, stage: int, processes: int, signals: Signals) -> int
     command = [*launcher, script, str(chain.experiment.stage(stage).dir), *chain.reduce_args]
     command += ["--folds", *map(str, chain.folds)]
     code = run_logged(command, chain.experiment.reduce_log(stage), f"stage {stage} reduction", signals)
-    if signals.interrupted or signals.preempted:
+    if signals.stop_requested:
         return stopped(f"stage {stage} reduction", "not reduced (an earlier reduction is untouched)")
     if code:
         print(f"error: stage {stage} reduction failed (exit {code})", file=sys.stderr)

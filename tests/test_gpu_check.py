@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_tool():
+    if str(REPO / "tools") not in sys.path:  # as when run as a script: it imports the bench tools beside it
+        sys.path.insert(0, str(REPO / "tools"))
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -94,3 +96,19 @@ def test_the_speed_grid_starts_with_the_study_model_and_covers_the_issue_s_axes(
     assert {r["compile"] for r in rows} == {True, False}
     assert all(r["size"] == "1024x512" for r in rows)
     assert not any(r["compile"] for r in load_tool().speed_grid(compile_rows=False))
+
+
+def test_bench_train_times_the_training_step_alone_as_the_gpu_check_does(monkeypatch, capsys) -> None:
+    """tools/bench_train.py --step: the measurement the GPU check's training grid runs, one row."""
+    load_tool()  # tools/ on sys.path
+    import bench_train
+
+    argv = ["bench_train.py", "--step", "--depth", "18", "--batch", "2", "--precision", "fp32", "--size", "64x32",
+            "--steps", "1", "--warmup", "1"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stopped:
+        bench_train.main()
+    out = capsys.readouterr().out
+    assert stopped.value.code == 0, out
+    assert "status: ok" in out and "size: 64x32" in out
+    assert float(out.split("images_per_s: ")[1].split(",")[0]) > 0

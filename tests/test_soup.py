@@ -280,7 +280,7 @@ def test_ensemble_members_are_resolved_and_checked(tmp_path):
 
 
 def test_when_the_ensemble_wins_a_single_model_seeds_the_next_stage_and_the_choice_is_the_users():
-    from seg.reduction.reduce import Candidate, seed_candidate
+    from seg.reduction.candidates import Candidate, seed_candidate
 
     models = [_fold(k, 0.5, float(k)) for k in range(3)]
     candidates = [Candidate(f"fold{m.fold}", [m], result={"miou": 0.40 + 0.01 * m.fold}) for m in models]

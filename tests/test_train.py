@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from seg.core.atomic import current_umask
 from seg.core.launch import launch_command
 from seg.reduction.soup import load_fold_models
-from seg.train import EXIT_REQUEUE, Window, main
+from seg.train import main
+from seg.training.records import EXIT_REQUEUE
+from seg.training.step import LogWindow
 from tests.tiny_training import FOLD, REPO, command, run, steps_logged, tiny_shards, wait_for
 from tests.wandb_records import run_record as wandb_run_record
 
@@ -359,7 +361,7 @@ def test_a_resume_on_another_process_count_with_the_same_global_batch_continues(
 
 
 def test_the_loader_holding_training_back_is_said_once_after_three_slow_log_steps_in_a_row():
-    window = Window()
+    window = LogWindow()
     assert [window.too_slow(share) for share in (0.5, 0.5, 0.05, 0.5, 0.5)] == [False] * 5  # not 3 in a row
     assert window.too_slow(0.2) is True  # the third in a row
     assert [window.too_slow(0.9) for _ in range(5)] == [False] * 5  # once a run

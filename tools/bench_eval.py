@@ -55,6 +55,35 @@ def forward_passes(tta: TestTimeAugmentation, height: int, width: int) -> int:
     return total
 
 
+def mode_name(tta: TestTimeAugmentation) -> str:
+    """The mode as the command line names it: whole, slide, whole+flip, slide+flip."""
+    return tta.mode + ("+flip" if tta.flip else "")
+
+
+def time_predictions(
+    model: torch.nn.Module,
+    images: list[torch.Tensor],
+    size: tuple[int, int],
+    tta: TestTimeAugmentation,
+    dtype: torch.dtype | None = None,
+) -> list[float]:
+    """Seconds per image of seg.evaluation.inference.predict_probabilities plus the argmax
+    (under autocast to ``dtype``, if given), after one untimed warm-up on the first image;
+    the device finishes each image before its clock stops."""
+    device = images[0].device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        predict_probabilities(model, images[0], size, tta).argmax(dim=1)  # warm-up, untimed
+        sync()
+        times = []
+        for image in images:
+            start = time.perf_counter()
+            predict_probabilities(model, image, size, tta).argmax(dim=1)
+            sync()
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=parse_size, default="2048x1024", help="frame WIDTHxHEIGHT (default 2048x1024)")
@@ -79,7 +108,6 @@ def main() -> None:
     height, width = args.size
     crop, stride = tuple(args.crop), tuple(args.stride)
     dtype = PRECISIONS[args.precision]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     torch.manual_seed(0)
     model = DeepLabV3Plus(args.depth, args.output_stride).eval().to(device)
@@ -92,14 +120,14 @@ def main() -> None:
         return (crop, stride) if mode == "slide" else (None, None)  # whole mode takes no window
 
     runs: list[tuple[str, TestTimeAugmentation]] = []
-    for mode in args.modes:
-        base, flip = mode.removesuffix("+flip"), mode.endswith("+flip")
-        runs.append((mode, TestTimeAugmentation(base, *window(base), (1.0,), flip)))
+    scale_sets = [((1.0,), "")]
     if args.scales:
-        label = ",".join(f"{s:g}" for s in args.scales)
+        scale_sets.append((tuple(args.scales), "@" + ",".join(f"{s:g}" for s in args.scales)))
+    for scales, label in scale_sets:
         for mode in args.modes:
             base, flip = mode.removesuffix("+flip"), mode.endswith("+flip")
-            runs.append((f"{mode}@{label}", TestTimeAugmentation(base, *window(base), tuple(args.scales), flip)))
+            tta = TestTimeAugmentation(base, *window(base), scales, flip)
+            runs.append((mode_name(tta) + label, tta))
 
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"torch {torch.__version__}, device {args.device} ({name}), threads {torch.get_num_threads()}, "
@@ -110,15 +138,7 @@ def main() -> None:
     print(f"{'mode':<26} {'passes':>6} {'s/img':>8} {'min s':>8} {'img/s':>8} {'x whole':>8}")
     whole_s = None
     for label, tta in runs:
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            predict_probabilities(model, images[0], (height, width), tta).argmax(dim=1)  # warm-up, untimed
-            sync()
-            times = []
-            for image in images:
-                start = time.perf_counter()
-                predict_probabilities(model, image, (height, width), tta).argmax(dim=1)
-                sync()
-                times.append(time.perf_counter() - start)
+        times = time_predictions(model, images, (height, width), tta, dtype)
         per_image = sum(times) / len(times)
         if label == "whole":
             whole_s = per_image

@@ -56,6 +56,31 @@ def pillow_only() -> Iterator[None]:
         decode.pyspng, decode.simplejpeg = saved
 
 
+@contextlib.contextmanager
+def one_core() -> Iterator[None]:
+    """torch on one thread inside the block (with no loader workers: one core), as before after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pack_shards(
+    root: Path, scratch: Path, size: tuple[int, int], names: tuple[str, ...] = tuple(SHARDS), workers: int = 2
+) -> dict[str, Path]:
+    """``root``'s train split packed as each of ``names`` (SHARDS) under ``scratch``, for fold 0:
+    the folder of each."""
+    folders = {}
+    for name in names:
+        image_format, resize = SHARDS[name]
+        folders[name] = scratch / name.replace(" ", "-")
+        options = Options(folds=2, splits=("train",), image_format=image_format, resize=size if resize else None)
+        pack(root, folders[name], options, workers=workers, progress=False)
+    return folders
+
+
 def timed(produce: Callable[[], int], seconds: float) -> float:
     """Items per second of ``produce`` (which returns how many it made), over >= ``seconds``."""
     produce()  # warm-up
@@ -114,7 +139,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     size = tuple(args.size)
-    torch.set_num_threads(1)  # one core
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     try:
@@ -124,9 +148,7 @@ def main() -> None:
             make_synthetic(root, counts={"train": args.frames, "val": 0, "test": 0},
                            cities={"train": 4, "val": 1, "test": 1}, workers=2, progress=False)  # fmt: skip
             replicate(root, 8)
-        for name, (image_format, resize) in SHARDS.items():
-            options = Options(folds=2, splits=("train",), image_format=image_format, resize=size if resize else None)
-            pack(root, scratch / name.replace(" ", "-"), options, workers=2, progress=False)
+        folders = pack_shards(root, scratch, size)
         geometry = TrainGeometry(mode="resize", size=size, level="standard")
 
         # Every row is measured --repeats times, round-robin, and keeps its best: on a shared
@@ -134,10 +156,9 @@ def main() -> None:
         fast = "libspng" if decode.pyspng else "Pillow"
         specs: list[tuple[dict, Callable[[], float]]] = [
             ({"shards": "full-size PNG", "decoder": "Pillow", "geometry": "workers"},
-             lambda: pillow_rate(scratch / "full-size-PNG", geometry, args.seconds)),
+             lambda: pillow_rate(folders["full-size PNG"], geometry, args.seconds)),
         ]  # fmt: skip
-        for name in SHARDS:
-            shards = scratch / name.replace(" ", "-")
+        for name, shards in folders.items():
             decoder = ("libjpeg" if decode.simplejpeg else "Pillow") if "JPEG" in name else fast
             for where in ("workers", "device", "decode only"):
                 if where == "decode only":
@@ -147,9 +168,10 @@ def main() -> None:
                 specs.append(({"shards": name, "decoder": decoder, "geometry": where}, measure))
         print(f"per core, input {format_size(size)}, standard level, best of {args.repeats} x {args.seconds:g} s:")
         rates: list[list[float]] = [[] for _ in specs]
-        for _ in range(args.repeats):
-            for i, (_, measure) in enumerate(specs):
-                rates[i].append(measure())
+        with one_core():
+            for _ in range(args.repeats):
+                for i, (_, measure) in enumerate(specs):
+                    rates[i].append(measure())
         rows = [{**row, "images_per_s": max(r), "runs": r} for (row, _), r in zip(specs, rates, strict=True)]
         for r in rows:
             print(f"  {r['shards']:<15} {r['decoder']:<8} {r['geometry']:<12} {r['images_per_s']:6.1f} images/s "

@@ -13,6 +13,7 @@ On a GPU it also prints images/s and the share of the GPU's peak FLOP rate (--pe
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import resource
 import time
@@ -25,6 +26,26 @@ from seg.model.deeplab import DeepLabV3Plus
 from seg.recipe.losses import CombinedLoss
 
 MODES = ("fp32", "bf16", "fp16", "fp32-channels-last", "bf16-channels-last")
+
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity), matched as
+# substrings of torch.cuda.get_device_name, most specific first. tools/gpu_check.py's --peak-tflops overrides.
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+    ("A6000", 155.0),
+    ("V100", 125.0),  # fp16: V100 has no bf16
+)
 
 
 def _rss_mb() -> float:
@@ -83,6 +104,25 @@ def flops(depth: int, output_stride: int, size: tuple[int, int]) -> int:
     return counter.get_total_flops()
 
 
+@functools.cache
+def training_flops(depth: int, output_stride: int, size: tuple[int, int], device: torch.device | str = "cpu") -> float:
+    """Forward + backward FLOPs of one image, as counted (torch's counter: convolutions and
+    matmuls), on ``device`` (a GPU counts a large model in a moment)."""
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(depth, output_stride).to(device)
+    x = torch.randn(1, 3, *size, device=device)
+    counter = FlopCounterMode(display=False)
+    model.eval()  # BN on running statistics: batch 1 is allowed, and the FLOPs are the same
+    with counter:
+        model(x).sum().backward()
+    return float(counter.get_total_flops())
+
+
+def device_peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak of a device named so (torch.cuda.get_device_name), if the table knows it."""
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", type=int, nargs="+", default=[34, 50])
@@ -101,7 +141,7 @@ def main() -> None:
           f"{'infer s (full)':>15} {'TFLOP/s':>8}")  # fmt: skip
     context = multiprocessing.get_context("spawn")
     for depth in args.depths:
-        train_flops = 3 * flops(depth, args.output_stride, size)  # backward ~ 2x forward
+        train_flops = training_flops(depth, args.output_stride, size)
         for mode in args.modes:
             job = (depth, args.output_stride, mode, size, full_size, args.device, args.repeat)
             with context.Pool(1) as pool:
@@ -113,7 +153,7 @@ def main() -> None:
                 f"{1 / result['train_s']:>7.2f} {result['peak_mb']:>12.0f} {result['infer_s']:>15.2f} "
                 f"{rate:>8.3f}{share}"
             )
-        gflop = train_flops / 3 / 1e9
+        gflop = flops(depth, args.output_stride, size) / 1e9
         print(f"R{depth}-OS{args.output_stride}: {gflop:.0f} GFLOP forward per {format_size(size)} image")
 
 

@@ -11,7 +11,7 @@ city, --selection-frames in a held-out selection city) packed with seg.data.pack
 randomly initialised models (one seed each) exported as ``stage1/fold{k}/best.safetensors``
 with sidecars of configs/study.yaml (data.shards pointing at the synthetic shards, wandb
 disabled, data.eval_size from --eval-size; more key=value overrides may follow). Then the
-phases are timed one by one with seg.reduction.soup and seg.reduction.reduce's Reducer (loading the K models,
+phases are timed one by one with seg.reduction.soup and seg.reduction.candidates's Reducer (loading the K models,
 the float64 mean of K, one evaluation on the selection set, BN recalibration over
 --recalibrate batches), and reduce_stage is run once for the total, counting the
 evaluations and recalibrations it makes.
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+import seg.reduction.candidates
 import seg.reduction.reduce
 from seg.core.cli import Size, format_size, parse_size
 from seg.core.runs import Experiment
@@ -40,14 +41,15 @@ from seg.data.synthetic import CITIES, Frame, write_frame
 from seg.model.deeplab import count_parameters, from_config
 from seg.model.weights import export_weights
 from seg.recipe.config import load_config, to_dict
-from seg.reduction.reduce import STRATEGIES, Reducer, reduce_stage
+from seg.reduction.candidates import Reducer
+from seg.reduction.reduce import STRATEGIES, reduce_stage
 from seg.reduction.soup import average, load_fold_models
 
 REPO = Path(__file__).resolve().parents[1]
-# What reduce_stage calls, timed inside it (seg.reduction.reduce's own names).
+# What reduce_stage calls, timed inside it (the names as seg.reduction.reduce and .candidates import them).
 INSIDE = (
     ("load_fold_models", (seg.reduction.reduce, "load_fold_models")),
-    ("average (mean, topk, greedy soups)", (seg.reduction.reduce, "average")),
+    ("average (mean, topk, greedy soups)", (seg.reduction.candidates, "average")),
     ("Reducer() (build the model)", (Reducer, "__init__")),
     ("Reducer.score", (Reducer, "score")),
     ("Reducer.recalibrate", (Reducer, "recalibrate")),

@@ -8,38 +8,77 @@ and in total, peak memory per process.
 Runs fold 0 for --steps optimizer steps on a synthetic Cityscapes (made and packed in a
 temporary folder, at --size) and reads the numbers back from metrics.jsonl. The first
 step is left out (start-up). Extra key=value arguments override the config.
+
+The training step alone, without the loader, evaluation or start-up:
+
+    python tools/bench_train.py --step --depth 34 --batch 8 --precision bf16 --channels-last [--compile]
+
+times seg.training.step.train_step on device-resident batches of the study's model (R<depth>-OS8,
+augmented on the device, Adam, clipping) after --warmup steps: images/s, step time, peak
+memory, FLOPs per image and, with --peak-tflops, the model FLOP utilisation. It is one row of
+the GPU check's training grid (tools/gpu_check.py runs the grid through it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from seg.core.cityscapes import IGNORE_INDEX, NUM_CLASSES
 from seg.core.cli import format_size, parse_size
 from seg.core.launch import launch_command
 from seg.core.runs import Experiment
+from seg.data.augment import DeviceAugment
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
+from seg.model.deeplab import DeepLabV3Plus
+from seg.recipe.losses import CombinedLoss
+from seg.training.step import train_step
+
+from bench_model import training_flops  # a tool beside this one (python puts a script's folder on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
+    parser.add_argument("config", nargs="?", help="the config to train (not with --step)")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps timed (plus one warm-up)")
-    parser.add_argument("--size", type=parse_size, default="512x256", help="synthetic frame size")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="optimizer steps timed (plus one warm-up; --step: plus --warmup)"
+    )
+    parser.add_argument("--size", type=parse_size, help="synthetic frame size (default 512x256; --step: 1024x512)")
     parser.add_argument("--frames", type=int, default=24)
+    step = parser.add_argument_group("--step: the training step alone")
+    step.add_argument("--step", action="store_true", help="time seg.training.step.train_step alone")
+    step.add_argument("--depth", type=int, default=34, choices=(18, 34, 50, 101))
+    step.add_argument("--batch", type=int, default=8, help="images per step")
+    step.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16")
+    step.add_argument("--channels-last", action="store_true")
+    step.add_argument("--compile", action="store_true", help="torch.compile the model")
+    step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    step.add_argument("--peak-tflops", type=float, help="the device's dense peak, for the FLOP utilisation")
     args = parser.parse_intermixed_args()  # overrides may follow the options
+    if args.step:
+        sys.exit(step_only(args))
+    if args.config is None:
+        parser.error("the config is needed (or --step)")
+    args.size = args.size or parse_size("512x256")
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
@@ -70,6 +109,132 @@ def main() -> None:
             print(f"{processes:>9} {rates} {memory:>16.0f}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def step_only(args: argparse.Namespace) -> int:
+    """``--step``: one row timed, printed as a line of key: value."""
+    size = tuple(args.size or parse_size("1024x512"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.precision == "fp16" and device.type != "cuda":
+        print("error: --precision fp16 needs a GPU; use bf16 on the CPU (as training does)", file=sys.stderr)
+        return 2
+    row = SpeedRow(args.depth, args.batch, args.precision, args.channels_last, args.compile, size)
+    result = measure_train_step(row, device, args.peak_tflops, steps=args.steps, warmup=args.warmup)
+    print(", ".join(f"{k}: {v}" for k, v in result.items()), flush=True)
+    return 0 if result["status"] == "ok" else 1
+
+
+# --- the training step alone (shared with tools/gpu_check.py) -------------------------------------
+
+
+def fixed_batch(size: tuple[int, int], batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and labels with blocks of classes and some ignored pixels, from a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    h, w = size
+    images = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=generator)
+    coarse = torch.randint(0, NUM_CLASSES, (batch, 1, max(h // 16, 1), max(w // 16, 1)), generator=generator)
+    labels = F.interpolate(coarse.float(), size=size, mode="nearest").squeeze(1).long()
+    labels[torch.rand(labels.shape, generator=generator) < 0.05] = IGNORE_INDEX
+    # images that say something about their labels, so a few steps can lower the loss
+    tint = (labels.clamp(max=NUM_CLASSES - 1) * 13 % 256).to(torch.uint8).unsqueeze(1)
+    return (images // 2 + tint // 2).to(torch.uint8), labels
+
+
+def study_model(depth: int, seed: int = 0) -> DeepLabV3Plus:
+    torch.manual_seed(seed)
+    return DeepLabV3Plus(depth, 8)
+
+
+@contextlib.contextmanager
+def fresh_accelerator(precision: str, cpu: bool) -> Iterator[Any]:
+    """An Accelerator with this precision; accelerate keeps one state per process, so it is
+    reset before and after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        # accelerate (and train.precision) call fp32 "no"
+        mixed = "no" if precision == "fp32" else precision
+        yield Accelerator(cpu=cpu, mixed_precision=mixed, step_scheduler_with_optimizer=False)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+class SpeedRow(dict):
+    """One training configuration to time."""
+
+    def __init__(self, depth: int, batch: int, precision: str, channels_last: bool, compile: bool,
+                 size: tuple[int, int] = (512, 1024)) -> None:  # fmt: skip
+        super().__init__(depth=depth, batch=batch, precision=precision, channels_last=channels_last,
+                         compile=compile, size=format_size(size))  # fmt: skip
+        self.input_size = size
+
+
+def measure_train_step(
+    row: SpeedRow, device: torch.device, peak: float | None, steps: int = 10, warmup: int = 3
+) -> dict[str, Any]:
+    """seg.training.step.train_step timed on device-resident uint8 batches, augmented on the
+    device as training does (the loader is measured apart): images/s, step time, peak memory,
+    FLOPs per image and, given the device's peak, the model FLOP utilisation. A row that runs
+    out of memory or breaks (a compile failure, say) is reported in the result, not raised."""
+    cuda = device.type == "cuda"
+    result: dict[str, Any] = dict(row)
+    try:
+        with fresh_accelerator(row["precision"], cpu=not cuda) as accelerator:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            model = study_model(row["depth"]).to(device)
+            if row["channels_last"]:
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-3)
+            model, optimizer = accelerator.prepare(model, optimizer)
+            if row["compile"]:
+                model = torch.compile(model)
+            augment = DeviceAugment("standard", row["channels_last"]).to(device)
+            loss_fn = CombinedLoss(0.6, 0.1, torch.ones(NUM_CLASSES, device=device)).to(device)
+            images, labels = (t.to(device) for t in fixed_batch(row.input_size, row["batch"]))
+
+            def step() -> None:
+                x, y = augment(images, labels)
+                train_step(model, x, y, loss_fn, optimizer, accelerator, 1.0)
+
+            started = time.perf_counter()
+            for _ in range(warmup):
+                step()
+            synchronize(cuda)
+            result["warmup_s"] = round(time.perf_counter() - started, 1)
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            synchronize(cuda)
+            elapsed = time.perf_counter() - started
+        result["images_per_s"] = round(steps * row["batch"] / elapsed, 2)
+        result["step_ms"] = round(1000 * elapsed / steps, 1)
+        if cuda:
+            result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        flops = training_flops(row["depth"], 8, row.input_size, device)
+        result["tflop_per_image"] = round(flops / 1e12, 3)
+        if peak:
+            result["mfu_percent"] = round(100 * result["images_per_s"] * flops / (peak * 1e12), 1)
+        result["status"] = "ok"
+    except torch.cuda.OutOfMemoryError:
+        result.update(status="oom")
+    except Exception as e:  # a row that breaks (a compile failure, say) is reported, not fatal
+        result.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    finally:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return result
+
+
+def synchronize(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

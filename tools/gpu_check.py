@@ -13,14 +13,14 @@ Correctness
                  is larger): both differ from fp64 only by rounding and summation order, so
                  the CPU's error is the yardstick for "the same computation". CUDA with TF32
                  convolutions (torch's default) is reported beside it, not judged.
-  bf16 / fp16    a few steps of seg.train.train_step through accelerate (fp16 with its loss
+  bf16 / fp16    a few steps of seg.training.step.train_step through accelerate (fp16 with its loss
                  scaling) on one fixed batch: every loss finite, the last below the first.
   syncbn         torch's SyncBatchNorm kernels over NCCL (one process per GPU; with one GPU a
                  one-process NCCL group, which runs the same kernels and collectives but not
                  a cross-GPU reduction) against BatchNorm2d on the whole batch on the CPU:
                  outputs, input/weight gradients and running statistics.
 Speed (CUDA only)
-  train          images/s and peak memory of seg.train.train_step (device augmentation,
+  train          images/s and peak memory of seg.training.step.train_step (device augmentation,
                  loss, backward, clipping, Adam) at 512x1024 for R34/R50/R101 at OS8, batch 8
                  and 4, fp32/bf16/fp16, channels_last on and off, torch.compile on and off;
                  model FLOP utilisation against the device's dense bf16 peak.
@@ -37,9 +37,7 @@ if a correctness check fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import gc
 import json
 import math
 import os
@@ -47,45 +45,29 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from seg.core.atomic import atomic_write_bytes
-from seg.core.cityscapes import IGNORE_INDEX, NUM_CLASSES
 from seg.core.cli import format_size
 from seg.data.augment import DeviceAugment
-from seg.evaluation.inference import TestTimeAugmentation, default_stride, predict_probabilities
-from seg.model.deeplab import DeepLabV3Plus
+from seg.evaluation.inference import TestTimeAugmentation, default_stride
 from seg.recipe.losses import CombinedLoss
+from seg.training.step import train_step
+
+# The measuring code of the bench tools beside this one (python puts a script's folder first
+# on sys.path): the GPU check runs their measurements instead of repeating them.
+from bench_eval import mode_name, time_predictions
+from bench_loader import one_core, pack_shards, pipeline_rate
+from bench_model import device_peak_tflops
+from bench_train import SpeedRow, fixed_batch, fresh_accelerator, measure_train_step, study_model
 
 STUDY_WINDOW = (512, 1024)  # slide mode's window: the study's training size (H, W)
-
-# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity), matched as
-# substrings of torch.cuda.get_device_name, most specific first. --peak-tflops overrides.
-BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("A10", 125.0),
-    ("RTX 4090", 165.0),
-    ("RTX 3090", 71.0),
-    ("A6000", 155.0),
-    ("V100", 125.0),  # fp16: V100 has no bf16
-)
 
 
 def main() -> int:
@@ -127,7 +109,7 @@ def main() -> int:
     else:
         # The CPU runs the same measuring code on the tiny model, one row each.
         tiny = SpeedRow(depth=18, batch=2, precision="fp32", channels_last=False, compile=False, size=(32, 64))
-        report["train"] = [measure_train(tiny, torch.device("cpu"), peak=None, steps=2, warmup=1)]
+        report["train"] = [measure_train_step(tiny, torch.device("cpu"), peak=None, steps=2, warmup=1)]
         print(format_train(report["train"]), flush=True)
         tta = TestTimeAugmentation("slide", (32, 64), (24, 48))
         report["eval"] = [measure_eval(18, (64, 128), tta, torch.device("cpu"), images=1)]
@@ -181,10 +163,6 @@ def _version(version: int | tuple[int, ...]) -> str:
     return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
-def device_peak_tflops(name: str) -> float | None:
-    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
-
-
 # --- correctness ------------------------------------------------------------------------------
 
 
@@ -198,24 +176,6 @@ def run_check(name: str, check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     result = {"name": name, **result, "seconds": round(time.perf_counter() - started, 1)}
     print(f"  {name}: {result['status']} ({result['seconds']} s)", flush=True)
     return result
-
-
-def fixed_batch(size: tuple[int, int], batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images and labels with blocks of classes and some ignored pixels, from a seed."""
-    generator = torch.Generator().manual_seed(seed)
-    h, w = size
-    images = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=generator)
-    coarse = torch.randint(0, NUM_CLASSES, (batch, 1, max(h // 16, 1), max(w // 16, 1)), generator=generator)
-    labels = F.interpolate(coarse.float(), size=size, mode="nearest").squeeze(1).long()
-    labels[torch.rand(labels.shape, generator=generator) < 0.05] = IGNORE_INDEX
-    # images that say something about their labels, so a few steps can lower the loss
-    tint = (labels.clamp(max=NUM_CLASSES - 1) * 13 % 256).to(torch.uint8).unsqueeze(1)
-    return (images // 2 + tint // 2).to(torch.uint8), labels
-
-
-def study_model(depth: int, seed: int = 0) -> DeepLabV3Plus:
-    torch.manual_seed(seed)
-    return DeepLabV3Plus(depth, 8)
 
 
 def without_dropout(model: nn.Module) -> nn.Module:
@@ -272,29 +232,9 @@ def _errors(result: tuple[float, torch.Tensor], reference: tuple[float, torch.Te
     return {"loss": relative_error(result[0], reference[0]), "gradients": relative_error(result[1], reference[1])}
 
 
-@contextlib.contextmanager
-def fresh_accelerator(precision: str, cpu: bool) -> Iterator[Any]:
-    """An Accelerator with this precision; accelerate keeps one state per process, so it is
-    reset before and after."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        # accelerate (and train.precision) call fp32 "no"
-        mixed = "no" if precision == "fp32" else precision
-        yield Accelerator(cpu=cpu, mixed_precision=mixed, step_scheduler_with_optimizer=False)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
 def check_mixed_precision(precision: str, depth: int, size: tuple[int, int], cuda: bool) -> dict[str, Any]:
     if precision == "fp16" and not cuda:
         return {"status": "skipped", "reason": "fp16 loss scaling needs CUDA (the CPU trains in bf16)"}
-    from seg.train import train_step
-
     steps = 8
     with fresh_accelerator(precision, cpu=not cuda) as accelerator:
         model = without_dropout(study_model(depth)).to(accelerator.device)
@@ -399,16 +339,6 @@ def _syncbn_compare(rank: int, world: int, init: str, backend: str, gpu: int) ->
 # --- speed ---------------------------------------------------------------------------------------
 
 
-class SpeedRow(dict):
-    """One training configuration to time."""
-
-    def __init__(self, depth: int, batch: int, precision: str, channels_last: bool, compile: bool,
-                 size: tuple[int, int] = (512, 1024)) -> None:  # fmt: skip
-        super().__init__(depth=depth, batch=batch, precision=precision, channels_last=channels_last,
-                         compile=compile, size=format_size(size))  # fmt: skip
-        self.input_size = size
-
-
 def speed_grid(compile_rows: bool) -> list[SpeedRow]:
     """Most important first: the study's model in every precision and layout and compiled (its
     first step compiles, ~1 min), then the mmseg backbones, then the smaller batch."""
@@ -426,89 +356,9 @@ def train_speed_grid(peak: float | None, deadline: float, compile_rows: bool) ->
         if time.perf_counter() > deadline:
             results.append({**row, "status": "skipped", "reason": "time budget spent"})
             continue
-        results.append(measure_train(row, torch.device("cuda"), peak))
+        results.append(measure_train_step(row, torch.device("cuda"), peak))
         print("  " + format_train_row(results[-1]), flush=True)
     return results
-
-
-_FLOPS_CACHE: dict[tuple[int, tuple[int, int]], float] = {}
-
-
-def training_flops(depth: int, size: tuple[int, int], device: torch.device) -> float:
-    """Forward + backward FLOPs of one image (torch's FLOP counter: convolutions and matmuls)."""
-    if (depth, size) not in _FLOPS_CACHE:
-        model = study_model(depth).to(device)
-        x = torch.randn(1, 3, *size, device=device)
-        counter = FlopCounterMode(display=False)
-        model.eval()  # BN on running statistics: batch 1 is allowed, and the FLOPs are the same
-        with counter:
-            model(x).sum().backward()
-        _FLOPS_CACHE[(depth, size)] = float(counter.get_total_flops())
-        del model
-    return _FLOPS_CACHE[(depth, size)]
-
-
-def measure_train(
-    row: SpeedRow, device: torch.device, peak: float | None, steps: int = 10, warmup: int = 3
-) -> dict[str, Any]:
-    """seg.train.train_step timed on device-resident uint8 batches (the loader is measured apart)."""
-    from seg.train import train_step
-
-    cuda = device.type == "cuda"
-    result: dict[str, Any] = dict(row)
-    try:
-        with fresh_accelerator(row["precision"], cpu=not cuda) as accelerator:
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            model = study_model(row["depth"]).to(device)
-            if row["channels_last"]:
-                model = model.to(memory_format=torch.channels_last)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-3)
-            model, optimizer = accelerator.prepare(model, optimizer)
-            if row["compile"]:
-                model = torch.compile(model)
-            augment = DeviceAugment("standard", row["channels_last"]).to(device)
-            loss_fn = CombinedLoss(0.6, 0.1, torch.ones(NUM_CLASSES, device=device)).to(device)
-            images, labels = (t.to(device) for t in fixed_batch(row.input_size, row["batch"]))
-
-            def step() -> None:
-                x, y = augment(images, labels)
-                train_step(model, x, y, loss_fn, optimizer, accelerator, 1.0)
-
-            started = time.perf_counter()
-            for _ in range(warmup):
-                step()
-            synchronize(cuda)
-            result["warmup_s"] = round(time.perf_counter() - started, 1)
-            started = time.perf_counter()
-            for _ in range(steps):
-                step()
-            synchronize(cuda)
-            elapsed = time.perf_counter() - started
-        result["images_per_s"] = round(steps * row["batch"] / elapsed, 2)
-        result["step_ms"] = round(1000 * elapsed / steps, 1)
-        if cuda:
-            result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        flops = training_flops(row["depth"], row.input_size, device)
-        result["tflop_per_image"] = round(flops / 1e12, 3)
-        if peak:
-            result["mfu_percent"] = round(100 * result["images_per_s"] * flops / (peak * 1e12), 1)
-        result["status"] = "ok"
-    except torch.cuda.OutOfMemoryError:
-        result.update(status="oom")
-    except Exception as e:  # a row that breaks (a compile failure, say) is reported, not fatal
-        result.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    finally:
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-    return result
-
-
-def synchronize(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
 
 
 def eval_speed(deadline: float) -> list[dict[str, Any]]:
@@ -522,78 +372,53 @@ def eval_speed(deadline: float) -> list[dict[str, Any]]:
     results = []
     for tta in modes:
         if time.perf_counter() > deadline + 30:  # evaluation is short: a little past the budget
-            results.append({"mode": describe(tta), "status": "skipped", "reason": "time budget spent"})
+            results.append({"mode": mode_name(tta), "status": "skipped", "reason": "time budget spent"})
             continue
         try:
             results.append(measure_eval(34, (1024, 2048), tta, torch.device("cuda"), images=5))
         except Exception as e:  # reported, not fatal
-            results.append({"mode": describe(tta), "status": f"error: {type(e).__name__}: {str(e)[:200]}"})
+            results.append({"mode": mode_name(tta), "status": f"error: {type(e).__name__}: {str(e)[:200]}"})
     return results
-
-
-def describe(tta: TestTimeAugmentation) -> str:
-    return tta.mode + ("+flip" if tta.flip else "")
 
 
 def measure_eval(
     depth: int, size: tuple[int, int], tta: TestTimeAugmentation, device: torch.device, images: int
 ) -> dict[str, Any]:
-    cuda = device.type == "cuda"
+    """Predictions of one synthetic image timed as tools/bench_eval.py times them (bf16, channels_last)."""
     model = study_model(depth).to(device).eval().to(memory_format=torch.channels_last)
     augment = DeviceAugment("none", channels_last=True).to(device)
     image, _ = fixed_batch(size, 1)
     x, _ = augment(image.to(device), train=False)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    with autocast:
-        predict_probabilities(model, x, size, tta)  # warm-up
-        synchronize(cuda)
-        started = time.perf_counter()
-        for _ in range(images):
-            predict_probabilities(model, x, size, tta).argmax(1)
-        synchronize(cuda)
-    elapsed = time.perf_counter() - started
-    return {"mode": describe(tta), "depth": depth, "size": format_size(size), "precision": "bf16",
+    elapsed = sum(time_predictions(model, [x] * images, size, tta, torch.bfloat16))
+    return {"mode": mode_name(tta), "depth": depth, "size": format_size(size), "precision": "bf16",
             "images_per_s": round(images / elapsed, 2), "status": "ok"}  # fmt: skip
 
 
 def loader_speed(tiny: bool, train_images_per_s: float | None) -> list[dict[str, Any]]:
-    """seg's training pipeline on one core (no loader workers, one thread): full-size PNG
-    shards with the geometry in the worker, and shards packed at the training size with the
-    geometry on the device (``pack --resize``, ``data.geometry_on_device``); tools/bench_loader.py
-    has every variant."""
+    """seg's training pipeline on one core, measured as tools/bench_loader.py measures it
+    (which has every variant): full-size PNG shards with the geometry in the worker, and
+    shards packed at the training size with the geometry on the device (``pack --resize``,
+    ``data.geometry_on_device``)."""
     from seg.core.cli import Size
-    from seg.data.loader import steps_per_epoch, train_loader
-    from seg.data.manifest import FoldSplit
-    from seg.data.pack import Options, pack
     from seg.data.synthetic import make_synthetic
     from seg.data.transforms import TrainGeometry
 
-    frame, train_size, frames = (Size(128, 256), (64, 128), 8) if tiny else (Size(1024, 2048), (512, 1024), 24)
+    frame, train_size, frames, seconds = (
+        (Size(128, 256), (64, 128), 8, 0.5) if tiny else (Size(1024, 2048), (512, 1024), 24, 3.0)
+    )
     rows = []
-    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         root = Path(scratch) / "cityscapes"
         workers = min(os.cpu_count() or 1, 8)
         make_synthetic(root, counts={"train": frames, "val": 0, "test": 0}, cities={"train": 3, "val": 1, "test": 1},
                        size=frame, workers=workers, progress=False)  # fmt: skip
+        folders = pack_shards(root, Path(scratch), train_size, ("full-size PNG", "train-size PNG"), workers)
         geometry = TrainGeometry("resize", train_size, "standard")
-        for name, resize, on_device in (("full-size PNG, geometry in the worker", None, False),
-                                        ("train-size PNG, geometry on the device", train_size, True)):  # fmt: skip
-            shards = Path(scratch) / name.split(",")[0].replace(" ", "-")
-            pack(root, shards, Options(splits=("train",), folds=3, resize=resize), workers=workers, progress=False)
-            split = FoldSplit.of(shards, 0)
-            loader = train_loader(split, geometry, batch_size=2, workers=0, seed=0, geometry_on_device=on_device)
-            steps = steps_per_epoch(split.train_samples, 2, 1, 0)
-            batches = iter(loader)
-            next(batches)
-            torch.set_num_threads(1)  # one core
-            try:
-                started, seen = time.perf_counter(), 0
-                for _ in range(max(steps - 1, 1)):
-                    seen += next(batches)["image"].shape[0]
-                per_core = seen / (time.perf_counter() - started)
-            finally:
-                torch.set_num_threads(threads)
+        pipelines = (("full-size PNG, geometry in the worker", "full-size PNG", False),
+                     ("train-size PNG, geometry on the device", "train-size PNG", True))  # fmt: skip
+        for name, shards, on_device in pipelines:
+            with one_core():
+                per_core = pipeline_rate(folders[shards], geometry, on_device, seconds)
             row: dict[str, Any] = {"pipeline": name, "images_per_s_per_core": round(per_core, 2)}
             if train_images_per_s:
                 row["cores_to_feed_fastest_row"] = math.ceil(train_images_per_s / per_core)

@@ -25,6 +25,12 @@ class Signals:
         self.interrupted = False
         self._previous: dict[int, Any] = {}
 
+    @property
+    def stop_requested(self) -> bool:
+        """Whether any of them arrived: a preemption or a Ctrl-C both ask whatever runs to stop
+        where it is (a training saves first)."""
+        return self.preempted or self.interrupted
+
     def install(self) -> Signals:
         """Catch the signals (again: idempotent); remembers the handlers it replaces."""
         for sig in (*PREEMPT, *INTERRUPT):

@@ -106,9 +106,7 @@ class TrainConfig:
     batch_size: int = 8  # per process; global batch = batch_size x processes x grad_accum
     grad_accum: int = 1
     precision: str = "no"  # no | bf16 | fp16 (fp16: GPU only, with loss scaling)
-    # torch.compile through accelerate (inductor); on an H200 +4% images/s at batch 8 and -5%
-    # at batch 4 for R34-OS8 (tools/gpu_check.py), for about a minute of compiling
-    compile: bool = False
+    compile: bool = False  # torch.compile through accelerate (inductor); measured in README, "The GPU check"
     eval_every: int = 1  # epochs (or, with iters, iterations)
     eval_val: bool = False  # also evaluate the official val split
     early_stop_patience: int | None = None  # evaluations without a better fold mIoU

@@ -15,10 +15,8 @@ and inference cost and the stage's pooled out-of-fold estimate, a markdown table
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +26,29 @@ from accelerate.utils import gather_object
 
 from seg.analysis.report import reduction_summary, stage_out_of_fold
 from seg.core.atomic import atomic_directory
-from seg.core.distributed import convert_sync_batchnorm
 from seg.core.lease import LeaseHeldError, acquire
 from seg.core.runs import Stage
 from seg.core.storage import StorageError, check_writable, writing
-from seg.data.augment import DeviceAugment
-from seg.data.loader import TrainStream, eval_loader_of, shards_of
-from seg.data.manifest import SELECTION_GROUP, ManifestError, fold_group, load_manifest
-from seg.data.transforms import TrainGeometry
-from seg.evaluation.ensemble import Ensemble, write_ensemble_file
-from seg.evaluation.evaluate import evaluate
-from seg.model.deeplab import from_config
+from seg.data.manifest import SELECTION_GROUP, ManifestError, load_manifest
+from seg.evaluation.ensemble import write_ensemble_file
 from seg.model.weights import WeightsError, export_weights
 from seg.recipe.identity import stage_identity
-from seg.reduction.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
+from seg.reduction.candidates import (
+    BEST_SINGLE,
+    Candidate,
+    Choice,
+    Reducer,
+    Say,
+    Scores,
+    candidates_of,
+    recalibrated_candidates,
+    score_candidates,
+)
+from seg.reduction.soup import FoldModel, load_fold_models
 from seg.results.plots import reduction_figure
 from seg.results.tracking import log_reduction
 
 STRATEGIES = ("best", "mean", "topk", "greedy", "ensemble")
-BEST_SINGLE = "best-single"  # --seed-from's default
 SELECTION_WORDS = {"selection": "selection-set mIoU", "val": "official-val mIoU"}
 
 
@@ -109,84 +111,6 @@ def selection_group(manifest: dict[str, Any], shards: str | Path, select_on: str
     if select_on == "val":
         return "val"
     raise ValueError(f"select_on {select_on!r}: selection or val")
-
-
-@dataclass
-class Candidate:
-    name: str
-    models: list[FoldModel]  # averaged (one model: itself)
-    recalibrated: bool = False
-    result: dict[str, Any] = field(default_factory=dict)
-    ensemble: bool = False  # the models' probabilities averaged at prediction time, not their weights
-
-    @property
-    def folds(self) -> list[int]:
-        return [m.fold for m in self.models]
-
-    @property
-    def kind(self) -> str:
-        return "ensemble" if self.ensemble else "single fold" if len(self.models) == 1 else "soup"
-
-    @property
-    def cost(self) -> int:
-        """Forward passes per image and view."""
-        return len(self.models) if self.ensemble else 1
-
-
-class Reducer:
-    """Scores weights on the selection set and recalibrates BN, on every process."""
-
-    def __init__(self, accelerator: Accelerator, config: dict[str, Any], shards: str, group: str) -> None:
-        self.accelerator, self.config, self.shards, self.group = accelerator, config, shards, group
-        self.model = from_config(config["model"])
-        if accelerator.num_processes > 1:  # recalibration statistics over every process's batches
-            self.model = convert_sync_batchnorm(self.model, accelerator.device.type == "cuda")
-        self.model.to(accelerator.device)
-        self.normalise = DeviceAugment("none").to(accelerator.device)
-
-    def score(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """The selection metrics of these weights."""
-        self.model.load_state_dict(state)
-        return self._score(self.model)
-
-    def _score(self, model: torch.nn.Module) -> dict[str, Any]:
-        accelerator = self.accelerator
-        # Every candidate is scored on every selection sample: one that can't be read stops the
-        # reduction, whatever data.on_error let training skip.
-        data = {**self.config["data"], "on_error": "raise"}
-        loader, _ = eval_loader_of(
-            data, [self.group], accelerator.process_index, accelerator.num_processes, shards=self.shards
-        )
-        matrix, seen, _ = evaluate(model, loader, accelerator.device, self.normalise)
-        return matrix.compute() | {"samples": seen}
-
-    def score_ensemble(self, states: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """The selection score of the models' averaged probabilities (seg.evaluation.ensemble.Ensemble)."""
-        members = []
-        for state in states:
-            member = from_config(self.config["model"])
-            member.load_state_dict(state)
-            members.append(member)
-        ensemble = Ensemble(members).to(self.accelerator.device).eval()
-        return self._score(ensemble)
-
-    def recalibrate(self, state: dict[str, torch.Tensor], batches: int, folds: list[int]) -> dict[str, torch.Tensor]:
-        self.model.load_state_dict(state)
-        data, train = self.config["data"], self.config["train"]
-        geometry = TrainGeometry(data["geometry"], tuple(data["size"]), "none", base_size=tuple(data["base_size"]))
-        shards = shards_of(self.shards, [fold_group(k) for k in folds], checksums=False)
-        stream = TrainStream(
-            shards,
-            geometry,
-            samples_per_epoch=batches * train["batch_size"],
-            seed=train["seed"],
-            rank=self.accelerator.process_index,
-        )
-        loader = torch.utils.data.DataLoader(stream, batch_size=train["batch_size"])
-        device = self.accelerator.device
-        images = (self.normalise(b["image"].to(device), train=False)[0] for b in itertools.islice(loader, batches))
-        recalibrate_batchnorm(self.model, images)
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
 
 def options_record(
@@ -260,85 +184,68 @@ def _reduce_stage(
     accelerator: Accelerator,
     seed_from: str,
 ) -> dict[str, Any]:
-    stage_dir = stage.dir
+    """The reduction under the lease: the candidates built, scored on the selection set, the
+    winner and the next stage's seed chosen, the report made, and ``reduced/`` written."""
+    folds = requested_folds(stage, folds, strategies, seed_from)
+    models = load_fold_models(stage.dir, folds, weights)
+    config = models[0].sidecar["config"]
+    shards = str(shards or config["data"]["shards"])
+    group = selection_group(load_manifest(shards), shards, select_on)
+    scores = Scores(Reducer(accelerator, config, shards, group))
+    say = Say(accelerator, SELECTION_WORDS[select_on])  # the log says what the report says chose the model
+
+    candidates = score_candidates(candidates_of(models, strategies, k), models, strategies, scores, say)
+    if recalibrate_batches > 0:
+        candidates += recalibrated_candidates(candidates, scores, recalibrate_batches, folds, say)
+    choice = Choice.of(candidates, seed_from)
+    options = options_record(strategies, k, recalibrate_batches, select_on, weights, seed_from, folds, shards)
+    report = reduction_report(stage, options, group, models, candidates, choice, folds)
+    if accelerator.is_main_process:
+        write_reduced(stage, scores, report, models, candidates, choice)
+        # A summary run in the experiment's wandb group, beside the folds' runs (not inside
+        # reduced/, which a repeated reduction replaces).
+        log_reduction(config, models[0].sidecar["stage"], report, stage.dir, stage.reduction_figure)
+        say.outcome(report, choice, stage)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def requested_folds(stage: Stage, folds: list[int] | None, strategies: tuple[str, ...], seed_from: str) -> list[int]:
+    """The folds to reduce (default: every fold*/ of the stage), once the request is possible."""
     if folds is None:
         folds = [fold.number for fold in stage.folds()]
     if not folds:
-        raise WeightsError(f"{stage_dir}: no fold*/ folders")
+        raise WeightsError(f"{stage.dir}: no fold*/ folders")
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown:
         raise ValueError(f"strategy {unknown[0]!r}: choose from {', '.join(STRATEGIES)}")
     if seed_from == "ensemble":
         raise ValueError("--seed-from ensemble: a stage starts from one model, and the ensemble is several; "
                          f"name a single-model candidate, or {BEST_SINGLE}")  # fmt: skip
-    models = load_fold_models(stage_dir, folds, weights)
-    config = models[0].sidecar["config"]
-    shards = str(shards or config["data"]["shards"])
-    group = selection_group(load_manifest(shards), shards, select_on)
-    reducer = Reducer(accelerator, config, shards, group)
-    scored = SELECTION_WORDS[select_on]  # the log says what the report says chose the model
+    return folds
 
-    def log(message: str) -> None:
-        if accelerator.is_main_process:
-            print(message, flush=True)
 
-    # Each distinct set of folds is evaluated (and recalibrated) once: ``best`` is one of the
-    # folds, top-k of k folds is the mean, the greedy soup is one of the soups it tried.
-    results: dict[tuple[tuple[int, ...], bool], dict[str, Any]] = {}
-    recalibrated_states: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+# --- reporting ----------------------------------------------------------------------------------------
 
-    def score_of(folds: list[int], state: Callable[[], dict[str, torch.Tensor]], bn: bool = False) -> dict[str, Any]:
-        key = (tuple(sorted(folds)), bn)
-        if key not in results:
-            results[key] = reducer.score(state())
-        return results[key]
 
-    def mean_of(chosen: list[FoldModel]) -> Callable[[], dict[str, torch.Tensor]]:
-        return lambda: chosen[0].state if len(chosen) == 1 else average([m.state for m in chosen])
-
-    ranked = sorted(models, key=lambda m: -m.miou)
-    candidates = [Candidate(f"fold{m.fold}", [m]) for m in models]
-    if "best" in strategies:
-        candidates.append(Candidate("best", [ranked[0]]))
-    if "mean" in strategies:
-        candidates.append(Candidate("mean", models))
-    if "topk" in strategies:
-        candidates.append(Candidate(f"top{min(k, len(ranked))}", ranked[:k]))
-    for candidate in candidates:
-        candidate.result = score_of(candidate.folds, mean_of(candidate.models))
-        log(f"{candidate.name:>8}: {scored} {100 * candidate.result['miou']:.1f}")
-    if "greedy" in strategies:
-        soup, _ = greedy_soup(models, lambda chosen: score_of([m.fold for m in chosen], mean_of(chosen))["miou"])
-        greedy = Candidate("greedy", soup)
-        greedy.result = score_of(greedy.folds, mean_of(soup))
-        candidates.append(greedy)
-        log(f"  greedy: folds {greedy.folds}, {scored} {100 * greedy.result['miou']:.1f}")
-    if "ensemble" in strategies:
-        ensemble = Candidate("ensemble", models, ensemble=True)
-        ensemble.result = reducer.score_ensemble([m.state for m in models])
-        candidates.append(ensemble)
-        log(f"ensemble: folds {ensemble.folds} ({ensemble.cost} forward passes), {scored} "
-            f"{100 * ensemble.result['miou']:.1f}")  # fmt: skip
-    if recalibrate_batches > 0:
-        for candidate in [c for c in candidates if len(c.models) > 1 and not c.ensemble]:
-            key = tuple(sorted(candidate.folds))
-            if key not in recalibrated_states:
-                averaged = average([m.state for m in candidate.models])
-                recalibrated_states[key] = reducer.recalibrate(averaged, recalibrate_batches, folds)
-            recalibrated = Candidate(f"{candidate.name}+bn", candidate.models, recalibrated=True)
-            recalibrated.result = score_of(candidate.folds, lambda key=key: recalibrated_states[key], bn=True)
-            candidates.append(recalibrated)
-            log(f"{recalibrated.name:>8}: {scored} {100 * recalibrated.result['miou']:.1f}")
-
-    reduced = [c for c in candidates if not c.name.startswith("fold")]
-    winner = max(reduced or candidates, key=lambda c: c.result["miou"])
-    seed, why = seed_candidate(candidates, winner, seed_from)
-    ensemble_candidate = next((c for c in candidates if c.ensemble), None)
-    report = {
-        "stage_dir": str(stage_dir),
-        "options": options_record(strategies, k, recalibrate_batches, select_on, weights, seed_from, folds, shards),
+def reduction_report(
+    stage: Stage,
+    options: dict[str, Any],
+    group: str,
+    models: list[FoldModel],
+    candidates: list[Candidate],
+    choice: Choice,
+    folds: list[int],
+) -> dict[str, Any]:
+    """report.json's content: the options, the selection set, every candidate's scores and
+    cost, the winner, the seed and why, the ensemble's members, the out-of-fold estimate."""
+    winner, seed = choice.winner, choice.seed
+    ensemble = next((c for c in candidates if c.ensemble), None)
+    return {
+        "stage_dir": str(stage.dir),
+        "options": options,
         "selection": {"group": group, "is_official_val": group == "val", "samples": winner.result["samples"]},
-        "weights": weights,
+        "weights": options["weights"],
         "folds": {m.fold: {"fold_miou": m.miou, "path": str(m.path)} for m in models},
         "candidates": [
             {
@@ -359,78 +266,60 @@ def _reduce_stage(
             "name": seed.name,
             "folds": seed.folds,
             "miou": seed.result["miou"],
-            "why": why,
-            "seed_from": seed_from,
+            "why": choice.why,
+            "seed_from": choice.seed_from,
         },
         "ensemble": None
-        if ensemble_candidate is None
+        if ensemble is None
         else {
             "file": stage.reduced_ensemble.name,
-            "members": [str(m.path) for m in ensemble_candidate.models],
-            "cost": ensemble_candidate.cost,
-            "miou": ensemble_candidate.result["miou"],
+            "members": [str(m.path) for m in ensemble.models],
+            "cost": ensemble.cost,
+            "miou": ensemble.result["miou"],
         },
-        "out_of_fold": stage_out_of_fold(stage_dir, folds),
+        "out_of_fold": stage_out_of_fold(stage.dir, folds),
     }
-    if accelerator.is_main_process:
-        with writing(stage.reduced), atomic_directory(stage.reduced, overwrite=True) as tmp:
-            seeding = recalibrated_states[tuple(sorted(seed.folds))] if seed.recalibrated else None
-            reducer.model.load_state_dict(seeding or mean_of(seed.models)())
-            sidecar = {
-                "config": config,
-                "stage": models[0].sidecar["stage"],
-                "reduction": {k: v for k, v in report["seed"].items() if k in ("name", "folds", "miou")}
-                | {"selection_winner": winner.name},
-                "selection": report["selection"],
-                "metrics": {"selection": seed.result},
-                "identity": stage_identity(models[0].sidecar.get("identity")),
-            }
-            export_weights(reducer.model, tmp / stage.reduced_model.name, sidecar)
-            if ensemble_candidate is not None:
-                content = write_ensemble_file(
-                    stage.reduced_ensemble,
-                    [m.path for m in ensemble_candidate.models],
-                    {"folds": ensemble_candidate.folds, "weights": weights, "selection": report["selection"],
-                     "metrics": {"selection": ensemble_candidate.result}},
-                )  # fmt: skip
-                (tmp / stage.reduced_ensemble.name).write_text(json.dumps(content, indent=1) + "\n")
-            (tmp / stage.reduced_report.name).write_text(json.dumps(report, indent=1) + "\n")
-            (tmp / stage.reduced_markdown.name).write_text(markdown(report))
-            reduction_figure(models[0].sidecar["stage"], stage_dir, report, tmp / stage.reduction_figure.name)
-        # A summary run in the experiment's wandb group, beside the folds' runs (not inside
-        # reduced/, which a repeated reduction replaces).
-        log_reduction(config, models[0].sidecar["stage"], report, stage_dir, stage.reduction_figure)
-        log(f"winner: {winner.name} (folds {winner.folds}), {scored} {100 * winner.result['miou']:.1f}")
-        log(f"seeds the next stage: {seed.name} (folds {seed.folds}), {scored} {100 * seed.result['miou']:.1f} "
-            f"-> {stage.reduced_model}; {why}")  # fmt: skip
-        oof = report["out_of_fold"]
-        pooled = "unavailable: " + oof["unavailable"] if oof["pooled"] is None else f"{100 * oof['pooled']['miou']:.1f}"
-        log(f"out-of-fold mIoU (final models): pooled {pooled}; per-fold mean {100 * oof['mean']['miou']:.1f}")
-    accelerator.wait_for_everyone()
-    return report
 
 
-def seed_candidate(candidates: list[Candidate], winner: Candidate, seed_from: str) -> tuple[Candidate, str]:
-    """The candidate whose single model seeds the next stage, and why (for the report)."""
-    if seed_from != BEST_SINGLE:
-        chosen = next((c for c in candidates if c.name == seed_from), None)
-        if chosen is None or chosen.ensemble:
-            names = ", ".join(c.name for c in candidates if not c.ensemble)
-            raise ValueError(f"--seed-from {seed_from}: not a single-model candidate of this reduction ({names})")
-        return chosen, f"Chosen with --seed-from {seed_from} (the selection winner is {winner.name})."
-    if not winner.ensemble:
-        return winner, "The selection winner."
-    singles = [c for c in candidates if not c.ensemble and not c.name.startswith("fold")]
-    singles = singles or [c for c in candidates if not c.ensemble]
-    if not singles:
-        raise ValueError("only the ensemble was evaluated: add a single-model strategy (best, mean, topk, greedy)")
-    best = max(singles, key=lambda c: c.result["miou"])
-    return best, (
-        f"The ensemble won the selection ({100 * winner.result['miou']:.2f} against "
-        f"{100 * best.result['miou']:.2f}), but a stage starts from one model, so the next stage starts from the "
-        f"best single-model candidate on the selection set ({winner.cost} forward passes per image for the "
-        "ensemble, 1 for it); --seed-from CANDIDATE chooses another."
-    )
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def write_reduced(
+    stage: Stage,
+    scores: Scores,
+    report: dict[str, Any],
+    models: list[FoldModel],
+    candidates: list[Candidate],
+    choice: Choice,
+) -> None:
+    """``reduced/`` as one atomic folder (main process): the seed's model with its sidecar,
+    the ensemble's file, report.json, the markdown table and the figure."""
+    seed, weights = choice.seed, report["weights"]
+    ensemble = next((c for c in candidates if c.ensemble), None)
+    reducer = scores.reducer
+    with writing(stage.reduced), atomic_directory(stage.reduced, overwrite=True) as tmp:
+        reducer.model.load_state_dict(scores.weights(seed.models, seed.recalibrated))
+        sidecar = {
+            "config": reducer.config,
+            "stage": models[0].sidecar["stage"],
+            "reduction": {k: v for k, v in report["seed"].items() if k in ("name", "folds", "miou")}
+            | {"selection_winner": choice.winner.name},
+            "selection": report["selection"],
+            "metrics": {"selection": seed.result},
+            "identity": stage_identity(models[0].sidecar.get("identity")),
+        }
+        export_weights(reducer.model, tmp / stage.reduced_model.name, sidecar)
+        if ensemble is not None:
+            content = write_ensemble_file(
+                stage.reduced_ensemble,
+                [m.path for m in ensemble.models],
+                {"folds": ensemble.folds, "weights": weights, "selection": report["selection"],
+                 "metrics": {"selection": ensemble.result}},
+            )  # fmt: skip
+            (tmp / stage.reduced_ensemble.name).write_text(json.dumps(content, indent=1) + "\n")
+        (tmp / stage.reduced_report.name).write_text(json.dumps(report, indent=1) + "\n")
+        (tmp / stage.reduced_markdown.name).write_text(markdown(report))
+        reduction_figure(models[0].sidecar["stage"], stage.dir, report, tmp / stage.reduction_figure.name)
 
 
 def markdown(report: dict[str, Any]) -> str:
