@@ -30,13 +30,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from seg.analysis.report import ReportError, out_of_fold, read_json, read_metrics
 from seg.core import runs
 from seg.core.atomic import atomic_directory
 from seg.core.cityscapes import CLASS_NAMES
 from seg.data.manifest import MANIFEST, SELECTION_GROUP, fold_group
+from seg.evaluation.out_of_fold import out_of_fold
 from seg.recipe.identity import NOT_IDENTITY, differences, stage_identity
 from seg.results.plots import pyplot, save
+from seg.results.records import RecordError as ReportError
+from seg.results.records import read_json, read_metrics
 
 CONFIDENCE = 0.95
 

@@ -26,7 +26,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from seg.analysis.report import reduction_summary, stage_out_of_fold
 from seg.core.atomic import atomic_directory
 from seg.core.distributed import convert_sync_batchnorm
 from seg.core.lease import LeaseHeldError, acquire
@@ -38,11 +37,13 @@ from seg.data.manifest import SELECTION_GROUP, ManifestError, fold_group, load_m
 from seg.data.transforms import TrainGeometry
 from seg.evaluation.ensemble import Ensemble, write_ensemble_file
 from seg.evaluation.evaluate import evaluate
+from seg.evaluation.out_of_fold import stage_out_of_fold
 from seg.model.deeplab import from_config
 from seg.model.weights import WeightsError, export_weights
 from seg.recipe.identity import stage_identity
 from seg.reduction.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
 from seg.results.plots import reduction_figure
+from seg.results.tables import reduction_lines
 from seg.results.tracking import log_reduction
 
 STRATEGIES = ("best", "mean", "topk", "greedy", "ensemble")
@@ -434,4 +435,4 @@ def seed_candidate(candidates: list[Candidate], winner: Candidate, seed_from: st
 
 
 def markdown(report: dict[str, Any]) -> str:
-    return "\n".join([f"# Fold reduction: {report['stage_dir']}", "", *reduction_summary(report)]) + "\n"
+    return "\n".join([f"# Fold reduction: {report['stage_dir']}", "", *reduction_lines(report)]) + "\n"

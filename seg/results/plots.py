@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from seg.analysis.report import Experiment, Stage, class_order, count, final_columns
 from seg.core.cityscapes import CLASS_NAMES, PALETTE
+from seg.results.records import ExperimentRecord, StageRecord, class_order, final_columns
+from seg.results.tables import count
 
 
 def pyplot():  # -> the matplotlib.pyplot module, on the file-only backend
@@ -40,7 +41,7 @@ def fold_colour(fold: int) -> Any:
 # --- an experiment's report (seg/analysis/report.py) ----------------------------------------------------
 
 
-def report_figures(experiment: Experiment, out: Path) -> dict[str, str]:
+def report_figures(experiment: ExperimentRecord, out: Path) -> dict[str, str]:
     """Draw every figure there is data for into ``out``; returns role -> file name."""
     figures: dict[str, str] = {}
     for stage in experiment.stages:
@@ -61,7 +62,7 @@ def report_figures(experiment: Experiment, out: Path) -> dict[str, str]:
     return figures
 
 
-def plot_training(stage: Stage) -> Any:
+def plot_training(stage: StageRecord) -> Any:
     plt = pyplot()
     figure, (loss, lr) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
     for fold in stage.folds:
@@ -81,7 +82,7 @@ def plot_training(stage: Stage) -> Any:
     return figure
 
 
-def plot_fold_miou(stages: list[Stage]) -> Any:
+def plot_fold_miou(stages: list[StageRecord]) -> Any:
     plt = pyplot()
     figure, panels = plt.subplots(
         1, len(stages), figsize=(max(6, 5 * len(stages)), 4), sharey=True, squeeze=False, layout="constrained"
@@ -114,7 +115,7 @@ def plot_fold_miou(stages: list[Stage]) -> Any:
     return figure
 
 
-def plot_iou_history(stages: list[Stage]) -> Any:
+def plot_iou_history(stages: list[StageRecord]) -> Any:
     plt = pyplot()
     folds = [s.best_fold() for s in stages]
     names = class_order([r.get("fold/iou", {}) for f in folds for r in f.evals])
@@ -143,7 +144,7 @@ def plot_iou_history(stages: list[Stage]) -> Any:
     return figure
 
 
-def plot_by_stage(stages: list[Stage]) -> Any:
+def plot_by_stage(stages: list[StageRecord]) -> Any:
     plt = pyplot()
     groups = []  # per stage: (label, value, colour, legend label, is the reduced winner)
     for stage in stages:
@@ -188,7 +189,7 @@ def plot_by_stage(stages: list[Stage]) -> Any:
     return figure
 
 
-def plot_reductions(stages: list[Stage]) -> Any:
+def plot_reductions(stages: list[StageRecord]) -> Any:
     plt = pyplot()
     from matplotlib.patches import Patch
 
@@ -249,7 +250,7 @@ def plot_final(columns: list[tuple[str, dict[str, float]]]) -> Any:
 def reduction_figure(stage: int, stage_dir: Path, report: dict[str, Any], path: Path) -> None:
     """A stage's reduction report as the experiment report draws it: every candidate's
     selection mIoU, the winner marked."""
-    save(plot_reductions([Stage(stage, stage_dir, reduction=report)]), path)
+    save(plot_reductions([StageRecord(stage, stage_dir, reduction=report)]), path)
 
 
 # --- an evaluation (tools/evaluate.py) and wandb (seg/results/tracking.py) -----------------------------
