@@ -186,7 +186,8 @@ class FoldRecord:
             return require(sidecar, read_json(sidecar), "config", dict)
         return None
 
-    def final_result(self) -> dict[str, Any]:
+    @cached_property
+    def final_evaluation(self) -> dict[str, Any]:
         """The finished fold's final evaluation on its held-out fold, checked, with its step:
         summary.json's ``final.fold``, else the last evaluation logged."""
         path = self.run.summary
@@ -196,7 +197,8 @@ class FoldRecord:
             return self._record_result(self.evals[-1])
         raise RecordError(f"{path}: no final.fold evaluation, and metrics.jsonl has none either")
 
-    def best_result(self) -> dict[str, Any]:
+    @cached_property
+    def best_evaluation(self) -> dict[str, Any]:
         """The finished fold's evaluation at its best step (chosen by its own held-out mIoU),
         checked: the record logged there, else the final one when that is the best, else the
         mIoU alone."""
@@ -207,9 +209,9 @@ class FoldRecord:
         at_best = [r for r in self.evals if r["step"] == step]
         if at_best:
             return self._record_result(at_best[-1])
-        final = self.final_result()
+        final = self.final_evaluation
         if final["step"] == step:
-            return final
+            return dict(final)
         return {"miou": float(best["miou"]), "fwiou": math.nan, "iou": {}, "step": step}
 
     def _record_result(self, record: dict[str, Any]) -> dict[str, Any]:
