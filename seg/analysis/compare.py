@@ -84,8 +84,7 @@ def _check(fold: FoldRecord) -> None:
     """A finished fold's config, final and best evaluations, read now so that a bad file stops the comparison."""
     if fold.config is None:
         raise CompareError(f"{fold.path}: finished (summary.json) but has neither config.yaml nor model.json")
-    fold.best_evaluation  # noqa: B018 (read and checked: summary.json's best, and the final evaluation)
-    fold.final_evaluation  # noqa: B018
+    _ = fold.final_evaluation, fold.best_evaluation  # read and checked (cached for the comparison)
 
 
 def _evaluations(path: Path, stage: int) -> list[tuple[str, dict[str, Any]]]:
