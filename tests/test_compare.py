@@ -17,22 +17,20 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from scipy import stats
 
-from seg.analysis.compare import (
-    CompareError,
-    NotComparableError,
-    compare,
+from seg.analysis.compare import CompareError, NotComparableError, compare
+from seg.analysis.statistics import (
+    EXACT_WITH_TIES_UP_TO,
     paired_t_test,
     smallest_wilcoxon_p,
-    t_cdf,
     t_interval,
-    t_ppf,
+    t_quantile,
     wilcoxon_signed_rank,
 )
 from seg.core.cityscapes import CLASS_NAMES
 from tests.wandb_records import run_record
 
-stats = pytest.importorskip("scipy.stats")  # a test dependency only (setup.cfg's test extra)
 pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,28 +171,74 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
 # --- statistics ---------------------------------------------------------------------------------
 
 
-def test_the_statistics_equal_scipys():
-    rng = np.random.default_rng(0)
-    for n in (2, 3, 4, 5, 6, 8, 10, 20):
-        for _ in range(10):
-            a = rng.normal(0.5, 0.05, n)
-            b = a + rng.normal(0.01, 0.02, n)
-            t, p = paired_t_test(b, a)
-            expected = stats.ttest_rel(b, a)
-            assert t == pytest.approx(expected.statistic, rel=1e-10)
-            assert p == pytest.approx(expected.pvalue, rel=1e-9)
-            d = b - a
-            low, high = stats.t.interval(0.95, n - 1, loc=d.mean(), scale=stats.sem(d))
-            assert t_interval(d) == pytest.approx((low, high), rel=1e-10)
-            w, pw, used = wilcoxon_signed_rank(d)
-            exact = stats.wilcoxon(b, a, method="exact")
-            assert (w, used) == (exact.statistic, n)
-            assert pw == pytest.approx(exact.pvalue, rel=1e-12)
-    for df in (1, 2, 4, 9, 30):
-        for q in (1e-6, 0.025, 0.5, 0.9, 0.975, 0.999):
-            assert t_ppf(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-12, abs=1e-14)
-        for x in (-7.0, -1.3, 0.0, 0.4, 2.776):
-            assert t_cdf(x, df) == pytest.approx(stats.t.cdf(x, df), rel=1e-12)
+# What the hand-written statistics (Student's t by the incomplete beta's continued fraction, its
+# quantile by bisection, the exact signed-rank distribution by subset sums over doubled ranks)
+# gave before scipy.stats replaced them, printed by that code at commit 9e779bd:
+# (candidate, baseline, (t, p), 95% interval of the differences, (W, p, pairs)).
+PAIRED = {
+    "five folds": (
+        [0.431, 0.405, 0.468, 0.387, 0.441],
+        [0.412, 0.398, 0.455, 0.391, 0.42],
+        (2.4772941491413296, 0.06840928941500819),
+        (-0.001352479966496404, 0.023752479966496425),
+        (1.0, 0.125, 5),
+    ),
+    "three folds": (
+        [0.52, 0.49, 0.55],
+        [0.5, 0.5, 0.51],
+        (1.1470786693528086, 0.3700592116512885),
+        (-0.04584942812709111, 0.07918276146042447),
+        (1.0, 0.5, 3),
+    ),
+    "two folds": ([0.61, 0.58], [0.6, 0.59], (0.0, 1.0), (-0.127062047361747, 0.127062047361747), (1.5, 1.0, 2)),
+    "ten folds": (
+        [0.4, 0.40900000000000003, 0.41800000000000004, 0.439, 0.448, 0.457, 0.47800000000000004, 0.487, 0.496, 0.517],
+        [
+            0.4,
+            0.41000000000000003,
+            0.42000000000000004,
+            0.43000000000000005,
+            0.44,
+            0.45,
+            0.46,
+            0.47000000000000003,
+            0.48000000000000004,
+            0.49,
+        ],
+        (3.2860336110777317, 0.009437909440678877),
+        (0.003084684466950067, 0.016715315533049918),
+        (3.0, 0.01953125, 9),
+    ),
+}
+TIES = [
+    ([1.0, -2.0, 2.0, 4.0, 5.0], (2.5, 0.25, 5)),
+    ([0.0, 1.0, -1.0, 2.0, 2.0, -3.0, 0.0], (6.5, 0.9375, 5)),
+    ([0.5, 0.5, 0.5, -0.5, 1.0, 1.0], (2.5, 0.15625, 6)),
+    ([-3.0, -1.0, -1.0, 2.0, 3.0, 3.0, 3.0, 1.0, -2.0, 2.0], (17.5, 0.35546875, 10)),
+]
+T_975 = {1: 12.706204736174689, 2: 4.30265272974946, 4: 2.776445105197794, 9: 2.262157162798204}
+
+
+@pytest.mark.parametrize("name", sorted(PAIRED))
+def test_scipys_statistics_equal_the_hand_written_ones_they_replace(name):
+    candidate, baseline, t_test, interval, wilcoxon = PAIRED[name]
+    differences = [b - a for a, b in zip(baseline, candidate, strict=True)]
+    assert paired_t_test(candidate, baseline) == pytest.approx(t_test, rel=1e-12, abs=1e-15)
+    assert t_interval(differences) == pytest.approx(interval, rel=1e-12)
+    assert wilcoxon_signed_rank(differences) == pytest.approx((*wilcoxon, "exact"), rel=1e-12)
+
+
+def test_the_exact_wilcoxon_with_ties_and_the_t_quantiles_equal_the_hand_written_ones():
+    for differences, (w, p, n) in TIES:
+        assert wilcoxon_signed_rank(differences) == (w, pytest.approx(p, rel=1e-12), n, "exact")
+    for df, t in T_975.items():
+        assert t_quantile(0.975, df) == pytest.approx(t, rel=1e-12)
+
+
+def test_many_tied_pairs_get_the_normal_approximation_and_say_so():
+    n = EXACT_WITH_TIES_UP_TO + 1
+    w, p, used, how = wilcoxon_signed_rank([1.0, 1.0, -2.0] + [float(k) for k in range(3, n)])
+    assert (used, how) == (n, "approximate") and 0.0 < p < 1.0 and w == 3.0
 
 
 @pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # scipy, on constant differences
@@ -206,7 +250,7 @@ def test_wilcoxon_is_exact_with_ties_and_zeros_and_knows_its_floor():
     rng = np.random.default_rng(1)
     for _ in range(20):
         d = rng.choice([-3.0, -1.0, 1.0, 2.0, 3.0, 0.0], size=7)
-        w, p, n = wilcoxon_signed_rank(d)
+        w, p, n, how = wilcoxon_signed_rank(d)
         kept = d[d != 0]
         ranks = stats.rankdata(np.abs(kept))
         if len(kept) == 0:
@@ -217,7 +261,8 @@ def test_wilcoxon_is_exact_with_ties_and_zeros_and_knows_its_floor():
                 for signs in itertools.product((0, 1), repeat=len(kept))]  # fmt: skip
         tail = min(sum(s <= observed for s in sums), sum(s >= observed for s in sums)) / len(sums)
         assert p == pytest.approx(min(1.0, 2 * tail), rel=1e-12)
-        assert w == min(observed, ranks.sum() - observed) and n == len(kept)
+        assert w == min(observed, ranks.sum() - observed) and n == len(kept) and how == "exact"
+    # scipy's method="exact" assumes no ties: 0.3125 here, where counting the assignments gives 0.25
     assert wilcoxon_signed_rank([1.0, -2.0, 2.0, 4.0, 5.0])[:2] == (2.5, 0.25)
     # equal non-zero differences: t is infinite and p 0, as scipy says; all zero: undefined
     assert paired_t_test([1.5, 2.5, 3.5], [1.0, 2.0, 3.0]) == (math.inf, 0.0)
@@ -477,7 +522,7 @@ def test_wandb_logs_one_offline_compare_run_grouped_by_the_experiments(pair, tmp
 def test_the_pooled_out_of_fold_score_sits_beside_the_mean_and_folds_without_a_matrix_are_named(pair):
     """B's results carry their confusion matrices (final in summary.json, best in metrics.jsonl,
     as seg/train.py writes them); A's predate them."""
-    from seg.analysis.compare import tables
+    from seg.analysis.compare_output import comparison_tables
     from seg.evaluation.metrics import pooled
 
     a, b = pair
@@ -501,7 +546,7 @@ def test_the_pooled_out_of_fold_score_sits_beside_the_mean_and_folds_without_a_m
     assert base["out_of_fold"]["value"] is None and base["out_of_fold"]["missing"] == [0, 1, 2, 3, 4]
     assert other["out_of_fold"]["value"] == pytest.approx(pooled(final)["miou"], abs=1e-12)
     assert other["out_of_fold"]["value"] != pytest.approx(other["summary"]["mean"])
-    text = "\n".join(tables(result))
+    text = "\n".join(comparison_tables(result))
     assert "| experiment | folds | pooled out-of-fold mIoU | mean mIoU | std | 95% CI |" in text
     assert f"| B | 5 | {100 * pooled(final)['miou']:.2f} | {100 * np.mean(VARIANT):.2f} |" in text
     assert "| A | 5 | unavailable (fold 0, 1, 2, 3, 4: no confusion matrix) |" in text
@@ -520,7 +565,7 @@ def test_one_fold_per_side_says_there_is_no_interval(tmp_path):
     shards = write_shards(tmp_path / "shards" / "cityscapes", manifest(folds=1))
     write_fold(runs, "A", 0, 0.41, 0.42, shards)
     write_fold(runs, "B", 0, 0.43, 0.43, shards)
-    from seg.analysis.compare import caveat
+    from seg.analysis.compare_output import caveat
 
     text = " ".join(caveat(compare([runs / "A", runs / "B"])))
     assert "0 degrees of freedom" not in text and "12.71" not in text

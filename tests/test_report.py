@@ -276,7 +276,7 @@ def test_log_reduction_writes_an_offline_run_in_the_experiment_group(tmp_path, m
 
 
 def test_reduction_table_says_which_candidates_are_the_same_model_and_counts_images_in_words(tmp_path):
-    from seg.analysis.report import reduction_summary
+    from seg.results.tables import reduction_lines
 
     report = reduction_report(tmp_path / "stage1", [0, 1, 2])
     top3 = {
@@ -289,7 +289,7 @@ def test_reduction_table_says_which_candidates_are_the_same_model_and_counts_ima
     }
     report["candidates"].insert(5, top3)  # after mean, as seg/reduction/reduce.py orders them
     report["selection"]["samples"] = 1
-    text = "\n".join(reduction_summary(report))
+    text = "\n".join(reduction_lines(report))
     assert "(1 image)" in text and "1 images" not in text
     assert "| top3 (the same model as mean) | 2, 0, 1 | no | 45.50 |" in text
     assert "| best (the same model as fold2) | 2 |" in text
@@ -297,11 +297,11 @@ def test_reduction_table_says_which_candidates_are_the_same_model_and_counts_ima
 
 
 def test_reduction_figures_start_at_zero_and_mark_the_winner(tmp_path):
-    from seg.analysis.report import Stage
     from seg.results.plots import plot_reductions, reduction_figure
+    from seg.results.records import StageRecord
 
     report = reduction_report(tmp_path / "stage1", [0, 1, 2])
-    figure = plot_reductions([Stage(1, tmp_path / "stage1", reduction=report)])
+    figure = plot_reductions([StageRecord(1, tmp_path / "stage1", reduction=report)])
     assert figure.axes[0].get_ylim()[0] == 0
     reduction_figure(1, tmp_path / "stage1", report, tmp_path / "reduction.png")
     pixels = np.asarray(Image.open(tmp_path / "reduction.png").convert("RGB")).reshape(-1, 3)
@@ -330,11 +330,12 @@ def test_the_pooled_out_of_fold_score_equals_one_evaluation_of_every_held_out_im
     one confusion matrix over every image predicted by hand, and the sum of the folds' matrices."""
     import torch
 
-    from seg.analysis.report import out_of_fold_lines, reduction_summary, stage_out_of_fold
     from seg.data.augment import DeviceAugment
     from seg.evaluation.evaluate import evaluate
     from seg.evaluation.metrics import ConfusionMatrix
+    from seg.evaluation.out_of_fold import stage_out_of_fold
     from seg.model.deeplab import DeepLabV3Plus
+    from seg.results.tables import out_of_fold_lines, reduction_lines
 
     generator = torch.Generator().manual_seed(0)
     normalise = DeviceAugment("none")
@@ -374,7 +375,7 @@ def test_the_pooled_out_of_fold_score_equals_one_evaluation_of_every_held_out_im
     assert f"| **pooled** | 0, 1, 2 | 7 | {100 * by_hand.compute()['miou']:.2f} |" in text
     assert f"| mean ± std (range) of the folds | 0, 1, 2 | 7 | {100 * np.mean(per_fold):.2f} ± " in text
     report = reduction_report(stage, [0, 1, 2]) | {"out_of_fold": oof}
-    assert text in "\n".join(reduction_summary(report))
+    assert text in "\n".join(reduction_lines(report))
 
     # a fold trained before summaries carried the matrix: the pooled score is unavailable, naming it
     summary = json.loads((stage / "fold1" / "summary.json").read_text())
@@ -411,12 +412,12 @@ def test_the_experiment_report_shows_the_out_of_fold_estimates_and_names_folds_w
 
 def test_a_one_epoch_fold_draws_its_single_loss_record(tmp_path):
     """stage1_training.png was blank for 1-epoch folds: one record each, drawn as a line with no marker."""
-    from seg.analysis.report import Fold, Stage
     from seg.results.plots import fold_colour, plot_training, save
+    from seg.results.records import FoldRecord, StageRecord
 
-    folds = [Fold(1, k, tmp_path, [{"epoch": 1.0, "step": 5, "train/loss": 1.0 + k, "train/lr": 1e-3}], [], None,
-                  False) for k in range(2)]  # fmt: skip
-    figure = plot_training(Stage(1, tmp_path, folds))
+    log = [{"epoch": 1.0, "step": 5, "train/loss": 1.0, "train/lr": 1e-3}]
+    folds = [FoldRecord(1, k, tmp_path, [r | {"train/loss": 1.0 + k} for r in log], None) for k in range(2)]
+    figure = plot_training(StageRecord(1, tmp_path, folds))
     for axes in figure.axes[:2]:
         assert all(line.get_marker() not in (None, "", "None") for line in axes.get_lines())
     save(figure, tmp_path / "training.png")

@@ -24,14 +24,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python tools/compare.py` from a checkout, not installed: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.analysis.compare import (
-    CompareError,
+from seg.analysis.comparability import setup_line
+from seg.analysis.compare import CompareError, compare
+from seg.analysis.compare_output import (
     caveat,
-    compare,
+    comparison_tables,
     default_out,
-    describe_setup,
     log_to_wandb,
-    tables,
     wandb_settings,
     write,
 )
@@ -65,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CompareError, OSError) as e:
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line
         return 2
-    print("\n".join(f"differs: {describe_setup(entry)}" for entry in result["differences"]) + "\n")
-    print("\n".join(tables(result)))
+    print("\n".join(f"differs: {setup_line(entry)}" for entry in result["differences"]) + "\n")
+    print("\n".join(comparison_tables(result)))
     if result["notes"]:
         print("\n" + "\n".join(f"note: {n}" for n in result["notes"]))
     print("\n" + "\n".join(caveat(result)))

@@ -49,7 +49,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from seg.analysis.report import count
 from seg.core.atomic import atomic_write_bytes
 from seg.core.cityscapes import TRAINID_TO_ID
 from seg.core.png import encode_gray8
@@ -76,6 +75,7 @@ from seg.evaluation.evaluate import (
 from seg.evaluation.inference import TestTimeAugmentation
 from seg.model.weights import WeightsError
 from seg.results.plots import evaluation_figures
+from seg.results.tables import count
 
 
 def markdown(result: dict, title: str) -> str:

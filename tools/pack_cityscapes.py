@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from seg import cityscapes as cs
+from seg.core import cityscapes as cs
 from seg.core.atomic import OutputExistsError
 from seg.core.cli import parse_bytes, parse_list, parse_size
 from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing

@@ -24,13 +24,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from seg.analysis.report import reduction_summary, stage_out_of_fold
 from seg.core.atomic import atomic_directory
 from seg.core.lease import LeaseHeldError, acquire
 from seg.core.runs import Stage
 from seg.core.storage import StorageError, check_writable, writing
 from seg.data.manifest import SELECTION_GROUP, ManifestError, load_manifest
 from seg.evaluation.ensemble import write_ensemble_file
+from seg.evaluation.out_of_fold import stage_out_of_fold
 from seg.model.weights import WeightsError, export_weights
 from seg.recipe.identity import stage_identity
 from seg.reduction.candidates import (
@@ -46,6 +46,7 @@ from seg.reduction.candidates import (
 )
 from seg.reduction.soup import FoldModel, load_fold_models
 from seg.results.plots import reduction_figure
+from seg.results.tables import reduction_lines
 from seg.results.tracking import log_reduction
 
 STRATEGIES = ("best", "mean", "topk", "greedy", "ensemble")
@@ -323,4 +324,4 @@ def write_reduced(
 
 
 def markdown(report: dict[str, Any]) -> str:
-    return "\n".join([f"# Fold reduction: {report['stage_dir']}", "", *reduction_summary(report)]) + "\n"
+    return "\n".join([f"# Fold reduction: {report['stage_dir']}", "", *reduction_lines(report)]) + "\n"

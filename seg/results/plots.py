@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from seg.analysis.report import Experiment, Stage, class_order, count, final_columns
 from seg.core.cityscapes import CLASS_NAMES, PALETTE
+from seg.results.records import ExperimentRecord, StageRecord, class_order, final_columns
+from seg.results.tables import count
 
 
 def pyplot():  # -> the matplotlib.pyplot module, on the file-only backend
@@ -40,7 +41,7 @@ def fold_colour(fold: int) -> Any:
 # --- an experiment's report (seg/analysis/report.py) ----------------------------------------------------
 
 
-def report_figures(experiment: Experiment, out: Path) -> dict[str, str]:
+def report_figures(experiment: ExperimentRecord, out: Path) -> dict[str, str]:
     """Draw every figure there is data for into ``out``; returns role -> file name."""
     figures: dict[str, str] = {}
     for stage in experiment.stages:
@@ -61,7 +62,7 @@ def report_figures(experiment: Experiment, out: Path) -> dict[str, str]:
     return figures
 
 
-def plot_training(stage: Stage) -> Any:
+def plot_training(stage: StageRecord) -> Any:
     plt = pyplot()
     figure, (loss, lr) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
     for fold in stage.folds:
@@ -81,7 +82,7 @@ def plot_training(stage: Stage) -> Any:
     return figure
 
 
-def plot_fold_miou(stages: list[Stage]) -> Any:
+def plot_fold_miou(stages: list[StageRecord]) -> Any:
     plt = pyplot()
     figure, panels = plt.subplots(
         1, len(stages), figsize=(max(6, 5 * len(stages)), 4), sharey=True, squeeze=False, layout="constrained"
@@ -114,7 +115,7 @@ def plot_fold_miou(stages: list[Stage]) -> Any:
     return figure
 
 
-def plot_iou_history(stages: list[Stage]) -> Any:
+def plot_iou_history(stages: list[StageRecord]) -> Any:
     plt = pyplot()
     folds = [s.best_fold() for s in stages]
     names = class_order([r.get("fold/iou", {}) for f in folds for r in f.evals])
@@ -143,7 +144,7 @@ def plot_iou_history(stages: list[Stage]) -> Any:
     return figure
 
 
-def plot_by_stage(stages: list[Stage]) -> Any:
+def plot_by_stage(stages: list[StageRecord]) -> Any:
     plt = pyplot()
     groups = []  # per stage: (label, value, colour, legend label, is the reduced winner)
     for stage in stages:
@@ -188,7 +189,7 @@ def plot_by_stage(stages: list[Stage]) -> Any:
     return figure
 
 
-def plot_reductions(stages: list[Stage]) -> Any:
+def plot_reductions(stages: list[StageRecord]) -> Any:
     plt = pyplot()
     from matplotlib.patches import Patch
 
@@ -249,7 +250,7 @@ def plot_final(columns: list[tuple[str, dict[str, float]]]) -> Any:
 def reduction_figure(stage: int, stage_dir: Path, report: dict[str, Any], path: Path) -> None:
     """A stage's reduction report as the experiment report draws it: every candidate's
     selection mIoU, the winner marked."""
-    save(plot_reductions([Stage(stage, stage_dir, reduction=report)]), path)
+    save(plot_reductions([StageRecord(stage, stage_dir, reduction=report)]), path)
 
 
 # --- an evaluation (tools/evaluate.py) and wandb (seg/results/tracking.py) -----------------------------
@@ -328,6 +329,91 @@ def confusion_figure(matrix: np.ndarray):  # -> matplotlib Figure
     axes.set_title("confusion matrix, normalised per true class (each row sums to 1)", fontsize=10)
     figure.colorbar(image, label="share of the true class's pixels (row-normalised)")
     figure.tight_layout()
+    return figure
+
+
+# --- a comparison of experiments (seg/analysis/compare.py) ---------------------------------
+
+
+def comparison_figures(result: dict[str, Any], out: Path) -> dict[str, str]:
+    """Draw a comparison's figures (seg/analysis/compare.py's result) into ``out``; returns role -> file name."""
+    figures = {"per_fold": save(plot_per_fold(result), out / "per_fold.png")}
+    if result["pairs"]:
+        figures["differences"] = save(plot_differences(result), out / "differences.png")
+    for i, p in enumerate(result["pairs"]):
+        if p["classes"]:
+            name = "per_class.png" if len(result["pairs"]) == 1 else f"per_class_{i + 1}.png"
+            figures[f"classes:{p['candidate']}"] = save(plot_classes(p), out / name)
+    return figures
+
+
+def plot_per_fold(result: dict[str, Any]) -> Any:
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for i, e in enumerate(result["experiments"]):
+        folds = [f for f in e["folds"] if "value" in f and not math.isnan(f["value"])]
+        colour = plt.get_cmap("tab10")(i % 10)
+        axes.plot([f["fold"] for f in folds], [100 * f["value"] for f in folds], "o-", color=colour, label=e["label"])
+        mean = e["summary"]["mean"]
+        if not math.isnan(mean):
+            axes.axhline(100 * mean, color=colour, ls="--", lw=1, alpha=0.7)
+    axes.set_xticks(sorted({f["fold"] for e in result["experiments"] for f in e["folds"]}))
+    axes.set(
+        xlabel="fold",
+        ylabel=f"held-out {result['metric_title']} (%), {result['use']}",
+        title=f"stage {result['stage']}: per fold (dashed: mean over folds)",
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return figure
+
+
+def plot_differences(result: dict[str, Any]) -> Any:
+    plt = pyplot()
+    pairs = result["pairs"]
+    figure, axes = plt.subplots(figsize=(max(5, 1.8 * len(pairs) + 3), 4.5), layout="constrained")
+    for x, p in enumerate(pairs):
+        d = np.array(p["differences"]) * 100
+        jitter = np.linspace(-0.12, 0.12, len(d)) if len(d) > 1 else np.zeros(len(d))
+        axes.scatter(x + jitter, d, color="grey", zorder=3, label="per fold" if x == 0 else None)
+        for xi, di, k in zip(x + jitter, d, p["folds"], strict=True):
+            axes.annotate(str(k), (xi, di), textcoords="offset points", xytext=(4, 2), fontsize=7)
+        mean, (low, high) = p["difference"]["mean"], p["difference"]["ci"]
+        if not math.isnan(low):
+            axes.errorbar(x + 0.3, 100 * mean, yerr=[[100 * (mean - low)], [100 * (high - mean)]], fmt="o",
+                          color="black", capsize=6, label="mean, 95% t-interval" if x == 0 else None)  # fmt: skip
+        else:
+            axes.plot(x + 0.3, 100 * mean, "o", color="black")
+    axes.axhline(0, color="black", lw=0.8)
+    axes.set_xlim(-0.6, len(pairs) - 0.3)
+    axes.set_xticks(range(len(pairs)), [f"{p['candidate']}\n- {p['baseline']}" for p in pairs])
+    axes.set(ylabel=f"{result['metric_title']} difference (points)", title="paired differences over folds")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
+    return figure
+
+
+def plot_classes(pair: dict[str, Any]) -> Any:
+    """Per class: the mean IoU difference over folds as a bar, each fold's as a dot."""
+    plt = pyplot()
+    classes = pair["classes"]
+    names = [c["class"] for c in classes]
+    values = np.array([100 * c["difference"] for c in classes])
+    figure, axes = plt.subplots(figsize=(max(7, 0.5 * len(names) + 2), 4.5), layout="constrained")
+    axes.bar(names, values, color=["#2f7d32" if v >= 0 else "#c62828" for v in values], label="mean over folds")
+    for x, c in enumerate(classes):
+        axes.scatter([x] * len(c["differences"]), 100 * np.array(c["differences"]), s=10, color="black", zorder=3,
+                     label="one fold" if x == 0 else None)  # fmt: skip
+    axes.axhline(0, color="black", lw=0.8)
+    axes.tick_params(axis="x", rotation=60)
+    for label in axes.get_xticklabels():
+        label.set_ha("right")
+    axes.set(
+        ylabel="IoU difference (points)",
+        title=f"per-class IoU: {pair['candidate']} - {pair['baseline']} on the same folds",
+    )
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
     return figure
 
 

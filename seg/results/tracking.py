@@ -66,32 +66,46 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_key else "offline"
 
 
+def wandb_id(text: str) -> str:
+    """``text`` as a wandb run id (or group): what wandb allows, every other character a hyphen."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text)
+
+
+def start_wandb(
+    settings: dict[str, Any], run_dir: Path, group: str, job_type: str, name: str, key: str, config: dict[str, Any]
+):  # -> wandb Run | None
+    """The one ``wandb.init`` of seg: a run named ``name`` and identified ``wandb_id(key)`` (so
+    a repeated job continues its run) in ``group``, under ``run_dir/wandb``; ``settings``:
+    the config's ``wandb`` section (project, entity, mode; project ``seg`` and mode ``auto``
+    when it names none). None when wandb is disabled."""
+    mode = resolve_mode(settings.get("mode", "auto"))
+    if mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(
+        project=settings.get("project") or "seg",
+        entity=settings.get("entity"),
+        group=group,
+        job_type=job_type,
+        name=name,
+        id=wandb_id(key),
+        resume="allow",
+        dir=str(run_dir),
+        config=config,
+        mode=mode,
+    )
+
+
 def start_run(
     config: dict[str, Any], run_dir: Path, job_type: str, suffix: str, key: str | None = None
 ):  # -> wandb Run | None
     """A run in the experiment's group, named ``{experiment}-{suffix}`` and identified
     ``{experiment}-{key or suffix}`` (so a resumed job continues its run), or None when wandb
     is disabled."""
-    settings = config["wandb"]
-    mode = resolve_mode(settings["mode"])
-    if mode == "disabled":
-        return None
-    import wandb
-
     experiment = config["train"]["experiment"]
     name = f"{experiment}-{suffix}"
-    return wandb.init(
-        project=settings["project"],
-        entity=settings["entity"],
-        group=experiment,
-        job_type=job_type,
-        name=name,
-        id=re.sub(r"[^A-Za-z0-9_.-]", "-", f"{experiment}-{key or suffix}"),
-        resume="allow",
-        dir=str(run_dir),
-        config=config,
-        mode=mode,
-    )
+    return start_wandb(config["wandb"], run_dir, experiment, job_type, name, f"{experiment}-{key or suffix}", config)
 
 
 class Tracker:
@@ -205,7 +219,7 @@ def log_reduction(config: dict[str, Any], stage: int, report: dict[str, Any], ou
     backends = backends_of(config)
     if not backends:
         return
-    summary = reduction_summary(report)
+    summary = reduction_fields(report)
     columns = ["name", "folds", "recalibrated", "kind", "forward_passes", "miou", "fwiou", "pixel_accuracy"]
     rows = [
         [c["name"], ", ".join(map(str, c["folds"])), c["recalibrated"], c.get("kind", ""), c.get("cost", 1),
@@ -254,7 +268,7 @@ def _wandb_reduction(
     run.finish()
 
 
-def reduction_summary(report: dict[str, Any]) -> dict[str, Any]:
+def reduction_fields(report: dict[str, Any]) -> dict[str, Any]:
     """A reduction's result as flat fields: the winner, what it chose on, the seed of the next
     stage, the ensemble and the out-of-fold scores."""
     winner, selection = report["winner"], report["selection"]
