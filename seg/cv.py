@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from seg.config import ConfigError, load_config
-from seg.identity import describe, finished_run, fold_identity
+import torch
+
+from seg.config import ConfigError, load_config, resolve_auto
+from seg.identity import describe, finished_run, fold_identity, recorded_workers
 from seg.launch import launch_command
 from seg.lease import LeaseHeldError, acquire
 from seg.manifest import FoldSplit, ManifestError, load_manifest
@@ -123,6 +125,7 @@ def fold_done(chain: Chain, stage: int, fold: int, processes: int) -> bool:
     another run is refused (ConfigError) with the difference named."""
     config = load_config(chain.config, chain.overrides, stage)
     fold_run = Experiment.named(config.train.runs_dir, config.train.experiment).stage(stage).fold(fold)
+    config = resolve_auto(config, torch.cuda.is_available(), recorded_workers(fold_run))  # as seg/train.py does
     split = FoldSplit.of(config.data.shards, fold)
     summary, changes = finished_run(fold_run, fold_identity(config, stage, split, chain.init_from(stage), processes))
     if changes:

@@ -47,8 +47,8 @@ from tqdm import tqdm
 from seg import losses, optim
 from seg.atomic import atomic_write_bytes, plain_modes
 from seg.augment import DeviceAugment, cut_on_device
-from seg.config import ConfigError, load_config, to_dict
-from seg.data import DataError, eval_loader_of, packed_size, shards_of, train_loader
+from seg.config import ConfigError, load_config, resolve_auto, to_dict
+from seg.data import DataError, eval_loader_of, packed_size, shards_of, train_loader, workers_problem
 from seg.distributed import all_reduce_sum, convert_sync_batchnorm
 from seg.evaluate import evaluate
 from seg.identity import (
@@ -59,6 +59,7 @@ from seg.identity import (
     finished_run,
     fold_identity,
     read_identity,
+    recorded_workers,
     run_length,
 )
 from seg.launch import launcher_problem
@@ -260,6 +261,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     if args.print_run_dir:
         print(out.dir)
         return 0
+    config = resolve_auto(config, torch.cuda.is_available(), recorded_workers(out, args.resume))
     error = refusal(args, config)
     identity, split = planned_identity(args, config) if not error else (None, None)
     done, error = earlier_run(args, out, identity) if identity and not error else (None, error)
@@ -272,6 +274,8 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
 
     run, together = start(args, config, out, identity or {}), False
     try:  # from here on, every way out goes through run.close; refusals are taken by all ranks together
+        if code := refused_together(run.accelerator, workers_problem(gather_object([config.data.workers]))):
+            return code
         if code := refused_together(run.accelerator, *take_lease(run)):
             return code
         # again, now that no one else writes here (no identity: the manifest's own error follows)
