@@ -44,13 +44,13 @@ if __package__ in (None, ""):  # `python tools/chain_check.py` from a checkout, 
 
 import torch
 
-from seg.atomic import atomic_write_bytes
-from seg.cli import Size
-from seg.config import load_config
-from seg.data import steps_per_epoch
-from seg.pack import Options, pack
-from seg.runs import Experiment
-from seg.synthetic import make_synthetic
+from seg.core.atomic import atomic_write_bytes
+from seg.core.cli import Size
+from seg.core.runs import Experiment
+from seg.data.loader import steps_per_epoch
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
+from seg.recipe.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "study.yaml"
