@@ -37,7 +37,7 @@ from seg.data.manifest import FoldSplit, ManifestError, load_manifest, verify
 from seg.data.transforms import TrainGeometry, decoded_sample, eval_sample, train_sample
 
 ON_ERROR = ("raise", "skip")
-AUTO = "auto"  # data.workers and data.channels_last: chosen for the machine (resolve_workers, seg.config)
+AUTO = "auto"  # data.workers, data.channels_last: for the machine (resolve_workers, seg.recipe.config.resolve_auto)
 
 
 class DataError(RuntimeError):

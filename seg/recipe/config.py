@@ -348,7 +348,7 @@ def check_values(config: DictConfig, sources: dict[str, str]) -> None:
 def resolve_auto(config: DictConfig, cuda: bool, recorded_workers: int | None = None) -> DictConfig:
     """The config a run uses, its ``auto`` values chosen (read-only, as load_config's):
     data.workers the count the run recorded at its first start (``recorded_workers``), else
-    this machine's (seg.data.resolve_workers); data.channels_last on with CUDA, off without."""
+    this machine's (seg.data.loader.resolve_workers); data.channels_last on with CUDA, off without."""
     data = config.data
     workers = resolve_workers(data.workers, recorded_workers)
     channels_last = cuda if data.channels_last == AUTO else data.channels_last

@@ -12,7 +12,7 @@ and the reducer refuses folds of one stage that are not one experiment.
     batch      processes, per-process batch, gradient accumulation and the global batch
     schedule   steps per epoch and the run's length in micro-batches
     loader     the loader workers the run's first start chose (``data.workers: auto`` resolves
-               to it ever after, seg.config.resolve_auto: the count shapes the training stream)
+               to it ever after, seg.recipe.config.resolve_auto: the count shapes the training stream)
     code       the code's version (git commit), recorded and not compared: a fix of the
                tool does not make finished folds another experiment
 
@@ -75,7 +75,7 @@ def total_steps(config: DictConfig, per_epoch: int) -> int:
 
 def run_length(config: DictConfig, split: FoldSplit, processes: int) -> tuple[int, int]:
     """(steps per epoch, total micro-batches) of training ``split`` with ``processes`` processes."""
-    workers = resolve_workers(config.data.workers)  # a run resolves auto before (seg.config.resolve_auto)
+    workers = resolve_workers(config.data.workers)  # a run resolves auto before (seg.recipe.config.resolve_auto)
     per_epoch = steps_per_epoch(split.train_samples, config.train.batch_size, processes, workers)
     return per_epoch, total_steps(config, per_epoch)
 
