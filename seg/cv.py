@@ -31,13 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
+
 from seg.core.launch import launch_command
 from seg.core.lease import LeaseHeldError, acquire
 from seg.core.runs import Experiment, latest_state, state_step
 from seg.core.signals import Signals
 from seg.data.manifest import FoldSplit, ManifestError, load_manifest
-from seg.recipe.config import ConfigError, load_config
-from seg.recipe.identity import describe, finished_run, fold_identity
+from seg.recipe.config import ConfigError, load_config, resolve_auto
+from seg.recipe.identity import describe, finished_run, fold_identity, recorded_workers
 from seg.reduction.reduce import add_arguments, options_record, selection_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +125,7 @@ def fold_done(chain: Chain, stage: int, fold: int, processes: int) -> bool:
     another run is refused (ConfigError) with the difference named."""
     config = load_config(chain.config, chain.overrides, stage)
     fold_run = Experiment.named(config.train.runs_dir, config.train.experiment).stage(stage).fold(fold)
+    config = resolve_auto(config, torch.cuda.is_available(), recorded_workers(fold_run))  # as seg/train.py does
     split = FoldSplit.of(config.data.shards, fold)
     summary, changes = finished_run(fold_run, fold_identity(config, stage, split, chain.init_from(stage), processes))
     if changes:

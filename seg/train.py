@@ -32,18 +32,28 @@ from seg.core.signals import Signals
 # Caught from here on, before the imports that take seconds: a signal during them is not lost.
 EARLY_SIGNALS = Signals().install() if __name__ == "__main__" else None
 
+import torch
+
 from seg.core.runs import Experiment, latest_state
 from seg.core.storage import EXIT_STORAGE, StorageError, writable_problem, writing
 from seg.data.loader import DataError
-from seg.recipe.config import ConfigError, load_config
-from seg.recipe.identity import SCRATCH
+from seg.recipe.config import ConfigError, load_config, resolve_auto
+from seg.recipe.identity import SCRATCH, recorded_workers
 from seg.training.checkpoint import load_state, stopped_on_storage
 from seg.training.loop import train_loop
 from seg.training.outputs import write_outputs
 from seg.training.parts import fold_data, load_model, optimisation
 from seg.training.preempt import preempted_exit_code
 from seg.training.records import EXIT_REQUEUE, StorageFailureError
-from seg.training.refusals import earlier_run, planned_identity, refusal, refused_together, say_complete, say_refusal
+from seg.training.refusals import (
+    earlier_run,
+    planned_identity,
+    refusal,
+    refused_together,
+    say_complete,
+    say_refusal,
+    workers_disagree,
+)
 from seg.training.start import open_fold_folder, open_records, start, take_lease
 
 
@@ -87,6 +97,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     if args.print_run_dir:
         print(out.dir)
         return 0
+    config = resolve_auto(config, torch.cuda.is_available(), recorded_workers(out, args.resume))
     error = refusal(args, config)
     identity, split = planned_identity(args, config) if not error else (None, None)
     done, error = earlier_run(args, out, identity) if identity and not error else (None, error)
@@ -99,6 +110,8 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
 
     run, together = start(args, config, out, identity or {}), False
     try:  # from here on, every way out goes through run.close; refusals are taken by all ranks together
+        if code := refused_together(run.accelerator, workers_disagree(run)):
+            return code
         if code := refused_together(run.accelerator, *take_lease(run)):
             return code
         # again, now that no one else writes here (no identity: the manifest's own error follows)

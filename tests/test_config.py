@@ -10,7 +10,7 @@ from seg.core.cli import Size
 from seg.data.manifest import FoldSplit
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
-from seg.recipe.config import ConfigError, load_config
+from seg.recipe.config import ConfigError, load_config, resolve_auto
 from seg.recipe.identity import fold_identity
 from seg.train import main
 
@@ -174,3 +174,33 @@ def test_precision_no_as_the_readme_writes_it_is_no_mixed_precision(tmp_path):
     assert load_config(config, []).train.precision == "no"
     with pytest.raises(ConfigError, match="'True' is not one of no, bf16, fp16"):
         load_config(config, ["train.precision=yes"])
+
+
+# --- auto values: chosen for the machine, the loader workers fixed at a run's first start --------
+
+
+def test_workers_and_channels_last_default_to_auto_and_refuse_other_words(tmp_path):
+    config = load_config(DEMO, ["data.workers=auto"])
+    assert config.data.workers == "auto" and config.data.channels_last == "auto"
+    assert load_config(DEMO, ["data.workers=3", "data.channels_last=true"]).data.workers == 3
+    with pytest.raises(ConfigError, match=r"'data.workers' \(on the command line\): 'many' is not auto or a number"):
+        load_config(DEMO, ["data.workers=many"])
+    with pytest.raises(ConfigError, match=r"'data.channels_last' \(on the command line\): 'fast' is not auto or true"):
+        load_config(DEMO, ["data.channels_last=fast"])
+    with pytest.raises(ConfigError, match=r"'data.workers' .*: -1 is out of range"):
+        load_config(DEMO, ["data.workers=-1"])
+
+
+def test_resolve_auto_takes_the_recorded_workers_then_the_machine_s_and_channels_last_with_cuda(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    config = load_config(DEMO, ["data.workers=auto"])
+    fresh = resolve_auto(config, cuda=False)
+    assert (fresh.data.workers, fresh.data.channels_last) == (6, False)
+    assert OmegaConf.is_readonly(fresh) and config.data.workers == "auto"  # a copy; the loaded config as it was
+    recorded = resolve_auto(config, cuda=True, recorded_workers=2)
+    assert recorded.data == {**fresh.data, "workers": 2, "channels_last": True}
+    explicit = load_config(DEMO, ["data.workers=5", "data.channels_last=false"])
+    assert resolve_auto(explicit, cuda=True, recorded_workers=2).data.workers == 5  # a number is kept, as always
+    assert resolve_auto(explicit, cuda=True).data.channels_last is False

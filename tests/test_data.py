@@ -22,10 +22,13 @@ from seg.data.loader import (
     TrainStream,
     _ignore_signals,
     _loader_options,
+    auto_workers,
     eval_loader,
+    resolve_workers,
     shards_of,
     steps_per_epoch,
     train_loader,
+    workers_problem,
 )
 from seg.data.manifest import FoldSplit, ManifestError, load_manifest
 from seg.data.pack import Options, pack
@@ -448,3 +451,36 @@ def test_a_loader_worker_survives_a_term_that_lands_while_it_starts():
     assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
     del batches  # the loader ends its worker with the trainer's own TERM: it must still go
     worker.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("affinity", "slurm", "local", "workers"),
+    [
+        (16, None, None, 16),
+        (16, "8", None, 8),
+        (4, "8", None, 4),
+        (16, "8", "2", 4),
+        (3, None, "4", 1),
+        (16, "x", None, 16),
+    ],
+)
+def test_auto_workers_are_the_cores_this_process_may_use_shared_among_the_local_processes(
+    monkeypatch, affinity, slurm, local, workers
+):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(affinity)))
+    for name, value in (("SLURM_CPUS_PER_TASK", slurm), ("LOCAL_WORLD_SIZE", local)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert auto_workers() == workers
+    assert resolve_workers("auto") == workers and resolve_workers("auto", recorded=3) == 3
+    assert resolve_workers(2, recorded=3) == 2  # an explicit count, as it always was
+
+
+def test_ranks_whose_auto_workers_differ_are_refused_naming_the_counts():
+    assert workers_problem([4, 4]) is None and workers_problem([2]) is None
+    assert workers_problem([4, 2]) == (
+        "data.workers resolved to 4, 2 on the run's processes (ranks 0 to 1): machines with different "
+        "cores; set data.workers to a number"
+    )

@@ -24,13 +24,30 @@ def load_tool():
     return module
 
 
+def load_chain_tool():
+    spec = importlib.util.spec_from_file_location("chain_check", REPO / "tools" / "chain_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.timeout(600)
 def test_tiny_mode_runs_every_part_and_writes_its_json(tmp_path: Path) -> None:
-    out = tmp_path / "check.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--tiny", "--json", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=540,
-    )  # fmt: skip
+    """Both tiny checks, side by side (one test, so the suite waits for the slower only): the
+    microbenchmark (tools/gpu_check.py --tiny) and the chain (./launch gpu-check --chain --tiny)."""
+    out, chain_out = tmp_path / "check.json", tmp_path / "chain.json"
+    tool = str(REPO / "tools" / "gpu_check.py")
+    chain = subprocess.Popen([sys.executable, tool, "--chain", "--tiny", "--json", str(chain_out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)  # fmt: skip
+    try:
+        done = subprocess.run([sys.executable, tool, "--tiny", "--json", str(out)], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=540)  # fmt: skip
+        chain_output, _ = chain.communicate(timeout=540)
+    finally:
+        chain.kill()
+    assert chain.returncode == 0, chain_output[-3000:]
+    check_tiny_chain(json.loads(chain_out.read_text()), chain_output)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     checks = {c["name"]: c for c in report["checks"]}
@@ -54,6 +71,44 @@ def test_tiny_mode_runs_every_part_and_writes_its_json(tmp_path: Path) -> None:
     assert report["passed"] is True
     assert "all checks passed" in done.stdout
     assert "| bf16 | pass |" in done.stdout  # the printed table
+
+
+def check_tiny_chain(report: dict, output: str) -> None:
+    """The chain check's tiny run: the study's chain ran on 2 folds and every number is there."""
+    assert report["passed"] is True and report["tiny"] is True
+    assert [f["fold"] for f in report["folds"]] == [0, 1]
+    for fold in report["folds"]:
+        assert fold["steps"] == 4 and fold["workers"] == 0  # tiny: data.workers=0
+        assert fold["sustained_images_per_s"] > 0 and 0 <= fold["data_wait_share"] <= 1
+        assert fold["peak_memory_mb"] > 0 and fold["fold_eval_samples"] > 0
+        seconds = fold["seconds"]
+        assert seconds["wall"] >= seconds["train"] + seconds["fold_evaluation"] > 0
+        assert fold["gpu_utilisation_pct"] is None  # no GPU to sample
+    phases = report["phases_s"]
+    assert {"synthetic_and_pack", "fold0", "fold1", "reduction", "final_evaluation"} <= set(phases)
+    assert 0 <= report["final"]["val_miou_pct"] <= 100 and report["final"]["samples"] == 2
+    projection = report["projection"]
+    assert projection["assumes"]["stages"] == 4 and projection["assumes"]["epochs"] == 20  # configs/study.yaml's
+    assert projection["hours"] > 0 and all(v >= 0 for v in projection["seconds"].values())
+    assert "seg.cv" in report["command"] and "--stages 1" in report["command"]
+    assert "| fold | images/s (sustained) |" in output and "chain check: passed" in output
+
+
+def test_the_sustained_rate_leaves_out_the_warm_up_and_weighs_windows_by_their_time() -> None:
+    tool = load_chain_tool()
+
+    def record(step: int, rate: float, waited: float) -> dict:
+        return {"step": step, "train/images_per_s": rate, "train/images_per_s_per_process": rate,
+                "train/data_wait_s": waited, "train/memory_mb": 100.0 + step}  # fmt: skip
+
+    # batch 2, log every 10 steps: 20 images a window; the first window (the warm-up) is slow
+    records = [record(10, 2.0, 9.0), {"step": 10, "fold/miou": 0.5}, record(20, 20.0, 0.1), record(30, 10.0, 0.2)]
+    windows = tool.training_windows(records, batch=2)
+    assert [w["seconds"] for w in windows] == [10.0, 1.0, 2.0] and windows[-1]["memory_mb"] == 130.0
+    rate = tool.sustained(windows, warmup=10)
+    assert rate["images_per_s"] == pytest.approx(40 / 3) and rate["data_wait_share"] == pytest.approx(0.1)
+    assert tool.sustained(windows, warmup=0)["images_per_s"] == pytest.approx(60 / 13)
+    assert tool.sustained(windows, warmup=30) == {"images_per_s": None, "data_wait_share": None}
 
 
 def test_a_check_that_raises_is_a_failure_not_a_crash() -> None:

@@ -126,6 +126,27 @@ def test_sigusr1_on_one_rank_stops_every_rank_at_the_same_step_and_a_job_script_
     assert not (out / "PREEMPTED").exists() and (out / "summary.json").exists()
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores for 2 workers")
+def test_a_resume_on_a_machine_with_fewer_cores_keeps_the_workers_of_the_first_start(shards, tmp_path):
+    """data.workers=auto is fixed at the run's first start (each worker draws its own share of
+    an epoch): a requeue onto 1 core keeps 2 workers and ends where a run never stopped ends
+    (with 1 worker it would be refused as another run, 3 steps per epoch instead of 4)."""
+    auto = ["train.epochs=2", "train.eval_every=2", "data.workers=auto"]
+    two, one = {"SLURM_CPUS_PER_TASK": "2"}, {"SLURM_CPUS_PER_TASK": "1"}
+    assert run(shards, tmp_path / "whole", *auto, env=two).returncode == 0
+    assert json.loads((tmp_path / "whole" / FOLD / "summary.json").read_text())["identity"]["loader"] == {"workers": 2}
+    stopped = run(shards, tmp_path / "moved", *auto, env=two, drill="1:TERM")
+    assert stopped.returncode == EXIT_REQUEUE, stopped.stderr[-2000:]
+    resumed = run(shards, tmp_path / "moved", *auto, env=one)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    out = tmp_path / "moved" / FOLD
+    assert json.loads((out / "summary.json").read_text())["identity"]["loader"] == {"workers": 2}
+    assert "workers: 2" in (out / "config.yaml").read_text()  # the resolved config, as it ran
+    expected = load_file(tmp_path / "whole" / FOLD / "model.safetensors")
+    for name, tensor in load_file(out / "model.safetensors").items():
+        assert torch.equal(tensor, expected[name]), name
+
+
 def test_sigterm_to_every_process_with_data_workers_saves_and_exits_75(shards, tmp_path):
     """A Slurm preemption signals every process of the job, data workers included; a job
     script's USR1 may reach a worker too. Workers ignore both; the trainer saves."""

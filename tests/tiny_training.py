@@ -34,9 +34,12 @@ def command(shards: Path, runs: Path, *extra: str, processes: int = 1) -> list[s
     return [*launch_command(processes), *script]
 
 
-def run(shards: Path, runs: Path, *extra: str, processes: int = 1, drill: str = "") -> subprocess.CompletedProcess:
-    """seg/train.py to its end; ``drill``: a signal it sends itself after a step (SEG_DRILL)."""
-    env = os.environ | ({"SEG_DRILL": drill} if drill else {})
+def run(
+    shards: Path, runs: Path, *extra: str, processes: int = 1, drill: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """seg/train.py to its end; ``drill``: a signal it sends itself after a step (SEG_DRILL);
+    ``env``: more environment variables."""
+    env = os.environ | ({"SEG_DRILL": drill} if drill else {}) | (env or {})
     return subprocess.run(command(shards, runs, *extra, processes=processes), capture_output=True, text=True,
                           timeout=600, cwd=REPO, env=env)  # fmt: skip
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from accelerate.utils.environment import get_cpu_distributed_information
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
@@ -36,6 +37,7 @@ from seg.data.manifest import FoldSplit, ManifestError, load_manifest, verify
 from seg.data.transforms import TrainGeometry, decoded_sample, eval_sample, train_sample
 
 ON_ERROR = ("raise", "skip")
+AUTO = "auto"  # data.workers, data.channels_last: for the machine (resolve_workers, seg.recipe.config.resolve_auto)
 
 
 class DataError(RuntimeError):
@@ -350,6 +352,43 @@ def _loader_options(workers: int, pin_memory: bool) -> dict[str, Any]:
     return options
 
 
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity (taskset, a cgroup's cpuset), capped by
+    Slurm's allocation (SLURM_CPUS_PER_TASK), which a job without CPU binding does not enforce."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform (macOS)
+        cores = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cores
+
+
+def auto_workers() -> int:
+    """``data.workers: auto`` on this machine: the cores this process may use, shared among the
+    run's processes on this machine (accelerate's local world size), at least one."""
+    return max(available_cores() // max(get_cpu_distributed_information().local_world_size, 1), 1)
+
+
+def resolve_workers(value: int | str, recorded: int | None = None) -> int:
+    """The loader workers of a run: an explicit count as it is; ``auto`` the count ``recorded``
+    by the run's first start (the number of workers shapes the training stream: each worker
+    draws its own share of an epoch), else this machine's (``auto_workers``)."""
+    if value != AUTO:
+        return int(value)
+    return recorded if recorded is not None else auto_workers()
+
+
+def workers_problem(counts: list[int]) -> str | None:
+    """Why processes whose loaders have these worker counts (one per rank) cannot train one
+    run, or None: each count sets a rank's steps per epoch and its stream, so all must agree."""
+    if len(set(counts)) <= 1:
+        return None
+    return (
+        f"data.workers resolved to {', '.join(map(str, counts))} on the run's processes (ranks 0 to "
+        f"{len(counts) - 1}): machines with different cores; set data.workers to a number"
+    )
+
+
 def steps_per_epoch(samples: int, batch_size: int, world_size: int, workers: int) -> int:
     """Batches per rank per epoch: one pass over ``samples`` in expectation, rounded up to a
     multiple of the loader's workers so that each worker yields whole epochs."""
@@ -435,6 +474,7 @@ def eval_loader_of(
     checksums are checked once at the run's start, not at every evaluation."""
     size = tuple(data["eval_size"]) if data["eval_size"] else None
     directory = shards if shards is not None else data["shards"]
+    workers = resolve_workers(data["workers"])  # any count reads every sample once: none is recorded
     return eval_loader(
-        directory, groups, 1, size, rank, world_size, data["workers"], data["on_error"], pin_memory, checksums=False
+        directory, groups, 1, size, rank, world_size, workers, data["on_error"], pin_memory, checksums=False
     )

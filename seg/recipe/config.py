@@ -14,15 +14,16 @@ are the same run.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
-from seg.data.loader import ON_ERROR
+from seg.data.loader import AUTO, ON_ERROR, resolve_workers
 from seg.data.transforms import GEOMETRIES, LEVELS
 from seg.model.deeplab import DEPTHS, HEADS, OUTPUT_STRIDES, STEMS
 from seg.recipe.losses import CLASS_WEIGHTS, LOSSES
@@ -39,11 +40,16 @@ class DataConfig:
     base_size: list[int] = field(default_factory=lambda: [1024, 2048])  # scale-crop's reference scale
     level: str = "standard"  # augmentation: none | standard | advanced
     eval_size: list[int] | None = None  # None: evaluate at full resolution; else resize images to it
-    workers: int = 2  # DataLoader workers per process
+    # DataLoader workers per process: a count, or auto: the cores this process may use (CPU
+    # affinity, SLURM_CPUS_PER_TASK) shared among the run's processes on the machine, fixed at
+    # the run's first start and kept by its resumes (seg.data.auto_workers, resolve_auto)
+    workers: int | str = AUTO
     shuffle_buffer: int = 32
     on_error: str = "raise"  # raise | skip (and count) unreadable samples
     checksums: bool = True  # verify shard sha256 before training
-    channels_last: bool = False
+    # the model and its input in channels_last: true | false | auto (on with CUDA, where it
+    # wins by 26% (README, the GPU check); off on the CPU, where it loses: README, Benchmarks)
+    channels_last: bool | str = AUTO
     # True: workers only decode and draw each sample's window; the cut and resize run batched
     # on the training device (seg.data.augment.cut_on_device), fewer CPU cores per GPU
     geometry_on_device: bool = False
@@ -164,6 +170,10 @@ CHOICES = {
     "train.precision": ("no", "bf16", "fp16"),  # accelerate's mixed_precision
     "wandb.mode": MODES,
 }
+
+
+# Keys that take ``auto`` (chosen for the machine by resolve_auto) or a value of this kind.
+AUTO_KEYS = {"data.workers": "a number (0: load in the training process)", "data.channels_last": "true/false"}
 
 
 # Numeric ranges: key -> (low, high, low included, high included); None is no bound. A key
@@ -315,9 +325,13 @@ def check_values(config: DictConfig, sources: dict[str, str]) -> None:
         value = OmegaConf.select(config, key)
         if value is not None and (len(value) != 2 or min(value) <= 0):
             refuse(key, f"{list(value)} is not [height, width]")
+    for key, kind in AUTO_KEYS.items():
+        value = OmegaConf.select(config, key)
+        if isinstance(value, str) and value != AUTO:
+            refuse(key, f"{value!r} is not {AUTO} or {kind}")
     for key, bounds in RANGES.items():
         value = OmegaConf.select(config, key)
-        if value is not None and not in_range(value, *bounds):
+        if value is not None and value != AUTO and not in_range(value, *bounds):
             refuse(key, f"{value!r} is out of range; valid: {describe_range(*bounds)}")
     backends = list(config.tracking.backends)
     for backend in backends:
@@ -327,6 +341,21 @@ def check_values(config: DictConfig, sources: dict[str, str]) -> None:
             refuse("tracking.backends", f"{backend!r} is named twice")
         if missing := missing_package(backend):
             refuse("tracking.backends", f"{backend} is asked for but {missing}")
+
+
+def resolve_auto(config: DictConfig, cuda: bool, recorded_workers: int | None = None) -> DictConfig:
+    """The config a run uses, its ``auto`` values chosen (read-only, as load_config's):
+    data.workers the count the run recorded at its first start (``recorded_workers``), else
+    this machine's (seg.data.loader.resolve_workers); data.channels_last on with CUDA, off without."""
+    data = config.data
+    workers = resolve_workers(data.workers, recorded_workers)
+    channels_last = cuda if data.channels_last == AUTO else data.channels_last
+    if (workers, channels_last) == (data.workers, data.channels_last):
+        return config
+    resolved = copy.deepcopy(config)
+    with read_write(resolved):
+        resolved.data.workers, resolved.data.channels_last = workers, channels_last
+    return resolved
 
 
 def apply_stage(config: DictConfig, stage: int, path: Path | None) -> tuple[DictConfig, dict[str, str]]:

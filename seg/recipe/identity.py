@@ -11,12 +11,15 @@ and the reducer refuses folds of one stage that are not one experiment.
     data       the sha256 of the shards' manifest (the data, its folds and class counts)
     batch      processes, per-process batch, gradient accumulation and the global batch
     schedule   steps per epoch and the run's length in micro-batches
+    loader     the loader workers the run's first start chose (``data.workers: auto`` resolves
+               to it ever after, seg.recipe.config.resolve_auto: the count shapes the training stream)
     code       the code's version (git commit), recorded and not compared: a fix of the
                tool does not make finished folds another experiment
 
 Two runs are one experiment when they differ at most in where they run: the processes and
 per-process batch making up one global batch (``MAY_DIFFER``), the start model's path (its
-content is compared), and the code.
+content is compared), the code, and the loader workers (an explicit ``data.workers`` may
+change between a run's starts, as it always could).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from seg.core.runs import Fold
-from seg.data.loader import steps_per_epoch
+from seg.core.runs import Fold, latest_state
+from seg.data.loader import resolve_workers, steps_per_epoch
 from seg.data.manifest import MANIFEST, FoldSplit, sha256_file
 from seg.recipe.config import Config
 
@@ -59,7 +62,7 @@ NOT_IDENTITY = (
     "train.grad_accum",
 )
 # What two runs of one experiment may differ in (dotted keys of the identity).
-MAY_DIFFER = ("code", "init_from.path", "batch.processes", "batch.per_process", "batch.grad_accum")
+MAY_DIFFER = ("code", "init_from.path", "batch.processes", "batch.per_process", "batch.grad_accum", "loader")
 # ...and two folds of one stage, besides: each fold has its own number of training samples.
 FOLDS_MAY_DIFFER = (*MAY_DIFFER, "schedule")
 
@@ -72,7 +75,8 @@ def total_steps(config: DictConfig, per_epoch: int) -> int:
 
 def run_length(config: DictConfig, split: FoldSplit, processes: int) -> tuple[int, int]:
     """(steps per epoch, total micro-batches) of training ``split`` with ``processes`` processes."""
-    per_epoch = steps_per_epoch(split.train_samples, config.train.batch_size, processes, config.data.workers)
+    workers = resolve_workers(config.data.workers)  # a run resolves auto before (seg.recipe.config.resolve_auto)
+    per_epoch = steps_per_epoch(split.train_samples, config.train.batch_size, processes, workers)
     return per_epoch, total_steps(config, per_epoch)
 
 
@@ -133,6 +137,7 @@ def fold_identity(
             "global": processes * train.batch_size * train.grad_accum,
         },
         "schedule": {"steps_per_epoch": per_epoch, "total_steps": total},
+        "loader": {"workers": resolve_workers(config.data.workers)},
         "code": code_version(),
     }
 
@@ -204,6 +209,22 @@ def read_identity(path: Path) -> dict[str, Any] | None:
     if path.name == "identity.json":
         return record
     return record.get("identity") if isinstance(record, dict) else None
+
+
+def recorded_workers(fold: Fold, resume: str = "auto") -> int | None:
+    """The loader workers recorded by the run a start of ``fold`` continues (``resume`` as
+    seg/train.py takes it): the newest state's, else the finished run's summary; None for a
+    new run (and for one recorded before the count was)."""
+    if resume == "none":
+        return None
+    state = latest_state(fold.dir) if resume == "auto" else Path(resume)
+    paths = [state / "identity.json"] if state is not None else []
+    paths += [fold.summary] if resume == "auto" else []
+    for path in paths:
+        workers = ((read_identity(path) or {}).get("loader") or {}).get("workers")
+        if isinstance(workers, int):
+            return workers
+    return None
 
 
 def finished_run(fold: Fold, identity: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:

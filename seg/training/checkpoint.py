@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,13 @@ def validate(run: Run, data: FoldData, training: TrainingState) -> dict[str, Any
     groups = {"fold": [data.split.val_group]} | ({"val": ["val"]} if config.train.eval_val else {})
     for name, group in groups.items():
         loader, expected = eval_loader_of(config.data, group, run.rank, run.world, run.cuda)
+        started = time.perf_counter()
         matrix, seen, examples = evaluate(
             training.evaluated, loader, run.device, data.augment, autocast, config.wandb.images
         )
         result = matrix.compute()
         result["samples"], result["skipped"] = seen, expected - seen
+        result["seconds"] = time.perf_counter() - started  # the chain check's phase (tools/chain_check.py)
         results[name] = result
         entry = {f"{name}/{k}": v for k, v in result.items() if k != "iou"} | {f"{name}/iou": result["iou"]}
         run.record(entry, training.progress, data.steps_per_epoch)

@@ -19,7 +19,8 @@ from seg.core.runs import Experiment, Fold, is_state, latest_state
 from seg.core.signals import Drill
 from seg.data.manifest import FoldSplit, ManifestError
 from seg.recipe.identity import SCRATCH, describe, differences, finished_run, fold_identity, read_identity
-from seg.training.records import EXIT_REFUSED
+from seg.data.loader import workers_problem
+from seg.training.records import EXIT_REFUSED, Run
 
 
 def say_refusal(error: str, code: int = EXIT_REFUSED) -> int:
@@ -118,3 +119,8 @@ def refused_together(accelerator: Accelerator, error: str | None, code: int = EX
     if first and accelerator.is_main_process:
         print(f"error: {first[0]}", file=sys.stderr, flush=True)
     return first[1] if first else 0
+
+
+def workers_disagree(run: Run) -> str | None:
+    """Ranks whose data.workers resolved differently (an `auto` on unequal cores) are one refusal."""
+    return workers_problem(gather_object([run.config.data.workers]))
