@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from seg.atomic import atomic_directory
+from seg.atomic import atomic_directory, remove_leftovers
 from seg.augment import DeviceAugment
 from seg.data import TrainStream, eval_loader_of, shards_of
 from seg.distributed import convert_sync_batchnorm
@@ -235,6 +235,7 @@ def reduce_stage(
         try:
             check_writable(stage.dir)
             lease = acquire(stage.reduce_lease, f"reduction of {stage.dir}")
+            remove_leftovers(stage.dir, stage.reduced.name)  # of a reduction killed mid-write
         except (LeaseHeldError, StorageError) as e:
             refusal = e
     refused = next((r for r in gather_object([refusal]) if r), None)

@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from seg import losses, optim
-from seg.atomic import atomic_write_bytes, plain_modes
+from seg.atomic import atomic_write_bytes, plain_modes, remove_leftovers
 from seg.augment import DeviceAugment, cut_on_device
 from seg.config import ConfigError, load_config, to_dict
 from seg.data import DataError, eval_loader_of, packed_size, shards_of, train_loader
@@ -65,7 +65,16 @@ from seg.launch import launcher_problem
 from seg.lease import Lease, LeaseHeldError, acquire
 from seg.manifest import FoldSplit, ManifestError
 from seg.model import from_config
-from seg.runs import Experiment, Fold, MetricsLog, is_state, latest_state, prune_states, state_name
+from seg.runs import (
+    Experiment,
+    Fold,
+    MetricsLog,
+    is_state,
+    latest_state,
+    prune_states,
+    remove_state_leftovers,
+    state_name,
+)
 from seg.schedule import Schedule
 from seg.storage import (
     EXIT_STORAGE,
@@ -489,6 +498,9 @@ def open_fold_folder(run: Run) -> tuple[str | None, int]:
     command leaves no folder behind (a stray ``fold5/`` would reach the reducer and the report)."""
     if run.main_process:
         try:
+            # an earlier attempt killed mid-write: its temporary files (the lease makes them no one's now)
+            remove_leftovers(run.out.dir)
+            remove_state_leftovers(run.out.dir)
             atomic_write_bytes(run.out.config, OmegaConf.to_yaml(run.config).encode())
             run.out.preempted.unlink(missing_ok=True)  # an earlier attempt's
         except OSError as e:

@@ -83,6 +83,21 @@ def test_a_run_writes_its_outputs(shards, tmp_path):
         f"step-{2 * per_epoch:08d}",
     ]
 
+    # Found while writing tools/chaos.py: an attempt killed while exporting its final weights
+    # (or pruning its last states) leaves hidden temporary files, and the rerun, resumed from
+    # the final state, saves nothing more, so no prune ever removed them. The rerun does.
+    (out / "summary.json").unlink()  # killed before the outputs were all written
+    leftovers = [out / ".model.safetensors.k1ll3d.tmp", out / "checkpoints" / ".step-00000001.deleting",
+                 out / "checkpoints" / ".step-00000009.partial"]  # fmt: skip
+    leftovers[0].write_bytes(before[0][:100])
+    for folder in leftovers[1:]:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"torn")
+    resumed = run(shards, tmp_path, "train.epochs=2")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    assert [p for p in leftovers if p.exists()] == []
+    assert (out / "model.safetensors").read_bytes() == before[0] and (out / "summary.json").is_file()
+
 
 def test_a_killed_run_resumes_to_the_weights_of_one_never_stopped(shards, tmp_path):
     epochs = ["train.epochs=3"]
