@@ -54,8 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # `python tools/chaos.py` from a checkout: make `seg` and `tests` importable
     sys.path.insert(0, str(REPO))
 
-from seg.atomic import atomic_write_bytes  # noqa: E402
-from seg.runs import Experiment  # noqa: E402
+from seg.core.atomic import atomic_write_bytes  # noqa: E402
+from seg.core.runs import Experiment  # noqa: E402
 from tests.slurm_cluster import FINISHED, SlurmCluster, running_cluster  # noqa: E402
 
 KINDS = (
@@ -143,9 +143,9 @@ def plan(seed: int, count: int, kinds: list[str]) -> list[Fault]:
 
 def prepare_data(workdir: Path) -> Path:
     """Tiny synthetic Cityscapes packed in FOLDS folds with a selection city; the shards' folder."""
-    from seg.cli import Size
-    from seg.pack import Options, pack
-    from seg.synthetic import make_synthetic
+    from seg.core.cli import Size
+    from seg.data.pack import Options, pack
+    from seg.data.synthetic import make_synthetic
 
     shards = workdir / "shards"
     if not (shards / "manifest.json").exists():
