@@ -168,6 +168,11 @@ class Chain:
     submissions: list[list[tuple[int, str, str]]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
+    def say(self, line: str) -> None:
+        """A line of the run's log, printed as it happens (stderr: the table goes to stdout)."""
+        self.log.append(line)
+        print(f"chaos: {line}", file=sys.stderr, flush=True)
+
     @property
     def experiment(self) -> Experiment:
         return Experiment.named(str(self.runs), "demo")
@@ -183,7 +188,7 @@ class Chain:
             raise RuntimeError(f"{shlex.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
         jobs = re.findall(r"stage (\d+): folds (\d+) \(array [0-9,]+\), reduce (\d+)", done.stdout)
         self.submissions.append([(int(s), a, r) for s, a, r in jobs])
-        self.log.append(f"submitted: {jobs}")
+        self.say(f"{self.runs.name} chain submitted (stage, array, reduce): {jobs}")
 
     @property
     def jobs(self) -> list[str]:
@@ -358,7 +363,7 @@ class Injector:
         fault.metrics_inode = inode(self.chain.experiment.stage(fault.stage).fold(fault.fold).metrics)
         fault.target, fault.outcome = target, outcome
         where = f"stage {fault.stage} fold {fault.fold} step {step}"
-        self.chain.log.append(f"{fault.fired:.1f} s: fault {fault.index} {fault.kind} {where}: {fault.target}")
+        self.chain.say(f"{fault.fired:.1f} s: fault {fault.index} {fault.kind} {where}: {fault.target}")
 
     def fire_duplicate(self, fault: Fault, job: str, step: int) -> None:
         """The running fold's task submitted again, as a user who resubmits it by mistake: the
@@ -405,6 +410,7 @@ class Injector:
         if self.chain.broken(states) and self.drained_out(jobs):
             self.chain.submit()  # the user's way on: ./launch cv again
             self.recoveries["chain rerun (./launch cv)"] += 1
+            self.chain.say(f"{self.now():.1f} s: the chain was broken; ./launch cv again")
             self.seen_pending.clear()
 
     def release_requeued(self, jobs: dict[str, tuple[str, str, str]]) -> None:
@@ -418,6 +424,7 @@ class Injector:
             if time.monotonic() - first >= 3:
                 self.cluster.release(key)
                 self.recoveries["requeue released"] += 1
+                self.chain.say(f"{self.now():.1f} s: requeued {key} released")
                 del self.seen_pending[key]
 
     def drained_out(self, jobs: dict[str, tuple[str, str, str]]) -> bool:
