@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.core.atomic import atomic_directory, atomic_write_bytes, plain_modes
+from seg.core.atomic import atomic_directory, atomic_write_bytes, plain_modes, remove_leftovers
 from seg.core.cli import Size
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
@@ -90,3 +90,22 @@ def test_what_a_library_wrote_privately_gets_plain_modes(tmp_path, mask, file_mo
         plain_modes(state)
     assert modes(state) == {".": dir_mode, "sub": dir_mode, "model.safetensors": file_mode,
                             "sub/random_states.pkl": file_mode}  # fmt: skip
+
+
+def test_remove_leftovers_takes_what_hard_kills_left_and_nothing_else(tmp_path: Path):
+    for folder in (".reduced.partial-ab12", ".reduced.old-cd34", ".other.partial-ef56"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.safetensors").write_bytes(b"x")
+    for file in (".summary.json.k1ll.tmp", ".lease", "summary.json", ".reduce.lease"):
+        (tmp_path / file).write_text("{}")
+    removed = remove_leftovers(tmp_path, "reduced")
+    assert sorted(p.name for p in removed) == [".reduced.old-cd34", ".reduced.partial-ab12"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lease",
+        ".other.partial-ef56",
+        ".reduce.lease",
+        ".summary.json.k1ll.tmp",
+        "summary.json",
+    ]
+    assert sorted(p.name for p in remove_leftovers(tmp_path)) == [".other.partial-ef56", ".summary.json.k1ll.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lease", ".reduce.lease", "summary.json"]

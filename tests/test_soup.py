@@ -162,9 +162,13 @@ def test_reduce_folds_end_to_end(tmp_path):
                               capture_output=True, text=True, timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
     stage = tmp_path / "runs" / "demo" / "stage1"
+    killed = stage / ".reduced.partial-k1ll3d"  # an earlier reduction's, killed mid-write
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"torn")
     done = subprocess.run([sys.executable, str(REPO / "tools" / "reduce_folds.py"), str(stage), "--recalibrate", "2"],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    assert not killed.exists()
     report = json.loads((stage / "reduced" / "report.json").read_text())
     names = [c["name"] for c in report["candidates"]]
     known = {*names, *(alias for c in report["candidates"] for alias in c.get("aliases", []))}

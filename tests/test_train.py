@@ -17,7 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from seg.core.atomic import current_umask
+from seg.core.cli import Size
 from seg.core.launch import launch_command
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
 from seg.reduction.soup import load_fold_models
 from seg.train import main
 from seg.training.records import EXIT_REQUEUE
@@ -84,6 +87,38 @@ def test_a_run_writes_its_outputs(shards, tmp_path):
         f"step-{per_epoch:08d}",
         f"step-{2 * per_epoch:08d}",
     ]
+
+    # Found while writing tools/chaos.py: an attempt killed while exporting its final weights
+    # (or pruning its last states) leaves hidden temporary files, and the rerun, resumed from
+    # the final state, saves nothing more, so no prune ever removed them. The rerun does.
+    (out / "summary.json").unlink()  # killed before the outputs were all written
+    leftovers = [out / ".model.safetensors.k1ll3d.tmp", out / "checkpoints" / ".step-00000001.deleting",
+                 out / "checkpoints" / ".step-00000009.partial"]  # fmt: skip
+    leftovers[0].write_bytes(before[0][:100])
+    for folder in leftovers[1:]:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"torn")
+    resumed = run(shards, tmp_path, "train.epochs=2")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    assert [p for p in leftovers if p.exists()] == []
+    assert (out / "model.safetensors").read_bytes() == before[0] and (out / "summary.json").is_file()
+
+
+def test_two_ranks_given_unequal_numbers_of_evaluation_images_finish_the_evaluation(tmp_path):
+    """Found by tools/chaos.py: the evaluated model was DDP's, whose forward is a collective,
+    and 7 held-out images over 2 ranks (4 and 3, one per batch) left one rank in that forward
+    and the other in the metrics' all-reduce, forever."""
+    root = tmp_path / "cityscapes"
+    make_synthetic(root, counts={"train": 9, "val": 1, "test": 0}, cities={"train": 2, "val": 1, "test": 1},
+                   size=Size(32, 64), progress=False)  # fmt: skip
+    manifest = pack(root, tmp_path / "shards", Options(folds=2, splits=("train", "val")), progress=False)
+    held_out = manifest["counts"]["folds"][0]
+    assert held_out % 2 == 1, manifest["counts"]  # fold 0's held-out images do not split evenly
+    done = subprocess.run(command(tmp_path / "shards", tmp_path, "train.iters=2", processes=2), capture_output=True,
+                          text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / FOLD / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fold/samples"] for r in records if "fold/miou" in r] == [held_out, held_out]
 
 
 def test_a_killed_run_resumes_to_the_weights_of_one_never_stopped(shards, tmp_path):

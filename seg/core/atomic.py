@@ -63,6 +63,23 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise
 
 
+def remove_leftovers(directory: str | os.PathLike, name: str = "*") -> list[Path]:
+    """Remove what hard kills of atomic writes left in ``directory``: ``atomic_directory``'s
+    ``.<name>.partial-*`` and ``.<name>.old-*`` folders, ``atomic_write_bytes``' ``.<name>.*.tmp``
+    files (``name``: one output's name, or every one). Only for the folder's one writer (the
+    holder of its lease): another writer's work in progress looks the same. What was removed."""
+    directory = Path(directory)
+    found = [
+        p for pattern in (f".{name}.partial-*", f".{name}.old-*", f".{name}.*.tmp") for p in directory.glob(pattern)
+    ]
+    for leftover in found:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return found
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename. The file gets
     a plain ``open()``'s mode: an existing file's, else 0666 less the umask."""

@@ -253,7 +253,13 @@ def prune_states(directory: Path, keep_last: int, keep: set[str]) -> None:
             doomed = state.with_name(f".{state.name}.deleting")
             shutil.rmtree(doomed, ignore_errors=True)
             state.rename(doomed)
-    for leftover in checkpoints.glob(".step-*"):
+    remove_state_leftovers(directory)
+
+
+def remove_state_leftovers(directory: Path) -> None:
+    """Remove the hidden ``.step-*`` folders a killed save or prune left under
+    ``directory/checkpoints`` (the fold's one writer only: a save in flight looks the same)."""
+    for leftover in (directory / CHECKPOINTS).glob(".step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 

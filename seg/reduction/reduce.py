@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from seg.core.atomic import atomic_directory
+from seg.core.atomic import atomic_directory, remove_leftovers
 from seg.core.lease import LeaseHeldError, acquire
 from seg.core.runs import Stage
 from seg.core.storage import StorageError, check_writable, writing
@@ -160,6 +160,7 @@ def reduce_stage(
         try:
             check_writable(stage.dir)
             lease = acquire(stage.reduce_lease, f"reduction of {stage.dir}")
+            remove_leftovers(stage.dir, stage.reduced.name)  # of a reduction killed mid-write
         except (LeaseHeldError, StorageError) as e:
             refusal = e
     refused = next((r for r in gather_object([refusal]) if r), None)

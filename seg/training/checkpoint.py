@@ -47,18 +47,32 @@ def evaluate_and_checkpoint(run: Run, data: FoldData, training: TrainingState) -
     return False
 
 
+def evaluation_model(run: Run, training: TrainingState) -> torch.nn.Module:
+    """The evaluated model without its DDP wrapper, every rank holding rank 0's buffers.
+
+    DDP's forward broadcasts rank 0's buffers, a collective, at every call: ranks given
+    unequal numbers of images (one per batch, e.g. 5 over 2 ranks) would wait on each other
+    forever, one in that broadcast and the other in the metrics' all-reduce (found by
+    tools/chaos.py). The buffers are broadcast once here instead, as DDP's first forward did;
+    an evaluation changes none of them."""
+    model = run.accelerator.unwrap_model(training.evaluated)
+    if model is not training.evaluated:  # wrapped: distributed
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    return model
+
+
 def validate(run: Run, data: FoldData, training: TrainingState) -> dict[str, Any]:
     """The metrics on the fold's validation group (and on val with train.eval_val), recorded."""
     config = run.config
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
     results = {}
     groups = {"fold": [data.split.val_group]} | ({"val": ["val"]} if config.train.eval_val else {})
+    model = evaluation_model(run, training)
     for name, group in groups.items():
         loader, expected = eval_loader_of(config.data, group, run.rank, run.world, run.cuda)
         started = time.perf_counter()
-        matrix, seen, examples = evaluate(
-            training.evaluated, loader, run.device, data.augment, autocast, config.wandb.images
-        )
+        matrix, seen, examples = evaluate(model, loader, run.device, data.augment, autocast, config.wandb.images)
         result = matrix.compute()
         result["samples"], result["skipped"] = seen, expected - seen
         result["seconds"] = time.perf_counter() - started  # the chain check's phase (tools/chain_check.py)

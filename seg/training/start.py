@@ -14,9 +14,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
 
-from seg.core.atomic import atomic_write_bytes
+from seg.core.atomic import atomic_write_bytes, remove_leftovers
 from seg.core.lease import LeaseHeldError, acquire
-from seg.core.runs import Fold, MetricsLog
+from seg.core.runs import Fold, MetricsLog, remove_state_leftovers
 from seg.core.storage import EXIT_STORAGE, storage_problem
 from seg.recipe.config import to_dict
 from seg.recipe.identity import experiment_key
@@ -65,6 +65,9 @@ def open_fold_folder(run: Run) -> tuple[str | None, int]:
     command leaves no folder behind (a stray ``fold5/`` would reach the reducer and the report)."""
     if run.main_process:
         try:
+            # an earlier attempt killed mid-write: its temporary files (the lease makes them no one's now)
+            remove_leftovers(run.out.dir)
+            remove_state_leftovers(run.out.dir)
             atomic_write_bytes(run.out.config, OmegaConf.to_yaml(run.config).encode())
             run.out.preempted.unlink(missing_ok=True)  # an earlier attempt's
         except OSError as e:

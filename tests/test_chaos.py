@@ -1,0 +1,141 @@
+"""tools/chaos.py: its plan and its comparison here; its short mode on a real Slurm (which also
+covers what the chain test of tests/test_slurm.py covered: two stages of 2-node folds through
+./launch cv, a fold preempted by Slurm's time-limit warning, requeued and resumed, each
+reduction after its stage)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
+from tools.chaos import FOLDS, KINDS, STAGES, STEPS, chaos, clock_key, compare, main, plan, table
+
+
+def test_a_seed_draws_the_same_plan_and_uses_every_kind_before_repeating():
+    first, again, other = plan(7, 12, list(KINDS)), plan(7, 12, list(KINDS)), plan(8, 12, list(KINDS))
+    assert first == again and first != other
+    kinds = [f.kind for f in sorted(first, key=lambda f: f.index)]
+    assert sorted(kinds[: len(KINDS)]) == sorted(KINDS)  # the first ten: each kind once
+    assert all(1 <= f.stage <= STAGES and 0 <= f.fold < FOLDS and 1 <= f.step < STEPS for f in first)
+    assert [(f.stage, f.step) for f in first] == sorted((f.stage, f.step) for f in first)  # in the order they come
+
+
+@pytest.mark.parametrize(
+    ("key", "clock"),
+    [("train/step_time", True), ("wall_s", True), ("images_per_s", True), ("since", True), ("host", True),
+     ("train/loss", False), ("candidates", False), ("val/miou", False), ("steps", False), ("skipped", False)],
+)  # fmt: skip
+def test_clock_keys_are_told_from_results(key: str, clock: bool):
+    assert clock_key(key) is clock
+
+
+def experiment(root: Path, name: str, steps: int = STEPS) -> Path:
+    """A fake experiment folder: one fold's weights, metrics, summary; one reduction."""
+    fold = root / name / "demo" / "stage1" / "fold0"
+    fold.mkdir(parents=True)
+    (fold / "model.safetensors").write_bytes(b"weights")
+    lines = [json.dumps({"step": s, "train/loss": 1.0 / s, "train/step_time": 0.1 * s}) for s in range(1, steps + 1)]
+    (fold / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (fold / "summary.json").write_text(json.dumps({"steps": steps, "wall_s": 3.0, "init_from": f"{root}/{name}/x"}))
+    reduced = root / name / "demo" / "stage1" / "reduced"
+    reduced.mkdir()
+    (reduced / "model.safetensors").write_bytes(b"reduced")
+    (root / name / "demo" / "logs").mkdir()
+    (root / name / "demo" / "logs" / "whatever.log").write_text(name)  # logs are not compared
+    return root / name / "demo"
+
+
+def test_equal_chains_compare_equal_wall_times_paths_and_logs_aside(tmp_path: Path):
+    reference, chain = experiment(tmp_path, "reference"), experiment(tmp_path, "chaos")
+    summary = chain / "stage1" / "fold0" / "summary.json"
+    summary.write_text(summary.read_text().replace('"wall_s": 3.0', '"wall_s": 9.5'))
+    problems, counts = compare(reference, chain)
+    assert problems == []
+    assert counts == {"metrics logs": 1, "summaries and reports (json)": 1, "weights files": 2}
+
+
+def test_a_differing_weight_a_lost_or_doubled_step_and_a_leftover_are_each_found(tmp_path: Path):
+    reference, chain = experiment(tmp_path, "reference"), experiment(tmp_path, "chaos")
+    (chain / "stage1" / "reduced" / "model.safetensors").write_bytes(b"reduceD")
+    metrics = chain / "stage1" / "fold0" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([*lines[:3], lines[2], *lines[3:]]) + "\n")  # step 3 twice
+    (chain / "stage1" / "fold0" / ".lease").write_text("{}")
+    (chain / "stage1" / "fold0" / "PREEMPTED").write_text("{}")
+    (chain / "stage1" / "fold0" / "checkpoints" / ".step-00000004.partial").mkdir(parents=True)
+    problems = "\n".join(compare(reference, chain)[0])
+    assert "stage1/reduced/model.safetensors: weights differ" in problems
+    assert f"training steps [1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], not 1..{STEPS} once each" in problems
+    for left in (".lease", "PREEMPTED", "checkpoints/.step-00000004.partial"):
+        assert f"left behind: stage1/fold0/{left}" in problems
+    assert "files differ: extra" in problems
+
+
+def test_a_changed_value_in_metrics_or_a_summary_is_found(tmp_path: Path):
+    reference, chain = experiment(tmp_path, "reference"), experiment(tmp_path, "chaos")
+    metrics = chain / "stage1" / "fold0" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace('"train/loss": 0.5,', '"train/loss": 0.50001,'))
+    summary = chain / "stage1" / "fold0" / "summary.json"
+    summary.write_text(summary.read_text().replace('"steps": 12', '"steps": 11'))
+    problems = compare(reference, chain)[0]
+    assert any("metrics.jsonl: records differ" in p for p in problems)
+    assert "stage1/fold0/summary.json: differs (wall times aside)" in problems
+
+
+def test_unknown_kinds_or_no_faults_are_refused_with_exit_2(capsys: pytest.CaptureFixture[str]):
+    assert main(["--kinds", "kill-rank,meteor"]) == 2
+    assert "'kill-rank,meteor'" in capsys.readouterr().err
+    assert main(["--faults", "0"]) == 2
+
+
+# --- the short mode on a real Slurm -------------------------------------------------------------
+
+SHORT_KINDS = ["kill-rank", "scancel-kill", "usr1-batch", "preempt", "duplicate"]
+
+
+@pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
+@pytest.mark.timeout(1800, func_only=True)  # the session's cluster may first wait for another on this machine
+def test_five_faults_on_a_whole_chain_end_bit_identical(slurm_cluster: SlurmCluster, tmp_path: Path):
+    result = chaos(slurm_cluster, tmp_path, seed=0, count=len(SHORT_KINDS), kinds=SHORT_KINDS, timeout=1200)
+    print(table(result))
+    assert result["verdict"] == "identical", table(result)
+    assert sorted(result["by_kind"]) == sorted(SHORT_KINDS)
+    assert all(f["fired"] is not None and f["recovered"] is not None for f in result["faults"]), table(result)
+    duplicate = next(f for f in result["faults"] if f["kind"] == "duplicate")
+    assert duplicate["outcome"] in ("refused by the lease", "found the fold finished"), table(result)
+    warned = next(f for f in result["faults"] if f["kind"] == "usr1-batch")
+    assert warned["outcome"] == "requeued, resumed", table(result)
+
+    # Every fold ran on two machine ranks, one on each node; stage 2 started from stage 1's model.
+    reference, chain = Path(result["reference"]), Path(result["chaos"])
+    for stage in range(1, STAGES + 1):
+        for fold in range(FOLDS):
+            summary = json.loads((chain / f"stage{stage}" / f"fold{fold}" / "summary.json").read_text())
+            assert (summary["machines"], summary["nodes"], summary["processes"]) == ([0, 1], ["n1", "n2"], 2)
+            seed = chain / "stage1" / "reduced" / "model.safetensors"
+            assert summary["init_from"] == (str(seed) if stage == 2 else None)
+            assert list((chain / f"stage{stage}" / f"fold{fold}" / "wandb").glob("offline-run-*"))
+        assert list((chain / f"stage{stage}" / "wandb").glob("offline-run-*")), "the reduction's wandb run"
+
+    # Slurm's time-limit warning reads as a preemption in the fold's log: no traceback, one reaction.
+    log = "\n".join(p.read_text() for p in (chain / "logs").glob(f"stage{warned['stage']}-fold{warned['fold']}-*.log"))
+    assert "state saved, requeued" in log and "restart 1" in log and "resumed from" in log
+
+    # The undisturbed chain: each reduce job started only after every fold of its stage had ended.
+    records = [dict(f.split("=", 1) for f in line.split() if "=" in f)
+               for line in (slurm_cluster.dir / "jobcomp.txt").read_text().splitlines()]  # fmt: skip
+    jobs = [line for line in result["reference_jobs"]]
+
+    def times(job: str, key: str) -> list[datetime]:
+        return [datetime.fromisoformat(r[key]) for r in records if job in (r.get("ArrayJobId"), r["JobId"])]
+
+    for stage, array, reduce in jobs:
+        assert min(times(reduce, "StartTime")) >= max(times(array, "EndTime"))
+        if stage > 1:
+            assert min(times(array, "StartTime")) >= max(times(jobs[stage - 2][2], "EndTime"))
+    assert reference != chain
