@@ -33,7 +33,7 @@ from seg.transforms import GEOMETRIES, LEVELS
 
 @dataclass
 class DataConfig:
-    shards: str = MISSING  # a packed dataset (tools/pack_cityscapes.py)
+    shards: str = MISSING  # a packed dataset (tools/pack_cityscapes.py): a folder, http(s):// or s3:// URL
     geometry: str = "resize"  # resize (the study) | scale-crop (mmseg)
     size: list[int] = field(default_factory=lambda: [512, 1024])  # training input (H, W)
     base_size: list[int] = field(default_factory=lambda: [1024, 2048])  # scale-crop's reference scale
@@ -42,7 +42,8 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per process
     shuffle_buffer: int = 32
     on_error: str = "raise"  # raise | skip (and count) unreadable samples
-    checksums: bool = True  # verify shard sha256 before training
+    checksums: bool = True  # verify shard sha256 before training (remote shards: always, as they arrive)
+    cache_dir: str | None = None  # remote shards: keep each one fetched here (by sha256) for later epochs
     channels_last: bool = False
     # True: workers only decode and draw each sample's window; the cut and resize run batched
     # on the training device (seg.augment.cut_on_device), fewer CPU cores per GPU

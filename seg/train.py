@@ -65,6 +65,7 @@ from seg.launch import launcher_problem
 from seg.lease import Lease, LeaseHeldError, acquire
 from seg.manifest import FoldSplit, ManifestError
 from seg.model import from_config
+from seg.remote import RemoteError
 from seg.runs import Experiment, Fold, MetricsLog, is_state, latest_state, prune_states, state_name
 from seg.schedule import Schedule
 from seg.storage import (
@@ -333,7 +334,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
                 drill.after(progress.step, run.rank)
             if not exit_code and not progress.final:  # resumed at the end from a state that lacks it
                 progress.final = validate(run, data, fit)
-        except (DataError, FloatingPointError) as e:
+        except (DataError, RemoteError, FloatingPointError) as e:  # RemoteError: a remote shard, after its retries
             print(f"error (rank {run.rank}): {e}", file=sys.stderr, flush=True)
             return 1
         except StorageFailureError as e:  # every rank is here, at the same step
@@ -577,6 +578,7 @@ def training_loader(run: Run, data: FoldData, start_epoch: int) -> torch.utils.d
         pin_memory=run.cuda,
         checksums=False,
         geometry_on_device=config.data.geometry_on_device,
+        cache=config.data.cache_dir,
     )
 
 

@@ -72,6 +72,7 @@ from seg.inference import TestTimeAugmentation
 from seg.manifest import ManifestError
 from seg.plots import evaluation_figures
 from seg.png import encode_gray8
+from seg.remote import RemoteError
 from seg.report import count
 from seg.runs import Stage
 from seg.storage import EXIT_STORAGE, StorageError, check_writable, writing
@@ -196,8 +197,12 @@ def run(argv: list[str] | None) -> int:
                 atomic_write_bytes(args.export / f"{key}_labelIds.png", encode_gray8(labels))
 
     device = accelerator.device
-    matrix, seen, _ = evaluate(model.to(device), loader, device, DeviceAugment("none").to(device), tta=tta,
-                               export=export)  # fmt: skip
+    try:
+        matrix, seen, _ = evaluate(model.to(device), loader, device, DeviceAugment("none").to(device), tta=tta,
+                                   export=export)  # fmt: skip
+    except RemoteError as e:  # a remote shard that still fails after its retries
+        say(f"error: {e}", file=sys.stderr)
+        return 1
     result = {"samples": seen, "expected": expected, "split": args.split, "shards": str(shards),
               "model": ", ".join(map(str, model_paths)), "labelled": labelled, "settings": record,
               "export": str(args.export) if args.export else None}  # fmt: skip

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # `python tools/reduce_folds.py` from a checkout,
 from seg.lease import LeaseHeldError
 from seg.manifest import ManifestError
 from seg.reduce import add_arguments, reduce_stage
+from seg.remote import RemoteError
 from seg.storage import EXIT_STORAGE, StorageError
 from seg.weights import WeightsError
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             args.weights,
             seed_from=args.seed_from,
         )
-    except (WeightsError, ManifestError, ValueError, LeaseHeldError) as e:
+    except (WeightsError, ManifestError, RemoteError, ValueError, LeaseHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StorageError as e:
