@@ -34,8 +34,9 @@ from seg import runs
 from seg.atomic import atomic_directory
 from seg.cityscapes import CLASS_NAMES
 from seg.identity import NOT_IDENTITY, differences, stage_identity
-from seg.manifest import MANIFEST, SELECTION_GROUP, fold_group
+from seg.manifest import MANIFEST, SELECTION_GROUP, ManifestError, fold_group, load_manifest, location
 from seg.plots import pyplot, save
+from seg.remote import is_remote
 from seg.report import ReportError, out_of_fold, read_json, read_metrics
 
 CONFIDENCE = 0.95
@@ -232,7 +233,7 @@ class Data:
     """The shards an experiment's stage trained on, as far as they can be identified."""
 
     shards: str  # as the config names it
-    manifest_path: Path | None  # where its manifest.json was found (None: not found)
+    manifest_path: Path | str | None  # where its manifest.json was found (a URL for remote shards; None: not found)
     manifest: dict[str, Any] | None
     digest: str | None  # sha256 of the manifest without source.root (see data_identity)
 
@@ -458,6 +459,12 @@ def data_identity(shards: str, experiment: Path, runs_dir: str | None = None) ->
     was packed from, which changes no byte of the shards; packing is deterministic, so two
     packs of one tree with the same options hash the same wherever they were made).
     """
+    if is_remote(shards):  # read from where training read it; unreachable now: compared as not found
+        try:
+            manifest = load_manifest(shards)
+        except ManifestError:
+            return Data(shards, None, None, None)
+        return Data(shards, location(shards, MANIFEST), manifest, manifest_digest(manifest))
     candidates = (
         [Path(shards)]
         if Path(shards).is_absolute()

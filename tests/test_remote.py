@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from seg import remote
+from seg.compare import data_identity
 from seg.data import EvalStream, TrainStream, eval_loader, shard_samples, shards_of
 from seg.manifest import ManifestError, fold_groups, load_manifest, verify
 from seg.remote import RemoteError, Store
@@ -289,3 +290,11 @@ def test_the_cache_serves_later_reads_without_the_server(served, faulty, tmp_pat
     first = items(EvalStream(shards))
     served.stop()
     assert same(items(EvalStream(shards)), first) and len(list((tmp_path / "cache").iterdir())) == len(shards)
+
+
+def test_compare_identifies_shards_named_by_url_by_the_manifest_it_reads_there(packed, served, tmp_path):
+    """tools/compare.py's data check: a run trained from the URL and one from the folder trained
+    on the same data; a URL that can't be read now is data it cannot identify."""
+    streamed, folder = data_identity(f"{served.url}/shards", tmp_path), data_identity(str(packed), tmp_path)
+    assert streamed.digest == folder.digest and streamed.manifest_path == f"{served.url}/shards/manifest.json"
+    assert data_identity(f"{served.url}/gone", tmp_path).manifest is None
