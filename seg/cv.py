@@ -10,7 +10,7 @@ On Slurm, every stage is one job array of slurm/fold.sh (a task per fold, each o
 The whole chain is submitted at once and the job ids are printed. ``--local`` runs the same
 chain here: each fold through ``accelerate launch`` with P processes, folds in turn. Either
 way a rerun skips what is finished: a fold whose summary.json records the run the chain
-would start (seg/identity.py; seg/train.py itself decides this on Slurm), a stage whose
+would start (seg/recipe/identity.py; seg/train.py itself decides this on Slurm), a stage whose
 reduced model is newer than its folds' models. A fold that finished as another run stops
 the chain with the difference named.
 """
@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from seg.config import ConfigError, load_config
-from seg.identity import describe, finished_run, fold_identity
-from seg.launch import launch_command
-from seg.lease import LeaseHeldError, acquire
-from seg.manifest import FoldSplit, ManifestError, load_manifest
-from seg.reduce import add_arguments, options_record, selection_group
-from seg.runs import Experiment, latest_state, state_step
-from seg.signals import Signals
+from seg.core.launch import launch_command
+from seg.core.lease import LeaseHeldError, acquire
+from seg.core.runs import Experiment, latest_state, state_step
+from seg.core.signals import Signals
+from seg.data.manifest import FoldSplit, ManifestError, load_manifest
+from seg.recipe.config import ConfigError, load_config
+from seg.recipe.identity import describe, finished_run, fold_identity
+from seg.reduction.reduce import add_arguments, options_record, selection_group
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,12 @@
     torchrun --nproc_per_node N seg/train.py ...      python seg/train.py ... (one process)
 
 On a machine without CUDA it runs on the CPU over gloo. State goes to
-``runs/<experiment>/stage{s}/fold{k}/`` (see seg/runs.py). On SIGTERM or SIGUSR1
+``runs/<experiment>/stage{s}/fold{k}/`` (see seg/core/runs.py). On SIGTERM or SIGUSR1
 every rank stops at the same step, the state is saved, a PREEMPTED file is written in the
 fold's folder, and every rank exits with EXIT_REQUEUE (75); a job script turns either into
 a requeue, and ``--resume auto`` (the default) continues from the newest complete state.
 SIGINT (Ctrl-C) stops and saves the same way, without the marker, and exits
-EXIT_INTERRUPTED (130). The handlers are installed before anything else (seg/signals.py):
+EXIT_INTERRUPTED (130). The handlers are installed before anything else (seg/core/signals.py):
 a signal during start-up stops the run before its first step. Data workers ignore all three.
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 if __package__ in (None, ""):  # `accelerate launch seg/train.py` from a checkout without install: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.signals import Drill, Signals
+from seg.core.signals import Drill, Signals
 
 # Caught from here on, before the imports that take seconds: a signal during them is not lost.
 EARLY_SIGNALS = Signals().install() if __name__ == "__main__" else None
@@ -44,31 +44,12 @@ from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from seg import losses, optim
-from seg.atomic import atomic_write_bytes, plain_modes
-from seg.augment import DeviceAugment, cut_on_device
-from seg.config import ConfigError, load_config, to_dict
-from seg.data import DataError, eval_loader_of, packed_size, shards_of, train_loader
-from seg.distributed import all_reduce_sum, convert_sync_batchnorm
-from seg.evaluate import evaluate
-from seg.identity import (
-    SCRATCH,
-    describe,
-    differences,
-    experiment_key,
-    finished_run,
-    fold_identity,
-    read_identity,
-    run_length,
-)
-from seg.launch import launcher_problem
-from seg.lease import Lease, LeaseHeldError, acquire
-from seg.manifest import FoldSplit, ManifestError
-from seg.model import from_config
-from seg.remote import RemoteError
-from seg.runs import Experiment, Fold, MetricsLog, is_state, latest_state, prune_states, state_name
-from seg.schedule import Schedule
-from seg.storage import (
+from seg.core.atomic import atomic_write_bytes, plain_modes
+from seg.core.distributed import all_reduce_sum, convert_sync_batchnorm
+from seg.core.launch import launcher_problem
+from seg.core.lease import Lease, LeaseHeldError, acquire
+from seg.core.runs import Experiment, Fold, MetricsLog, is_state, latest_state, prune_states, state_name
+from seg.core.storage import (
     EXIT_STORAGE,
     NoRoomError,
     StorageError,
@@ -78,9 +59,28 @@ from seg.storage import (
     writable_problem,
     writing,
 )
-from seg.tracking import Tracker
-from seg.transforms import TrainGeometry
-from seg.weights import WeightsError, export_weights, load_backbone, load_weights
+from seg.data.augment import DeviceAugment, cut_on_device
+from seg.data.loader import DataError, eval_loader_of, packed_size, shards_of, train_loader
+from seg.data.manifest import FoldSplit, ManifestError
+from seg.data.remote import RemoteError
+from seg.data.transforms import TrainGeometry
+from seg.evaluation.evaluate import evaluate
+from seg.model.deeplab import from_config
+from seg.model.weights import WeightsError, export_weights, load_backbone, load_weights
+from seg.recipe import losses, optim
+from seg.recipe.config import ConfigError, load_config, to_dict
+from seg.recipe.identity import (
+    SCRATCH,
+    describe,
+    differences,
+    experiment_key,
+    finished_run,
+    fold_identity,
+    read_identity,
+    run_length,
+)
+from seg.recipe.schedule import Schedule
+from seg.results.tracking import Tracker
 
 EXIT_REQUEUE = 75  # saved on a preemption signal (TERM, USR1): requeue and resume
 EXIT_INTERRUPTED = 130  # saved on Ctrl-C (INT): stopped by hand, rerun to resume
@@ -132,7 +132,7 @@ class Run:
     out: Fold  # its folder
     machines: list[tuple[int, str]]  # (machine rank, node name) of every rank
     cuda: bool
-    identity: dict[str, Any]  # what this run is (seg/identity.py), in every state, sidecar and summary
+    identity: dict[str, Any]  # what this run is (seg/recipe/identity.py), in every state, sidecar and summary
     log: MetricsLog | None = None
     tracker: Tracker | None = None
     lease: Lease | None = None  # the fold's folder is ours (main process)
@@ -412,7 +412,7 @@ def refusal(args: argparse.Namespace, config: Any) -> str | None:
 
 
 def planned_identity(args: argparse.Namespace, config: Any) -> tuple[dict[str, Any] | None, FoldSplit | None]:
-    """What this run is (seg/identity.py), and the fold's split it read; (None, None) when the
+    """What this run is (seg/recipe/identity.py), and the fold's split it read; (None, None) when the
     manifest can't be read (the run then refuses with the manifest's own error)."""
     try:
         split = FoldSplit.of(config.data.shards, args.fold)
@@ -471,7 +471,7 @@ def start(args: argparse.Namespace, config: Any, out: Fold, identity: dict[str, 
 
 def take_lease(run: Run) -> tuple[str | None, int]:
     """The fold's lease (main process): one training writes a fold's folder at a time, across
-    nodes too (seg/lease.py). (None, 0), or why not and the exit code."""
+    nodes too (seg/core/lease.py). (None, 0), or why not and the exit code."""
     if not run.main_process:
         return None, 0
     folder = run.out.dir

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from seg.cli import Size
-from seg.synthetic import make_synthetic
+from seg.core.cli import Size
+from seg.data.synthetic import make_synthetic
 
 # A tiny synthetic Cityscapes: 6 train cities (uneven sizes), 2 val cities, 2 test cities.
 TINY = {"counts": {"train": 30, "val": 8, "test": 4}, "cities": {"train": 6, "val": 2, "test": 2}, "size": Size(32, 64)}

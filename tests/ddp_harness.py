@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from accelerate import Accelerator
 
-from seg.distributed import all_reduce_sum, convert_sync_batchnorm
-from seg.losses import CombinedLoss
-from seg.metrics import ConfusionMatrix
-from seg.model import DeepLabV3Plus
+from seg.core.distributed import all_reduce_sum, convert_sync_batchnorm
+from seg.evaluation.metrics import ConfusionMatrix
+from seg.model.deeplab import DeepLabV3Plus
+from seg.recipe.losses import CombinedLoss
 
 GLOBAL_BATCH = 4
 

@@ -1,4 +1,4 @@
-"""seg/atomic.py: what appears is complete, and readable as a plain open()/mkdir would make it."""
+"""seg/core/atomic.py: what appears is complete, and readable as a plain open()/mkdir would make it."""
 
 import contextlib
 import os
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.atomic import atomic_directory, atomic_write_bytes, plain_modes
-from seg.cli import Size
-from seg.pack import Options, pack
-from seg.synthetic import make_synthetic
-from seg.weights import export_weights
+from seg.core.atomic import atomic_directory, atomic_write_bytes, plain_modes
+from seg.core.cli import Size
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
+from seg.model.weights import export_weights
 
 
 @contextlib.contextmanager
@@ -58,7 +58,7 @@ def test_files_and_folders_get_the_modes_of_a_plain_open_and_mkdir(tmp_path, mas
 
 
 def test_a_replaced_file_keeps_its_mode_and_a_failed_write_leaves_the_old_one(tmp_path):
-    from seg.atomic import current_umask
+    from seg.core.atomic import current_umask
 
     with umask(0o027):
         assert current_umask() == 0o027 and current_umask() == 0o027  # read without changing it

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from cityscapesscripts.helpers import labels as reference
 
-from seg import cityscapes as cs
+from seg.core import cityscapes as cs
 
 
 def test_label_table_equals_cityscapesscripts_entry_by_entry():

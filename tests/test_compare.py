@@ -18,8 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from seg.cityscapes import CLASS_NAMES
-from seg.compare import (
+from seg.analysis.compare import (
     CompareError,
     NotComparableError,
     compare,
@@ -30,6 +29,7 @@ from seg.compare import (
     t_ppf,
     wilcoxon_signed_rank,
 )
+from seg.core.cityscapes import CLASS_NAMES
 from tests.wandb_records import run_record
 
 stats = pytest.importorskip("scipy.stats")  # a test dependency only (setup.cfg's test extra)
@@ -43,7 +43,7 @@ CITIES = ["aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf", "e
 
 
 def manifest(folds: int = 5, selection: tuple[str, ...] = ("ulm",), image_format: str = "png", root: str = "/data/cs"):
-    """A manifest.json in seg/pack.py's layout: per group its cities, samples, histogram, shards."""
+    """A manifest.json in seg/data/pack.py's layout: per group its cities, samples, histogram, shards."""
 
     def group(name: str, split: str, cities: list[str], samples: int, fold: int | None = None) -> dict:
         digest = hashlib.sha256(f"{name}{cities}{samples}{image_format}".encode()).hexdigest()
@@ -59,7 +59,7 @@ def manifest(folds: int = 5, selection: tuple[str, ...] = ("ulm",), image_format
         groups["train-selection"] = group("train-selection", "train", list(selection), 4)
     groups["val"] = group("val", "val", ["frankfurt"], 6)
     return {
-        "format": "seg.cityscapes-shards",
+        "format": "seg.core.cityscapes-shards",
         "format_version": 1,
         "source": {"root": root, "labels": {"labelIds": 70}},
         "options": {"folds": folds, "fold_mode": "city", "seed": 0, "selection_cities": list(selection),
@@ -130,7 +130,7 @@ def write_fold(runs: Path, experiment: str, fold: int, final: float, best: float
 
 
 def write_reduction(runs: Path, experiment: str, folds: list[int], miou: float, stage: int = 1) -> None:
-    """reduced/report.json as seg/reduce.py writes it, and tools/evaluate.py's eval-val/metrics.json."""
+    """reduced/report.json as seg/reduction/reduce.py writes it, and tools/evaluate.py's eval-val/metrics.json."""
     stage_dir = runs / experiment / f"stage{stage}"
     reduced = stage_dir / "reduced"
     reduced.mkdir(parents=True)
@@ -477,8 +477,8 @@ def test_wandb_logs_one_offline_compare_run_grouped_by_the_experiments(pair, tmp
 def test_the_pooled_out_of_fold_score_sits_beside_the_mean_and_folds_without_a_matrix_are_named(pair):
     """B's results carry their confusion matrices (final in summary.json, best in metrics.jsonl,
     as seg/train.py writes them); A's predate them."""
-    from seg.compare import tables
-    from seg.metrics import pooled
+    from seg.analysis.compare import tables
+    from seg.evaluation.metrics import pooled
 
     a, b = pair
     rng = np.random.default_rng(0)
@@ -520,7 +520,7 @@ def test_one_fold_per_side_says_there_is_no_interval(tmp_path):
     shards = write_shards(tmp_path / "shards" / "cityscapes", manifest(folds=1))
     write_fold(runs, "A", 0, 0.41, 0.42, shards)
     write_fold(runs, "B", 0, 0.43, 0.43, shards)
-    from seg.compare import caveat
+    from seg.analysis.compare import caveat
 
     text = " ".join(caveat(compare([runs / "A", runs / "B"])))
     assert "0 degrees of freedom" not in text and "12.71" not in text
@@ -528,7 +528,7 @@ def test_one_fold_per_side_says_there_is_no_interval(tmp_path):
 
 
 def identity(level: str, processes: int, start: str) -> dict:
-    """A fold identity as seg/identity.py records it in summary.json."""
+    """A fold identity as seg/recipe/identity.py records it in summary.json."""
     return {"config": {"data": {"level": level, "size": [32, 64]}, "model": {"depth": 18}}, "stage": 1,
             "init_from": {"path": f"/somewhere/{processes}/model.safetensors", "model": start},
             "data": {"manifest_sha256": "ab" * 32},
@@ -562,7 +562,7 @@ def test_the_comparison_leads_with_what_the_experiments_differ_in(pair, tmp_path
     assert (entry["baseline"], entry["candidate"]) == ("A", "B")
     assert entry["differences"] == ["config.data.level: 'standard' -> 'none'"]
 
-    # recorded identities (seg/identity.py's) are compared as the chain compares them: processes and
+    # recorded identities (seg/recipe/identity.py's) are compared as the chain compares them: processes and
     # code may differ, the start model's content may not
     for side, start, processes in ((a, "sha256:aaa", 1), (b, "sha256:bbb", 2)):
         for k in range(5):

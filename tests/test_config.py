@@ -6,12 +6,12 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from seg.cli import Size
-from seg.config import ConfigError, load_config
-from seg.identity import fold_identity
-from seg.manifest import FoldSplit
-from seg.pack import Options, pack
-from seg.synthetic import make_synthetic
+from seg.core.cli import Size
+from seg.data.manifest import FoldSplit
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
+from seg.recipe.config import ConfigError, load_config
+from seg.recipe.identity import fold_identity
 from seg.train import main
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

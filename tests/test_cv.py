@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from seg import cv
-from seg.cli import Size
-from seg.config import ConfigError, load_config
-from seg.identity import fold_identity
-from seg.manifest import FoldSplit, ManifestError
-from seg.pack import Options, pack
-from seg.signals import Signals
-from seg.synthetic import make_synthetic
+from seg.core.cli import Size
+from seg.core.signals import Signals
+from seg.data.manifest import FoldSplit, ManifestError
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
+from seg.recipe.config import ConfigError, load_config
+from seg.recipe.identity import fold_identity
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
@@ -265,7 +265,7 @@ def test_ctrl_c_of_a_local_chain_lets_the_fold_save_and_says_where_it_stopped(sh
 
 
 def test_a_second_local_chain_on_a_stage_is_refused_naming_the_first(shards, tmp_path):
-    from seg.lease import acquire
+    from seg.core.lease import acquire
 
     with acquire(tmp_path / "demo" / "stage1" / ".chain.lease", "local chain of stage 1"):
         done = subprocess.run(_tiny_chain(shards, tmp_path), capture_output=True, text=True, cwd=REPO, timeout=300)

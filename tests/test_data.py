@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from seg import cityscapes as cs
-from seg.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, cut_on_device, elastic
-from seg.data import (
+from seg.core import cityscapes as cs
+from seg.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, cut_on_device, elastic
+from seg.data.loader import (
     DataError,
     EvalStream,
     TrainStream,
@@ -27,9 +27,9 @@ from seg.data import (
     steps_per_epoch,
     train_loader,
 )
-from seg.manifest import FoldSplit, ManifestError, load_manifest
-from seg.pack import Options, pack
-from seg.transforms import TrainGeometry, _cat_max_ok, decoded_sample, eval_sample, train_sample
+from seg.data.manifest import FoldSplit, ManifestError, load_manifest
+from seg.data.pack import Options, pack
+from seg.data.transforms import TrainGeometry, _cat_max_ok, decoded_sample, eval_sample, train_sample
 
 GEOMETRY = TrainGeometry(size=(16, 32), base_size=(32, 64))
 
@@ -60,7 +60,7 @@ def group_keys(directory: Path, group: str) -> list[str]:
 def loader_and_steps(
     split: FoldSplit, geometry: TrainGeometry, batch_size: int, world_size: int = 1, workers: int = 2, **options
 ) -> tuple[torch.utils.data.DataLoader, int]:
-    """train_loader, and the batches per epoch a run takes from it (seg.identity.run_length's)."""
+    """train_loader, and the batches per epoch a run takes from it (seg.recipe.identity.run_length's)."""
     loader = train_loader(split, geometry, batch_size, world_size=world_size, workers=workers, **options)
     return loader, steps_per_epoch(split.train_samples, batch_size, world_size, workers)
 

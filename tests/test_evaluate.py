@@ -9,17 +9,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from seg.augment import DeviceAugment
-from seg.cityscapes import CLASS_NAMES, ID_TO_TRAINID, VALID_IDS
-from seg.cli import Size
-from seg.config import load_config, to_dict
-from seg.data import EvalStream, shards_of
-from seg.inference import TestTimeAugmentation, predict_probabilities
-from seg.metrics import ConfusionMatrix
-from seg.model import DeepLabV3Plus
-from seg.pack import Options, pack
-from seg.synthetic import make_synthetic
-from seg.weights import export_weights
+from seg.core.cityscapes import CLASS_NAMES, ID_TO_TRAINID, VALID_IDS
+from seg.core.cli import Size
+from seg.data.augment import DeviceAugment
+from seg.data.loader import EvalStream, shards_of
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
+from seg.evaluation.inference import TestTimeAugmentation, predict_probabilities
+from seg.evaluation.metrics import ConfusionMatrix
+from seg.model.deeplab import DeepLabV3Plus
+from seg.model.weights import export_weights
+from seg.recipe.config import load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def test_a_folder_or_a_sidecar_given_as_the_model_says_what_to_pass(model_and_sh
     assert done.returncode == 2
     assert f"{fold / 'best.json'}: this is a model's JSON sidecar, not the model; pass {fold / 'best.safetensors'}" \
         in done.stderr  # fmt: skip
-    from seg.weights import WeightsError, load_model
+    from seg.model.weights import WeightsError, load_model
 
     with pytest.raises(WeightsError, match=r"a folder, not a model file; pass .*fold0/best\.safetensors"):
         load_model(tmp_path / "stage1")
@@ -195,7 +195,7 @@ def test_a_folder_or_a_sidecar_given_as_the_model_says_what_to_pass(model_and_sh
 def test_class_names_in_the_frequency_figure_do_not_overlap():
     import matplotlib.text
 
-    from seg.plots import frequency_figure
+    from seg.results.plots import frequency_figure
 
     # many rare classes of about the same share and IoU: their names used to print over each other
     frequency = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.04] + [0.002 + 0.0001 * i for i in range(11)] + [0.0])
@@ -248,7 +248,9 @@ def test_several_model_files_or_an_ensemble_json_evaluate_their_ensemble(model_a
     assert result["miou"] == pytest.approx(matrix.compute()["miou"], abs=1e-3)
 
     # an ensemble.json of one member is that model: the very numbers of the file alone
-    (models / "ensemble.json").write_text(json.dumps({"format": "seg.ensemble", "members": ["m1.safetensors"]}))
+    (models / "ensemble.json").write_text(
+        json.dumps({"format": "seg.evaluation.ensemble", "members": ["m1.safetensors"]})
+    )
     one = evaluate_tool(str(models / "ensemble.json"), "--input-size", "full", "--out", str(tmp_path / "one"))
     alone = evaluate_tool(files[0], "--input-size", "full", "--out", str(tmp_path / "alone"))
     assert one.returncode == 0 and alone.returncode == 0, one.stderr[-2000:] + alone.stderr[-2000:]
@@ -354,7 +356,7 @@ def test_a_config_before_the_model_is_checked_against_its_sidecar_and_used(model
 def test_a_config_of_another_head_or_stem_is_refused_even_against_an_older_sidecar(tmp_path):
     """A sidecar written before model.stem/contract_dilation/head existed builds their defaults:
     a config asking for mmseg's head is another network."""
-    from seg.evaluate import SettingsError, check_config
+    from seg.evaluation.evaluate import SettingsError, check_config
 
     config = tmp_path / "mmseg_like.yaml"
     config.write_text(

@@ -1,6 +1,6 @@
-"""seg/identity.py: how two runs' identities differ."""
+"""seg/recipe/identity.py: how two runs' identities differ."""
 
-from seg.identity import differences, experiment_key
+from seg.recipe.identity import differences, experiment_key
 
 
 def test_a_config_key_a_run_recorded_before_it_existed_counts_as_its_default():

@@ -1,4 +1,4 @@
-"""seg/lease.py: one writer per folder, a holder that is gone taken over, a requeue reclaiming its own."""
+"""seg/core/lease.py: one writer per folder, a holder that is gone taken over, a requeue reclaiming its own."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from seg import lease
-from seg.lease import LeaseHeldError, acquire
+from seg.core import lease
+from seg.core.lease import LeaseHeldError, acquire
 
 
 def _holder(path, **changes) -> dict:

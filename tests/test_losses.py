@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from seg.config import LossConfig
-from seg.losses import (
+from seg.recipe.config import LossConfig
+from seg.recipe.losses import (
     CombinedLoss,
     OHEMLoss,
     class_weights_from_pixels,

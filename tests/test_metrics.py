@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as reference  # noqa: N813
 from cityscapesscripts.helpers.labels import labels as reference_labels
 
-from seg.cityscapes import EVAL_LABELS
-from seg.metrics import ConfusionMatrix, pooled
+from seg.core.cityscapes import EVAL_LABELS
+from seg.evaluation.metrics import ConfusionMatrix, pooled
 
 
 def test_hand_computed_case():

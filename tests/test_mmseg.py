@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.model import from_config
-from seg.weights import from_mmseg, load_model, load_state
+from seg.model.deeplab import from_config
+from seg.model.weights import from_mmseg, load_model, load_state
 from tests.test_model import MMSEG_PARAMETERS, FLOPS_512x1024
 from tools.convert_mmseg import main as convert
 

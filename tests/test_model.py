@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from seg.config import ConfigError, load_config
-from seg.model import DeepLabV3Plus, ResNet, count_parameters, from_config
-from seg.weights import WeightsError, load_backbone
+from seg.model.deeplab import DeepLabV3Plus, ResNet, count_parameters, from_config
+from seg.model.weights import WeightsError, load_backbone
+from seg.recipe.config import ConfigError, load_config
 
 # The study's model (ResNet-34 layout, OS 8, ASPP 12/24/36, 19 classes): the README's number.
 STUDY_PARAMETERS = 26_715_827
@@ -128,7 +128,7 @@ def test_weights_of_another_depth_are_refused_naming_the_key(tmp_path):
 
 
 def test_init_from_weights_that_do_not_fit_names_the_file_the_keys_with_shapes_and_the_cause(tmp_path):
-    from seg.weights import load_weights
+    from seg.model.weights import load_weights
 
     deeper = DeepLabV3Plus(34, 16)
     path = tmp_path / "depth34.safetensors"
@@ -232,7 +232,7 @@ def test_mmseg_model_keys_refuse_bad_values_naming_the_key(key, value):
 
 
 def test_the_auxiliary_head_is_exported_only_when_asked_and_init_from_starts_it_afresh(tmp_path):
-    from seg.weights import export_weights, load_model, load_weights
+    from seg.model.weights import export_weights, load_model, load_weights
 
     model = {"depth": 18, "output_stride": 8, "aspp_pool_norm": True, "aux_head": True, "aux_weight": 0.4}
     training = from_config(model, training=True)

@@ -1,4 +1,4 @@
-"""One writer per fold folder (seg/lease.py through seg/train.py): a second training of a fold
+"""One writer per fold folder (seg/core/lease.py through seg/train.py): a second training of a fold
 is refused while the first writes, a lease left by a dead process is taken over."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from seg.lease import _me
+from seg.core.lease import _me
 from tests.tiny_training import FOLD, REPO, command, run, steps_logged, tiny_shards, wait_for
 
 
@@ -56,7 +56,7 @@ def test_a_lease_left_by_a_dead_training_is_taken_over_saying_so(shards, tmp_pat
 
 
 def test_a_reduction_is_refused_while_another_reduces_the_stage(tmp_path):
-    from seg.lease import acquire
+    from seg.core.lease import acquire
 
     stage = tmp_path / "demo" / "stage1"
     with acquire(stage / ".reduce.lease", f"reduction of {stage}"):

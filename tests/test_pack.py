@@ -15,12 +15,12 @@ import psutil
 import pytest
 from PIL import Image
 
-from seg import cityscapes as cs
-from seg import pack as pack_module
-from seg.cli import Size
-from seg.manifest import ManifestError, fold_groups, load_manifest, shard_paths, verify
-from seg.pack import Options, PackError, pack
-from seg.synthetic import make_synthetic
+from seg.core import cityscapes as cs
+from seg.core.cli import Size
+from seg.data import pack as pack_module
+from seg.data.manifest import ManifestError, fold_groups, load_manifest, shard_paths, verify
+from seg.data.pack import Options, PackError, pack
+from seg.data.synthetic import make_synthetic
 from tools import pack_cityscapes
 
 from .conftest import TINY
@@ -371,7 +371,8 @@ def test_ctrl_c_with_workers_stops_them_within_a_sample_and_leaves_nothing(synth
     script = f"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
-from seg import pack, parallel
+from seg.data import pack
+from seg.core import parallel
 real = pack.write_shard
 def write_shard(root, out, job, options):
     if not job.name.startswith("train-fold1-"):

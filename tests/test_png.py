@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg.png import encode_gray8, encode_rgb8
+from seg.core.png import encode_gray8, encode_rgb8
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 13), (128, 256)])
@@ -26,7 +26,7 @@ def test_encode_gray8_rejects_other_arrays():
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (7, 13, 3), (64, 128, 3)])
 def test_encode_rgb8_round_trips_through_pil_and_the_fast_decoder(shape):
-    from seg.decode import decode_png
+    from seg.data.decode import decode_png
 
     array = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
     data = encode_rgb8(array)
@@ -43,7 +43,7 @@ def test_encode_rgb8_rejects_other_arrays():
 
 @pytest.mark.parametrize("fast", [True, False], ids=["libspng-simplejpeg", "pillow"])
 def test_the_decoders_agree_with_pillow_and_refuse_broken_files(fast, monkeypatch):
-    from seg import decode
+    from seg.data import decode
 
     if not fast:  # the fallback a platform without the wheels gets
         monkeypatch.setattr(decode, "pyspng", None)

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from seg.augment import IMAGENET_MEAN, IMAGENET_STD
-from seg.cityscapes import PALETTE, TRAINID_TO_ID, VALID_IDS
-from seg.config import load_config, to_dict
-from seg.model import DeepLabV3Plus
-from seg.weights import export_weights
+from seg.core.cityscapes import PALETTE, TRAINID_TO_ID, VALID_IDS
+from seg.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from seg.model.deeplab import DeepLabV3Plus
+from seg.model.weights import export_weights
+from seg.recipe.config import load_config, to_dict
 from tools.predict import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seg import remote
-from seg.compare import data_identity
-from seg.data import EvalStream, TrainStream, eval_loader, shard_samples, shards_of
-from seg.manifest import ManifestError, fold_groups, load_manifest, verify
-from seg.remote import RemoteError, Store
-from seg.transforms import TrainGeometry
+from seg.analysis.compare import data_identity
+from seg.data import remote
+from seg.data.loader import EvalStream, TrainStream, eval_loader, shard_samples, shards_of
+from seg.data.manifest import ManifestError, fold_groups, load_manifest, verify
+from seg.data.remote import RemoteError, Store
+from seg.data.transforms import TrainGeometry
 from tests.servers import MotoS3, Nginx, nginx_missing_reason
 from tests.tiny_training import FOLD, run, steps_logged, tiny_shards
 from tools import pack_cityscapes

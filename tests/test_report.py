@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg.cityscapes import CLASS_NAMES
-from seg.report import ReportError, load_experiment, write_report
-from seg.tracking import log_reduction
+from seg.analysis.report import ReportError, load_experiment, write_report
+from seg.core.cityscapes import CLASS_NAMES
+from seg.results.tracking import log_reduction
 from tests.wandb_records import run_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +276,7 @@ def test_log_reduction_writes_an_offline_run_in_the_experiment_group(tmp_path, m
 
 
 def test_reduction_table_says_which_candidates_are_the_same_model_and_counts_images_in_words(tmp_path):
-    from seg.report import reduction_summary
+    from seg.analysis.report import reduction_summary
 
     report = reduction_report(tmp_path / "stage1", [0, 1, 2])
     top3 = {
@@ -287,7 +287,7 @@ def test_reduction_table_says_which_candidates_are_the_same_model_and_counts_ima
         "fwiou": 0.6,
         "pixel_accuracy": 0.7,
     }
-    report["candidates"].insert(5, top3)  # after mean, as seg/reduce.py orders them
+    report["candidates"].insert(5, top3)  # after mean, as seg/reduction/reduce.py orders them
     report["selection"]["samples"] = 1
     text = "\n".join(reduction_summary(report))
     assert "(1 image)" in text and "1 images" not in text
@@ -297,8 +297,8 @@ def test_reduction_table_says_which_candidates_are_the_same_model_and_counts_ima
 
 
 def test_reduction_figures_start_at_zero_and_mark_the_winner(tmp_path):
-    from seg.plots import plot_reductions, reduction_figure
-    from seg.report import Stage
+    from seg.analysis.report import Stage
+    from seg.results.plots import plot_reductions, reduction_figure
 
     report = reduction_report(tmp_path / "stage1", [0, 1, 2])
     figure = plot_reductions([Stage(1, tmp_path / "stage1", reduction=report)])
@@ -325,16 +325,16 @@ def test_the_evaluation_table_shows_the_input_size_and_an_unlabelled_export_is_n
 
 
 def test_the_pooled_out_of_fold_score_equals_one_evaluation_of_every_held_out_image(tmp_path):
-    """Three folds of 1, 2 and 4 images, each evaluated by its own model through seg.evaluate
+    """Three folds of 1, 2 and 4 images, each evaluated by its own model through seg.evaluation.evaluate
     (as train.py's final evaluation does), written to summary.json: the pooled score equals
     one confusion matrix over every image predicted by hand, and the sum of the folds' matrices."""
     import torch
 
-    from seg.augment import DeviceAugment
-    from seg.evaluate import evaluate
-    from seg.metrics import ConfusionMatrix
-    from seg.model import DeepLabV3Plus
-    from seg.report import out_of_fold_lines, reduction_summary, stage_out_of_fold
+    from seg.analysis.report import out_of_fold_lines, reduction_summary, stage_out_of_fold
+    from seg.data.augment import DeviceAugment
+    from seg.evaluation.evaluate import evaluate
+    from seg.evaluation.metrics import ConfusionMatrix
+    from seg.model.deeplab import DeepLabV3Plus
 
     generator = torch.Generator().manual_seed(0)
     normalise = DeviceAugment("none")
@@ -411,8 +411,8 @@ def test_the_experiment_report_shows_the_out_of_fold_estimates_and_names_folds_w
 
 def test_a_one_epoch_fold_draws_its_single_loss_record(tmp_path):
     """stage1_training.png was blank for 1-epoch folds: one record each, drawn as a line with no marker."""
-    from seg.plots import fold_colour, plot_training, save
-    from seg.report import Fold, Stage
+    from seg.analysis.report import Fold, Stage
+    from seg.results.plots import fold_colour, plot_training, save
 
     folds = [Fold(1, k, tmp_path, [{"epoch": 1.0, "step": 5, "train/loss": 1.0 + k, "train/lr": 1e-3}], [], None,
                   False) for k in range(2)]  # fmt: skip
@@ -427,7 +427,7 @@ def test_a_one_epoch_fold_draws_its_single_loss_record(tmp_path):
 
 
 def test_the_confusion_matrix_says_how_it_is_normalised():
-    from seg.plots import confusion_figure
+    from seg.results.plots import confusion_figure
 
     figure = confusion_figure(np.eye(19) * 10 + 1)
     image_axes, colorbar = figure.axes
@@ -436,8 +436,8 @@ def test_the_confusion_matrix_says_how_it_is_normalised():
 
 
 def test_a_prediction_overlay_can_carry_a_legend_of_the_classes_it_shows():
-    from seg.cityscapes import PALETTE, colorize
-    from seg.plots import overlay_with_legend
+    from seg.core.cityscapes import PALETTE, colorize
+    from seg.results.plots import overlay_with_legend
 
     prediction = np.zeros((64, 128), np.uint8)
     prediction[:, 64:] = 13  # car

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import seg.runs
-from seg.runs import Experiment, Fold, Stage, fold_number, latest_state, prune_states, stage_number, state_name
-from seg.soup import load_fold_models
-from seg.weights import WEIGHTS_FORMAT, WeightsError
+import seg.core.runs
+from seg.core.runs import Experiment, Fold, Stage, fold_number, latest_state, prune_states, stage_number, state_name
+from seg.model.weights import WEIGHTS_FORMAT, WeightsError
+from seg.reduction.soup import load_fold_models
 
 FILES = ("model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl")
 
@@ -34,10 +34,10 @@ def test_a_prune_killed_midway_leaves_no_torn_state_and_the_next_prune_cleans_up
             raise KeyboardInterrupt("killed")
         real_rmtree(path, ignore_errors=ignore_errors)
 
-    monkeypatch.setattr(seg.runs.shutil, "rmtree", killed)
+    monkeypatch.setattr(seg.core.runs.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
         prune_states(tmp_path, keep_last=2, keep=set())
-    monkeypatch.setattr(seg.runs.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(seg.core.runs.shutil, "rmtree", real_rmtree)
     for state in (tmp_path / "checkpoints").glob("step-*"):  # every state that looks complete is
         assert sorted(p.name for p in state.iterdir()) == sorted(FILES), state
     assert latest_state(tmp_path).name == state_name(40)

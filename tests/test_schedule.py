@@ -1,12 +1,12 @@
-"""seg/schedule.py: warm-up, poly, cosine, plateau, per-group multipliers, and its state across a resume."""
+"""seg/recipe/schedule.py: warm-up, poly, cosine, plateau, per-group multipliers, and its state across a resume."""
 
 import math
 
 import pytest
 import torch
 
-from seg.config import ScheduleConfig
-from seg.schedule import Schedule
+from seg.recipe.config import ScheduleConfig
+from seg.recipe.schedule import Schedule
 
 
 def optimizer(lr: float = 1.0, backbone_mult: float = 0.1) -> torch.optim.Optimizer:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from seg.cli import Size
-from seg.pack import Options, pack
-from seg.synthetic import make_synthetic
+from seg.core.cli import Size
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
 from tests.slurm_cluster import FINISHED, SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
 
 # The time limit counts the test alone (func_only): the session's cluster may first wait for

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seg.cli import Size
-from seg.config import load_config, to_dict
-from seg.model import DeepLabV3Plus
-from seg.pack import Options, pack
-from seg.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
-from seg.synthetic import make_synthetic
-from seg.weights import WeightsError, export_weights
+from seg.core.cli import Size
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
+from seg.model.deeplab import DeepLabV3Plus
+from seg.model.weights import WeightsError, export_weights
+from seg.recipe.config import load_config, to_dict
+from seg.reduction.soup import FoldModel, average, greedy_soup, load_fold_models, recalibrate_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,10 +213,10 @@ def test_reduce_folds_end_to_end(tmp_path):
 
 
 def test_an_ensemble_of_one_model_is_that_model():
-    from seg.augment import DeviceAugment
-    from seg.ensemble import Ensemble
-    from seg.evaluate import evaluate
-    from seg.inference import TestTimeAugmentation, predict_probabilities
+    from seg.data.augment import DeviceAugment
+    from seg.evaluation.ensemble import Ensemble
+    from seg.evaluation.evaluate import evaluate
+    from seg.evaluation.inference import TestTimeAugmentation, predict_probabilities
 
     model = small_model(0).eval()
     ensemble = Ensemble([model]).eval()
@@ -238,8 +238,8 @@ def test_an_ensemble_of_one_model_is_that_model():
 
 
 def test_an_ensemble_of_k_models_averages_their_probabilities():
-    from seg.ensemble import Ensemble
-    from seg.inference import TestTimeAugmentation, predict_probabilities
+    from seg.evaluation.ensemble import Ensemble
+    from seg.evaluation.inference import TestTimeAugmentation, predict_probabilities
 
     models = [small_model(seed).eval() for seed in range(3)]
     x = torch.randn(2, 3, 32, 48)
@@ -254,7 +254,7 @@ def test_an_ensemble_of_k_models_averages_their_probabilities():
 
 
 def test_ensemble_members_are_resolved_and_checked(tmp_path):
-    from seg.ensemble import Ensemble, load_models, resolve_members, write_ensemble_file
+    from seg.evaluation.ensemble import Ensemble, load_models, resolve_members, write_ensemble_file
 
     stage = tmp_path / "stage1"
     for fold in range(3):
@@ -280,7 +280,7 @@ def test_ensemble_members_are_resolved_and_checked(tmp_path):
 
 
 def test_when_the_ensemble_wins_a_single_model_seeds_the_next_stage_and_the_choice_is_the_users():
-    from seg.reduce import Candidate, seed_candidate
+    from seg.reduction.reduce import Candidate, seed_candidate
 
     models = [_fold(k, 0.5, float(k)) for k in range(3)]
     candidates = [Candidate(f"fold{m.fold}", [m], result={"miou": 0.40 + 0.01 * m.fold}) for m in models]
@@ -300,8 +300,8 @@ def test_when_the_ensemble_wins_a_single_model_seeds_the_next_stage_and_the_choi
 
 def test_the_reduction_evaluates_the_ensemble_beside_the_soups_and_reports_each_cost(tmp_path):
     """Fold models written directly (no training), reduced on a packed selection city."""
-    from seg.ensemble import load_models
-    from seg.reduce import reduce_stage
+    from seg.evaluation.ensemble import load_models
+    from seg.reduction.reduce import reduce_stage
 
     shards = selection_shards(tmp_path, train=8, val=1)
     stage = tmp_path / "runs" / "x" / "stage1"
@@ -317,9 +317,9 @@ def test_the_reduction_evaluates_the_ensemble_beside_the_soups_and_reports_each_
     if report["winner"]["name"] == "ensemble":
         assert "The ensemble won the selection" in report["seed"]["why"]
     # the ensemble's score is that of its members' ensemble, evaluated as the tools do
-    from seg.augment import DeviceAugment
-    from seg.data import eval_loader
-    from seg.evaluate import evaluate
+    from seg.data.augment import DeviceAugment
+    from seg.data.loader import eval_loader
+    from seg.evaluation.evaluate import evaluate
 
     ensemble, _, members = load_models([stage / "reduced" / "ensemble.json"])
     assert [p.resolve() for p in members] == [(stage / f"fold{k}" / "best.safetensors").resolve() for k in range(2)]
@@ -335,7 +335,7 @@ def test_the_reduction_evaluates_the_ensemble_beside_the_soups_and_reports_each_
 
 
 def test_a_model_file_whose_sidecar_describes_another_model_names_the_keys_and_shapes(tmp_path):
-    from seg.weights import load_model
+    from seg.model.weights import load_model
 
     config = load_config(REPO / "configs" / "demo.yaml", ["data.shards=unused"])  # depth 18
     export_weights(DeepLabV3Plus(18, 16), tmp_path / "model.safetensors", {"config": to_dict(config)})

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.cli import Size
-from seg.config import load_config, to_dict
-from seg.model import DeepLabV3Plus
-from seg.pack import Options, pack
-from seg.storage import EXIT_STORAGE, StorageError, storage_problem, writing
-from seg.synthetic import make_synthetic
-from seg.weights import export_weights
+from seg.core.cli import Size
+from seg.core.storage import EXIT_STORAGE, StorageError, storage_problem, writing
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
+from seg.model.deeplab import DeepLabV3Plus
+from seg.model.weights import export_weights
+from seg.recipe.config import load_config, to_dict
 from tests.disks import tmpfs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg import cityscapes as cs
-from seg.atomic import OutputExistsError
-from seg.synthetic import CITIES, FRAME, Frame, frame_rng, make_synthetic, paint_labels, png_bytes, render_image
+from seg.core import cityscapes as cs
+from seg.core.atomic import OutputExistsError
+from seg.data.synthetic import CITIES, FRAME, Frame, frame_rng, make_synthetic, paint_labels, png_bytes, render_image
 
 from .conftest import TINY
 

@@ -1,4 +1,4 @@
-"""seg/tracking.py: what a fold's offline wandb run carries for the wandb UI, and TensorBoard beside it."""
+"""seg/results/tracking.py: what a fold's offline wandb run carries for the wandb UI, and TensorBoard beside it."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from seg.cityscapes import CLASS_NAMES
-from seg.config import ConfigError, load_config, to_dict
-from seg.identity import fold_identity, run_length
-from seg.manifest import FoldSplit
-from seg.tracking import Tracker, log_reduction
+from seg.core.cityscapes import CLASS_NAMES
+from seg.data.manifest import FoldSplit
+from seg.recipe.config import ConfigError, load_config, to_dict
+from seg.recipe.identity import fold_identity, run_length
+from seg.results.tracking import Tracker, log_reduction
 from tests.tiny_training import tiny_shards
 from tests.wandb_records import run_config, run_record
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seg.atomic import current_umask
-from seg.launch import launch_command
-from seg.soup import load_fold_models
+from seg.core.atomic import current_umask
+from seg.core.launch import launch_command
+from seg.reduction.soup import load_fold_models
 from seg.train import EXIT_REQUEUE, Window, main
 from tests.tiny_training import FOLD, REPO, command, run, steps_logged, tiny_shards, wait_for
 from tests.wandb_records import run_record as wandb_run_record

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from seg.storage import EXIT_STORAGE
+from seg.core.storage import EXIT_STORAGE
 from tests.disks import resize, tmpfs
 from tests.tiny_training import FOLD, run, tiny_shards
 

@@ -8,8 +8,8 @@ import urllib.error
 import pytest
 import torch
 
-from seg.model import DeepLabV3Plus, ResNet
-from seg.weights import WeightsError, load_backbone, pretrained_file
+from seg.model.deeplab import DeepLabV3Plus, ResNet
+from seg.model.weights import WeightsError, load_backbone, pretrained_file
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_a_named_backbone_is_read_from_torch_hubs_cache_and_mapped_into_the_dila
 
 
 def test_the_mmseg_configs_name_open_mmlabs_v1c_weights(hub, monkeypatch):
-    from seg.config import load_config
+    from seg.recipe.config import load_config
 
     no_network(monkeypatch)
     for depth, file in ((50, "resnet50_v1c-2cccc1ad.pth"), (101, "resnet101_v1c-e67eebb6.pth")):
@@ -99,7 +99,7 @@ def test_a_download_is_checked_against_the_sha256_prefix_of_its_name(hub, tmp_pa
     bad.write_bytes(blob.read_bytes())
     for path in (good, bad):
         entries = {"ResNet18_Weights.IMAGENET1K_V1": (18, "torchvision", path.as_uri())}
-        monkeypatch.setattr("seg.weights.PRETRAINED", entries)
+        monkeypatch.setattr("seg.model.weights.PRETRAINED", entries)
         if path is bad:
             with pytest.raises(WeightsError, match=r"cannot download it \(invalid hash value"):
                 pretrained_file("imagenet", 18, "torchvision")

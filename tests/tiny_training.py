@@ -6,10 +6,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from seg.cli import Size
-from seg.launch import launch_command
-from seg.pack import Options, pack
-from seg.synthetic import make_synthetic
+from seg.core.cli import Size
+from seg.core.launch import launch_command
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

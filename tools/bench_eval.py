@@ -8,8 +8,8 @@ each with and without flip (and at several scales with --scales).
 
 In-process and without start-up: the model is built once and --frames synthetic frames are
 rendered in memory; each mode gets one untimed warm-up prediction, then
-seg.inference.predict_probabilities plus the argmax is timed per image over the frames
-(the same call and autocast as seg/evaluate.py; data loading and the confusion matrix are
+seg.evaluation.inference.predict_probabilities plus the argmax is timed per image over the frames
+(the same call and autocast as seg/evaluation/evaluate.py; data loading and the confusion matrix are
 left out). Sliding windows are 1024x512 with stride 683x341 (the study's training size, 2/3 overlap).
 """
 
@@ -22,11 +22,11 @@ import time
 import numpy as np
 import torch
 
-from seg.augment import DeviceAugment
-from seg.cli import format_size, parse_size
-from seg.inference import TestTimeAugmentation, predict_probabilities, slide_windows
-from seg.model import DeepLabV3Plus, count_parameters
-from seg.synthetic import paint_labels, render_image
+from seg.core.cli import format_size, parse_size
+from seg.data.augment import DeviceAugment
+from seg.data.synthetic import paint_labels, render_image
+from seg.evaluation.inference import TestTimeAugmentation, predict_probabilities, slide_windows
+from seg.model.deeplab import DeepLabV3Plus, count_parameters
 
 MODES = ("whole", "slide", "whole+flip", "slide+flip")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -16,7 +16,7 @@ trains N images/s needs N / rate cores of loader.
 
 One more row reads the train-size PNG shards streamed over HTTP from this machine (Python's
 http.server in its own process; ``data.shards: http://...``, no cache): what fetching each
-drawn shard whole, its sha256 and the temporary file cost a worker (seg/remote.py).
+drawn shard whole, its sha256 and the temporary file cost a worker (seg/data/remote.py).
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-from seg import decode
-from seg.atomic import atomic_write_bytes
-from seg.cli import format_size, parse_size
-from seg.data import read_shard, shards_of, train_loader
-from seg.manifest import FoldSplit, fold_groups, load_manifest
-from seg.pack import Options, pack
-from seg.synthetic import make_synthetic
-from seg.transforms import TrainGeometry
+from seg.core.atomic import atomic_write_bytes
+from seg.core.cli import format_size, parse_size
+from seg.data import decode
+from seg.data.loader import read_shard, shards_of, train_loader
+from seg.data.manifest import FoldSplit, fold_groups, load_manifest
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
+from seg.data.transforms import TrainGeometry
 
 SHARDS = {  # name: (image format, resize the train split)
     "full-size PNG": ("png", False),

@@ -20,9 +20,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from seg.cli import format_size, parse_size
-from seg.losses import CombinedLoss
-from seg.model import DeepLabV3Plus
+from seg.core.cli import format_size, parse_size
+from seg.model.deeplab import DeepLabV3Plus
+from seg.recipe.losses import CombinedLoss
 
 MODES = ("fp32", "bf16", "fp16", "fp32-channels-last", "bf16-channels-last")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from seg.cli import format_size, parse_bytes, parse_list, parse_size
-from seg.pack import Options, ShardJob, assign_groups, pack, plan_shards, scan
-from seg.synthetic import make_synthetic
+from seg.core.cli import format_size, parse_bytes, parse_list, parse_size
+from seg.data.pack import Options, ShardJob, assign_groups, pack, plan_shards, scan
+from seg.data.synthetic import make_synthetic
 
 
 def _minimum_shard(args: tuple[Path, Path, ShardJob]) -> int:

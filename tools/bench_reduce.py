@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Wall time of reducing a stage's folds (seg.reduce.reduce_stage) for the study's model,
+"""Wall time of reducing a stage's folds (seg.reduction.reduce.reduce_stage) for the study's model,
 and of its phases.
 
     python tools/bench_reduce.py                                  # 5 folds, 4 selection frames at 2048x1024
@@ -7,11 +7,11 @@ and of its phases.
     python tools/bench_reduce.py --folds 2 --size 256x128 --selection-frames 1 --eval-size full
 
 In a temporary folder: a synthetic Cityscapes train split at --size (one frame per fold
-city, --selection-frames in a held-out selection city) packed with seg.pack, and --folds
+city, --selection-frames in a held-out selection city) packed with seg.data.pack, and --folds
 randomly initialised models (one seed each) exported as ``stage1/fold{k}/best.safetensors``
 with sidecars of configs/study.yaml (data.shards pointing at the synthetic shards, wandb
 disabled, data.eval_size from --eval-size; more key=value overrides may follow). Then the
-phases are timed one by one with seg.soup and seg.reduce's Reducer (loading the K models,
+phases are timed one by one with seg.reduction.soup and seg.reduction.reduce's Reducer (loading the K models,
 the float64 mean of K, one evaluation on the selection set, BN recalibration over
 --recalibrate batches), and reduce_stage is run once for the total, counting the
 evaluations and recalibrations it makes.
@@ -32,22 +32,22 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-import seg.reduce
-from seg.cli import Size, format_size, parse_size
-from seg.config import load_config, to_dict
-from seg.model import count_parameters, from_config
-from seg.pack import Options, pack
-from seg.reduce import STRATEGIES, Reducer, reduce_stage
-from seg.runs import Experiment
-from seg.soup import average, load_fold_models
-from seg.synthetic import CITIES, Frame, write_frame
-from seg.weights import export_weights
+import seg.reduction.reduce
+from seg.core.cli import Size, format_size, parse_size
+from seg.core.runs import Experiment
+from seg.data.pack import Options, pack
+from seg.data.synthetic import CITIES, Frame, write_frame
+from seg.model.deeplab import count_parameters, from_config
+from seg.model.weights import export_weights
+from seg.recipe.config import load_config, to_dict
+from seg.reduction.reduce import STRATEGIES, Reducer, reduce_stage
+from seg.reduction.soup import average, load_fold_models
 
 REPO = Path(__file__).resolve().parents[1]
-# What reduce_stage calls, timed inside it (seg.reduce's own names).
+# What reduce_stage calls, timed inside it (seg.reduction.reduce's own names).
 INSIDE = (
-    ("load_fold_models", (seg.reduce, "load_fold_models")),
-    ("average (mean, topk, greedy soups)", (seg.reduce, "average")),
+    ("load_fold_models", (seg.reduction.reduce, "load_fold_models")),
+    ("average (mean, topk, greedy soups)", (seg.reduction.reduce, "average")),
     ("Reducer() (build the model)", (Reducer, "__init__")),
     ("Reducer.score", (Reducer, "score")),
     ("Reducer.recalibrate", (Reducer, "recalibrate")),

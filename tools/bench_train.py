@@ -22,11 +22,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from seg.cli import format_size, parse_size
-from seg.launch import launch_command
-from seg.pack import Options, pack
-from seg.runs import Experiment
-from seg.synthetic import make_synthetic
+from seg.core.cli import format_size, parse_size
+from seg.core.launch import launch_command
+from seg.core.runs import Experiment
+from seg.data.pack import Options, pack
+from seg.data.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 

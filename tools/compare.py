@@ -10,7 +10,7 @@ shards' manifest.json the config names, stage{s}/reduced/report.json and tools/e
 metrics.json of the reduced model. Refuses pairs that are not comparable (other shards, fold
 assignment or selection set; a fold on one side only unless --allow-missing), naming why.
 Leads with what the experiments differ in: their stages' identities (resolved config, start
-model, data; seg/identity.py) compared, else their configs.
+model, data; seg/recipe/identity.py) compared, else their configs.
 Writes OUT/compare.md, compare.json and PNGs (default OUT: runs/comparisons/A-vs-B-stage{s},
 replaced as a whole) and prints the tables. Exit 2 with one line on any refusal or bad file.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python tools/compare.py` from a checkout, not installed: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.compare import (
+from seg.analysis.compare import (
     CompareError,
     caveat,
     compare,

@@ -22,10 +22,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python tools/convert_mmseg.py` from a checkout: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.config import ConfigError, load_config, to_dict
-from seg.manifest import sha256_file
-from seg.model import from_config
-from seg.weights import WeightsError, export_weights, from_mmseg, load_state, read_state_dict
+from seg.data.manifest import sha256_file
+from seg.model.deeplab import from_config
+from seg.model.weights import WeightsError, export_weights, from_mmseg, load_state, read_state_dict
+from seg.recipe.config import ConfigError, load_config, to_dict
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -49,11 +49,17 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from seg.atomic import atomic_write_bytes
-from seg.augment import DeviceAugment
-from seg.cityscapes import TRAINID_TO_ID
-from seg.ensemble import load_models
-from seg.evaluate import (
+from seg.analysis.report import count
+from seg.core.atomic import atomic_write_bytes
+from seg.core.cityscapes import TRAINID_TO_ID
+from seg.core.png import encode_gray8
+from seg.core.runs import Stage
+from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
+from seg.data.augment import DeviceAugment
+from seg.data.manifest import ManifestError
+from seg.data.remote import RemoteError
+from seg.evaluation.ensemble import load_models
+from seg.evaluation.evaluate import (
     Defaults,
     SettingsError,
     check_config,
@@ -68,15 +74,9 @@ from seg.evaluate import (
     split_config,
     split_is_labelled,
 )
-from seg.inference import TestTimeAugmentation
-from seg.manifest import ManifestError
-from seg.plots import evaluation_figures
-from seg.png import encode_gray8
-from seg.remote import RemoteError
-from seg.report import count
-from seg.runs import Stage
-from seg.storage import EXIT_STORAGE, StorageError, check_writable, writing
-from seg.weights import WeightsError
+from seg.evaluation.inference import TestTimeAugmentation
+from seg.model.weights import WeightsError
+from seg.results.plots import evaluation_figures
 
 
 def markdown(result: dict, title: str) -> str:

@@ -57,13 +57,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from seg.atomic import atomic_write_bytes
-from seg.augment import DeviceAugment
-from seg.cityscapes import IGNORE_INDEX, NUM_CLASSES
-from seg.cli import format_size
-from seg.inference import TestTimeAugmentation, default_stride, predict_probabilities
-from seg.losses import CombinedLoss
-from seg.model import DeepLabV3Plus
+from seg.core.atomic import atomic_write_bytes
+from seg.core.cityscapes import IGNORE_INDEX, NUM_CLASSES
+from seg.core.cli import format_size
+from seg.data.augment import DeviceAugment
+from seg.evaluation.inference import TestTimeAugmentation, default_stride, predict_probabilities
+from seg.model.deeplab import DeepLabV3Plus
+from seg.recipe.losses import CombinedLoss
 
 STUDY_WINDOW = (512, 1024)  # slide mode's window: the study's training size (H, W)
 
@@ -319,7 +319,7 @@ def check_mixed_precision(precision: str, depth: int, size: tuple[int, int], cud
 def check_sync_batchnorm(cuda: bool) -> dict[str, Any]:
     if not cuda:
         return {"status": "skipped", "reason": "torch's SyncBatchNorm kernels run on CUDA only; the CPU path "
-                "(seg.distributed.CPUSyncBatchNorm over gloo) is pinned by tests/test_model.py"}  # fmt: skip
+                "(seg.core.distributed.CPUSyncBatchNorm over gloo) is pinned by tests/test_model.py"}  # fmt: skip
     gpus = torch.cuda.device_count()
     runs: dict[str, dict[str, Any]] = {}
     if gpus >= 2:
@@ -561,12 +561,12 @@ def loader_speed(tiny: bool, train_images_per_s: float | None) -> list[dict[str,
     shards with the geometry in the worker, and shards packed at the training size with the
     geometry on the device (``pack --resize``, ``data.geometry_on_device``); tools/bench_loader.py
     has every variant."""
-    from seg.cli import Size
-    from seg.data import steps_per_epoch, train_loader
-    from seg.manifest import FoldSplit
-    from seg.pack import Options, pack
-    from seg.synthetic import make_synthetic
-    from seg.transforms import TrainGeometry
+    from seg.core.cli import Size
+    from seg.data.loader import steps_per_epoch, train_loader
+    from seg.data.manifest import FoldSplit
+    from seg.data.pack import Options, pack
+    from seg.data.synthetic import make_synthetic
+    from seg.data.transforms import TrainGeometry
 
     frame, train_size, frames = (Size(128, 256), (64, 128), 8) if tiny else (Size(1024, 2048), (512, 1024), 24)
     rows = []

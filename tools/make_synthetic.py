@@ -10,9 +10,9 @@ import argparse
 import os
 import sys
 
-from seg.atomic import OutputExistsError
-from seg.cli import orientation_mismatch, parse_size
-from seg.synthetic import CITIES, CITYSCAPES_SIZE, make_synthetic
+from seg.core.atomic import OutputExistsError
+from seg.core.cli import orientation_mismatch, parse_size
+from seg.data.synthetic import CITIES, CITYSCAPES_SIZE, make_synthetic
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,12 +18,12 @@ import os
 import sys
 from pathlib import Path
 
-from seg import cityscapes as cs
-from seg.atomic import OutputExistsError
-from seg.cli import parse_bytes, parse_list, parse_size
-from seg.manifest import ManifestError, verify
-from seg.pack import FOLD_MODES, IMAGE_FORMATS, Options, PackError, pack
-from seg.storage import EXIT_STORAGE, StorageError, check_writable, writing
+from seg.core import cityscapes as cs
+from seg.core.atomic import OutputExistsError
+from seg.core.cli import parse_bytes, parse_list, parse_size
+from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
+from seg.data.manifest import ManifestError, verify
+from seg.data.pack import FOLD_MODES, IMAGE_FORMATS, Options, PackError, pack
 
 
 def main(argv: list[str] | None = None) -> int:

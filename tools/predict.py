@@ -35,12 +35,12 @@ if __package__ in (None, ""):  # `python tools/predict.py` from a checkout, not 
 
 from tqdm import tqdm
 
-from seg.evaluate import SettingsError, describe_settings, parse_input_size, split_config
-from seg.inference import TestTimeAugmentation
-from seg.predict import MODEL_SIZE, PredictError, predict_files
-from seg.report import count as plural
-from seg.storage import EXIT_STORAGE, StorageError, check_writable, writing
-from seg.weights import WeightsError
+from seg.analysis.report import count as plural
+from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
+from seg.evaluation.evaluate import SettingsError, describe_settings, parse_input_size, split_config
+from seg.evaluation.inference import TestTimeAugmentation
+from seg.evaluation.predict import MODEL_SIZE, PredictError, predict_files
+from seg.model.weights import WeightsError
 
 
 def alpha(text: str) -> float:

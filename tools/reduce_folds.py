@@ -20,12 +20,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python tools/reduce_folds.py` from a checkout, not installed: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.lease import LeaseHeldError
-from seg.manifest import ManifestError
-from seg.reduce import add_arguments, reduce_stage
-from seg.remote import RemoteError
-from seg.storage import EXIT_STORAGE, StorageError
-from seg.weights import WeightsError
+from seg.core.lease import LeaseHeldError
+from seg.core.storage import EXIT_STORAGE, StorageError
+from seg.data.manifest import ManifestError
+from seg.data.remote import RemoteError
+from seg.model.weights import WeightsError
+from seg.reduction.reduce import add_arguments, reduce_stage
 
 
 def main(argv: list[str] | None = None) -> int:

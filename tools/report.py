@@ -19,9 +19,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python tools/report.py` from a checkout, not installed: make `seg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.report import ReportError, write_report
-from seg.runs import Experiment
-from seg.storage import EXIT_STORAGE, StorageError, check_writable, writing
+from seg.analysis.report import ReportError, write_report
+from seg.core.runs import Experiment
+from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
 
 
 def main(argv: list[str] | None = None) -> int:

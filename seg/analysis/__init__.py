@@ -1,0 +1,1 @@
+"""Reading finished experiments: reports and comparisons between experiments."""

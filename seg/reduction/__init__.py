@@ -1,0 +1,2 @@
+"""Reducing a stage's fold models to one: weight averaging (soups), BatchNorm recalibration,
+the reduction itself."""
