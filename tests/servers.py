@@ -49,10 +49,13 @@ class Nginx:
         self.process: subprocess.Popen | None = None
         for sub in ("temp", "logs"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
+        self.conf = folder / "nginx.conf"
+
+    def _write_conf(self, limit_rate: str) -> None:
         # As root the workers would run as nobody, who can't read pytest's private tmp folders.
         user = "user root;" if os.geteuid() == 0 else ""
-        temp = folder / "temp"
-        self.conf = folder / "nginx.conf"
+        temp = self.folder / "temp"
+        folder, root = self.folder, self.root
         self.conf.write_text(f"""
 daemon off;
 worker_processes 1;
@@ -68,6 +71,7 @@ http {{
     server {{
         listen 127.0.0.1:{self.port};
         root {root};
+        limit_rate {limit_rate};
         location /denied/ {{ deny all; }}
     }}
 }}
@@ -77,10 +81,12 @@ http {{
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, limit_rate: str = "0") -> None:
+        """Start serving; ``limit_rate``: bytes/s per response (nginx's syntax, 0: no limit)."""
+        self._write_conf(limit_rate)
         nginx = shutil.which("nginx", path=SBIN)
         self.process = subprocess.Popen([nginx, "-p", str(self.folder), "-c", str(self.conf)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         wait_listening(self.port, self.process, "nginx")
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,27 @@ def test_a_server_that_stays_away_fails_in_one_line_after_bounded_retries(served
     second = shards[1]
     assert one_line(failed).startswith(f"{second.path}: shard {second.name}: cannot connect")
     assert "tried 3 times" in str(failed.value) and pauses == [1, 2]
+
+
+def test_a_response_cut_off_mid_shard_is_retried_and_the_shard_then_read_whole(packed, served, faulty, monkeypatch):
+    _, url = faulty
+    shard = fold_shards(url)[0]
+    served.stop()
+    served.start(limit_rate="2k")  # ten seconds a shard: the cut below lands mid-body
+    opened, cuts = remote._http, [True]
+
+    @contextmanager
+    def cut_once(address: str):
+        with opened(address) as response:
+            if cuts and cuts.pop():
+                served.stop()  # headers in, the body still coming: nginx closes the connection
+            yield response
+
+    pauses = []
+    monkeypatch.setattr(remote, "_http", cut_once)
+    monkeypatch.setattr(remote, "_pause", lambda s: (pauses.append(s), served.start()))
+    assert same(items(EvalStream([shard])), items(EvalStream(shards_of(packed, ["train-fold0"])[:1])))
+    assert pauses == [1] and not cuts
 
 
 def test_a_truncated_shard_is_retried_then_refused_and_no_sample_of_it_is_used(faulty, monkeypatch):

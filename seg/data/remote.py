@@ -156,9 +156,7 @@ def _check_name(name: str) -> None:
 def _read(stream: IO[bytes], n: int) -> bytes:
     try:
         return stream.read(n)
-    except (OSError, ValueError) as e:  # a reset connection, a timeout, an incomplete chunked body
-        raise _RetryableError(f"the transfer broke off ({type(e).__name__}: {e})") from None
-    except Exception as e:  # botocore's own (ReadTimeoutError, IncompleteRead as ProtocolError)
+    except Exception as e:  # a reset connection, a timeout, an incomplete body; botocore's own types too
         raise _RetryableError(f"the transfer broke off ({type(e).__name__}: {e})") from None
 
 
