@@ -133,7 +133,9 @@ def run(argv: list[str] | None) -> int:
         "ensemble. A config (.yaml) before it, as mmseg's test.py CONFIG CHECKPOINT, must describe the same network; "
         "its data.shards, data.eval_size and data.size then replace the model's",
     )
-    parser.add_argument("--shards", help="packed dataset (default: the one in the model's config)")
+    parser.add_argument(
+        "--shards", help="packed dataset: a folder, http(s):// or s3:// URL (default: the one in the model's config)"
+    )
     parser.add_argument("--split", default="val", help="a group of the manifest: val (default), test, train-fold0, ...")
     parser.add_argument(
         "--input-size",
