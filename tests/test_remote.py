@@ -125,6 +125,7 @@ def assert_same_training(out: Path, local: Path) -> None:
     assert len(evaluations) == 2 and measured(out) == measured(local)
 
 
+@pytest.mark.timeout(900)  # three tiny trainings: 2.5 minutes at a load of 9 on 2 cores, 6 at a load of 20
 def test_a_fold_streamed_over_http_killed_then_resumed_from_s3_equals_one_trained_from_the_folder(
     packed, served, s3, tmp_path
 ):
