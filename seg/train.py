@@ -37,6 +37,7 @@ import torch
 from seg.core.runs import Experiment, latest_state
 from seg.core.storage import EXIT_STORAGE, StorageError, writable_problem, writing
 from seg.data.loader import DataError
+from seg.data.remote import RemoteError
 from seg.recipe.config import ConfigError, load_config, resolve_auto
 from seg.recipe.identity import SCRATCH, recorded_workers
 from seg.training.checkpoint import load_state, stopped_on_storage
@@ -143,7 +144,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
         started = time.time()
         try:
             exit_code, stopped_early = train_loop(run, data, training, signals)
-        except (DataError, FloatingPointError) as e:
+        except (DataError, RemoteError, FloatingPointError) as e:  # RemoteError: a remote shard, after its retries
             print(f"error (rank {run.rank}): {e}", file=sys.stderr, flush=True)
             return 1
         except StorageFailureError as e:  # every rank is here, at the same step

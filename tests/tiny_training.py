@@ -18,13 +18,15 @@ TINY = [
 ]  # fmt: skip
 
 
-def tiny_shards(folder: Path) -> Path:
-    """A tiny synthetic Cityscapes packed into 2 folds and val under ``folder``."""
+def tiny_shards(folder: Path, shard_size: int | None = None) -> Path:
+    """A tiny synthetic Cityscapes packed into 2 folds and val under ``folder`` (one shard per
+    group, or shards of about ``shard_size`` bytes)."""
     root = folder / "cityscapes"
     make_synthetic(root, counts={"train": 16, "val": 4, "test": 0}, cities={"train": 4, "val": 1, "test": 1},
                    size=Size(32, 64), progress=False)  # fmt: skip
     out = root.parent / "shards"
-    pack(root, out, Options(folds=2, splits=("train", "val")), progress=False)
+    sized = {"shard_size": shard_size} if shard_size else {}
+    pack(root, out, Options(folds=2, splits=("train", "val"), **sized), progress=False)
     return out
 
 

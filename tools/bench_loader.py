@@ -13,6 +13,10 @@ shard, decode image and label, nothing else). Today's pipeline before this bench
 
 Per core: one process, one thread, no loader workers: what one worker costs. A GPU that
 trains N images/s needs N / rate cores of loader.
+
+One more row reads the train-size PNG shards streamed over HTTP from this machine (Python's
+http.server in its own process; ``data.shards: http://...``, no cache): what fetching each
+drawn shard whole, its sha256 and the temporary file cost a worker (seg/data/remote.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import argparse
 import contextlib
 import json
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -90,7 +97,31 @@ def timed(produce: Callable[[], int], seconds: float) -> float:
     return made / (time.perf_counter() - started)
 
 
-def pipeline_rate(shards: Path, geometry: TrainGeometry, on_device: bool, seconds: float) -> float:
+@contextlib.contextmanager
+def http_server(folder: Path) -> Iterator[str]:
+    """``folder`` served over HTTP on 127.0.0.1 by another process; its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", "-d", str(folder), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"http.server did not start on port {port}") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def pipeline_rate(shards: Path | str, geometry: TrainGeometry, on_device: bool, seconds: float) -> float:
     loader = train_loader(FoldSplit.of(shards, 0), geometry, batch_size=2, workers=0, checksums=False,
                              geometry_on_device=on_device)  # fmt: skip
     batches = iter(loader)
@@ -166,25 +197,30 @@ def main() -> None:
                 else:
                     measure = partial(pipeline_rate, shards, geometry, where == "device", args.seconds)
                 specs.append(({"shards": name, "decoder": decoder, "geometry": where}, measure))
+        for row, _ in specs:
+            row["read"] = "folder"
         print(f"per core, input {format_size(size)}, standard level, best of {args.repeats} x {args.seconds:g} s:")
-        rates: list[list[float]] = [[] for _ in specs]
-        with one_core():
+        with http_server(scratch) as url, one_core():
+            specs.append(({"shards": "train-size PNG", "decoder": fast, "geometry": "device", "read": "HTTP localhost"},
+                          partial(pipeline_rate, f"{url}/train-size-PNG", geometry, True, args.seconds)))  # fmt: skip
+            rates: list[list[float]] = [[] for _ in specs]
             for _ in range(args.repeats):
                 for i, (_, measure) in enumerate(specs):
                     rates[i].append(measure())
         rows = [{**row, "images_per_s": max(r), "runs": r} for (row, _), r in zip(specs, rates, strict=True)]
         for r in rows:
-            print(f"  {r['shards']:<15} {r['decoder']:<8} {r['geometry']:<12} {r['images_per_s']:6.1f} images/s "
-                  f"per core (runs: {', '.join(f'{v:.1f}' for v in r['runs'])})")  # fmt: skip
+            runs = ", ".join(f"{v:.1f}" for v in r["runs"])
+            print(f"  {r['shards']:<15} {r['read']:<15} {r['decoder']:<8} {r['geometry']:<12} "
+                  f"{r['images_per_s']:6.1f} images/s per core (runs: {runs})")  # fmt: skip
 
         baseline = rows[0]["images_per_s"]
         bound = {r["shards"]: r["images_per_s"] for r in rows if r["geometry"] == "decode only"}
-        print("\n| shards | decoder | geometry | images/s per core | vs today | vs its decode-only bound |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("\n| shards | read from | decoder | geometry | images/s per core | vs today | vs its decode-only bound |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             r["vs_today"] = r["images_per_s"] / baseline
-            r["vs_decode_bound"] = r["images_per_s"] / bound[r["shards"]]
-            print(f"| {r['shards']} | {r['decoder']} | {r['geometry']} | {r['images_per_s']:.1f} | "
+            r["vs_decode_bound"] = r["images_per_s"] / bound[r["shards"]]  # the folder's decode-only bound
+            print(f"| {r['shards']} | {r['read']} | {r['decoder']} | {r['geometry']} | {r['images_per_s']:.1f} | "
                   f"{r['vs_today']:.2f}x | {r['vs_decode_bound']:.2f} |")  # fmt: skip
         goal = next(r for r in rows if r["shards"] == "train-size PNG" and r["geometry"] == "device")
         print(

@@ -56,6 +56,7 @@ from seg.core.runs import Stage
 from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
 from seg.data.augment import DeviceAugment
 from seg.data.manifest import ManifestError
+from seg.data.remote import RemoteError
 from seg.evaluation.ensemble import load_models
 from seg.evaluation.evaluate import (
     Defaults,
@@ -132,7 +133,9 @@ def run(argv: list[str] | None) -> int:
         "ensemble. A config (.yaml) before it, as mmseg's test.py CONFIG CHECKPOINT, must describe the same network; "
         "its data.shards, data.eval_size and data.size then replace the model's",
     )
-    parser.add_argument("--shards", help="packed dataset (default: the one in the model's config)")
+    parser.add_argument(
+        "--shards", help="packed dataset: a folder, http(s):// or s3:// URL (default: the one in the model's config)"
+    )
     parser.add_argument("--split", default="val", help="a group of the manifest: val (default), test, train-fold0, ...")
     parser.add_argument(
         "--input-size",
@@ -196,8 +199,12 @@ def run(argv: list[str] | None) -> int:
                 atomic_write_bytes(args.export / f"{key}_labelIds.png", encode_gray8(labels))
 
     device = accelerator.device
-    matrix, seen, _ = evaluate(model.to(device), loader, device, DeviceAugment("none").to(device), tta=tta,
-                               export=export)  # fmt: skip
+    try:
+        matrix, seen, _ = evaluate(model.to(device), loader, device, DeviceAugment("none").to(device), tta=tta,
+                                   export=export)  # fmt: skip
+    except RemoteError as e:  # a remote shard that still fails after its retries
+        say(f"error: {e}", file=sys.stderr)
+        return 1
     result = {"samples": seen, "expected": expected, "split": args.split, "shards": str(shards),
               "model": ", ".join(map(str, model_paths)), "labelled": labelled, "settings": record,
               "export": str(args.export) if args.export else None}  # fmt: skip

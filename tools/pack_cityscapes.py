@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--verify", metavar="DIR", help="check packed shards against their manifest, then exit")
+    parser.add_argument(
+        "--verify",
+        metavar="DIR|URL",
+        help="check packed shards (a folder, or a URL: each fetched) against their manifest",
+    )
     args = parser.parse_args(argv)
 
     try:

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # `python tools/reduce_folds.py` from a checkout,
 from seg.core.lease import LeaseHeldError
 from seg.core.storage import EXIT_STORAGE, StorageError
 from seg.data.manifest import ManifestError
+from seg.data.remote import RemoteError
 from seg.model.weights import WeightsError
 from seg.reduction.reduce import add_arguments, reduce_stage
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             args.weights,
             seed_from=args.seed_from,
         )
-    except (WeightsError, ManifestError, ValueError, LeaseHeldError) as e:
+    except (WeightsError, ManifestError, RemoteError, ValueError, LeaseHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StorageError as e:

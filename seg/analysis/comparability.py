@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seg.data.manifest import MANIFEST, SELECTION_GROUP, fold_group
+from seg.data.manifest import MANIFEST, SELECTION_GROUP, ManifestError, fold_group, load_manifest, location
+from seg.data.remote import is_remote
 from seg.recipe.identity import NOT_IDENTITY, differences, stage_identity
 from seg.results.records import FoldRecord, StageRecord, read_json
 
@@ -34,7 +35,7 @@ class Shards:
     """The shards an experiment's stage trained on, as far as they can be identified."""
 
     path: str  # data.shards, as the config names it
-    manifest_path: Path | None  # where its manifest.json was found (None: not found)
+    manifest_path: Path | str | None  # where its manifest.json was found (a URL for remote shards; None: not found)
     manifest: dict[str, Any] | None
     digest: str | None  # sha256 of the manifest without source.root (see shards_identity)
 
@@ -99,6 +100,12 @@ def shards_identity(shards: str, experiment: Path, runs_dir: str | None = None) 
     was packed from, which changes no byte of the shards; packing is deterministic, so two
     packs of one tree with the same options hash the same wherever they were made).
     """
+    if is_remote(shards):  # read from where training read it; unreachable now: compared as not found
+        try:
+            manifest = load_manifest(shards)
+        except ManifestError:
+            return Shards(shards, None, None, None)
+        return Shards(shards, location(shards, MANIFEST), manifest, manifest_digest(manifest))
     candidates = (
         [Path(shards)]
         if Path(shards).is_absolute()

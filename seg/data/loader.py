@@ -21,6 +21,7 @@ import signal
 import tarfile
 import threading
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from webdataset.tariterators import group_by_keys
 
 from seg.data.decode import decode_jpeg, decode_png, jpeg_array, png_array
 from seg.data.manifest import FoldSplit, ManifestError, load_manifest, verify
+from seg.data.remote import Store, is_remote, local_copy
 from seg.data.transforms import TrainGeometry, decoded_sample, eval_sample, train_sample
 
 ON_ERROR = ("raise", "skip")
@@ -46,25 +48,38 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Shard:
-    path: str
+    path: str  # a local file, or the shard's URL (``store`` fetches it)
     samples: int
+    name: str = ""
+    bytes: int = 0
+    sha256: str = ""
+    store: Store | None = None
+    cache: str | None = None  # data.cache_dir: remote shards kept there once fetched
 
 
-def shards_of(directory: str | Path, groups: list[str], checksums: bool = True, sizes: bool = True) -> list[Shard]:
+def shards_of(
+    directory: str | Path, groups: list[str], checksums: bool = True, sizes: bool = True, cache: str | None = None
+) -> list[Shard]:
     """The shards of ``groups``, after checking them against the manifest.
 
     Missing shards or wrong sizes (and, with ``checksums``, wrong sha256) raise a
     ManifestError listing every problem, before any training starts; a shard shorter than
     the manifest says is named with its first unreadable sample. ``sizes=False`` (with
     ``checksums=False``) checks presence only: readers then count what a truncated shard
-    lacks (``on_error="skip"``).
+    lacks (``on_error="skip"``). The shards of a remote dataset (a URL, seg.data.remote) are
+    checked as each arrives instead (size and sha256, always), and kept in ``cache``.
     """
-    directory = Path(directory)
     manifest = load_manifest(directory)
     unknown = [g for g in groups if g not in manifest["groups"]]
     if unknown:
         raise ManifestError(f"{directory}: no group {unknown[0]!r}; the manifest has {sorted(manifest['groups'])}")
-    listed = [(directory / s["name"], s) for g in groups for s in manifest["groups"][g]["shards"]]
+    listed = [s for g in groups for s in manifest["groups"][g]["shards"]]
+    if is_remote(directory):
+        store = Store.of(str(directory))
+        return [
+            Shard(store.url(s["name"]), s["samples"], s["name"], s["bytes"], s["sha256"], store, cache) for s in listed
+        ]
+    listed = [(Path(directory) / s["name"], s) for s in listed]
     if checksums or sizes:
         problems = verify(directory, groups=groups, checksums=checksums)
         problems += [_first_unreadable(p, s["samples"]) for p, s in listed if _shorter(p, s["bytes"])]
@@ -104,12 +119,29 @@ def _members(path: str, problem: list[tuple[str | None, Exception]]) -> Iterator
             problem.append((member.name.split("/")[-1].split(".")[0] if member else None, e))
 
 
-def read_shard(path: str, samples: int | None = None) -> Iterator[dict[str, Any]]:
+@contextmanager
+def _local(shard: Shard) -> Iterator[str]:
+    """A local file of ``shard``: itself, or its remote bytes fetched and checked (seg.data.remote)."""
+    if shard.store is None:
+        yield shard.path
+        return
+    with local_copy(shard.store, shard.name, shard.bytes, shard.sha256, shard.cache) as path:
+        yield str(path)
+
+
+def shard_samples(shard: Shard) -> Iterator[dict[str, Any]]:
+    """``read_shard`` of a local or a remote shard (messages name its URL)."""
+    with _local(shard) as path:
+        yield from read_shard(path, shard.samples, shown=shard.path)
+
+
+def read_shard(path: str, samples: int | None = None, shown: str | None = None) -> Iterator[dict[str, Any]]:
     """The raw samples of one shard ({"__key__", "image.png": bytes, ...}), in order.
 
-    A torn shard yields its complete samples, then raises DataError naming the shard, the
-    last sample read and the first that is not; so does a shard that ends cleanly before its
-    manifest's ``samples`` (a tar cut at a member boundary reads as a shorter tar).
+    A torn shard yields its complete samples, then raises DataError naming the shard (as
+    ``shown``, default ``path``), the last sample read and the first that is not; so does a
+    shard that ends cleanly before its manifest's ``samples`` (a tar cut at a member boundary
+    reads as a shorter tar).
     """
     key, count, problem = None, 0, []
     try:
@@ -121,6 +153,7 @@ def read_shard(path: str, samples: int | None = None) -> Iterator[dict[str, Any]
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         problem.append((None, e))
     where = f"after sample {key}" if key else "at its start"
+    path = shown or path
     if problem:
         first, error = problem[0]
         torn = f"; first unreadable sample {first}" if first and first != key else ""
@@ -238,7 +271,7 @@ class TrainStream(IterableDataset):
             shard = rng.choice(self.shards)  # with replacement: no rank or worker ever runs dry
             read = 0
             try:
-                for sample in read_shard(shard.path, shard.samples):
+                for sample in shard_samples(shard):
                     read += 1
                     yield shard.path, sample
             except DataError:
@@ -319,7 +352,7 @@ class EvalStream(IterableDataset):
             if offset <= start or first >= stop:
                 continue  # no sample of this shard is ours: not even opened
             try:
-                for index, raw in enumerate(read_shard(shard.path, shard.samples), start=first):
+                for index, raw in enumerate(shard_samples(shard), start=first):
                     if index >= stop:
                         break
                     if index < start:
@@ -417,6 +450,7 @@ def train_loader(
     pin_memory: bool = False,
     checksums: bool = True,
     geometry_on_device: bool = False,
+    cache: str | None = None,
 ) -> DataLoader:
     """The loader of a fold's training stream, the same on every rank.
 
@@ -426,7 +460,8 @@ def train_loader(
     problem = geometry.source_problem(packed_size(split.manifest))
     if problem:
         raise ManifestError(f"{split.directory}: {problem}")
-    shards = shards_of(split.directory, list(split.train_groups), checksums=checksums, sizes=on_error == "raise")
+    groups = list(split.train_groups)
+    shards = shards_of(split.directory, groups, checksums=checksums, sizes=on_error == "raise", cache=cache)
     steps = steps_per_epoch(split.train_samples, batch_size, world_size, workers)
     stream = TrainStream(
         shards,
@@ -453,9 +488,10 @@ def eval_loader(
     on_error: str = "raise",
     pin_memory: bool = False,
     checksums: bool = True,
+    cache: str | None = None,
 ) -> tuple[DataLoader, int]:
     """A loader over every sample of ``groups`` exactly once across ranks, and that total."""
-    shards = shards_of(directory, groups, checksums=checksums, sizes=on_error == "raise")
+    shards = shards_of(directory, groups, checksums=checksums, sizes=on_error == "raise", cache=cache)
     stream = EvalStream(shards, size=size, rank=rank, world_size=world_size, on_error=on_error)
     options = _loader_options(workers, pin_memory) | {"persistent_workers": False}
     return DataLoader(stream, batch_size=batch_size, **options), sum(s.samples for s in shards)
@@ -470,11 +506,21 @@ def eval_loader_of(
     shards: str | Path | None = None,
 ) -> tuple[DataLoader, int]:
     """``eval_loader`` as a run's ``data`` config section sets it: its shards (unless
-    ``shards`` names others), eval_size, workers and on_error, one image per batch. The
-    checksums are checked once at the run's start, not at every evaluation."""
+    ``shards`` names others), eval_size, workers, on_error and cache_dir, one image per batch.
+    The checksums are checked once at the run's start, not at every evaluation."""
     size = tuple(data["eval_size"]) if data["eval_size"] else None
     directory = shards if shards is not None else data["shards"]
     workers = resolve_workers(data["workers"])  # any count reads every sample once: none is recorded
     return eval_loader(
-        directory, groups, 1, size, rank, world_size, workers, data["on_error"], pin_memory, checksums=False
+        directory,
+        groups,
+        1,
+        size,
+        rank,
+        world_size,
+        workers,
+        data["on_error"],
+        pin_memory,
+        checksums=False,
+        cache=data.get("cache_dir"),
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from seg.core import parallel
+from seg.data.remote import RemoteError, Store, is_remote, local_copy
 
 FORMAT = "seg.core.cityscapes-shards"
 FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ class FoldSplit:
     the group it is validated on, and what the manifest says of them. Training, the run's
     identity and the loaders all take this."""
 
-    directory: Path
+    directory: str  # a folder or a URL (seg.data.remote), as data.shards names it
     manifest: dict[str, Any]
     fold: int
     train_groups: tuple[str, ...]
@@ -53,7 +54,7 @@ class FoldSplit:
         """Fold ``fold`` of the dataset in ``directory``; ManifestError if there is no such fold."""
         manifest = manifest if manifest is not None else load_manifest(directory)
         train_groups, val_group = fold_groups(manifest, fold)
-        return cls(Path(directory), manifest, fold, tuple(train_groups), val_group)
+        return cls(str(directory), manifest, fold, tuple(train_groups), val_group)
 
     @property
     def train_samples(self) -> int:
@@ -64,13 +65,35 @@ class FoldSplit:
         return [self.manifest["groups"][g]["class_pixels"] for g in self.train_groups]
 
 
-def load_manifest(directory: str | Path) -> dict[str, Any]:
-    """Read and check ``directory/manifest.json``."""
-    path = Path(directory) / MANIFEST
+def location(directory: str | Path, name: str) -> str:
+    """Where file ``name`` of the dataset at ``directory`` (a folder or a URL) is."""
+    return Store.of(str(directory)).url(name) if is_remote(directory) else str(Path(directory) / name)
+
+
+def manifest_bytes(directory: str | Path) -> bytes:
+    """The bytes of the manifest of the dataset at ``directory`` (a folder or a URL)."""
     try:
-        manifest = json.loads(path.read_text())
+        if is_remote(directory):
+            return Store.of(str(directory)).read(MANIFEST)
+        return (Path(directory) / MANIFEST).read_bytes()
     except FileNotFoundError:
-        raise ManifestError(f"{path} not found: is {directory} a packed dataset (tools/pack_cityscapes.py)?") from None
+        raise ManifestError(
+            f"{Path(directory) / MANIFEST} not found: is {directory} a packed dataset (tools/pack_cityscapes.py)?"
+        ) from None
+    except RemoteError as e:
+        raise ManifestError(str(e)) from None
+
+
+def manifest_sha256(directory: str | Path) -> str:
+    return hashlib.sha256(manifest_bytes(directory)).hexdigest()
+
+
+def load_manifest(directory: str | Path) -> dict[str, Any]:
+    """Read and check the manifest of the dataset at ``directory`` (a folder or a URL)."""
+    data = manifest_bytes(directory)
+    path = location(directory, MANIFEST)
+    try:
+        manifest = json.loads(data)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path} is not valid JSON ({e}): repack the dataset") from None
     if manifest.get("format") != FORMAT:
@@ -97,9 +120,9 @@ def shard_paths(directory: str | Path, manifest: dict[str, Any], groups: list[st
     for group in groups:
         if group not in manifest["groups"]:
             raise ManifestError(
-                f"group {group!r} is not in {Path(directory) / MANIFEST}: it has {sorted(manifest['groups'])}"
+                f"group {group!r} is not in {location(directory, MANIFEST)}: it has {sorted(manifest['groups'])}"
             )
-        paths += [str(Path(directory) / shard["name"]) for shard in manifest["groups"][group]["shards"]]
+        paths += [location(directory, shard["name"]) for shard in manifest["groups"][group]["shards"]]
     return paths
 
 
@@ -111,8 +134,15 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _check_shard(args: tuple[Path, dict[str, Any], bool]) -> str | None:
-    path, shard, checksum = args
+def _check_shard(args: tuple[str, dict[str, Any], bool]) -> str | None:
+    directory, shard, checksum = args
+    if is_remote(directory):  # fetched whole, its size and sha256 computed as it arrives
+        try:
+            with local_copy(Store.of(directory), shard["name"], shard["bytes"], shard["sha256"], cache=None):
+                return None
+        except RemoteError as e:
+            return str(e)
+    path = Path(directory) / shard["name"]
     if not path.is_file():
         return f"{path}: missing (listed in the manifest)"
     size = path.stat().st_size
@@ -126,7 +156,7 @@ def _check_shard(args: tuple[Path, dict[str, Any], bool]) -> str | None:
     return None
 
 
-def _check_shard_numbered(numbered: tuple[int, tuple[Path, dict[str, Any], bool]]) -> tuple[int, str | None]:
+def _check_shard_numbered(numbered: tuple[int, tuple[str, dict[str, Any], bool]]) -> tuple[int, str | None]:
     return numbered[0], _check_shard(numbered[1])
 
 
@@ -134,19 +164,20 @@ def verify(
     directory: str | Path, workers: int = 1, groups: list[str] | None = None, checksums: bool = True
 ) -> list[str]:
     """Check shards against the manifest (presence, size and, with ``checksums``, sha256);
-    return the problems.
+    return the problems. A remote dataset (seg.data.remote) is read whole: every shard fetched and
+    checked as it arrives, whatever ``checksums``.
 
-    ``groups=None`` checks every group and also reports ``.tar`` files the manifest does
-    not list; otherwise only the shards of ``groups`` are checked.
+    ``groups=None`` checks every group and also reports ``.tar`` files of a local folder that
+    the manifest does not list; otherwise only the shards of ``groups`` are checked.
     """
-    directory = Path(directory)
     manifest = load_manifest(directory)
     selected = manifest["groups"] if groups is None else {g: manifest["groups"][g] for g in groups}
-    listed = [(directory / s["name"], s, checksums) for group in selected.values() for s in group["shards"]]
+    listed = [(str(directory), s, checksums) for group in selected.values() for s in group["shards"]]
     problems = []
-    if groups is None:
+    if groups is None and not is_remote(directory):
         names = {s["name"] for group in manifest["groups"].values() for s in group["shards"]}
-        problems += [f"{p}: not listed in the manifest" for p in sorted(directory.glob("*.tar")) if p.name not in names]
+        stray = sorted(Path(directory).glob("*.tar"))
+        problems += [f"{p}: not listed in the manifest" for p in stray if p.name not in names]
     with parallel.unordered(_check_shard_numbered, enumerate(listed), workers) as numbered:
         results = dict(numbered)
     return problems + [results[i] for i in range(len(listed)) if results[i]]

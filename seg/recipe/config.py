@@ -34,7 +34,7 @@ from seg.results.tracking import BACKENDS, DEFAULT_BACKENDS, MODES, missing_pack
 
 @dataclass
 class DataConfig:
-    shards: str = MISSING  # a packed dataset (tools/pack_cityscapes.py)
+    shards: str = MISSING  # a packed dataset (tools/pack_cityscapes.py): a folder, http(s):// or s3:// URL
     geometry: str = "resize"  # resize (the study) | scale-crop (mmseg)
     size: list[int] = field(default_factory=lambda: [512, 1024])  # training input (H, W)
     base_size: list[int] = field(default_factory=lambda: [1024, 2048])  # scale-crop's reference scale
@@ -46,7 +46,8 @@ class DataConfig:
     workers: int | str = AUTO
     shuffle_buffer: int = 32
     on_error: str = "raise"  # raise | skip (and count) unreadable samples
-    checksums: bool = True  # verify shard sha256 before training
+    checksums: bool = True  # verify shard sha256 before training (remote shards: always, as they arrive)
+    cache_dir: str | None = None  # remote shards: keep each one fetched here (by sha256) for later epochs
     # the model and its input in channels_last: true | false | auto (on with CUDA, where it
     # wins by 26% (README, the GPU check); off on the CPU, where it loses: README, Benchmarks)
     channels_last: bool | str = AUTO

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seg.core.runs import Fold, latest_state
 from seg.data.loader import resolve_workers, steps_per_epoch
-from seg.data.manifest import MANIFEST, FoldSplit, sha256_file
+from seg.data.manifest import FoldSplit, manifest_sha256, sha256_file
 from seg.recipe.config import Config
 
 SCRATCH = "scratch"  # --init-from scratch: a later stage trained from the config's backbone weights
@@ -58,6 +58,7 @@ NOT_IDENTITY = (
     "data.checksums",
     "data.channels_last",
     "data.shards",
+    "data.cache_dir",
     "train.batch_size",  # in ``batch``
     "train.grad_accum",
 )
@@ -119,7 +120,6 @@ def fold_identity(
     """The identity of training ``split``'s fold of ``stage`` with this config and start model
     over ``processes`` processes. Hashes the manifest and the start model (every rank does, as
     it decides before any process group exists); raises OSError when they can't be read."""
-    manifest_path = Path(config.data.shards) / MANIFEST
     per_epoch, total = run_length(config, split, processes)
     train = config.train
     scratch = init_from in (None, SCRATCH)
@@ -129,7 +129,7 @@ def fold_identity(
         "config": _without(OmegaConf.to_container(config, resolve=True), NOT_IDENTITY),
         "stage": stage,
         "init_from": start,
-        "data": {"manifest_sha256": sha256_file(manifest_path)},
+        "data": {"manifest_sha256": manifest_sha256(config.data.shards)},
         "batch": {
             "processes": processes,
             "per_process": train.batch_size,

@@ -124,7 +124,7 @@ class Reducer:
         self.model.load_state_dict(state)
         data, train = self.config["data"], self.config["train"]
         geometry = TrainGeometry(data["geometry"], tuple(data["size"]), "none", base_size=tuple(data["base_size"]))
-        shards = shards_of(self.shards, [fold_group(k) for k in folds], checksums=False)
+        shards = shards_of(self.shards, [fold_group(k) for k in folds], checksums=False, cache=data.get("cache_dir"))
         stream = TrainStream(
             shards,
             geometry,

@@ -66,7 +66,9 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """tools/reduce_folds.py's options; ``./launch cv --reduce "..."`` parses them with these
     too, so a bad option fails before a chain is submitted."""
-    parser.add_argument("--shards", help="packed dataset (default: the one the folds trained on)")
+    parser.add_argument(
+        "--shards", help="packed dataset: a folder, http(s):// or s3:// URL (default: the one the folds trained on)"
+    )
     parser.add_argument("--folds", type=int, nargs="+", help="folds to reduce (default: every fold*/)")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--k", type=_at_least(1), default=3, help="topk: how many best folds to average (default 3)")

@@ -58,6 +58,7 @@ def training_loader(run: Run, data: FoldData, start_epoch: int) -> torch.utils.d
         pin_memory=run.cuda,
         checksums=False,
         geometry_on_device=config.data.geometry_on_device,
+        cache=config.data.cache_dir,
     )
 
 
