@@ -20,19 +20,15 @@ from seg.data.loader import (
     DataError,
     EvalStream,
     TrainStream,
-    _ignore_signals,
-    _loader_options,
-    auto_workers,
     eval_loader,
-    resolve_workers,
     shards_of,
     steps_per_epoch,
     train_loader,
-    workers_problem,
 )
 from seg.data.manifest import FoldSplit, ManifestError, load_manifest
 from seg.data.pack import Options, pack
 from seg.data.transforms import TrainGeometry, _cat_max_ok, decoded_sample, eval_sample, train_sample
+from seg.data.workers import auto_workers, ignore_signals, loader_options, resolve_workers, workers_problem
 
 GEOMETRY = TrainGeometry(size=(16, 32), base_size=(32, 64))
 
@@ -434,16 +430,16 @@ class _Numbers(torch.utils.data.IterableDataset):
 
 
 def _slow_worker_init(worker: int) -> None:
-    """The worker's start-up, slowed: its window before ``_ignore_signals`` is wide open."""
+    """The worker's start-up, slowed: its window before ``ignore_signals`` is wide open."""
     time.sleep(2)
-    _ignore_signals(worker)
+    ignore_signals(worker)
 
 
 @pytest.mark.timeout(120)
 def test_a_loader_worker_survives_a_term_that_lands_while_it_starts():
     """A Slurm preemption's TERM reaches every process, an evaluation's workers starting up
     included; a worker killed then crashed the trainer instead of letting it save."""
-    options = _loader_options(1, pin_memory=False) | {"worker_init_fn": _slow_worker_init}
+    options = loader_options(1, pin_memory=False) | {"worker_init_fn": _slow_worker_init}
     batches = iter(DataLoader(_Numbers(), batch_size=2, **options))
     (worker,) = psutil.Process().children()
     subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # not from the trainer: must be ignored

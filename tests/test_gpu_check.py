@@ -35,10 +35,11 @@ def load_chain_tool():
 @pytest.mark.timeout(600)
 def test_tiny_mode_runs_every_part_and_writes_its_json(tmp_path: Path) -> None:
     """Both tiny checks, side by side (one test, so the suite waits for the slower only): the
-    microbenchmark (tools/gpu_check.py --tiny) and the chain (./launch gpu-check --chain --tiny)."""
+    microbenchmark (tools/gpu_check.py --tiny) and the chain (tools/chain_check.py --tiny, which
+    ./launch gpu-check --chain runs)."""
     out, chain_out = tmp_path / "check.json", tmp_path / "chain.json"
-    tool = str(REPO / "tools" / "gpu_check.py")
-    chain = subprocess.Popen([sys.executable, tool, "--chain", "--tiny", "--json", str(chain_out)],
+    tool, chain_tool = str(REPO / "tools" / "gpu_check.py"), str(REPO / "tools" / "chain_check.py")
+    chain = subprocess.Popen([sys.executable, chain_tool, "--tiny", "--json", str(chain_out)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)  # fmt: skip
     try:
         done = subprocess.run([sys.executable, tool, "--tiny", "--json", str(out)], capture_output=True, text=True,

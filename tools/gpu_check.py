@@ -2,7 +2,7 @@
 """The prepared GPU check: is the CUDA path right, and how fast is it?
 
     ./launch gpu-check                     # on a machine with CUDA: about 3-4 minutes
-    ./launch gpu-check --chain             # the study's chain instead, measured (tools/chain_check.py)
+    ./launch gpu-check --chain             # the study's chain instead: tools/chain_check.py
     python tools/gpu_check.py --tiny       # anywhere: a small model, seconds (the test suite runs it)
     python tools/gpu_check.py --json out.json --budget 200 --peak-tflops 989
 
@@ -72,13 +72,7 @@ STUDY_WINDOW = (512, 1024)  # slide mode's window: the study's training size (H,
 
 
 def main() -> int:
-    if "--chain" in sys.argv[1:]:  # the study's chain, measured: its own tool (tools/chain_check.py)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import chain_check
-
-        return chain_check.main([a for a in sys.argv[1:] if a != "--chain"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chain", action="store_true", help="the study's chain instead (tools/chain_check.py)")
     parser.add_argument("--tiny", action="store_true", help="a small model and input on the CPU (seconds)")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--budget", type=float, default=170.0, help="seconds after which no new speed row starts")

@@ -14,12 +14,8 @@ get none and must still join the metric reduction.
 from __future__ import annotations
 
 import math
-import multiprocessing.context
-import os
 import random
-import signal
 import tarfile
-import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,9 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import webdataset as wds
-from accelerate.utils.environment import get_cpu_distributed_information
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
@@ -37,9 +31,9 @@ from seg.data.decode import decode_jpeg, decode_png, jpeg_array, png_array
 from seg.data.manifest import FoldSplit, ManifestError, load_manifest, verify
 from seg.data.remote import Store, is_remote, local_copy
 from seg.data.transforms import TrainGeometry, decoded_sample, eval_sample, train_sample
+from seg.data.workers import loader_options, resolve_workers
 
 ON_ERROR = ("raise", "skip")
-AUTO = "auto"  # data.workers, data.channels_last: for the machine (resolve_workers, seg.recipe.config.resolve_auto)
 
 
 class DataError(RuntimeError):
@@ -163,48 +157,6 @@ def read_shard(path: str, samples: int | None = None, shown: str | None = None) 
             f"{path}: unreadable {where}: it ends after {count} of its {samples} samples (truncated); "
             f"verify the shards (--verify) and repack"
         )
-
-
-TRAINER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
-
-
-class _WorkerProcess(multiprocessing.context.ForkProcess):
-    """A loader worker forked with the trainer's signals blocked. Between the fork and
-    ``_ignore_signals`` the worker runs torch's handlers (TERM kills it) and Python's (INT
-    raises): a Slurm preemption's TERM to every process, landing just as an evaluation
-    starts its workers, killed one and crashed the trainer. Blocked, a signal waits for
-    ``_ignore_signals`` to deal with it; the trainer's own mask is back right after the fork."""
-
-    def start(self) -> None:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, TRAINER_SIGNALS)
-        try:
-            super().start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-class _WorkerContext(multiprocessing.context.ForkContext):
-    Process = _WorkerProcess
-
-
-def _ignore_signals(worker: int) -> None:
-    """DataLoader worker init: the trainer's signals are the trainer's. Workers share its
-    process group, so a Slurm preemption (TERM to every process), a job script's USR1 and a
-    terminal's Ctrl-C reach them too; torch's worker handler would die of TERM and Python's
-    would raise KeyboardInterrupt, and the trainer would crash on its dead worker instead of
-    saving. USR1 and INT are ignored; TERM is ignored unless the trainer sends it (torch and
-    multiprocessing end leftover workers with it, and wait for them)."""
-    for sig in (signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)  # discards one that arrived since the fork
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the thread: it inherits the mask
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGINT})  # blocked by _WorkerProcess
-    threading.Thread(target=_exit_on_parents_term, args=(os.getppid(),), daemon=True).start()
-
-
-def _exit_on_parents_term(parent: int) -> None:
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-            os._exit(0)
 
 
 def decode(sample: dict[str, Any], shard: str, arrays: bool = False) -> tuple[Any, Any]:
@@ -374,54 +326,6 @@ class EvalStream(IterableDataset):
                 # the rest of a truncated shard is lost; evaluation reports expected - seen
 
 
-def _loader_options(workers: int, pin_memory: bool) -> dict[str, Any]:
-    # The streams seed themselves; a private generator keeps the DataLoader from drawing its
-    # base seed from the global RNG, whose state a resumed run must find where it was.
-    generator = torch.Generator().manual_seed(0)
-    options: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "generator": generator}
-    if workers > 0:
-        options |= {"persistent_workers": True, "prefetch_factor": 4, "multiprocessing_context": _WorkerContext()}
-        options["worker_init_fn"] = _ignore_signals
-    return options
-
-
-def available_cores() -> int:
-    """The cores this process may use: its CPU affinity (taskset, a cgroup's cpuset), capped by
-    Slurm's allocation (SLURM_CPUS_PER_TASK), which a job without CPU binding does not enforce."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform (macOS)
-        cores = os.cpu_count() or 1
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return min(cores, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cores
-
-
-def auto_workers() -> int:
-    """``data.workers: auto`` on this machine: the cores this process may use, shared among the
-    run's processes on this machine (accelerate's local world size), at least one."""
-    return max(available_cores() // max(get_cpu_distributed_information().local_world_size, 1), 1)
-
-
-def resolve_workers(value: int | str, recorded: int | None = None) -> int:
-    """The loader workers of a run: an explicit count as it is; ``auto`` the count ``recorded``
-    by the run's first start (the number of workers shapes the training stream: each worker
-    draws its own share of an epoch), else this machine's (``auto_workers``)."""
-    if value != AUTO:
-        return int(value)
-    return recorded if recorded is not None else auto_workers()
-
-
-def workers_problem(counts: list[int]) -> str | None:
-    """Why processes whose loaders have these worker counts (one per rank) cannot train one
-    run, or None: each count sets a rank's steps per epoch and its stream, so all must agree."""
-    if len(set(counts)) <= 1:
-        return None
-    return (
-        f"data.workers resolved to {', '.join(map(str, counts))} on the run's processes (ranks 0 to "
-        f"{len(counts) - 1}): machines with different cores; set data.workers to a number"
-    )
-
-
 def steps_per_epoch(samples: int, batch_size: int, world_size: int, workers: int) -> int:
     """Batches per rank per epoch: one pass over ``samples`` in expectation, rounded up to a
     multiple of the loader's workers so that each worker yields whole epochs."""
@@ -474,7 +378,7 @@ def train_loader(
         on_error=on_error,
         geometry_on_device=geometry_on_device,
     )
-    return DataLoader(stream, batch_size=batch_size, **_loader_options(workers, pin_memory))
+    return DataLoader(stream, batch_size=batch_size, **loader_options(workers, pin_memory))
 
 
 def eval_loader(
@@ -493,7 +397,7 @@ def eval_loader(
     """A loader over every sample of ``groups`` exactly once across ranks, and that total."""
     shards = shards_of(directory, groups, checksums=checksums, sizes=on_error == "raise", cache=cache)
     stream = EvalStream(shards, size=size, rank=rank, world_size=world_size, on_error=on_error)
-    options = _loader_options(workers, pin_memory) | {"persistent_workers": False}
+    options = loader_options(workers, pin_memory) | {"persistent_workers": False}
     return DataLoader(stream, batch_size=batch_size, **options), sum(s.samples for s in shards)
 
 

@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 from seg.core.cli import Size, format_size, orientation_mismatch, parse_size
 from seg.core.distributed import all_reduce_sum
 from seg.data.augment import DeviceAugment
-from seg.data.loader import EvalStream, Shard, _loader_options, shards_of
+from seg.data.loader import EvalStream, Shard, shards_of
 from seg.data.manifest import load_manifest
 from seg.data.transforms import eval_sample
+from seg.data.workers import loader_options
 from seg.evaluation.inference import TestTimeAugmentation, predict_probabilities
 from seg.evaluation.metrics import ConfusionMatrix
 
@@ -122,7 +123,7 @@ def prediction_loader(
 ) -> tuple[DataLoader, int]:
     """seg.data.loader.eval_loader's loader (batch 1), whose items also carry each image's original size."""
     stream = SizedEvalStream(shards_of(shards, groups), size, rank, world_size)
-    options = _loader_options(workers, False) | {"persistent_workers": False}
+    options = loader_options(workers, False) | {"persistent_workers": False}
     return DataLoader(stream, batch_size=1, **options), sum(s.samples for s in stream.shards)
 
 

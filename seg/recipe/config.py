@@ -23,8 +23,9 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
-from seg.data.loader import AUTO, ON_ERROR, resolve_workers
+from seg.data.loader import ON_ERROR
 from seg.data.transforms import GEOMETRIES, LEVELS
+from seg.data.workers import AUTO, resolve_workers
 from seg.model.deeplab import DEPTHS, HEADS, OUTPUT_STRIDES, STEMS
 from seg.recipe.losses import CLASS_WEIGHTS, LOSSES
 from seg.recipe.optim import OPTIMIZERS
@@ -42,7 +43,7 @@ class DataConfig:
     eval_size: list[int] | None = None  # None: evaluate at full resolution; else resize images to it
     # DataLoader workers per process: a count, or auto: the cores this process may use (CPU
     # affinity, SLURM_CPUS_PER_TASK) shared among the run's processes on the machine, fixed at
-    # the run's first start and kept by its resumes (seg.data.auto_workers, resolve_auto)
+    # the run's first start and kept by its resumes (seg.data.workers.auto_workers, resolve_auto)
     workers: int | str = AUTO
     shuffle_buffer: int = 32
     on_error: str = "raise"  # raise | skip (and count) unreadable samples
@@ -347,7 +348,7 @@ def check_values(config: DictConfig, sources: dict[str, str]) -> None:
 def resolve_auto(config: DictConfig, cuda: bool, recorded_workers: int | None = None) -> DictConfig:
     """The config a run uses, its ``auto`` values chosen (read-only, as load_config's):
     data.workers the count the run recorded at its first start (``recorded_workers``), else
-    this machine's (seg.data.loader.resolve_workers); data.channels_last on with CUDA, off without."""
+    this machine's (seg.data.workers.resolve_workers); data.channels_last on with CUDA, off without."""
     data = config.data
     workers = resolve_workers(data.workers, recorded_workers)
     channels_last = cuda if data.channels_last == AUTO else data.channels_last

@@ -35,8 +35,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from seg.core.runs import Fold, latest_state
-from seg.data.loader import resolve_workers, steps_per_epoch
+from seg.data.loader import steps_per_epoch
 from seg.data.manifest import FoldSplit, manifest_sha256, sha256_file
+from seg.data.workers import resolve_workers
 from seg.recipe.config import Config
 
 SCRATCH = "scratch"  # --init-from scratch: a later stage trained from the config's backbone weights

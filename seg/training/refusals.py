@@ -17,8 +17,8 @@ from accelerate.utils import gather_object
 from seg.core.launch import launcher_problem
 from seg.core.runs import Experiment, Fold, is_state, latest_state
 from seg.core.signals import Drill
-from seg.data.loader import workers_problem
 from seg.data.manifest import FoldSplit, ManifestError
+from seg.data.workers import workers_problem
 from seg.recipe.identity import SCRATCH, describe, differences, finished_run, fold_identity, read_identity
 from seg.training.records import EXIT_REFUSED, Run
 
