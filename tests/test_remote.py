@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seg.analysis.compare import data_identity
+from seg.analysis.comparability import shards_identity
 from seg.data import remote
 from seg.data.loader import EvalStream, TrainStream, eval_loader, shard_samples, shards_of
 from seg.data.manifest import ManifestError, fold_groups, load_manifest, verify
@@ -119,7 +119,9 @@ def assert_same_training(out: Path, local: Path) -> None:
 
     def measured(folder: Path) -> list[dict]:  # losses and evaluations, not timings
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k == "step" or k.startswith(("fold/", "train/loss"))} for r in records]
+        results = ("fold/", "train/loss")
+        kept = [{k: v for k, v in r.items() if k == "step" or k.startswith(results)} for r in records]
+        return [{k: v for k, v in r.items() if k != "fold/seconds"} for r in kept]
 
     evaluations = [r for r in measured(local) if "fold/miou" in r]
     assert len(evaluations) == 2 and measured(out) == measured(local)
@@ -318,6 +320,6 @@ def test_the_cache_serves_later_reads_without_the_server(served, faulty, tmp_pat
 def test_compare_identifies_shards_named_by_url_by_the_manifest_it_reads_there(packed, served, tmp_path):
     """tools/compare.py's data check: a run trained from the URL and one from the folder trained
     on the same data; a URL that can't be read now is data it cannot identify."""
-    streamed, folder = data_identity(f"{served.url}/shards", tmp_path), data_identity(str(packed), tmp_path)
+    streamed, folder = shards_identity(f"{served.url}/shards", tmp_path), shards_identity(str(packed), tmp_path)
     assert streamed.digest == folder.digest and streamed.manifest_path == f"{served.url}/shards/manifest.json"
-    assert data_identity(f"{served.url}/gone", tmp_path).manifest is None
+    assert shards_identity(f"{served.url}/gone", tmp_path).manifest is None

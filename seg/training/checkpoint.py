@@ -75,9 +75,11 @@ def validate(run: Run, data: FoldData, training: TrainingState) -> dict[str, Any
         matrix, seen, examples = evaluate(model, loader, run.device, data.augment, autocast, config.wandb.images)
         result = matrix.compute()
         result["samples"], result["skipped"] = seen, expected - seen
-        result["seconds"] = time.perf_counter() - started  # the chain check's phase (tools/chain_check.py)
         results[name] = result
         entry = {f"{name}/{k}": v for k, v in result.items() if k != "iou"} | {f"{name}/iou": result["iou"]}
+        # the chain check's phase (tools/chain_check.py): in metrics.jsonl only, not in the result
+        # that states and sidecars keep (a resumed run's states equal an undisturbed run's, bitwise)
+        entry[f"{name}/seconds"] = time.perf_counter() - started
         run.record(entry, training.progress, data.steps_per_epoch)
         run.tracker.log_evaluation(name, result, matrix.matrix, examples, training.progress.step)
     return results
