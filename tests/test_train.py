@@ -139,6 +139,12 @@ def test_a_killed_run_resumes_to_the_weights_of_one_never_stopped(shards, tmp_pa
         assert torch.equal(again[name], tensor), name
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [json.loads(line)["step"] for line in (tmp_path / "whole" / FOLD / "metrics.jsonl").open()]
+    # the resumable states too, byte for byte: no wall time in them (an evaluation's seconds were)
+    states = sorted((tmp_path / "whole" / FOLD / "checkpoints").glob("step-*"))
+    assert states and [s.name for s in states] == sorted(s.name for s in (out / "checkpoints").glob("step-*"))
+    for state in states:
+        for part in state.iterdir():
+            assert (out / "checkpoints" / state.name / part.name).read_bytes() == part.read_bytes(), part
 
 
 def test_sigusr1_on_one_rank_stops_every_rank_at_the_same_step_and_a_job_script_reads_the_marker(
