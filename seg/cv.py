@@ -39,7 +39,7 @@ from seg.core.runs import Experiment, latest_state, state_step
 from seg.core.signals import Signals
 from seg.data.manifest import FoldSplit, ManifestError, load_manifest
 from seg.recipe.config import ConfigError, load_config, resolve_auto
-from seg.recipe.identity import describe, finished_run, fold_identity, recorded_workers
+from seg.recipe.identity import describe_changes, finished_run, fold_identity, recorded_workers
 from seg.reduction.reduce import add_arguments, options_record, selection_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def fold_done(chain: Chain, stage: int, fold: int, processes: int) -> bool:
     if changes:
         raise ConfigError(
             f"stage {stage} fold {fold}: {fold_run.dir} finished as another run than this chain's "
-            f"({describe(changes)}): run the chain with its settings, train the fold again "
+            f"({describe_changes(changes)}): run the chain with its settings, train the fold again "
             f"(seg/train.py ... --resume none), or use another train.experiment=NAME"
         )
     return summary is not None
@@ -155,7 +155,7 @@ def reduction_done(chain: Chain, stage: int) -> tuple[bool, str]:
     changes = [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in chain.reduce_options().items()
                if recorded.get(key) != value]  # fmt: skip
     if changes:
-        return False, f"reduced before with other options ({describe(changes)}): reducing again"
+        return False, f"reduced before with other options ({describe_changes(changes)}): reducing again"
     return True, "reduced before, skipped"
 
 

@@ -79,7 +79,7 @@ from seg.results.plots import evaluation_figures
 from seg.results.tables import count
 
 
-def markdown(result: dict, title: str) -> str:
+def evaluation_markdown(result: dict, title: str) -> str:
     lines = [f"# {title}", "", f"Settings: {describe_settings(result['settings'])}.", ""]
     if not result["labelled"]:
         exported = count(result["samples"], "prediction")
@@ -223,7 +223,7 @@ def run(argv: list[str] | None) -> int:
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
-            atomic_write_bytes(out / "metrics.md", markdown(result, title).encode())
+            atomic_write_bytes(out / "metrics.md", evaluation_markdown(result, title).encode())
             if labelled:
                 evaluation_figures(result, matrix.matrix.cpu().numpy(), out, describe_settings(result["settings"]))
         if labelled:

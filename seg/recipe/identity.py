@@ -194,7 +194,7 @@ def differences(
     ]
 
 
-def describe(changes: list[str], most: int = 4) -> str:
+def describe_changes(changes: list[str], most: int = 4) -> str:
     """The first ``most`` differences on one line, and how many more."""
     more = f" (and {len(changes) - most} more)" if len(changes) > most else ""
     return "; ".join(changes[:most]) + more

@@ -322,9 +322,9 @@ def write_reduced(
             )  # fmt: skip
             (tmp / stage.reduced_ensemble.name).write_text(json.dumps(content, indent=1) + "\n")
         (tmp / stage.reduced_report.name).write_text(json.dumps(report, indent=1) + "\n")
-        (tmp / stage.reduced_markdown.name).write_text(markdown(report))
+        (tmp / stage.reduced_markdown.name).write_text(reduction_markdown(report))
         reduction_figure(models[0].sidecar["stage"], stage.dir, report, tmp / stage.reduction_figure.name)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def reduction_markdown(report: dict[str, Any]) -> str:
     return "\n".join([f"# Fold reduction: {report['stage_dir']}", "", *reduction_lines(report)]) + "\n"

@@ -19,7 +19,7 @@ from torch import nn
 
 from seg.core.runs import Stage
 from seg.model.weights import WeightsError, read_model_file
-from seg.recipe.identity import FOLDS_MAY_DIFFER, describe, differences
+from seg.recipe.identity import FOLDS_MAY_DIFFER, describe_changes, differences
 
 # Config sections that must agree for weights to be averaged (the model's shape and classes).
 MUST_MATCH = ("model.depth", "model.output_stride", "model.aspp_pool_norm")
@@ -81,7 +81,8 @@ def check_compatible(models: list[FoldModel]) -> None:
         changes = differences(ours, theirs, FOLDS_MAY_DIFFER) if ours is not None and theirs is not None else []
         if changes:  # e.g. a fold trained with another learning rate or start model: not one experiment
             raise WeightsError(
-                f"folds {reference.fold} and {other.fold} were trained as different runs ({describe(changes)}): "
+                f"folds {reference.fold} and {other.fold} were trained as different runs "
+                f"({describe_changes(changes)}): "
                 f"train them with the same settings (seg/recipe/identity.py says what counts) before reducing them"
             )
         missing = reference.state.keys() ^ other.state.keys()

@@ -19,7 +19,7 @@ from seg.core.runs import Experiment, Fold, is_state, latest_state
 from seg.core.signals import Drill
 from seg.data.manifest import FoldSplit, ManifestError
 from seg.data.workers import workers_problem
-from seg.recipe.identity import SCRATCH, describe, differences, finished_run, fold_identity, read_identity
+from seg.recipe.identity import SCRATCH, describe_changes, differences, finished_run, fold_identity, read_identity
 from seg.training.records import EXIT_REFUSED, Run
 
 
@@ -100,14 +100,14 @@ def earlier_run(args: argparse.Namespace, out: Fold, identity: dict[str, Any]) -
     if args.resume == "auto":
         summary, changes = finished_run(out, identity)
         if changes:
-            return None, f"{out.dir} finished as another run ({describe(changes)}): {way_out}"
+            return None, f"{out.dir} finished as another run ({describe_changes(changes)}): {way_out}"
         if summary is not None:
             return summary, None
     state = None if args.resume == "none" else latest_state(out.dir) if args.resume == "auto" else Path(args.resume)
     recorded = read_identity(state / "identity.json") if state is not None else None
     changes = differences(recorded, identity) if recorded is not None else []
     if changes:
-        return None, f"cannot resume from {state}: it is another run ({describe(changes)}); {way_out}"
+        return None, f"cannot resume from {state}: it is another run ({describe_changes(changes)}); {way_out}"
     return None, None
 
 
