@@ -64,6 +64,7 @@ def test_tiny_mode_runs_every_part_and_writes_its_json(tmp_path: Path) -> None:
     assert checks["syncbn"]["status"] == "skipped" and "CUDA" in checks["syncbn"]["reason"]
     (train,) = report["train"]
     assert train["status"] == "ok" and train["images_per_s"] > 0 and train["tflop_per_image"] > 0
+    check_tiny_profile(report["profile"], done.stdout)
     (evaluation,) = report["eval"]
     assert evaluation["status"] == "ok" and evaluation["images_per_s"] > 0
     full, small = report["loader"]
@@ -72,6 +73,129 @@ def test_tiny_mode_runs_every_part_and_writes_its_json(tmp_path: Path) -> None:
     assert report["passed"] is True
     assert "all checks passed" in done.stdout
     assert "| bf16 | pass |" in done.stdout  # the printed table
+
+
+def check_tiny_profile(profile: dict, output: str) -> None:
+    """The profile of the tiny row (tools/profile_step.py): every category, shares summing to
+    1, the top ops with their times, printed."""
+    assert profile["status"] == "ok" and profile["device"] == "cpu" and profile["steps"] == 1
+    categories = profile["categories"]
+    assert list(categories) == ["loss", "augmentation", "upsampling", "convolution", "batchnorm_activation",
+                                "optimizer", "copy_sync", "other"]  # fmt: skip
+    assert sum(c["share"] for c in categories.values()) == pytest.approx(1, abs=1e-3)
+    assert sum(c["ms_per_step"] for c in categories.values()) == pytest.approx(profile["busy_ms_per_step"], rel=1e-2)
+    # every part of the step ran and was found (the tiny model upsamples too)
+    assert all(categories[c]["ms_per_step"] > 0 for c in ("loss", "augmentation", "convolution", "optimizer"))
+    assert 0 < profile["busy_ms_per_step"] <= profile["wall_ms_per_step"] * 1.01
+    top = profile["top_ops"]
+    assert top and all(o["ms_per_step"] > 0 and 0 < o["share"] <= 1 and o["count_per_step"] > 0 for o in top)
+    assert [o["ms_per_step"] for o in top] == sorted((o["ms_per_step"] for o in top), reverse=True)
+    assert profile["host_syncs_per_step"]["aten::_local_scalar_dense"] >= 1  # train_step's finite-loss check
+    assert "| category | ms per step | share |" in output and "| op | calls per step | ms per step | share |" in output
+
+
+def test_ops_fall_into_the_issue_s_categories_by_name() -> None:
+    load_tool()  # tools/ on sys.path
+    from profile_step import category_of
+
+    expected = {
+        "aten::convolution": "convolution",
+        "aten::cudnn_convolution": "convolution",
+        "aten::mkldnn_convolution": "convolution",
+        "aten::convolution_backward": "convolution",
+        "aten::native_batch_norm": "batchnorm_activation",
+        "aten::cudnn_batch_norm": "batchnorm_activation",  # batch norm, though cudnn's
+        "aten::native_batch_norm_backward": "batchnorm_activation",
+        "aten::relu_": "batchnorm_activation",
+        "aten::threshold_backward": "batchnorm_activation",  # ReLU's backward
+        "aten::upsample_bilinear2d": "upsampling",
+        "aten::upsample_bilinear2d_backward": "upsampling",
+        "aten::grid_sampler_2d": "upsampling",
+        "aten::_log_softmax": "loss",
+        "aten::_log_softmax_backward_data": "loss",
+        "aten::nll_loss2d_forward": "loss",
+        "autograd::engine::evaluate_function: NllLoss2DBackward0": "loss",
+        "aten::_softmax": "loss",  # Dice's softmax
+        "aten::one_hot": "loss",
+        "aten::_foreach_add_": "optimizer",
+        "aten::_foreach_norm": "optimizer",  # clip_grad_norm_
+        "aten::_fused_adam_": "optimizer",
+        "Optimizer.step#Adam.step": "optimizer",
+        "Optimizer.zero_grad#Adam.zero_grad": "optimizer",
+        "aten::copy_": "copy_sync",
+        "aten::_to_copy": "copy_sync",  # autocast's casts
+        "aten::to": "copy_sync",
+        "aten::_local_scalar_dense": "copy_sync",  # .item()
+        "cudaStreamSynchronize": "copy_sync",
+        "cudaDeviceSynchronize": "copy_sync",
+        "Memcpy HtoD (Pageable -> Device)": "copy_sync",
+        "seg::loss": "loss",
+        "seg::augment": "augmentation",
+    }
+    assert {name: category_of(name) for name in expected} == expected
+    for name in ("aten::mul", "aten::add_", "aten::empty", "seg::step", "aten::tolist", "aten::topk"):
+        assert category_of(name) is None, name  # "other", or their ancestor's
+    # only the ranges claim every op inside them
+    assert [n for n in expected if category_of(n, whole_range=True)] == [
+        "Optimizer.step#Adam.step", "Optimizer.zero_grad#Adam.zero_grad", "seg::loss", "seg::augment"]  # fmt: skip
+
+
+def test_an_op_counts_for_the_range_it_ran_in_and_its_backward_for_its_forward_s() -> None:
+    """The loss's and the augmentation's ranges claim every op in them, whatever its name says;
+    an op's backward goes where its forward went; the rest by name or "other"."""
+    load_tool()  # tools/ on sys.path
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from profile_step import categorise, category_times
+
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        with record_function("seg::augment"):
+            images = F.interpolate(torch.rand(1, 3, 8, 8), scale_factor=2.0, mode="bilinear")  # not "upsampling"
+        logits = F.conv2d(images, weight)
+        with record_function("seg::loss"):
+            loss = (logits * logits).mean()  # aten::mul: no category by name
+        loss.backward()
+    categorised = categorise(profiler.events())
+    by_name = {}
+    for event, category in categorised:
+        by_name.setdefault(event.name, set()).add(category)
+    assert by_name["aten::upsample_bilinear2d"] == {"augmentation"}
+    assert by_name["aten::mul"] == {"loss"}  # the forward's, and the backward's under MulBackward0
+    assert by_name["autograd::engine::evaluate_function: MulBackward0"] == {"loss"}
+    assert by_name["aten::convolution_backward"] == by_name["aten::conv2d"] == {"convolution"}
+    assert by_name["aten::rand"] == {"augmentation"} and by_name["seg::loss"] == {"loss"}
+    times = category_times(profiler.events(), cuda=False)
+    assert sum(times.values()) == pytest.approx(sum(e.self_cpu_time_total for e, _ in categorised))
+    assert times["loss"] > 0 and times["augmentation"] > 0 and times["upsampling"] == 0
+
+
+def test_on_cuda_each_kernel_counts_once_for_the_op_that_launched_it() -> None:
+    """CUDA's profile, as torch.profiler hands it over (events made here: no GPU needed): an
+    op's self device time holds its kernels, which also come as events of their own; a range
+    (``seg::loss``) launches none, whatever device time its device-side span shows."""
+    load_tool()  # tools/ on sys.path
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from profile_step import category_times
+
+    def event(name, device_us, parent=None, device=DeviceType.CPU, annotation=False, start=0):
+        return SimpleNamespace(name=name, self_device_time_total=device_us, cpu_parent=parent, device_type=device,
+                               is_user_annotation=annotation, sequence_nr=-1, time_range=SimpleNamespace(start=start),
+                               self_cpu_time_total=1.0)  # fmt: skip
+
+    loss = event("seg::loss", 50.0, annotation=True)
+    softmax = event("aten::_softmax", 30.0, parent=loss, start=1)
+    conv = event("aten::cudnn_convolution", 100.0, start=2)
+    launch = event("cudaLaunchKernel", 0.0, parent=conv, start=3)
+    kernels = [event("sm90_xmma_fprop", 100.0, device=DeviceType.CUDA), event("softmax_kernel", 30.0,
+               device=DeviceType.CUDA), event("seg::loss", 50.0, device=DeviceType.CUDA, annotation=True)]  # fmt: skip
+    times = category_times([loss, softmax, conv, launch, *kernels], cuda=True)
+    assert times == {**dict.fromkeys(times, 0.0), "loss": 30.0, "convolution": 100.0}
 
 
 def check_tiny_chain(report: dict, output: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ from seg.data.augment import DeviceAugment
 from seg.data.synthetic import paint_labels, render_image
 from seg.evaluation.inference import TestTimeAugmentation, predict_probabilities, slide_windows
 from seg.model.deeplab import DeepLabV3Plus, count_parameters
+
+from bench_train import fixed_batch, study_model  # a tool beside this one (python puts a script's folder on sys.path)
 
 MODES = ("whole", "slide", "whole+flip", "slide+flip")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,6 +85,20 @@ def time_predictions(
             sync()
             times.append(time.perf_counter() - start)
     return times
+
+
+def measure_eval(
+    depth: int, size: tuple[int, int], tta: TestTimeAugmentation, device: torch.device, images: int
+) -> dict[str, Any]:
+    """Predictions of one synthetic image of the study's model timed as this tool times them (bf16,
+    channels_last): one row of the GPU check's evaluation table (tools/gpu_check.py)."""
+    model = study_model(depth).to(device).eval().to(memory_format=torch.channels_last)
+    augment = DeviceAugment("none", channels_last=True).to(device)
+    image, _ = fixed_batch(size, 1)
+    x, _ = augment(image.to(device), train=False)
+    elapsed = sum(time_predictions(model, [x] * images, size, tta, torch.bfloat16))
+    return {"mode": mode_name(tta), "depth": depth, "size": format_size(size), "precision": "bf16",
+            "images_per_s": round(images / elapsed, 2), "status": "ok"}  # fmt: skip
 
 
 def main() -> None:

@@ -16,7 +16,9 @@ The training step alone, without the loader, evaluation or start-up:
 times seg.training.step.train_step on device-resident batches of the study's model (R<depth>-OS8,
 augmented on the device, Adam, clipping) after --warmup steps: images/s, step time, peak
 memory, FLOPs per image and, with --peak-tflops, the model FLOP utilisation. It is one row of
-the GPU check's training grid (tools/gpu_check.py runs the grid through it).
+the GPU check's training grid (tools/gpu_check.py runs the grid through it). With --profile
+(and --json FILE) the same steps run under torch.profiler instead (tools/profile_step.py):
+the top ops and the step's time by category, per step.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.profiler import record_function
 
+from seg.core.atomic import atomic_write_bytes
 from seg.core.cityscapes import IGNORE_INDEX, NUM_CLASSES
 from seg.core.cli import format_size, parse_size
 from seg.core.launch import launch_command
@@ -73,6 +77,9 @@ def main() -> None:
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
     step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     step.add_argument("--peak-tflops", type=float, help="the device's dense peak, for the FLOP utilisation")
+    step.add_argument("--profile", action="store_true", help="torch.profiler over --steps steps instead of "
+                      "timing them: the top ops and the step's time by category (tools/profile_step.py)")  # fmt: skip
+    step.add_argument("--json", type=Path, help="--profile: write the profile here too")
     args = parser.parse_intermixed_args()  # overrides may follow the options
     if args.step:
         sys.exit(step_only(args))
@@ -119,6 +126,14 @@ def step_only(args: argparse.Namespace) -> int:
         print("error: --precision fp16 needs a GPU; use bf16 on the CPU (as training does)", file=sys.stderr)
         return 2
     row = SpeedRow(args.depth, args.batch, args.precision, args.channels_last, args.compile, size)
+    if args.profile:
+        from profile_step import format_profile, profile_train_step  # beside this one; it imports this one
+
+        profiled = profile_train_step(row, device, steps=args.steps, warmup=args.warmup)
+        print(format_profile(profiled), flush=True)
+        if args.json:
+            atomic_write_bytes(args.json, (json.dumps(profiled, indent=2) + "\n").encode())
+        return 0 if profiled["status"] == "ok" else 1
     result = measure_train_step(row, device, args.peak_tflops, steps=args.steps, warmup=args.warmup)
     print(", ".join(f"{k}: {v}" for k, v in result.items()), flush=True)
     return 0 if result["status"] == "ok" else 1
@@ -173,6 +188,37 @@ class SpeedRow(dict):
         self.input_size = size
 
 
+@contextlib.contextmanager
+def training_step(row: SpeedRow, device: torch.device) -> Iterator[Callable[[], None]]:
+    """One call of the returned function is one training step of this row as
+    measure_train_step times it (and tools/profile_step.py profiles it): the fixed batch,
+    device-resident, augmented on the device, through seg.training.step.train_step (loss,
+    backward, clipping, Adam). The augmentation and the loss run in ranges named for the
+    profiler (``seg::augment``, ``seg::loss``; nearly free when no profiler listens)."""
+    with fresh_accelerator(row["precision"], cpu=device.type != "cuda") as accelerator:
+        model = study_model(row["depth"]).to(device)
+        if row["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-3)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if row["compile"]:
+            model = torch.compile(model)
+        augment = DeviceAugment("standard", row["channels_last"]).to(device)
+        combined = CombinedLoss(0.6, 0.1, torch.ones(NUM_CLASSES, device=device)).to(device)
+        images, labels = (t.to(device) for t in fixed_batch(row.input_size, row["batch"]))
+
+        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with record_function("seg::loss"):
+                return combined(logits, target)
+
+        def step() -> None:
+            with record_function("seg::augment"):
+                x, y = augment(images, labels)
+            train_step(model, x, y, loss_fn, optimizer, accelerator, 1.0)
+
+        yield step
+
+
 def measure_train_step(
     row: SpeedRow, device: torch.device, peak: float | None, steps: int = 10, warmup: int = 3
 ) -> dict[str, Any]:
@@ -183,25 +229,10 @@ def measure_train_step(
     cuda = device.type == "cuda"
     result: dict[str, Any] = dict(row)
     try:
-        with fresh_accelerator(row["precision"], cpu=not cuda) as accelerator:
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            model = study_model(row["depth"]).to(device)
-            if row["channels_last"]:
-                model = model.to(memory_format=torch.channels_last)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-3)
-            model, optimizer = accelerator.prepare(model, optimizer)
-            if row["compile"]:
-                model = torch.compile(model)
-            augment = DeviceAugment("standard", row["channels_last"]).to(device)
-            loss_fn = CombinedLoss(0.6, 0.1, torch.ones(NUM_CLASSES, device=device)).to(device)
-            images, labels = (t.to(device) for t in fixed_batch(row.input_size, row["batch"]))
-
-            def step() -> None:
-                x, y = augment(images, labels)
-                train_step(model, x, y, loss_fn, optimizer, accelerator, 1.0)
-
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with training_step(row, device) as step:
             started = time.perf_counter()
             for _ in range(warmup):
                 step()

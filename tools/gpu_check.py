@@ -21,6 +21,9 @@ Correctness
                  a cross-GPU reduction) against BatchNorm2d on the whole batch on the CPU:
                  outputs, input/weight gradients and running statistics.
 Speed (CUDA only)
+  profile        torch.profiler over a few steps of the study's row (R34-OS8, bf16, batch 8,
+                 channels_last): the top ops and the step's time by category, first
+                 (tools/profile_step.py; --tiny profiles the tiny row on the CPU).
   train          images/s and peak memory of seg.training.step.train_step (device augmentation,
                  loss, backward, clipping, Adam) at 512x1024 for R34/R50/R101 at OS8, batch 8
                  and 4, fp32/bf16/fp16, channels_last on and off, torch.compile on and off;
@@ -63,10 +66,11 @@ from seg.training.step import train_step
 
 # The measuring code of the bench tools beside this one (python puts a script's folder first
 # on sys.path): the GPU check runs their measurements instead of repeating them.
-from bench_eval import mode_name, time_predictions
+from bench_eval import measure_eval, mode_name
 from bench_loader import one_core, pack_shards, pipeline_rate
 from bench_model import device_peak_tflops
 from bench_train import SpeedRow, fixed_batch, fresh_accelerator, measure_train_step, study_model
+from profile_step import format_profile, profile_train_step
 
 STUDY_WINDOW = (512, 1024)  # slide mode's window: the study's training size (H, W)
 
@@ -103,6 +107,9 @@ def main() -> int:
         peak = args.peak_tflops or device_peak_tflops(torch.cuda.get_device_name())
         deadline = started + args.budget
         report["peak_bf16_tflops"] = peak
+        # where the study's step spends its time (issue 24): a few steps, so first
+        report["profile"] = profile_train_step(SpeedRow(34, 8, "bf16", True, False), torch.device("cuda"))
+        print(format_profile(report["profile"]), flush=True)
         report["train"] = train_speed_grid(peak, deadline, compile_rows=not args.no_compile)
         print(format_train(report["train"]), flush=True)
         report["eval"] = eval_speed(deadline)
@@ -112,6 +119,8 @@ def main() -> int:
         tiny = SpeedRow(depth=18, batch=2, precision="fp32", channels_last=False, compile=False, size=(32, 64))
         report["train"] = [measure_train_step(tiny, torch.device("cpu"), peak=None, steps=2, warmup=1)]
         print(format_train(report["train"]), flush=True)
+        report["profile"] = profile_train_step(tiny, torch.device("cpu"), steps=1, warmup=1)
+        print(format_profile(report["profile"]), flush=True)
         tta = TestTimeAugmentation("slide", (32, 64), (24, 48))
         report["eval"] = [measure_eval(18, (64, 128), tta, torch.device("cpu"), images=1)]
         print(format_eval(report["eval"]), flush=True)
@@ -380,19 +389,6 @@ def eval_speed(deadline: float) -> list[dict[str, Any]]:
         except Exception as e:  # reported, not fatal
             results.append({"mode": mode_name(tta), "status": f"error: {type(e).__name__}: {str(e)[:200]}"})
     return results
-
-
-def measure_eval(
-    depth: int, size: tuple[int, int], tta: TestTimeAugmentation, device: torch.device, images: int
-) -> dict[str, Any]:
-    """Predictions of one synthetic image timed as tools/bench_eval.py times them (bf16, channels_last)."""
-    model = study_model(depth).to(device).eval().to(memory_format=torch.channels_last)
-    augment = DeviceAugment("none", channels_last=True).to(device)
-    image, _ = fixed_batch(size, 1)
-    x, _ = augment(image.to(device), train=False)
-    elapsed = sum(time_predictions(model, [x] * images, size, tta, torch.bfloat16))
-    return {"mode": mode_name(tta), "depth": depth, "size": format_size(size), "precision": "bf16",
-            "images_per_s": round(images / elapsed, 2), "status": "ok"}  # fmt: skip
 
 
 def loader_speed(tiny: bool, train_images_per_s: float | None) -> list[dict[str, Any]]:
