@@ -23,7 +23,10 @@ Fault kinds (``--kinds``, default all):
   scancel-kill   `scancel -s KILL` of the fold's job
   usr1-batch     Slurm's time-limit warning: `scancel --batch -s USR1` (the batch script)
   usr1           `scancel -s USR1` of the job's steps
-  preempt        a preemption's TERM to every process of the job (`scancel --full -s TERM`)
+  preempt        a preemption's TERM to every process of the job (`scancel --full -s TERM`); srun
+                 takes it as a cancel and kills the step after KillWait, so unless the trainer's
+                 save beats that, the job fails and the chain is run again (a cluster with
+                 PreemptMode=REQUEUE would requeue it itself)
   kill-in-save   `scancel -s KILL` the moment a resumable state is being written
   duplicate      the same fold submitted again while it runs (the lease must refuse it)
   drain          a node drained, then resumed (`scontrol update nodename=... state=drain`)
@@ -377,7 +380,11 @@ class Injector:
             CONFIG,
             *chain_plan(self.chain.runs, self.chain.shards).train_args(fault.stage),
         ]
-        submitted = str(self.cluster.sbatch([*args, *script], env=env))
+        # from the repository, as ./launch cv submits: fold.sh starts in the submission's folder
+        env["SLURM_CONF"] = str(self.cluster.conf)
+        done = subprocess.run(["sbatch", "--parsable", *args, *script], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=60, check=True)  # fmt: skip
+        submitted = done.stdout.strip().split(";")[0]
         self.duplicates.append((fault, submitted))
         self.fired(fault, step, f"{job} running; the same task submitted again as {submitted}", "submitted")
 
