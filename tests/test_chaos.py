@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
-from tools.chaos import FOLDS, KINDS, STAGES, STEPS, chaos, clock_key, compare, main, plan, table
+from tools.chaos import chaos, clock_key, compare, main, table
+from tools.chaos_plan import FOLDS, KINDS, STAGES, STEPS, plan
 
 
 def test_a_seed_draws_the_same_plan_and_uses_every_kind_before_repeating():
