@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
 from tools.chaos import chaos, clock_key, compare, main, table
@@ -28,6 +29,7 @@ def test_a_seed_draws_the_same_plan_and_uses_every_kind_before_repeating():
 @pytest.mark.parametrize(
     ("key", "clock"),
     [("train/step_time", True), ("wall_s", True), ("images_per_s", True), ("since", True), ("host", True),
+     ("train/data_wait_share", True), ("train/memory_mb", True),
      ("train/loss", False), ("candidates", False), ("val/miou", False), ("steps", False), ("skipped", False)],
 )  # fmt: skip
 def test_clock_keys_are_told_from_results(key: str, clock: bool):
@@ -42,6 +44,7 @@ def experiment(root: Path, name: str, steps: int = STEPS) -> Path:
     lines = [json.dumps({"step": s, "train/loss": 1.0 / s, "train/step_time": 0.1 * s}) for s in range(1, steps + 1)]
     (fold / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (fold / "summary.json").write_text(json.dumps({"steps": steps, "wall_s": 3.0, "init_from": f"{root}/{name}/x"}))
+    (fold / "model.json").write_text(json.dumps({"config": {"train": {"runs_dir": f"{root}/{name}"}}}))
     reduced = root / name / "demo" / "stage1" / "reduced"
     reduced.mkdir()
     (reduced / "model.safetensors").write_bytes(b"reduced")
@@ -56,7 +59,7 @@ def test_equal_chains_compare_equal_wall_times_paths_and_logs_aside(tmp_path: Pa
     summary.write_text(summary.read_text().replace('"wall_s": 3.0', '"wall_s": 9.5'))
     problems, counts = compare(reference, chain)
     assert problems == []
-    assert counts == {"metrics logs": 1, "summaries and reports (json)": 1, "weights files": 2}
+    assert counts == {"metrics logs": 1, "summaries and reports (json)": 2, "weights files": 2}
 
 
 def test_a_differing_weight_a_lost_or_doubled_step_and_a_leftover_are_each_found(tmp_path: Path):
@@ -83,8 +86,31 @@ def test_a_changed_value_in_metrics_or_a_summary_is_found(tmp_path: Path):
     summary = chain / "stage1" / "fold0" / "summary.json"
     summary.write_text(summary.read_text().replace('"steps": 12', '"steps": 11'))
     problems = compare(reference, chain)[0]
-    assert any("metrics.jsonl: records differ" in p for p in problems)
-    assert "stage1/fold0/summary.json: differs (wall times aside)" in problems
+    assert any("metrics.jsonl: records differ from the reference's at [1].train/loss: 0.5 != 0.50001" in p
+               for p in problems)  # fmt: skip
+    assert "stage1/fold0/summary.json: differs (wall times aside) at steps: 12 != 11" in problems
+
+
+def test_a_progress_record_is_compared_by_its_values_wall_times_aside(tmp_path: Path):
+    """accelerate's custom_checkpoint_1.pkl is the progress: its last evaluation holds the time it took."""
+    reference, chain = experiment(tmp_path, "reference"), experiment(tmp_path, "chaos")
+
+    def state(root: Path, miou: float, seconds: float) -> None:
+        folder = root / "stage1" / "fold0" / "checkpoints" / "step-00000006"
+        folder.mkdir(parents=True)
+        torch.save(
+            {"step": 6, "final": {"fold": {"miou": miou, "seconds": seconds}}}, folder / "custom_checkpoint_1.pkl"
+        )
+
+    state(reference, 0.25, 1.5)
+    state(chain, 0.25, 4.0)
+    problems, counts = compare(reference, chain)
+    assert problems == [] and counts["state records (pkl, wall times aside)"] == 1
+    torch.save({"step": 6, "final": {"fold": {"miou": 0.5, "seconds": 4.0}}},
+               chain / "stage1" / "fold0" / "checkpoints" / "step-00000006" / "custom_checkpoint_1.pkl")  # fmt: skip
+    assert compare(reference, chain)[0] == [
+        "stage1/fold0/checkpoints/step-00000006/custom_checkpoint_1.pkl: state differs at final.fold.miou: 0.25 != 0.5"
+    ]
 
 
 def test_unknown_kinds_or_no_faults_are_refused_with_exit_2(capsys: pytest.CaptureFixture[str]):

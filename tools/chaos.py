@@ -75,12 +75,15 @@ CLOCK_WORDS = {
     "job",
     "sec",
     "speed",
+    "wait",  # train/data_wait_share: how long the step waited for data, a share of its time
+    "memory",  # train/memory_mb: what the process held, not what it computed
 }
 
 
 def clock_key(key: str) -> bool:
-    """Whether a JSON key names a wall-clock measurement or where a run ran (``train/step_time``,
-    ``wall_s``, ``images_per_s``): its words, split at ``/``, ``_``, ``.`` and ``-``."""
+    """Whether a JSON key names a wall-clock measurement, the machine's or where a run ran
+    (``train/step_time``, ``wall_s``, ``images_per_s``, ``train/memory_mb``): its words, split
+    at ``/``, ``_``, ``.`` and ``-``."""
     words = re.split(r"[/_.\-]", key.lower())
     return bool(CLOCK_WORDS & set(words)) or words[-1] == "s" or "per" in words
 
@@ -94,9 +97,44 @@ def without_clock(value: Any) -> Any:
         return {k: without_clock(v) for k, v in value.items() if not clock_key(k)}
     if isinstance(value, list):
         return [without_clock(v) for v in value]
-    if isinstance(value, str):
-        return re.sub(r"/\S*/(reference|chaos)/", "RUNS/", value)
+    if isinstance(value, str):  # a path in either chain's runs folder, or the folder itself (train.runs_dir)
+        return re.sub(r"/\S*/(reference|chaos)(?=/|$)", "RUNS", value)
     return value
+
+
+def difference(a: Any, b: Any, where: str = "") -> str | None:
+    """Where two JSON values first differ (``[3].train/loss: 0.5 != 0.51``); None when equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{where}{key}: only in the {'reference' if key in a else 'chaos chain'}"
+            found = difference(a[key], b[key], f"{where}{key}.")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{where.rstrip('.') or 'the list'}: {len(a)} entries, not {len(b)}"
+        found = (difference(x, y, f"{where}[{i}].") for i, (x, y) in enumerate(zip(a, b, strict=True)))
+        return next((d for d in found if d), None)
+    return None if a == b else f"{where.rstrip('.')}: {str(a)[:60]} != {str(b)[:60]}"
+
+
+def state_record(path: Path) -> Any:
+    """A state's custom record (accelerate's custom_checkpoint_N.pkl: the schedule, the
+    progress) as plain values: the progress holds the last evaluation, with its wall time."""
+    import torch
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def kept(root: Path) -> list[Path]:
@@ -126,8 +164,9 @@ def metrics_problems(reference: Path, chaos: Path) -> list[str]:
     problems = []
     if steps != list(range(1, STEPS + 1)):
         problems.append(f"{chaos}: training steps {steps}, not 1..{STEPS} once each")
-    if [without_clock(r) for r in ref] != [without_clock(r) for r in got]:
-        problems.append(f"{chaos}: records differ from the reference's")
+    found = difference([without_clock(r) for r in ref], [without_clock(r) for r in got])
+    if found:
+        problems.append(f"{chaos}: records differ from the reference's at {found}")
     return problems
 
 
@@ -145,14 +184,21 @@ def compare(reference: Path, chaos: Path) -> tuple[list[str], dict[str, int]]:
             problems += metrics_problems(a, b)
             counts["metrics logs"] += 1
         elif rel.suffix == ".json":
-            if without_clock(json.loads(a.read_text())) != without_clock(json.loads(b.read_text())):
-                problems.append(f"{rel}: differs (wall times aside)")
+            found = difference(without_clock(json.loads(a.read_text())), without_clock(json.loads(b.read_text())))
+            if found:
+                problems.append(f"{rel}: differs (wall times aside) at {found}")
             counts["summaries and reports (json)"] += 1
         elif rel.suffix == ".safetensors":
             if a.read_bytes() != b.read_bytes():
                 problems.append(f"{rel}: weights differ")
             counts["weights files"] += 1
-        elif rel.suffix in (".bin", ".pkl", ".pt"):
+        elif rel.suffix == ".pkl":  # the progress record holds wall times: its values, those aside
+            if a.read_bytes() != b.read_bytes():
+                found = difference(without_clock(state_record(a)), without_clock(state_record(b)))
+                if found:
+                    problems.append(f"{rel}: state differs at {found}")
+            counts["state records (pkl, wall times aside)"] += 1
+        elif rel.suffix in (".bin", ".pt"):
             if a.read_bytes() != b.read_bytes():
                 problems.append(f"{rel}: state differs")
             counts["state files"] += 1
