@@ -6,6 +6,7 @@ reduction after its stage)."""
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def experiment(root: Path, name: str, steps: int = STEPS) -> Path:
     fold = root / name / "demo" / "stage1" / "fold0"
     fold.mkdir(parents=True)
     (fold / "model.safetensors").write_bytes(b"weights")
-    lines = [json.dumps({"step": s, "train/loss": 1.0 / s, "train/step_time": 0.1 * s}) for s in range(1, steps + 1)]
+    lines = [json.dumps({"step": s, "train/loss": 1.0 / s, "train/step_time": 0.1 * s, "fold/iou": {"train": math.nan}})
+             for s in range(1, steps + 1)]  # fmt: skip
     (fold / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (fold / "summary.json").write_text(json.dumps({"steps": steps, "wall_s": 3.0, "init_from": f"{root}/{name}/x"}))
     (fold / "model.json").write_text(json.dumps({"config": {"train": {"runs_dir": f"{root}/{name}"}}}))

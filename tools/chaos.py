@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -117,6 +118,8 @@ def difference(a: Any, b: Any, where: str = "") -> str | None:
             return f"{where.rstrip('.') or 'the list'}: {len(a)} entries, not {len(b)}"
         found = (difference(x, y, f"{where}[{i}].") for i, (x, y) in enumerate(zip(a, b, strict=True)))
         return next((d for d in found if d), None)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return None  # an IoU of a class that is in neither prediction nor label: NaN, in both
     return None if a == b else f"{where.rstrip('.')}: {str(a)[:60]} != {str(b)[:60]}"
 
 
