@@ -1,7 +1,7 @@
-"""tools/chaos.py: its plan and its comparison here; its short mode on a real Slurm (which also
-covers what the chain test of tests/test_slurm.py covered: two stages of 2-node folds through
-./launch cv, a fold preempted by Slurm's time-limit warning, requeued and resumed, each
-reduction after its stage)."""
+"""tools/chaos.py: its plan and its comparison here; its short mode on a real Slurm, 2 stages x 2
+folds (the long mode's chain has 3 folds), 5 faults (which also covers what the chain test of
+tests/test_slurm.py covered: two stages of 2-node folds through ./launch cv, a fold preempted by
+Slurm's time-limit warning, requeued and resumed, each reduction after its stage)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def test_a_seed_draws_the_same_plan_and_uses_every_kind_before_repeating():
     assert sorted(kinds[: len(KINDS)]) == sorted(KINDS)  # the first ten: each kind once
     assert all(1 <= f.stage <= STAGES and 0 <= f.fold < FOLDS and 1 <= f.step < STEPS for f in first)
     assert [(f.stage, f.step) for f in first] == sorted((f.stage, f.step) for f in first)  # in the order they come
+    assert {f.fold for f in plan(7, 12, list(KINDS), folds=2)} == {0, 1}
 
 
 @pytest.mark.parametrize(
@@ -119,18 +120,24 @@ def test_unknown_kinds_or_no_faults_are_refused_with_exit_2(capsys: pytest.Captu
     assert main(["--kinds", "kill-rank,meteor"]) == 2
     assert "'kill-rank,meteor'" in capsys.readouterr().err
     assert main(["--faults", "0"]) == 2
+    assert main(["--folds", "1"]) == 2
 
 
 # --- the short mode on a real Slurm -------------------------------------------------------------
 
 SHORT_KINDS = ["kill-rank", "scancel-kill", "usr1-batch", "preempt", "duplicate"]
+# 2 folds, not the chain's 3: two fewer 2-process jobs on the suite's 2 cores for every stage of
+# both chains. Seed 1132 draws a short critical path: stage 1's folds killed at step 10 (one by
+# kill-rank, one by scancel-kill: one rerun), stage 2's fold 1 warned (usr1-batch at step 2,
+# requeued) and submitted twice (step 3) while fold 0 is preempted at step 9 (a second rerun).
+SHORT_SEED, SHORT_FOLDS = 1132, 2
 
 
 @pytest.mark.slurm
 @pytest.mark.xdist_group("slurm")
 @pytest.mark.timeout(1800, func_only=True)  # the session's cluster may first wait for another on this machine
 def test_five_faults_on_a_whole_chain_end_bit_identical(slurm_cluster: SlurmCluster, tmp_path: Path):
-    result = chaos(slurm_cluster, tmp_path, seed=0, count=len(SHORT_KINDS), kinds=SHORT_KINDS, timeout=1200)
+    result = chaos(slurm_cluster, tmp_path, SHORT_SEED, len(SHORT_KINDS), SHORT_KINDS, timeout=1200, folds=SHORT_FOLDS)
     print(table(result))
     assert result["verdict"] == "identical", table(result)
     assert sorted(result["by_kind"]) == sorted(SHORT_KINDS)
@@ -143,7 +150,7 @@ def test_five_faults_on_a_whole_chain_end_bit_identical(slurm_cluster: SlurmClus
     # Every fold ran on two machine ranks, one on each node; stage 2 started from stage 1's model.
     reference, chain = Path(result["reference"]), Path(result["chaos"])
     for stage in range(1, STAGES + 1):
-        for fold in range(FOLDS):
+        for fold in range(SHORT_FOLDS):
             summary = json.loads((chain / f"stage{stage}" / f"fold{fold}" / "summary.json").read_text())
             assert (summary["machines"], summary["nodes"], summary["processes"]) == ([0, 1], ["n1", "n2"], 2)
             seed = chain / "stage1" / "reduced" / "model.safetensors"

@@ -222,13 +222,13 @@ def wait_done(chain: Chain, timeout: float) -> None:
 
 
 def chaos(cluster: SlurmCluster, workdir: Path, seed: int, count: int, kinds: list[str],
-          reference: Path | None = None, timeout: float = 3600) -> dict[str, Any]:  # fmt: skip
+          reference: Path | None = None, timeout: float = 3600, folds: int = FOLDS) -> dict[str, Any]:  # fmt: skip
     """Run the reference (unless ``reference`` names one already run on the same data) and the
     chaos chain side by side on ``cluster``; the result as JSON-able data."""
-    shards = prepare_data(workdir)
-    faults = plan(seed, count, kinds)
-    ref = Chain(cluster, reference or workdir / "reference", shards)
-    chain = Chain(cluster, workdir / "chaos", shards)
+    shards = prepare_data(workdir, folds)
+    faults = plan(seed, count, kinds, folds)
+    ref = Chain(cluster, reference or workdir / "reference", shards, folds)
+    chain = Chain(cluster, workdir / "chaos", shards, folds)
     started = time.monotonic()
     if reference is None:
         ref.submit()
@@ -243,6 +243,7 @@ def chaos(cluster: SlurmCluster, workdir: Path, seed: int, count: int, kinds: li
     problems += [f"fault {f.index} ({f.kind}) never fired" for f in faults if f.fired is None]
     return {
         "seed": seed,
+        "folds": folds,
         "faults": [asdict(f) for f in faults],
         "by_kind": dict(Counter(f.kind for f in faults)),
         "recoveries": dict(injector.recoveries),
@@ -261,7 +262,8 @@ def chaos(cluster: SlurmCluster, workdir: Path, seed: int, count: int, kinds: li
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"chaos: seed {result['seed']}, {len(result['faults'])} faults, {STAGES} stages x {FOLDS} folds x 2 nodes",
+    shape = f"{STAGES} stages x {result['folds']} folds x 2 nodes"
+    lines = [f"chaos: seed {result['seed']}, {len(result['faults'])} faults, {shape}",
              f"{'#':>3}  {'kind':<14} {'target':<16} {'at step':>7}  {'outcome':<24} {'lost':>6}"]  # fmt: skip
     for f in result["faults"]:
         target = f"stage {f['stage']} " + ("reduce" if f["kind"] == "kill-reduce" else f"fold {f['fold']}")
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reference", type=Path, help="a reference runs folder of an earlier run in the same --workdir"
     )
+    parser.add_argument("--folds", type=int, default=FOLDS, help=f"folds per stage (default {FOLDS}, at least 2)")
     parser.add_argument("--use-cluster", action="store_true", help="use the running cluster SLURM_CONF names")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the chain counts as stuck")
@@ -304,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.faults < 1:
         print(f"error: --faults {args.faults}: at least 1", file=sys.stderr)
         return 2
+    if args.folds < 2:
+        print(f"error: --folds {args.folds}: at least 2", file=sys.stderr)
+        return 2
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="seg-chaos-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if args.use_cluster:
@@ -314,12 +320,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         cluster = SlurmCluster(Path(os.environ["SLURM_CONF"]).parent)
-        result = chaos(cluster, workdir, args.seed, args.faults, kinds, args.reference, args.timeout)
+        result = chaos(cluster, workdir, args.seed, args.faults, kinds, args.reference, args.timeout, args.folds)
     else:
         from tests.slurm_cluster import cluster_dir
 
         with running_cluster(cluster_dir(workdir / "slurm")) as cluster:
-            result = chaos(cluster, workdir, args.seed, args.faults, kinds, args.reference, args.timeout)
+            result = chaos(cluster, workdir, args.seed, args.faults, kinds, args.reference, args.timeout, args.folds)
     print(table(result))
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(result, indent=1) + "\n").encode())

@@ -28,6 +28,7 @@ class Chain:
     cluster: SlurmCluster
     runs: Path
     shards: Path
+    folds: int = FOLDS
     submissions: list[list[tuple[int, str, str]]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
@@ -67,7 +68,7 @@ class Chain:
         return self.cluster.states(self.jobs)
 
     def done(self, states: dict[str, str]) -> bool:
-        expected = {f"{self.array(s)}_{k}" for s in range(1, STAGES + 1) for k in range(FOLDS)}
+        expected = {f"{self.array(s)}_{k}" for s in range(1, STAGES + 1) for k in range(self.folds)}
         expected |= {self.reduce(s) for s in range(1, STAGES + 1)}
         return all(states.get(key) == "COMPLETED" for key in expected)
 

@@ -24,7 +24,7 @@ KINDS = (
     "drain",
     "kill-reduce",
 )
-STAGES, FOLDS, STEPS = 2, 3, 12
+STAGES, FOLDS, STEPS = 2, 3, 12  # FOLDS: the default (--folds)
 # Tiny and quick, every fold saving often: a fault always has a recent state to resume from.
 TINY = [
     "data.size=[32,64]", "data.eval_size=null", "data.workers=1", "train.batch_size=2", "train.log_every=1",
@@ -53,7 +53,7 @@ class Fault:
         return (self.recovered - self.fired) if self.fired is not None and self.recovered is not None else 0.0
 
 
-def plan(seed: int, count: int, kinds: list[str]) -> list[Fault]:
+def plan(seed: int, count: int, kinds: list[str], folds: int = FOLDS) -> list[Fault]:
     """``count`` faults drawn from ``kinds`` by ``seed``: kind, stage, fold, step, detail. Every
     kind is used before any repeats (the short mode covers as many kinds as it has faults)."""
     rng = random.Random(seed)
@@ -61,25 +61,25 @@ def plan(seed: int, count: int, kinds: list[str]) -> list[Fault]:
     while len(order) < count:
         order += rng.sample(kinds, len(kinds))
     faults = [
-        Fault(i, kind, rng.randint(1, STAGES), rng.randrange(FOLDS), rng.randint(1, STEPS - 1), rng.randint(0, 1))
+        Fault(i, kind, rng.randint(1, STAGES), rng.randrange(folds), rng.randint(1, STEPS - 1), rng.randint(0, 1))
         for i, kind in enumerate(order[:count])
     ]
     return sorted(faults, key=lambda f: (f.stage, f.step, f.index))
 
 
-def prepare_data(workdir: Path) -> Path:
-    """Tiny synthetic Cityscapes packed in FOLDS folds with a selection city; the shards' folder."""
+def prepare_data(workdir: Path, folds: int = FOLDS) -> Path:
+    """Tiny synthetic Cityscapes packed in ``folds`` folds with a selection city; the shards' folder."""
     from seg.core.cli import Size
     from seg.data.pack import Options, pack
     from seg.data.synthetic import make_synthetic
 
-    shards = workdir / "shards"
+    shards = workdir / f"shards-{folds}-folds"
     if not (shards / "manifest.json").exists():
         root = workdir / "cityscapes"
-        cities = {"train": FOLDS + 1, "val": 1, "test": 1}  # a city per fold, and the selection city
+        cities = {"train": folds + 1, "val": 1, "test": 1}  # a city per fold, and the selection city
         counts = {"train": 16, "val": 2, "test": 0}
         make_synthetic(root, counts=counts, cities=cities, size=Size(32, 64), progress=False, overwrite=True)
-        options = Options(folds=FOLDS, splits=("train", "val"), selection_cities=("bochum",))
+        options = Options(folds=folds, splits=("train", "val"), selection_cities=("bochum",))
         pack(root, shards, options, progress=False, overwrite=True)
     return shards
 
