@@ -15,6 +15,7 @@ import torch
 
 from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
 from tools.chaos import chaos, clock_key, compare, main, table
+from tools.chaos_injector import scancel
 from tools.chaos_plan import FOLDS, KINDS, STAGES, STEPS, plan
 
 
@@ -114,6 +115,14 @@ def test_a_progress_record_is_compared_by_its_values_wall_times_aside(tmp_path: 
     assert compare(reference, chain)[0] == [
         "stage1/fold0/checkpoints/step-00000006/custom_checkpoint_1.pkl: state differs at final.fold.miou: 0.25 != 0.5"
     ]
+
+
+@pytest.mark.parametrize("kind", ["scancel-kill", "kill-in-save", "usr1-batch", "usr1", "preempt"])
+def test_a_fault_signals_one_array_task_not_the_whole_array(kind: str):
+    """Found by the short mode: the job id of an array's task 13_1 was 13, the array's own, and
+    `scancel --batch -s USR1 13` requeued both folds."""
+    command = scancel(kind, "13_1")
+    assert command[0] == "scancel" and command[-1] == "13_1" and "13" not in command
 
 
 def test_unknown_kinds_or_no_faults_are_refused_with_exit_2(capsys: pytest.CaptureFixture[str]):

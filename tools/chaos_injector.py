@@ -114,6 +114,19 @@ def last_step(metrics: Path) -> int:
     return 0
 
 
+def scancel(kind: str, task: str) -> list[str]:
+    """The scancel of a fault kind, addressed to one array task ("12_1"): the job id of an
+    array's task can be the array's own id, which scancel takes as every task of the array."""
+    options = {
+        "scancel-kill": ["-s", "KILL"],
+        "kill-in-save": ["-s", "KILL"],
+        "usr1-batch": ["--batch", "-s", "USR1"],
+        "usr1": ["-s", "USR1"],
+        "preempt": ["--full", "-s", "TERM"],
+    }
+    return ["scancel", *options[kind], task]
+
+
 # --- the injector --------------------------------------------------------------------------
 
 
@@ -171,7 +184,7 @@ class Injector:
         if fault.kind == "kill-in-save":
             partial = [p for p in fold.checkpoints.glob(".step-*.partial")] if fold.checkpoints.is_dir() else []
             if step >= fault.step and partial:
-                self.fire(fault, job, ["scancel", "-s", "KILL", job], "failed", step)
+                self.fire(fault, task, scancel(fault.kind, task), "failed", step)
                 fault.target += f", {partial[0].name} being written" if partial[0].exists() else ", after the save"
             return
         if step < fault.step:
@@ -182,13 +195,9 @@ class Injector:
                 self.fire(fault, job, ["kill", "-KILL", str(pid)], "failed", step)
                 fault.target += f", pid {pid}"
         elif fault.kind == "scancel-kill":
-            self.fire(fault, job, ["scancel", "-s", "KILL", job], "failed", step)
-        elif fault.kind == "usr1-batch":
-            self.fire(fault, job, ["scancel", "--batch", "-s", "USR1", job], "requeued", step)
-        elif fault.kind == "usr1":
-            self.fire(fault, job, ["scancel", "-s", "USR1", job], "requeued", step)
-        elif fault.kind == "preempt":
-            self.fire(fault, job, ["scancel", "--full", "-s", "TERM", job], "requeued", step)
+            self.fire(fault, task, scancel(fault.kind, task), "failed", step)
+        elif fault.kind in ("usr1-batch", "usr1", "preempt"):
+            self.fire(fault, task, scancel(fault.kind, task), "requeued", step)
         elif fault.kind == "duplicate":
             self.fire_duplicate(fault, job, step)
         elif fault.kind == "drain":
