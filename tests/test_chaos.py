@@ -144,9 +144,11 @@ SHORT_SEED, SHORT_FOLDS = 1132, 2
 
 @pytest.mark.slurm
 @pytest.mark.xdist_group("slurm")
-@pytest.mark.timeout(1800, func_only=True)  # the session's cluster may first wait for another on this machine
+# 235-294 s measured alone on 2 cores at a load of 3-5 (CI runs the rest of the suite beside it);
+# func_only: the session's cluster may first wait for another on this machine.
+@pytest.mark.timeout(900, func_only=True)
 def test_five_faults_on_a_whole_chain_end_bit_identical(slurm_cluster: SlurmCluster, tmp_path: Path):
-    result = chaos(slurm_cluster, tmp_path, SHORT_SEED, len(SHORT_KINDS), SHORT_KINDS, timeout=1200, folds=SHORT_FOLDS)
+    result = chaos(slurm_cluster, tmp_path, SHORT_SEED, len(SHORT_KINDS), SHORT_KINDS, timeout=600, folds=SHORT_FOLDS)
     print(table(result))
     assert result["verdict"] == "identical", table(result)
     assert sorted(result["by_kind"]) == sorted(SHORT_KINDS)
