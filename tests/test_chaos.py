@@ -144,7 +144,7 @@ SHORT_SEED, SHORT_FOLDS = 1132, 2
 
 @pytest.mark.slurm
 @pytest.mark.xdist_group("slurm")
-# 235-294 s measured alone on 2 cores at a load of 3-5 (CI runs the rest of the suite beside it);
+# 220-294 s measured alone on 2 cores at a load of 2-5 (CI runs the rest of the suite beside it);
 # func_only: the session's cluster may first wait for another on this machine.
 @pytest.mark.timeout(900, func_only=True)
 def test_five_faults_on_a_whole_chain_end_bit_identical(slurm_cluster: SlurmCluster, tmp_path: Path):
