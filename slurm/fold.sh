@@ -46,11 +46,18 @@ export PY NODES PER_NODE
 echo "fold.sh: job ${SLURM_JOB_ID:-} fold $FOLD restart ${SLURM_RESTART_COUNT:-0}:" \
     "$NODES node(s) x $PER_NODE process(es), main $MAIN_ADDR:$MAIN_PORT, run $RUN_DIR"
 
+# This job as scancel and scontrol must name it: an array task's own job id can be the array's
+# id (task 13_1's was 13), which they take as every task of the array.
+JOB=${SLURM_JOB_ID:-}
+if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    JOB=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+fi
+
 STARTED=$(mktemp)  # a PREEMPTED marker older than this is not this run's
 trap 'rm -f "$STARTED"' EXIT
 stop() {  # ask every training process to save and stop (seg/train.py treats USR1 so)
     echo "fold.sh: $1 received: asking the fold to save its state and stop"
-    scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true  # every step, not this script
+    scancel --signal=USR1 "$JOB" 2>/dev/null || true  # every step, not this script
 }
 trap 'stop USR1' USR1
 trap 'stop TERM' TERM
@@ -75,7 +82,7 @@ if [[ $code -eq 75 || ( -f $MARKER && $MARKER -nt $STARTED ) ]]; then
     # `scontrol requeue` TERMs this script: that is the requeue itself, not a new preemption
     trap '' TERM USR1
     step=$(grep -oP '"step": \K[0-9]+' "$MARKER" 2>/dev/null || echo "?")
-    if ! scontrol requeue "$SLURM_JOB_ID"; then
+    if ! scontrol requeue "$JOB"; then
         echo "fold.sh: preempted at step $step, state saved, but the requeue failed: submit this fold again"
         exit 1
     fi

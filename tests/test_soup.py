@@ -95,6 +95,28 @@ def test_bn_recalibration_changes_only_bn_buffers():
     assert not model.training  # its mode is restored
 
 
+def test_bn_recalibration_is_the_same_in_every_run_whatever_the_global_generator():
+    """Dropout is on while BN re-estimates (train mode): its masks come from a seeded generator,
+    not from whatever state torch's global one is in (a reduction never seeds it). Found by
+    tools/chaos.py: two chains' reductions scored their +bn soups differently."""
+    model = small_model(0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    results = []
+    for draw in (1, 2):
+        model.load_state_dict(state)
+        torch.manual_seed(draw)  # another process, another state of the global generator
+        recalibrate_batchnorm(model, batches, seed=5)
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(results[0][k], results[1][k]) for k in state)
+    after = torch.rand(1)
+    torch.manual_seed(2)
+    assert torch.equal(after, torch.rand(1))  # the global generator is left where it was
+    model.load_state_dict(state)
+    recalibrate_batchnorm(model, batches, seed=6)  # another seed, other dropout masks
+    assert not all(torch.equal(results[0][k], model.state_dict()[k]) for k in state)
+
+
 def test_mismatched_or_missing_folds_are_refused_naming_the_difference(tmp_path):
     write_fold(tmp_path / "depth", 0, small_model(0), 0.5)
     write_fold(tmp_path / "depth", 1, small_model(1, depth=34), 0.6, **{"model.depth": "34"})

@@ -135,7 +135,7 @@ class Reducer:
         loader = torch.utils.data.DataLoader(stream, batch_size=train["batch_size"])
         device = self.accelerator.device
         images = (self.normalise(b["image"].to(device), train=False)[0] for b in itertools.islice(loader, batches))
-        recalibrate_batchnorm(self.model, images)
+        recalibrate_batchnorm(self.model, images, seed=train["seed"] + self.accelerator.process_index)
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
 

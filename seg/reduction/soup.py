@@ -129,8 +129,15 @@ def greedy_soup(models: list[FoldModel], score: Callable[[list[FoldModel]], floa
     return soup, best
 
 
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], seed: int = 0) -> None:
     """Re-estimate every BatchNorm's running statistics over ``batches`` (normalised images)
     as a cumulative average (torch's ``update_bn``): averaged weights and averaged
-    statistics don't match, so an averaged model needs its own. Only BN buffers change."""
-    torch.optim.swa_utils.update_bn(batches, model)
+    statistics don't match, so an averaged model needs its own. Only BN buffers change.
+
+    The model runs in train mode, dropout on as in training (the decoder's BN sees the ASPP's
+    dropped-out features): its masks are drawn from torch's generators seeded with ``seed``,
+    and those are restored after, so a recalibration is the same in every run."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        torch.optim.swa_utils.update_bn(batches, model)
