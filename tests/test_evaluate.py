@@ -248,9 +248,7 @@ def test_several_model_files_or_an_ensemble_json_evaluate_their_ensemble(model_a
     assert result["miou"] == pytest.approx(matrix.compute()["miou"], abs=1e-3)
 
     # an ensemble.json of one member is that model: the very numbers of the file alone
-    (models / "ensemble.json").write_text(
-        json.dumps({"format": "seg.evaluation.ensemble", "members": ["m1.safetensors"]})
-    )
+    (models / "ensemble.json").write_text(json.dumps({"format": "seg.ensemble", "members": ["m1.safetensors"]}))
     one = evaluate_tool(str(models / "ensemble.json"), "--input-size", "full", "--out", str(tmp_path / "one"))
     alone = evaluate_tool(files[0], "--input-size", "full", "--out", str(tmp_path / "alone"))
     assert one.returncode == 0 and alone.returncode == 0, one.stderr[-2000:] + alone.stderr[-2000:]

@@ -104,6 +104,8 @@ def test_samples_hold_original_image_bytes_trainid_labels_and_records(synthetic_
 
 def test_manifest_counts_and_class_histograms_match_an_independent_count(synthetic_root, packed):
     manifest = load_manifest(packed)
+    # the format's name is on disk in every packed dataset: a module's move must not change it
+    assert (manifest["format"], manifest["format_version"]) == ("seg.cityscapes-shards", 1)
     assert manifest["counts"]["train"] == TINY["counts"]["train"]
     assert manifest["counts"]["val"] == TINY["counts"]["val"]
     assert manifest["counts"]["test"] == TINY["counts"]["test"]

@@ -18,7 +18,7 @@ from typing import Any
 from seg.core import parallel
 from seg.data.remote import RemoteError, Store, is_remote, local_copy
 
-FORMAT = "seg.core.cityscapes-shards"
+FORMAT = "seg.cityscapes-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SELECTION_GROUP = "train-selection"

@@ -27,7 +27,7 @@ from torch import nn
 from seg.core.runs import Stage
 from seg.model.weights import WeightsError, load_model
 
-ENSEMBLE_FORMAT = "seg.evaluation.ensemble"
+ENSEMBLE_FORMAT = "seg.ensemble"
 # What members must agree on: the network's shape (as seg.reduction.soup.MUST_MATCH) and the input size
 # they were validated and selected at (the tools' default input size).
 MEMBERS_MATCH = ("model.depth", "model.output_stride", "model.aspp_pool_norm", "data.eval_size")
