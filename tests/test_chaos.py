@@ -16,7 +16,7 @@ import torch
 from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
 from tools.chaos import chaos, clock_key, compare, main, table
 from tools.chaos_injector import scancel
-from tools.chaos_plan import FOLDS, KINDS, STAGES, STEPS, plan
+from tools.chaos_plan import FOLDS, KINDS, STAGES, STEPS, plan, rounds
 
 
 def test_a_seed_draws_the_same_plan_and_uses_every_kind_before_repeating():
@@ -27,6 +27,17 @@ def test_a_seed_draws_the_same_plan_and_uses_every_kind_before_repeating():
     assert all(1 <= f.stage <= STAGES and 0 <= f.fold < FOLDS and 1 <= f.step < STEPS for f in first)
     assert [(f.stage, f.step) for f in first] == sorted((f.stage, f.step) for f in first)  # in the order they come
     assert {f.fold for f in plan(7, 12, list(KINDS), folds=2)} == {0, 1}
+
+
+def test_many_faults_run_in_rounds_of_mixed_kinds_each_in_the_plans_order():
+    faults = plan(1, 50, list(KINDS))
+    batches = rounds(faults, 8)
+    assert [len(b) for b in batches] == [8, 8, 8, 8, 8, 8, 2]
+    assert sorted(f.index for b in batches for f in b) == list(range(50))
+    for batch in batches:
+        assert [(f.stage, f.step, f.index) for f in batch] == sorted((f.stage, f.step, f.index) for f in batch)
+    assert len({f.kind for f in batches[0]}) == 8  # drawn from one shuffle of the ten kinds
+    assert rounds(plan(1, 5, list(KINDS)), 8) == [plan(1, 5, list(KINDS))]  # the short mode: one chain
 
 
 @pytest.mark.parametrize(
@@ -130,6 +141,7 @@ def test_unknown_kinds_or_no_faults_are_refused_with_exit_2(capsys: pytest.Captu
     assert main(["--kinds", "kill-rank,meteor"]) == 2
     assert "'kill-rank,meteor'" in capsys.readouterr().err
     assert main(["--faults", "0"]) == 2
+    assert main(["--per-round", "0"]) == 2
     assert main(["--folds", "1"]) == 2
 
 

@@ -8,7 +8,9 @@ Starts a cluster of slurm/testing/cluster.sh (or uses the one SLURM_CONF names w
 --use-cluster), packs tiny synthetic data, and submits two chains with ``./launch cv`` (2
 stages x 3 folds, each fold a 2-node job): the reference, left alone, and the chaos chain,
 into which a seeded injector puts ``--faults`` faults, each at a planned step of a planned
-fold (the plan is the seed's; the moment is the fold's own progress, not the clock). After
+fold (the plan is the seed's; the moment is the fold's own progress, not the clock). More
+faults than ``--per-round`` (8) run in rounds: a fresh chaos chain for each, each compared
+with the one reference (one chain has too few moments for many faults). After
 each fault the chain recovers the way a user would: a requeued job is released from its
 BeginTime wait; a chain a failure broke is left to drain, then ``./launch cv`` is run again
 to continue. At the end every fold's and reduction's weights must be bitwise equal to the
@@ -60,7 +62,7 @@ if __package__ in (None, ""):  # `python tools/chaos.py` from a checkout: make `
 from seg.core.atomic import atomic_write_bytes  # noqa: E402
 from tests.slurm_cluster import SlurmCluster, running_cluster  # noqa: E402
 from tools.chaos_injector import Chain, Injector  # noqa: E402
-from tools.chaos_plan import FOLDS, KINDS, STAGES, STEPS, plan, prepare_data  # noqa: E402
+from tools.chaos_plan import FOLDS, KINDS, PER_ROUND, STAGES, STEPS, plan, prepare_data, rounds  # noqa: E402
 
 # Keys that hold wall-clock measurements (or where a run ran), not results: left out of the comparison.
 CLOCK_WORDS = {
@@ -99,7 +101,7 @@ def without_clock(value: Any) -> Any:
     if isinstance(value, list):
         return [without_clock(v) for v in value]
     if isinstance(value, str):  # a path in either chain's runs folder, or the folder itself (train.runs_dir)
-        return re.sub(r"/\S*/(reference|chaos)(?=/|$)", "RUNS", value)
+        return re.sub(r"/\S*/(reference|chaos\d*)(?=/|$)", "RUNS", value)
     return value
 
 
@@ -222,48 +224,65 @@ def wait_done(chain: Chain, timeout: float) -> None:
 
 
 def chaos(cluster: SlurmCluster, workdir: Path, seed: int, count: int, kinds: list[str],
-          reference: Path | None = None, timeout: float = 3600, folds: int = FOLDS) -> dict[str, Any]:  # fmt: skip
+          reference: Path | None = None, timeout: float = 3600, folds: int = FOLDS,
+          per_round: int = PER_ROUND) -> dict[str, Any]:  # fmt: skip
     """Run the reference (unless ``reference`` names one already run on the same data) and the
-    chaos chain side by side on ``cluster``; the result as JSON-able data."""
+    chaos chain side by side on ``cluster``, then a fresh chaos chain for each further round of
+    ``per_round`` faults, each compared with the reference; the result as JSON-able data."""
     shards = prepare_data(workdir, folds)
     faults = plan(seed, count, kinds, folds)
     ref = Chain(cluster, reference or workdir / "reference", shards, folds)
-    chain = Chain(cluster, workdir / "chaos", shards, folds)
     started = time.monotonic()
+    reference_wall, chaos_wall = None, 0.0
     if reference is None:
         ref.submit()
-    chain.submit()
-    injector = Injector(chain, faults)
-    injector.run(timeout)
-    chaos_wall = time.monotonic() - started
-    if reference is None:
-        wait_done(ref, timeout)
-    reference_wall = time.monotonic() - started
-    problems, counts = compare(ref.experiment.dir, chain.experiment.dir)
-    problems += [f"fault {f.index} ({f.kind}) never fired" for f in faults if f.fired is None]
+    problems: list[str] = []
+    counts: Counter[str] = Counter()
+    recoveries: Counter[str] = Counter()
+    chains: list[Chain] = []
+    batches = rounds(faults, per_round)
+    for number, batch in enumerate(batches, 1):
+        chain = Chain(cluster, workdir / ("chaos" if number == 1 else f"chaos{number}"), shards, folds)
+        chains.append(chain)
+        chain.submit()
+        injector = Injector(chain, batch)
+        injector.run(timeout)
+        chaos_wall += injector.now()
+        if reference is None and reference_wall is None:
+            wait_done(ref, timeout)
+            reference_wall = time.monotonic() - started
+        found, compared = compare(ref.experiment.dir, chain.experiment.dir)
+        where = f"round {number}: " if len(batches) > 1 else ""
+        problems += [where + p for p in found]
+        problems += [f"{where}fault {f.index} ({f.kind}) never fired" for f in batch if f.fired is None]
+        counts.update(compared)
+        recoveries.update(injector.recoveries)
     return {
         "seed": seed,
         "folds": folds,
-        "faults": [asdict(f) for f in faults],
+        "rounds": len(batches),
+        "faults": [asdict(f) for batch in batches for f in batch],
         "by_kind": dict(Counter(f.kind for f in faults)),
-        "recoveries": dict(injector.recoveries),
-        "submissions": len(chain.submissions),
+        "recoveries": dict(recoveries),
+        "submissions": sum(len(c.submissions) for c in chains),
         "time_lost_s": round(sum(f.lost for f in faults), 1),
         "chaos_wall_s": round(chaos_wall, 1),
-        "reference_wall_s": round(reference_wall, 1) if reference is None else None,
-        "compared": counts,
+        "reference_wall_s": round(reference_wall, 1) if reference_wall is not None else None,
+        "compared": dict(counts),
         "problems": problems,
         "verdict": "identical" if not problems else "DIFFERENT",
-        "log": chain.log,
+        "log": [line for c in chains for line in c.log],
         "reference": str(ref.experiment.dir),
         "reference_jobs": ref.submissions[0] if ref.submissions else [],
-        "chaos": str(chain.experiment.dir),
+        "chaos": str(chains[0].experiment.dir),
+        "chaos_rounds": [str(c.experiment.dir) for c in chains],
     }
 
 
 def table(result: dict[str, Any]) -> str:
     shape = f"{STAGES} stages x {result['folds']} folds x 2 nodes"
-    lines = [f"chaos: seed {result['seed']}, {len(result['faults'])} faults, {shape}",
+    chains = f", {result['rounds']} chaos chains" if result.get("rounds", 1) > 1 else ""
+    lines = [f"chaos: seed {result['seed']}, {len(result['faults'])} faults, {shape}{chains}",
              f"{'#':>3}  {'kind':<14} {'target':<16} {'at step':>7}  {'outcome':<24} {'lost':>6}"]  # fmt: skip
     for f in result["faults"]:
         target = f"stage {f['stage']} " + ("reduce" if f["kind"] == "kill-reduce" else f"fold {f['fold']}")
@@ -273,7 +292,7 @@ def table(result: dict[str, Any]) -> str:
     lines.append("by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(result["by_kind"].items())))
     lines.append("recoveries: " + (", ".join(f"{k} {n}" for k, n in sorted(result["recoveries"].items())) or "none"))
     ref = f", reference {result['reference_wall_s']:.0f} s (run alongside)" if result["reference_wall_s"] else ""
-    lines.append(f"time lost: {result['time_lost_s']:.0f} s; wall: chaos chain {result['chaos_wall_s']:.0f} s{ref}")
+    lines.append(f"time lost: {result['time_lost_s']:.0f} s; wall: chaos chains {result['chaos_wall_s']:.0f} s{ref}")
     lines.append("compared: " + ", ".join(f"{n} {k}" for k, n in sorted(result["compared"].items())))
     lines.append(f"verdict: {result['verdict']}")
     lines += [f"  {p}" for p in result["problems"][:30]]
@@ -291,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reference", type=Path, help="a reference runs folder of an earlier run in the same --workdir"
     )
+    parser.add_argument(
+        "--per-round", type=int, default=PER_ROUND,
+        help=f"faults per chaos chain (default {PER_ROUND}); more run in rounds, a fresh chain each",
+    )  # fmt: skip
     parser.add_argument("--folds", type=int, default=FOLDS, help=f"folds per stage (default {FOLDS}, at least 2)")
     parser.add_argument("--use-cluster", action="store_true", help="use the running cluster SLURM_CONF names")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
@@ -307,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.faults < 1:
         print(f"error: --faults {args.faults}: at least 1", file=sys.stderr)
         return 2
+    if args.per_round < 1:
+        print(f"error: --per-round {args.per_round}: at least 1", file=sys.stderr)
+        return 2
     if args.folds < 2:
         print(f"error: --folds {args.folds}: at least 2", file=sys.stderr)
         return 2
@@ -320,12 +346,24 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         cluster = SlurmCluster(Path(os.environ["SLURM_CONF"]).parent)
-        result = chaos(cluster, workdir, args.seed, args.faults, kinds, args.reference, args.timeout, args.folds)
+        result = chaos(
+            cluster, workdir, args.seed, args.faults, kinds, args.reference, args.timeout, args.folds, args.per_round
+        )
     else:
         from tests.slurm_cluster import cluster_dir
 
         with running_cluster(cluster_dir(workdir / "slurm")) as cluster:
-            result = chaos(cluster, workdir, args.seed, args.faults, kinds, args.reference, args.timeout, args.folds)
+            result = chaos(
+                cluster,
+                workdir,
+                args.seed,
+                args.faults,
+                kinds,
+                args.reference,
+                args.timeout,
+                args.folds,
+                args.per_round,
+            )
     print(table(result))
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(result, indent=1) + "\n").encode())

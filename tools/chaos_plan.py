@@ -90,3 +90,14 @@ def chain_plan(runs: Path, shards: Path) -> Any:
     return cv_plan(
         CONFIG, [f"data.shards={shards}", f"train.runs_dir={runs}", *TINY], STAGES, None, ["--recalibrate", "1"]
     )
+
+
+PER_ROUND = 8  # faults per chaos chain: one chain of STAGES x FOLDS x STEPS has room for about this many
+
+
+def rounds(faults: list[Fault], per_round: int = PER_ROUND) -> list[list[Fault]]:
+    """The plan in rounds of at most ``per_round`` faults (by their drawn order, so each round
+    mixes the kinds), each round in the plan's order: a fresh chaos chain takes each round, as
+    one chain has too few moments for many faults (a fault whose fold has finished cannot fire)."""
+    count = max((f.index for f in faults), default=-1) + 1
+    return [[f for f in faults if start <= f.index < start + per_round] for start in range(0, count, per_round)]
