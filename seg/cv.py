@@ -10,9 +10,13 @@ On Slurm, every stage is one job array of slurm/fold.sh (a task per fold, each o
 The whole chain is submitted at once and the job ids are printed. ``--local`` runs the same
 chain here: each fold through ``accelerate launch`` with P processes, folds in turn. Either
 way a rerun skips what is finished: a fold whose summary.json records the run the chain
-would start (seg/recipe/identity.py; seg/train.py itself decides this on Slurm), a stage whose
-reduced model is newer than its folds' models. A fold that finished as another run stops
-the chain with the difference named.
+would start (seg/recipe/identity.py), a stage whose reduced model is newer than its folds'
+models and was reduced with the chain's options. On Slurm a rerun submits only the folds and
+reductions left (no job allocates a node just to find its fold finished); once a stage has
+work left, every later stage is submitted whole, as its start model is yet to be made, and
+seg/train.py skips a fold there that finished as the run it would start. A fold that
+finished as another run stops the chain with the difference named, before anything is
+submitted.
 """
 
 from __future__ import annotations
@@ -31,15 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-
 from seg.core.launch import launch_command
 from seg.core.lease import LeaseHeldError, acquire
 from seg.core.runs import Experiment, latest_state, state_step
 from seg.core.signals import Signals
 from seg.data.manifest import FoldSplit, ManifestError, load_manifest
-from seg.recipe.config import ConfigError, load_config, resolve_auto
-from seg.recipe.identity import describe_changes, finished_run, fold_identity, recorded_workers
+from seg.recipe.config import ConfigError, load_config
+from seg.recipe.identity import config_as_run, describe_changes, finished_run, fold_identity
 from seg.reduction.reduce import add_arguments, options_record, selection_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +127,7 @@ def fold_done(chain: Chain, stage: int, fold: int, processes: int) -> bool:
     another run is refused (ConfigError) with the difference named."""
     config = load_config(chain.config, chain.overrides, stage)
     fold_run = Experiment.named(config.train.runs_dir, config.train.experiment).stage(stage).fold(fold)
-    config = resolve_auto(config, torch.cuda.is_available(), recorded_workers(fold_run))  # as seg/train.py does
+    config = config_as_run(config, fold_run)
     split = FoldSplit.of(config.data.shards, fold)
     summary, changes = finished_run(fold_run, fold_identity(config, stage, split, chain.init_from(stage), processes))
     if changes:
@@ -283,6 +285,33 @@ def sbatch(args: list[str], env: dict[str, str] | None = None) -> str:
     return done.stdout.strip().split(";")[0]
 
 
+@dataclass
+class StageWork:
+    """What a submission runs of one stage: the folds to train, whether to reduce, and why it
+    reduces again ("" for a first time)."""
+
+    stage: int
+    folds: list[int]
+    reduce: bool = True
+    why: str = ""
+
+
+def work_left(chain: Chain, processes: int) -> list[StageWork]:
+    """Each stage's folds left to train and whether it reduces, for a chain whose folds each run
+    ``processes`` processes. What finished before is left out while every earlier stage has
+    finished too; from the first stage with work left, every stage runs whole. Raises
+    ConfigError for a fold that finished as another run."""
+    work: list[StageWork] = []
+    for stage in range(1, chain.stages + 1):
+        if work and (work[-1].folds or work[-1].reduce):
+            work.append(StageWork(stage, list(chain.folds)))
+            continue
+        folds = [fold for fold in chain.folds if not fold_done(chain, stage, fold, processes)]
+        done, why = reduction_done(chain, stage) if not folds else (False, "")
+        work.append(StageWork(stage, folds, not done, "" if done else why))
+    return work
+
+
 def after_ok(job: str) -> list[str]:
     """Start once ``job`` has succeeded; if it fails, Slurm removes the dependant instead of
     leaving it pending (DependencyNeverSatisfied) until cancelled by hand."""
@@ -296,59 +325,75 @@ def submit(
     processes: int,
     sbatch_args: list[str],
     submit_job: Callable[[list[str], dict[str, str]], str] = sbatch,
+    work: list[StageWork] | None = None,
 ) -> list[tuple[int, str, str]]:
-    """Submit every stage's array and reduce job with their dependencies; (stage, array id,
-    reduce id) per stage. ``processes`` per node is used only on CPU nodes (``gpus == 0``).
-    If a submission fails, the jobs already submitted are cancelled: half a chain would
-    wait forever on jobs that never come."""
+    """Submit each stage's array of the folds in ``work`` (default: the whole chain) and its
+    reduce job, with their dependencies; (stage, array id, reduce id) per stage, "" for what
+    was not submitted. ``processes`` per node is used only on CPU nodes (``gpus == 0``). If a
+    submission fails, the jobs already submitted are cancelled: half a chain would wait
+    forever on jobs that never come."""
     logs = chain.experiment.logs
     logs.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"SEG_PROCS_PER_NODE": str(gpus or processes)}
     resources = ["--nodes", str(nodes), "--ntasks-per-node", "1", *(["--gpus-per-node", str(gpus)] if gpus else [])]
     jobs: list[tuple[int, str, str]] = []
-    after = None
+    after = ""  # the last job submitted: what the next one waits for
     try:
-        for stage in range(1, chain.stages + 1):
-            name = f"{chain.experiment.name}-s{stage}"
-            array = submit_job(
-                [
-                    f"--array={','.join(map(str, chain.folds))}",
-                    f"--job-name={name}",
-                    f"--output={chain.experiment.fold_log(stage, '%a', job='%A')}",
-                    *resources,
-                    *(after_ok(after) if after else []),
-                    *sbatch_args,
-                    str(REPO / "slurm" / "fold.sh"),
-                    chain.config,
-                    *chain.train_args(stage),
-                ],
-                env,
-            )
+        for left in work if work is not None else [StageWork(s, list(chain.folds)) for s in range(1, chain.stages + 1)]:
+            stage, name, array, reduce = left.stage, f"{chain.experiment.name}-s{left.stage}", "", ""
+            if left.folds:
+                array = after = submit_job(
+                    [
+                        f"--array={','.join(map(str, left.folds))}",
+                        f"--job-name={name}",
+                        f"--output={chain.experiment.fold_log(stage, '%a', job='%A')}",
+                        *resources,
+                        *(after_ok(after) if after else []),
+                        *sbatch_args,
+                        str(REPO / "slurm" / "fold.sh"),
+                        chain.config,
+                        *chain.train_args(stage),
+                    ],
+                    env,
+                )
             jobs.append((stage, array, ""))
-            after = submit_job(
-                [
-                    *after_ok(array),
-                    f"--job-name={name}-reduce",
-                    f"--output={chain.experiment.reduce_log(stage, job='%j')}",
-                    "--nodes=1",
-                    "--ntasks=1",
-                    *(["--gpus-per-node=1"] if gpus else []),
-                    *sbatch_args,
-                    str(REPO / "slurm" / "reduce.sh"),
-                    str(chain.experiment.stage(stage).dir),
-                    *chain.reduce_args,
-                    "--folds",
-                    *map(str, chain.folds),
-                ],
-                env,
-            )
-            jobs[-1] = (stage, array, after)
+            if left.reduce:
+                reduce = after = submit_job(
+                    [
+                        *(after_ok(after) if after else []),
+                        f"--job-name={name}-reduce",
+                        f"--output={chain.experiment.reduce_log(stage, job='%j')}",
+                        "--nodes=1",
+                        "--ntasks=1",
+                        *(["--gpus-per-node=1"] if gpus else []),
+                        *sbatch_args,
+                        str(REPO / "slurm" / "reduce.sh"),
+                        str(chain.experiment.stage(stage).dir),
+                        *chain.reduce_args,
+                        "--folds",
+                        *map(str, chain.folds),
+                    ],
+                    env,
+                )
+            jobs[-1] = (stage, array, reduce)
     except (RuntimeError, OSError):
         submitted = [job for _, array, reduce in jobs for job in (array, reduce) if job]
         if submitted:
             subprocess.run(["scancel", *submitted], check=False)
         raise
     return jobs
+
+
+def submitted_line(chain: Chain, left: StageWork, array: str, reduce: str) -> str:
+    """What was submitted of a stage, in one line."""
+    if not array and not reduce:
+        return f"stage {left.stage}: finished before (every fold trained and reduced), skipped"
+    if not array:
+        why = f" ({left.why})" if left.why else ""
+        return f"stage {left.stage}: every fold finished before, reduce {reduce}{why}"
+    finished = ",".join(str(fold) for fold in chain.folds if fold not in left.folds)
+    before = f"; fold {finished} finished before" if finished else ""
+    return f"stage {left.stage}: folds {array} (array {','.join(map(str, left.folds))}{before}), reduce {reduce}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,14 +426,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        jobs = submit(chain, args.nodes, args.gpus, args.processes, shlex.split(args.sbatch))
+        work = work_left(chain, args.nodes * (args.gpus or args.processes))
+    except (ConfigError, ManifestError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    final = chain.experiment.stage(chain.stages).reduced_model
+    if not any(left.folds or left.reduce for left in work):
+        print(f"done: every stage finished before, nothing submitted; final model {final}")
+        return 0
+    try:
+        jobs = submit(chain, args.nodes, args.gpus, args.processes, shlex.split(args.sbatch), work=work)
     except (RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for stage, array, reduce in jobs:
-        print(f"stage {stage}: folds {array} (array {','.join(map(str, chain.folds))}), reduce {reduce}")
-    print(f"logs: {chain.experiment.logs}/   final model: {chain.experiment.stage(chain.stages).reduced_model}")
-    print(f"watch: squeue -u $USER    cancel: scancel {' '.join(j for _, a, r in jobs for j in (a, r))}")
+    for left, (_, array, reduce) in zip(work, jobs, strict=True):
+        print(submitted_line(chain, left, array, reduce))
+    print(f"logs: {chain.experiment.logs}/   final model: {final}")
+    print(f"watch: squeue -u $USER    cancel: scancel {' '.join(j for _, a, r in jobs for j in (a, r) if j)}")
     return 0
 
 

@@ -32,14 +32,12 @@ from seg.core.signals import Signals
 # Caught from here on, before the imports that take seconds: a signal during them is not lost.
 EARLY_SIGNALS = Signals().install() if __name__ == "__main__" else None
 
-import torch
-
 from seg.core.runs import Experiment, latest_state
 from seg.core.storage import EXIT_STORAGE, StorageError, writable_problem, writing
 from seg.data.loader import DataError
 from seg.data.remote import RemoteError
-from seg.recipe.config import ConfigError, load_config, resolve_auto
-from seg.recipe.identity import SCRATCH, recorded_workers
+from seg.recipe.config import ConfigError, load_config
+from seg.recipe.identity import SCRATCH, config_as_run
 from seg.training.checkpoint import load_state, stopped_on_storage
 from seg.training.loop import train_loop
 from seg.training.outputs import write_outputs
@@ -98,7 +96,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     if args.print_run_dir:
         print(out.dir)
         return 0
-    config = resolve_auto(config, torch.cuda.is_available(), recorded_workers(out, args.resume))
+    config = config_as_run(config, out, args.resume)
     error = refusal(args, config)
     identity, split = planned_identity(args, config) if not error else (None, None)
     done, error = earlier_run(args, out, identity) if identity and not error else (None, error)

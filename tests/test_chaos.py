@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 
 from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
 from tools.chaos import chaos, clock_key, compare, main, table
-from tools.chaos_injector import scancel
+from tools.chaos_injector import Chain, scancel, submitted_jobs
 from tools.chaos_plan import FOLDS, KINDS, STAGES, STEPS, plan, rounds
 
 
@@ -127,6 +129,37 @@ def test_a_progress_record_is_compared_by_its_values_wall_times_aside(tmp_path: 
     assert compare(reference, chain)[0] == [
         "stage1/fold0/checkpoints/step-00000006/custom_checkpoint_1.pkl: state differs at final.fold.miou: 0.25 != 0.5"
     ]
+
+
+def test_a_rerun_s_submission_is_read_with_what_it_left_out_and_done_when_its_own_jobs_are(tmp_path: Path):
+    """./launch cv on Slurm leaves out what finished before (seg/cv.py's work_left)."""
+    output = (
+        "stage 1: finished before (every fold trained and reduced), skipped\n"
+        "stage 2: folds 21 (array 1; fold 0 finished before), reduce 22\n"
+        "logs: /x/logs/   final model: /x/stage2/reduced/model.safetensors\n"
+    )
+    assert submitted_jobs(output) == [(1, "", "", []), (2, "21", "22", [1])]
+    assert submitted_jobs("stage 1: every fold finished before, reduce 7 (a fold was trained again)\n") == [
+        (1, "", "7", [])
+    ]
+    chain = Chain(cluster=None, runs=tmp_path, shards=tmp_path, folds=2)  # type: ignore[arg-type]
+    chain.submissions.append(submitted_jobs(output))
+    assert chain.jobs == ["21", "22"] and chain.array(1) == "" and chain.reduce(2) == "22"
+    assert not chain.done({"21_1": "COMPLETED"}) and chain.done({"21_1": "COMPLETED", "22": "COMPLETED"})
+
+
+def test_a_chain_failed_for_its_disk_is_told_by_the_log_written_since_its_submission(tmp_path: Path):
+    """A full disk is no fault a rerun recovers from: the injector stops instead of rerunning."""
+    chain = Chain(cluster=None, runs=tmp_path / "runs", shards=tmp_path, folds=2)  # type: ignore[arg-type]
+    logs = chain.experiment.logs
+    logs.mkdir(parents=True)
+    old = logs / "stage1-fold0-3.log"
+    old.write_text("error: saving the state to x failed: no space left on the device (0 kB free): free space\n")
+    os.utime(old, (1, 1))  # before the submission: a disk since freed
+    chain.submitted_at = time.time() - 1
+    assert chain.disk_full() is None
+    (logs / "stage1-fold1-5.log").write_text("step 3/12 loss 4.1\nwriting y failed: disk quota exceeded: free space\n")
+    assert chain.disk_full() == "stage1-fold1-5.log: writing y failed: disk quota exceeded: free space"
 
 
 @pytest.mark.parametrize("kind", ["scancel-kill", "kill-in-save", "usr1-batch", "usr1", "preempt"])

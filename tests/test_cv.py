@@ -170,6 +170,88 @@ def test_finished_folds_and_reductions_are_skipped(shards, tmp_path):
     assert cv.reduction_done(plan, 1) == (False, "a fold was trained again since its reduction: reducing again")
 
 
+def reduce_by_hand(plan: cv.Chain, stage: int) -> None:
+    """Fold models and a reduction of ``stage`` as the chain's reduce step leaves them."""
+    for fold in plan.folds:
+        (plan.experiment.stage(stage).dir / f"fold{fold}" / "model.safetensors").write_bytes(b"weights")
+    reduced = plan.experiment.stage(stage)
+    reduced.reduced_model.parent.mkdir(parents=True, exist_ok=True)
+    reduced.reduced_model.write_bytes(f"stage {stage} reduced".encode())
+    reduced.reduced_report.write_text(json.dumps({"options": plan.reduce_options()}))
+
+
+def fake_sbatch(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An sbatch on PATH that records its arguments and answers job ids 1, 2, ... (and an sinfo
+    that answers)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nwc -l < {calls}\n')
+    (bin_dir / "sinfo").write_text("#!/bin/sh\necho debug\n")
+    for script in ("sbatch", "sinfo"):
+        (bin_dir / script).chmod(0o755)
+    return os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, calls
+
+
+def test_a_rerun_on_slurm_submits_only_the_folds_and_reductions_left(shards, tmp_path):
+    plan = chain(shards, tmp_path / "runs", folds=2)
+    stage1 = plan.experiment.stage(1)
+
+    def left() -> list[tuple[int, list[int], bool]]:
+        return [(w.stage, w.folds, w.reduce) for w in cv.work_left(plan, 2)]  # 2 nodes x 1 process
+
+    def submitted() -> tuple[list[list[str]], list[tuple[int, str, str]]]:
+        calls: list[list[str]] = []
+
+        def recorder(args: list[str], env: dict[str, str]) -> str:
+            calls.append(args)
+            return str(300 + len(calls))
+
+        return calls, cv.submit(plan, 2, 0, 1, [], submit_job=recorder, work=cv.work_left(plan, 2))
+
+    assert left() == [(1, [0, 1], True), (2, [0, 1], True)]
+    finish(plan, 1, 0, None, processes=2)
+    assert left() == [(1, [1], True), (2, [0, 1], True)]  # stage 2 whole: its start model is yet to be made
+    calls, jobs = submitted()
+    assert jobs == [(1, "301", "302"), (2, "303", "304")] and "--array=1" in calls[0] and "--array=0,1" in calls[2]
+
+    # Stage 1 trained and reduced: stage 2 alone, from stage 1's model, waiting for no job.
+    finish(plan, 1, 1, None, processes=2)
+    reduce_by_hand(plan, 1)
+    assert left() == [(1, [], False), (2, [0, 1], True)]
+    calls, jobs = submitted()
+    assert jobs == [(1, "", ""), (2, "301", "302")]
+    array2, reduce2 = calls
+    assert not any(a.startswith("--dependency") for a in array2) and "--dependency=afterok:301" in reduce2
+    assert array2[array2.index("--init-from") + 1] == str(stage1.reduced_model)
+
+    # Stage 2's folds finished, its reduction not: the reduction alone.
+    for fold in (0, 1):
+        finish(plan, 2, fold, str(stage1.reduced_model), processes=2)
+    assert left() == [(1, [], False), (2, [], True)]
+    calls, jobs = submitted()
+    assert jobs == [(1, "", ""), (2, "", "301")] and not any(a.startswith("--dependency") for a in calls[0])
+
+    # The command as a user runs it: what it skipped in one line a stage; a finished chain submits nothing.
+    env, sbatch_calls = fake_sbatch(tmp_path)
+    command = [sys.executable, "-m", "seg.cv", CONFIG, "--stages", "2", "--folds", "2", "--nodes", "2", "--reduce",
+               "--recalibrate 3 --select-on val", *plan.overrides]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "stage 1: finished before (every fold trained and reduced), skipped" in done.stdout
+    assert "stage 2: every fold finished before, reduce 1" in done.stdout
+    assert sbatch_calls.read_text().count("\n") == 1 and "reduce.sh" in sbatch_calls.read_text()
+    sbatch_calls.unlink()
+    reduce_by_hand(plan, 2)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert done.returncode == 0 and "done: every stage finished before, nothing submitted" in done.stdout, done.stderr
+    assert not sbatch_calls.exists()
+    # A fold that finished as another run (2 processes, the chain now asks 1): refused, nothing submitted.
+    done = subprocess.run([*command[:-1], "--nodes", "1", *plan.overrides], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "stage 1 fold 0:" in done.stderr and "batch.global: 8 -> 4" in done.stderr
+    assert not sbatch_calls.exists()
+
+
 def test_each_stage_applies_its_entry_of_the_config_and_bad_keys_name_the_entry(tmp_path):
     config = tmp_path / "x.yaml"
     config.write_text("data: {shards: s}\noptim: {lr: 1.0e-3}\nstages: [{}, {optim.lr: 3.0e-4, loss.alpha: 0.5}]\n")

@@ -10,14 +10,16 @@ stages x 3 folds, each fold a 2-node job): the reference, left alone, and the ch
 into which a seeded injector puts ``--faults`` faults, each at a planned step of a planned
 fold (the plan is the seed's; the moment is the fold's own progress, not the clock). More
 faults than ``--per-round`` (8) run in rounds: a fresh chaos chain for each, each compared
-with the one reference (one chain has too few moments for many faults). After
+with the one reference (one chain has too few moments for many faults), and removed once it
+compared identical (a chain's resumable states take GBs). After
 each fault the chain recovers the way a user would: a requeued job is released from its
 BeginTime wait; a chain a failure broke is left to drain, then ``./launch cv`` is run again
 to continue. At the end every fold's and reduction's weights must be bitwise equal to the
 reference's, every metrics.jsonl must hold each step once with equal values, the summaries
 and reports equal (wall times aside), and nothing left behind (no lease, PREEMPTED marker or
 hidden partial folder). Prints a table (faults by kind, recoveries, time lost, verdict) and
-exits 0 when the chain ends identical, 1 when not, 2 on bad arguments.
+exits 0 when the chain ends identical, 1 when not, 2 on bad arguments, 74 when a chain failed
+for its disk (full: not a fault that running the chain again recovers from).
 
 Fault kinds (``--kinds``, default all):
   kill-rank      SIGKILL of one training rank (seeded: rank 0 or 1)
@@ -47,6 +49,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -60,8 +63,9 @@ if __package__ in (None, ""):  # `python tools/chaos.py` from a checkout: make `
     sys.path.insert(0, str(REPO))
 
 from seg.core.atomic import atomic_write_bytes  # noqa: E402
-from tests.slurm_cluster import SlurmCluster, running_cluster  # noqa: E402
-from tools.chaos_injector import Chain, Injector  # noqa: E402
+from seg.core.storage import EXIT_STORAGE  # noqa: E402
+from tests.slurm_cluster import SlurmCluster, cluster_dir, running_cluster  # noqa: E402
+from tools.chaos_injector import Chain, DiskFullError, Injector  # noqa: E402
 from tools.chaos_plan import FOLDS, KINDS, PER_ROUND, STAGES, STEPS, plan, prepare_data, rounds  # noqa: E402
 
 # Keys that hold wall-clock measurements (or where a run ran), not results: left out of the comparison.
@@ -257,6 +261,10 @@ def chaos(cluster: SlurmCluster, workdir: Path, seed: int, count: int, kinds: li
         problems += [f"{where}fault {f.index} ({f.kind}) never fired" for f in batch if f.fired is None]
         counts.update(compared)
         recoveries.update(injector.recoveries)
+        if len(batches) > 1 and not found:  # a long run keeps only the chains that differ: each holds GBs of states
+            shutil.rmtree(chain.runs)
+            chain.say(f"round {number}: identical to the reference; its chain removed")
+    first_submission = ref.submissions[0] if ref.submissions else []
     return {
         "seed": seed,
         "folds": folds,
@@ -273,9 +281,9 @@ def chaos(cluster: SlurmCluster, workdir: Path, seed: int, count: int, kinds: li
         "verdict": "identical" if not problems else "DIFFERENT",
         "log": [line for c in chains for line in c.log],
         "reference": str(ref.experiment.dir),
-        "reference_jobs": ref.submissions[0] if ref.submissions else [],
+        "reference_jobs": [(stage, array, reduce) for stage, array, reduce, _ in first_submission],
         "chaos": str(chains[0].experiment.dir),
-        "chaos_rounds": [str(c.experiment.dir) for c in chains],
+        "chaos_rounds": [str(c.experiment.dir) for c in chains if c.experiment.dir.exists()],  # those kept
     }
 
 
@@ -338,32 +346,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="seg-chaos-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.use_cluster:
-        if "SLURM_CONF" not in os.environ:
-            print(
-                "error: --use-cluster: SLURM_CONF is not set (slurm/testing/cluster.sh start DIR prints it)",
-                file=sys.stderr,
-            )
-            return 2
-        cluster = SlurmCluster(Path(os.environ["SLURM_CONF"]).parent)
-        result = chaos(
-            cluster, workdir, args.seed, args.faults, kinds, args.reference, args.timeout, args.folds, args.per_round
+    if args.use_cluster and "SLURM_CONF" not in os.environ:
+        print(
+            "error: --use-cluster: SLURM_CONF is not set (slurm/testing/cluster.sh start DIR prints it)",
+            file=sys.stderr,
         )
-    else:
-        from tests.slurm_cluster import cluster_dir
-
-        with running_cluster(cluster_dir(workdir / "slurm")) as cluster:
-            result = chaos(
-                cluster,
-                workdir,
-                args.seed,
-                args.faults,
-                kinds,
-                args.reference,
-                args.timeout,
-                args.folds,
-                args.per_round,
-            )
+        return 2
+    arguments = (workdir, args.seed, args.faults, kinds, args.reference, args.timeout, args.folds, args.per_round)
+    try:
+        if args.use_cluster:
+            result = chaos(SlurmCluster(Path(os.environ["SLURM_CONF"]).parent), *arguments)
+        else:
+            with running_cluster(cluster_dir(workdir / "slurm")) as cluster:
+                result = chaos(cluster, *arguments)
+    except DiskFullError as e:
+        print(f"error: {e}; exit {EXIT_STORAGE}", file=sys.stderr)
+        return EXIT_STORAGE
     print(table(result))
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(result, indent=1) + "\n").encode())

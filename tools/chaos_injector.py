@@ -19,6 +19,13 @@ from tests.slurm_cluster import FINISHED, SlurmCluster
 from tools.chaos_plan import CONFIG, FOLDS, REPO, STAGES, TINY, Fault, chain_plan
 
 POLL_S = 0.2
+# seg/core/storage.py's reasons for a disk that cannot take a write: a chain failing for one of
+# them is not recovered by running it again.
+DISK_FULL = ("no space left on the device", "disk quota exceeded")
+
+
+class DiskFullError(RuntimeError):
+    """The chain failed because its disk is full, not because of a fault."""
 
 
 @dataclass
@@ -29,8 +36,9 @@ class Chain:
     runs: Path
     shards: Path
     folds: int = FOLDS
-    submissions: list[list[tuple[int, str, str]]] = field(default_factory=list)
+    submissions: list[list[tuple[int, str, str, list[int]]]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    submitted_at: float = 0.0  # time.time() of the latest submission
 
     def say(self, line: str) -> None:
         """A line of the run's log, printed as it happens (stderr: the table goes to stdout)."""
@@ -47,18 +55,20 @@ class Chain:
         command = [sys.executable, "-m", "seg.cv", str(REPO / "configs" / "demo.yaml"), "--stages", str(STAGES),
                    "--nodes", "2", "--reduce", "--recalibrate 1", "--sbatch", "--time 30",
                    f"data.shards={self.shards}", f"train.runs_dir={self.runs}", *TINY]  # fmt: skip
+        self.submitted_at = time.time()
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{shlex.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
-        jobs = re.findall(r"stage (\d+): folds (\d+) \(array [0-9,]+\), reduce (\d+)", done.stdout)
-        self.submissions.append([(int(s), a, r) for s, a, r in jobs])
+        self.submissions.append(submitted_jobs(done.stdout))
+        jobs = [(stage, array, reduce) for stage, array, reduce, _ in self.submissions[-1]]
         self.say(f"{self.runs.name} chain submitted (stage, array, reduce): {jobs}")
 
     @property
     def jobs(self) -> list[str]:
-        return [job for _, array, reduce in self.submissions[-1] for job in (array, reduce)]
+        return [job for _, array, reduce, _ in self.submissions[-1] for job in (array, reduce) if job]
 
     def array(self, stage: int) -> str:
+        """The latest submission's array of ``stage`` ("" when it left the stage's folds out, finished)."""
         return self.submissions[-1][stage - 1][1]
 
     def reduce(self, stage: int) -> str:
@@ -68,12 +78,35 @@ class Chain:
         return self.cluster.states(self.jobs)
 
     def done(self, states: dict[str, str]) -> bool:
-        expected = {f"{self.array(s)}_{k}" for s in range(1, STAGES + 1) for k in range(self.folds)}
-        expected |= {self.reduce(s) for s in range(1, STAGES + 1)}
+        """Whether every job of the latest submission completed (each task of its arrays)."""
+        expected = {f"{array}_{k}" for _, array, _, folds in self.submissions[-1] for k in folds}
+        expected |= {reduce for _, _, reduce, _ in self.submissions[-1] if reduce}
         return all(states.get(key) == "COMPLETED" for key in expected)
 
     def broken(self, states: dict[str, str]) -> bool:
         return bool(set(states.values()) & (FINISHED - {"COMPLETED"}))
+
+    def disk_full(self) -> str | None:
+        """The line of a job log written since the latest submission that says the disk is
+        full (seg/core/storage.py), or None."""
+        logs = self.experiment.logs
+        for log in sorted(logs.glob("*.log")) if logs.is_dir() else []:
+            if log.stat().st_mtime >= self.submitted_at:
+                for line in log.read_text(errors="replace").splitlines():
+                    if any(reason in line for reason in DISK_FULL):
+                        return f"{log.name}: {line.strip()}"
+        return None
+
+
+def submitted_jobs(output: str) -> list[tuple[int, str, str, list[int]]]:
+    """(stage, array, reduce, the array's folds) per stage from ./launch cv's lines, "" and []
+    for what it did not submit (a rerun leaves out what finished before)."""
+    jobs = []
+    for stage, line in re.findall(r"^stage (\d+): (.*)$", output, re.MULTILINE):
+        array, reduce = re.search(r"folds (\d+) \(array ([0-9,]+)", line), re.search(r"reduce (\d+)", line)
+        folds = [int(k) for k in array.group(2).split(",")] if array else []
+        jobs.append((int(stage), array.group(1) if array else "", reduce.group(1) if reduce else "", folds))
+    return jobs
 
 
 def queue(cluster: SlurmCluster) -> dict[str, tuple[str, str, str]]:
@@ -285,6 +318,8 @@ class Injector:
                 fault.recovered = self.now()
         self.mark_recovered()
         if self.chain.broken(states) and self.drained_out(jobs):
+            if full := self.chain.disk_full():
+                raise DiskFullError(f"the chain failed for its disk, not for a fault ({full}): free space, run again")
             self.chain.submit()  # the user's way on: ./launch cv again
             self.recoveries["chain rerun (./launch cv)"] += 1
             self.chain.say(f"{self.now():.1f} s: the chain was broken; ./launch cv again")
@@ -317,8 +352,8 @@ class Injector:
             if fault.fired is None or fault.recovered is not None or fault.kind in ("drain", "duplicate"):
                 continue
             if fault.kind == "kill-reduce":
-                job = self.chain.reduce(fault.stage)
-                if self.cluster.states([job]).get(job) == "COMPLETED":
+                job = self.chain.reduce(fault.stage)  # "": a rerun found the stage reduced
+                if not job or self.cluster.states([job]).get(job) == "COMPLETED":
                     fault.recovered = self.now()
                     rerun = len(self.chain.submissions) > fault.submission
                     fault.outcome = "failed, chain rerun" if rerun else "completed anyway"

@@ -32,13 +32,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seg.core.runs import Fold, latest_state
 from seg.data.loader import steps_per_epoch
 from seg.data.manifest import FoldSplit, manifest_sha256, sha256_file
 from seg.data.workers import resolve_workers
-from seg.recipe.config import Config
+from seg.recipe.config import Config, resolve_auto
 
 SCRATCH = "scratch"  # --init-from scratch: a later stage trained from the config's backbone weights
 
@@ -246,3 +247,10 @@ def finished_run(fold: Fold, identity: dict[str, Any]) -> tuple[dict[str, Any] |
         return None, changes
     done = summary.get("stopped_early") or summary.get("steps", -1) >= identity["schedule"]["total_steps"]
     return (summary if done else None), []
+
+
+def config_as_run(config: DictConfig, fold: Fold, resume: str = "auto") -> DictConfig:
+    """The config a start of ``fold`` runs with on this machine, its ``auto`` values chosen
+    (seg.recipe.config.resolve_auto): the loader workers its run recorded at its first start
+    (``resume`` as seg/train.py takes it), channels_last with CUDA."""
+    return resolve_auto(config, torch.cuda.is_available(), recorded_workers(fold, resume))
