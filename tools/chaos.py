@@ -206,6 +206,8 @@ def compare(reference: Path, chaos: Path) -> tuple[list[str], dict[str, int]]:
                 found = difference(without_clock(state_record(a)), without_clock(state_record(b)))
                 if found:
                     problems.append(f"{rel}: state differs at {found}")
+                else:  # counted: whether a byte compare alone would do
+                    counts["state records equal by value, not bytes (pkl)"] += 1
             counts["state records (pkl)"] += 1
         elif rel.suffix in (".bin", ".pt"):
             if a.read_bytes() != b.read_bytes():
