@@ -50,7 +50,9 @@ from seg.data.augment import DeviceAugment
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
 from seg.model.deeplab import DeepLabV3Plus
+from seg.recipe.config import OptimConfig
 from seg.recipe.losses import CombinedLoss
+from seg.recipe.optim import from_config
 from seg.training.step import train_step
 
 from bench_model import training_flops  # a tool beside this one (python puts a script's folder on sys.path)
@@ -193,13 +195,13 @@ def training_step(row: SpeedRow, device: torch.device) -> Iterator[Callable[[], 
     """One call of the returned function is one training step of this row as
     measure_train_step times it (and tools/profile_step.py profiles it): the fixed batch,
     device-resident, augmented on the device, through seg.training.step.train_step (loss,
-    backward, clipping, Adam). The augmentation and the loss run in ranges named for the
+    backward, clipping, the fused Adam training builds). The augmentation and the loss run in ranges named for the
     profiler (``seg::augment``, ``seg::loss``; nearly free when no profiler listens)."""
     with fresh_accelerator(row["precision"], cpu=device.type != "cuda") as accelerator:
         model = study_model(row["depth"]).to(device)
         if row["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-3)
+        optimizer = from_config(OmegaConf.structured(OptimConfig()), model)  # the study's Adam, as training builds it
         model, optimizer = accelerator.prepare(model, optimizer)
         if row["compile"]:
             model = torch.compile(model)
