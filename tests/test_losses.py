@@ -108,6 +108,27 @@ def test_losses_are_fp32_under_autocast(name):
         assert LOSSES[name](logits, target).dtype == torch.float32
 
 
+def test_dice_never_waits_for_the_device(monkeypatch):
+    """No host synchronisation in the loss (a GPU step would stall on it): nothing reads a
+    device value back (item, bool, any, nonzero of a boolean index)."""
+    logits, target = torch.randn(2, 19, 8, 8, requires_grad=True), torch.randint(0, 19, (2, 8, 8))
+    target[0, :2] = 255
+    expected = dice_loss(logits, target)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a host synchronisation")
+
+    index = torch.Tensor.__getitem__
+    for name in ("item", "__bool__", "any", "nonzero", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(
+        torch.Tensor, "__getitem__", lambda t, key: forbidden() if torch.is_tensor(key) else index(t, key)
+    )
+    again = dice_loss(logits, target)
+    monkeypatch.undo()
+    assert torch.equal(again, expected)
+
+
 def test_all_ignored_gives_zero_with_a_graph():
     logits = torch.randn(1, 19, 4, 4, requires_grad=True)
     target = torch.full((1, 4, 4), 255)

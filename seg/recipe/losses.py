@@ -69,12 +69,13 @@ def dice_loss(
         sums = all_reduce_sum(sums, grad=True)
     intersection, probs_sum, target_sum = sums
     dice = (2 * intersection + smooth) / (probs_sum + target_sum + smooth)
-    present = target_sum > 0
-    if not present.any():
-        return probs.sum() * 0.0  # no valid pixel: zero, still attached to the graph
+    # The mean over the present classes without asking the host which they are (present.any()
+    # or dice[present] would wait for the device every step); no valid pixel: zero, attached.
+    present = (target_sum > 0).to(dice.dtype)
+    count = present.sum()
     # Distributed, every rank holds the global value; the all-reduce's backward sums the
     # ranks' gradients (x world) and DDP's averaging divides by world: the exact gradient.
-    return 1.0 - dice[present].mean()
+    return torch.where(count > 0, 1.0 - (dice * present).sum() / count.clamp(min=1), dice.sum() * 0.0)
 
 
 def ohem_cross_entropy(
