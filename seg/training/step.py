@@ -72,7 +72,8 @@ def train_step(
         with accelerator.autocast():
             logits = model(images)
         loss, parts = loss_fn(logits, labels)
-        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device))
+        # one wait for the device a step (the ranks' verdict read back), not one per rank and one more
+        bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
         if bad.item() > 0:
             raise FloatingPointError("the loss is not finite")
         accelerator.backward(loss)
