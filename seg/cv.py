@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from seg.core.launch import launch_command
-from seg.core.lease import LeaseHeldError, acquire
+from seg.core.lease import LeaseHeldError, acquire, clear_if_gone
 from seg.core.runs import Experiment, latest_state, state_step
 from seg.core.signals import Signals
 from seg.data.manifest import FoldSplit, ManifestError, load_manifest
@@ -233,6 +233,7 @@ def run_stage(chain: Chain, stage: int, processes: int, signals: Signals) -> int
             print(f"error: {e}", file=sys.stderr)
             return 2
         if done:
+            tidy(chain.experiment.stage(stage).fold(fold).lease)
             print(f"stage {stage} fold {fold}: done before, skipped", flush=True)
             continue
         train = [str(REPO / "seg" / "train.py"), "--config", chain.config, "--fold", str(fold)]
@@ -248,6 +249,7 @@ def run_stage(chain: Chain, stage: int, processes: int, signals: Signals) -> int
     if why:
         print(f"stage {stage}: {why}", flush=True)
     if done:
+        tidy(chain.experiment.stage(stage).reduce_lease)
         return 0
     script = str(REPO / "tools" / "reduce_folds.py")
     command = [*launcher, script, str(chain.experiment.stage(stage).dir), *chain.reduce_args]
@@ -298,18 +300,32 @@ class StageWork:
 
 def work_left(chain: Chain, processes: int) -> list[StageWork]:
     """Each stage's folds left to train and whether it reduces, for a chain whose folds each run
-    ``processes`` processes. What finished before is left out while every earlier stage has
-    finished too; from the first stage with work left, every stage runs whole. Raises
-    ConfigError for a fold that finished as another run."""
+    ``processes`` processes. What finished before is left out (and the lease its writer may
+    have left, tidied) while every earlier stage has finished too; from the first stage with
+    work left, every stage runs whole. Raises ConfigError for a fold that finished as another run."""
     work: list[StageWork] = []
     for stage in range(1, chain.stages + 1):
         if work and (work[-1].folds or work[-1].reduce):
             work.append(StageWork(stage, list(chain.folds)))
             continue
-        folds = [fold for fold in chain.folds if not fold_done(chain, stage, fold, processes)]
+        folds = []
+        for fold in chain.folds:
+            if fold_done(chain, stage, fold, processes):
+                tidy(chain.experiment.stage(stage).fold(fold).lease)
+            else:
+                folds.append(fold)
         done, why = reduction_done(chain, stage) if not folds else (False, "")
+        if done:
+            tidy(chain.experiment.stage(stage).reduce_lease)
         work.append(StageWork(stage, folds, not done, "" if done else why))
     return work
+
+
+def tidy(lease: Path) -> None:
+    """The lease a finished fold's or reduction's writer left when killed after its last
+    write: removed once its holder is gone (seg/core/lease.py), saying so."""
+    if left := clear_if_gone(lease):
+        print(left, flush=True)
 
 
 def after_ok(job: str) -> list[str]:

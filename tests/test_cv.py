@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from seg import cv
+from seg.core import lease
 from seg.core.cli import Size
 from seg.core.signals import Signals
 from seg.data.manifest import FoldSplit, ManifestError
@@ -210,7 +211,12 @@ def test_a_rerun_on_slurm_submits_only_the_folds_and_reductions_left(shards, tmp
 
     assert left() == [(1, [0, 1], True), (2, [0, 1], True)]
     finish(plan, 1, 0, None, processes=2)
+    # its writer was killed after writing summary.json, before releasing its lease (found by tools/chaos.py)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lease_file = plan.experiment.stage(1).fold(0).lease
+    lease_file.write_text(json.dumps(lease._me("training of stage 1 fold 0") | {"pid": int(dead.stdout)}))
     assert left() == [(1, [1], True), (2, [0, 1], True)]  # stage 2 whole: its start model is yet to be made
+    assert not lease_file.exists()  # tidied: nothing would ever take a finished fold's lease again
     calls, jobs = submitted()
     assert jobs == [(1, "301", "302"), (2, "303", "304")] and "--array=1" in calls[0] and "--array=0,1" in calls[2]
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from seg.core import lease
-from seg.core.lease import LeaseHeldError, acquire
+from seg.core.lease import LeaseHeldError, acquire, clear_if_gone
 
 
 def _holder(path, **changes) -> dict:
@@ -59,6 +59,25 @@ def test_a_lease_of_a_dead_pid_on_this_host_is_taken_over_saying_so(tmp_path, ca
         assert json.loads(path.read_text())["token"] == held.record["token"]
     said = capsys.readouterr().out
     assert "taking over the lease" in said and f"pid {int(dead.stdout)} is not running on this host" in said
+
+
+def test_a_finished_writer_s_lease_is_cleared_once_its_holder_is_gone_and_a_live_one_is_kept(tmp_path, live_process):
+    """Found by tools/chaos.py: a fold killed after its last write (summary.json) but before
+    releasing its lease left it; nothing takes a finished fold's lease again."""
+    path = tmp_path / ".lease"
+    assert clear_if_gone(path) is None  # none there
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _plant(path, lease._me("training of stage 2 fold 0") | {"pid": int(dead.stdout)})
+    line = clear_if_gone(path)
+    assert line and "removed the lease of training of stage 2 fold 0" in line and "is not running" in line
+    assert list(tmp_path.iterdir()) == []
+    started = __import__("psutil").Process(live_process.pid).create_time()
+    _plant(path, lease._me("x") | {"pid": live_process.pid, "pid_started": started})
+    assert clear_if_gone(path) is None and path.exists()
+    _plant(path, lease._me("x") | {"host": "node-elsewhere", "pid": 1}, age=lease.STALE_S / 2)
+    assert clear_if_gone(path) is None and path.exists()  # another host's: alive until STALE_S without a beat
+    _plant(path, lease._me("x") | {"host": "node-elsewhere", "pid": 1}, age=lease.STALE_S + 5)
+    assert "no heartbeat for" in (clear_if_gone(path) or "") and not path.exists()
 
 
 def test_a_reused_pid_is_not_the_holder(tmp_path, capsys, live_process):

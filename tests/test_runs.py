@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 
 import seg.core.runs
-from seg.core.runs import Experiment, Fold, Stage, fold_number, latest_state, prune_states, stage_number, state_name
+from seg.core.runs import (
+    INTERRUPTION,
+    Experiment,
+    Fold,
+    Stage,
+    fold_number,
+    latest_state,
+    prune_states,
+    stage_number,
+    state_name,
+)
 from seg.model.weights import WEIGHTS_FORMAT, WeightsError
 from seg.reduction.soup import load_fold_models
 
@@ -51,6 +61,23 @@ def test_prune_keeps_the_named_states_and_removes_leftovers_of_a_killed_save(tmp
     (tmp_path / "checkpoints" / ".step-00000040.partial").mkdir()
     prune_states(tmp_path, keep_last=1, keep={state_name(10)})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [state_name(10), state_name(30)]
+
+
+def test_a_state_saved_when_the_run_was_stopped_goes_once_a_newer_one_exists(tmp_path):
+    """Found by tools/chaos.py: a preemption's state at step 11 outlived the run's end, where
+    a run never stopped keeps 10 and 12: the fold's states now end the same either way."""
+    for step in (6, 8, 10):
+        _state(tmp_path, step)
+    (_state(tmp_path, 11) / INTERRUPTION).write_text("saved when the run was preempted at step 11\n")
+
+    def names() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+    prune_states(tmp_path, keep_last=2, keep=set())  # the newest: kept, to resume from
+    assert names() == [state_name(10), state_name(11)]
+    _state(tmp_path, 12)
+    prune_states(tmp_path, keep_last=2, keep=set())
+    assert names() == [state_name(10), state_name(12)]  # as a run never stopped keeps them
 
 
 def test_the_reducer_refuses_a_fold_without_metrics_clearly(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from seg.core import lease
 from seg.core.atomic import current_umask
 from seg.core.cli import Size
 from seg.core.launch import launch_command
@@ -77,8 +78,12 @@ def test_a_run_writes_its_outputs(shards, tmp_path):
     assert {p: m for p, m in modes.items() if m != expected} == {}
     before = (out / "model.safetensors").read_bytes(), (out / "summary.json").read_text()
     config_before = (out / "config.yaml").stat().st_mtime_ns
+    # a writer killed after its last write left its lease: the next look at the finished fold removes it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lease").write_text(json.dumps(lease._me("training of stage 1 fold 0") | {"pid": int(dead.stdout)}))
     again = run(shards, tmp_path, "train.epochs=2")  # a requeued or repeated job: nothing to redo
     assert again.returncode == 0 and "is complete" in again.stdout
+    assert "removed the lease of training of stage 1 fold 0" in again.stdout and not (out / ".lease").exists()
     # decided from the fold's files: no state loaded, nothing rewritten (not even config.yaml)
     assert "resumed from" not in again.stdout and (out / "config.yaml").stat().st_mtime_ns == config_before
     assert ((out / "model.safetensors").read_bytes(), (out / "summary.json").read_text()) == before

@@ -165,6 +165,24 @@ def _take_over(path: Path, holder: dict[str, Any]) -> bool:
         moved.unlink(missing_ok=True)
 
 
+def clear_if_gone(path: str | os.PathLike) -> str | None:
+    """Remove the lease at ``path`` when its holder is gone: the lease a writer leaves when it is
+    killed after its last write (its run finished, nothing will take the lease again). Says
+    whose it was and why, in one line; None when there is none, or its holder may be alive
+    (from another host, until ``STALE_S`` without a heartbeat): that one is left."""
+    path = Path(path)
+    holder = _read(path)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    holder = holder or {"what": "an unreadable lease", "since": time.time() - age}
+    why = gone(holder, age)
+    if why is None or not _take_over(path, holder):
+        return None
+    return f"{path}: removed the lease of {describe_holder(holder)}, left behind: {why}"
+
+
 def acquire(path: str | os.PathLike, what: str, announce: bool = True) -> Lease:
     """Hold the lease at ``path`` (its folder is made if missing), taking over one whose holder
     is gone (saying so when ``announce``); raises :class:`LeaseHeldError` while a live writer holds it."""

@@ -46,6 +46,9 @@ PREEMPTED = "PREEMPTED"
 
 
 CHECKPOINTS = "checkpoints"
+# In a state saved when a run was stopped (preempted, interrupted): once a newer state exists it
+# is removed (prune_states), so a fold's states end the same whatever stopped it on the way.
+INTERRUPTION = "interruption"
 REDUCED = "reduced"
 LEASE = ".lease"  # one writer at a time (seg/core/lease.py)
 _STAGE = re.compile(r"^stage(\d+)$")
@@ -242,13 +245,16 @@ def is_state(path: Path) -> bool:
 
 
 def prune_states(directory: Path, keep_last: int, keep: set[str]) -> None:
-    """Delete resumable states beyond the newest ``keep_last``, sparing the names in ``keep``,
+    """Delete the states saved when a run was stopped (``INTERRUPTION``) once a newer state
+    exists, then the states beyond the newest ``keep_last``, sparing the names in ``keep``;
     and the leftovers of a killed save or prune (hidden ``.step-*`` folders). Only the main
     process, with no save in flight. Each state is renamed out of the way first: a kill
     mid-delete leaves a hidden leftover, never a torn ``step-*``."""
     checkpoints = directory / CHECKPOINTS
     states = sorted(p for p in checkpoints.glob("step-*") if STATE.match(p.name))
-    for state in states[: max(len(states) - keep_last, 0)]:
+    superseded = [state for state in states[:-1] if (state / INTERRUPTION).exists()]
+    scheduled = [state for state in states if state not in superseded]
+    for state in superseded + scheduled[: max(len(scheduled) - keep_last, 0)]:
         if state.name not in keep:
             doomed = state.with_name(f".{state.name}.deleting")
             shutil.rmtree(doomed, ignore_errors=True)

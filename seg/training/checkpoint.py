@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from seg.core.atomic import atomic_write_bytes, plain_modes
-from seg.core.runs import latest_state, prune_states, state_name
+from seg.core.runs import INTERRUPTION, latest_state, prune_states, state_name
 from seg.core.storage import EXIT_STORAGE, NoRoomError, StorageError, free_bytes, megabytes, writing
 from seg.data.loader import eval_loader_of
 from seg.evaluation.evaluate import evaluate
@@ -85,10 +85,12 @@ def validate(run: Run, data: FoldData, training: TrainingState) -> dict[str, Any
     return results
 
 
-def save_state(run: Run, step: int, keep: set[str]) -> Path:
+def save_state(run: Run, step: int, keep: set[str], stopped: str | None = None) -> Path:
     """A resumable state with the run's identity, renamed into place only once every rank has
     written its part. A write that fails for the disk's sake on any rank (or one foreseen not
-    to fit) stops every rank with StorageFailureError, the previous states untouched."""
+    to fit) stops every rank with StorageFailureError, the previous states untouched.
+    ``stopped``: why the run stops here (a state off the schedule, marked ``INTERRUPTION``:
+    removed once a newer state exists)."""
     accelerator, out, main = run.accelerator, run.out, run.main_process
     final = out.checkpoints / state_name(step)
     if final.exists():
@@ -103,6 +105,9 @@ def save_state(run: Run, step: int, keep: set[str]) -> Path:
 
     def complete() -> None:
         atomic_write_bytes(tmp / "identity.json", (json.dumps(run.identity, indent=1) + "\n").encode())
+        if stopped:
+            note = f"saved when the run was {stopped} at step {step}; removed once a newer state exists\n"
+            atomic_write_bytes(tmp / INTERRUPTION, note.encode())
         plain_modes(tmp)  # readable by the team like every other output (accelerate's safetensors are 0600)
         os.replace(tmp, final)
         prune_states(out.dir, run.config.train.keep_last, keep)

@@ -33,7 +33,8 @@ def stop_on_signal(run: Run, progress: Progress, code: int) -> None:
     marker for a requeue, and say so: a line per rank on preemption, one line on Ctrl-C."""
     accelerator, out, saved = run.accelerator, run.out, progress.step > 0
     if saved:
-        save_state(run, progress.step, {state_name(progress.best_step)})
+        stopped = "preempted" if code == EXIT_REQUEUE else "interrupted"
+        save_state(run, progress.step, {state_name(progress.best_step)}, stopped=stopped)
     what = f"state saved at step {progress.step}" if saved else "nothing to save before the first step"
     if code == EXIT_REQUEUE:
         if accelerator.is_main_process:

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from seg.core.launch import launcher_problem
+from seg.core.lease import clear_if_gone
 from seg.core.runs import Experiment, Fold, is_state, latest_state
 from seg.core.signals import Drill
 from seg.data.manifest import FoldSplit, ManifestError
@@ -32,7 +33,10 @@ def say_refusal(error: str, code: int = EXIT_REFUSED) -> int:
 
 
 def say_complete(out: Fold, summary: dict[str, Any]) -> int:
+    """A finished fold: said, and the lease of a writer killed after its last write removed."""
     if int(os.environ.get("RANK", "0")) == 0:
+        if left := clear_if_gone(out.lease):
+            print(left, flush=True)
         print(f"{out.dir} is complete (step {summary['steps']}, the same run); nothing to do", flush=True)
     return 0
 
