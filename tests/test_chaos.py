@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
 from tools.chaos import chaos, clock_key, compare, main, table
 from tools.chaos_injector import Chain, scancel, submitted_jobs
-from tools.chaos_plan import FOLDS, KINDS, STAGES, STEPS, plan, rounds
+from tools.chaos_plan import FOLDS, KINDS, STAGES, STEPS, plan, rounds, target
 
 
 def test_a_seed_draws_the_same_plan_and_uses_every_kind_before_repeating():
@@ -31,15 +32,18 @@ def test_a_seed_draws_the_same_plan_and_uses_every_kind_before_repeating():
     assert {f.fold for f in plan(7, 12, list(KINDS), folds=2)} == {0, 1}
 
 
-def test_many_faults_run_in_rounds_of_mixed_kinds_each_in_the_plans_order():
+def test_many_faults_run_in_rounds_one_on_each_target_each_in_the_plans_order():
     faults = plan(1, 50, list(KINDS))
     batches = rounds(faults, 8)
-    assert [len(b) for b in batches] == [8, 8, 8, 8, 8, 8, 2]
     assert sorted(f.index for b in batches for f in b) == list(range(50))
     for batch in batches:
+        assert len(batch) <= 8 and len({target(f) for f in batch}) == len(batch)  # a target once a round
         assert [(f.stage, f.step, f.index) for f in batch] == sorted((f.stage, f.step, f.index) for f in batch)
-    assert len({f.kind for f in batches[0]}) == 8  # drawn from one shuffle of the ten kinds
-    assert rounds(plan(1, 5, list(KINDS)), 8) == [plan(1, 5, list(KINDS))]  # the short mode: one chain
+    assert len(batches) == max(
+        Counter(target(f) for f in faults).values()
+    )  # no more rounds than the busiest target needs
+    short = plan(1132, 5, ["kill-rank", "scancel-kill", "usr1-batch", "preempt", "duplicate"], folds=2)
+    assert rounds(short, 8) == [short]  # the short mode: one chain, its two faults on one fold included
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,10 @@ Starts a cluster of slurm/testing/cluster.sh (or uses the one SLURM_CONF names w
 stages x 3 folds, each fold a 2-node job): the reference, left alone, and the chaos chain,
 into which a seeded injector puts ``--faults`` faults, each at a planned step of a planned
 fold (the plan is the seed's; the moment is the fold's own progress, not the clock). More
-faults than ``--per-round`` (8) run in rounds: a fresh chaos chain for each, each compared
-with the one reference (one chain has too few moments for many faults), and removed once it
-compared identical (a chain's resumable states take GBs). After
+faults than ``--per-round`` (8) run in rounds of at most that many, one fault on each fold
+or reduction a round (tools/chaos_plan.py's rounds): a fresh chaos chain for each, each
+compared with the one reference (one chain has too few moments for many faults), and
+removed once it compared identical (a chain's resumable states take GBs). After
 each fault the chain recovers the way a user would: a requeued job is released from its
 BeginTime wait; a chain a failure broke is left to drain, then ``./launch cv`` is run again
 to continue. At the end every fold's and reduction's weights must be bitwise equal to the

@@ -182,6 +182,7 @@ class Injector:
             assert self.now() < timeout, f"the chaos chain is not done after {timeout} s: {self.chain.log[-5:]}"
             states = self.chain.states()
             if self.chain.done(states) and not self.drained:
+                self.mark_recovered(ended=True)
                 return
             jobs = queue(self.cluster)
             for fault in self.faults:
@@ -345,25 +346,30 @@ class Injector:
         ours = set(self.chain.jobs)
         return not [k for k, (_, state, _) in jobs.items() if k.split("_")[0] in ours and state not in FINISHED]
 
-    def mark_recovered(self) -> None:
+    def mark_recovered(self, ended: bool = False) -> None:
         """A fault is recovered once its fold trains past the fault's step again (or is done),
-        its reduction has completed, its node is back."""
+        its reduction has completed, its node is back. ``ended``: the whole chain is done, so
+        every fired fault is (one that came after its fold's last write had nothing to recover)."""
         for fault in self.faults:
             if fault.fired is None or fault.recovered is not None or fault.kind in ("drain", "duplicate"):
                 continue
             if fault.kind == "kill-reduce":
                 job = self.chain.reduce(fault.stage)  # "": a rerun found the stage reduced
-                if not job or self.cluster.states([job]).get(job) == "COMPLETED":
+                if ended or not job or self.cluster.states([job]).get(job) == "COMPLETED":
                     fault.recovered = self.now()
                     rerun = len(self.chain.submissions) > fault.submission
                     fault.outcome = "failed, chain rerun" if rerun else "completed anyway"
                 continue
             fold = self.chain.experiment.stage(fault.stage).fold(fault.fold)
-            finished = fold.summary.exists() and fold.summary.stat().st_mtime > time.time() - self.now() + fault.fired
+            fired_at = time.time() - self.now() + fault.fired  # the fault's wall-clock time
+            after_end = fold.summary.exists() and fold.summary.stat().st_mtime <= fired_at
+            finished = fold.summary.exists() and fold.summary.stat().st_mtime > fired_at
             resumed = inode(fold.metrics) not in (0, fault.metrics_inode) and last_step(fold.metrics) > (
                 fault.at_step or 0
             )
-            if resumed or finished:
+            if resumed or finished or (ended and after_end):
                 fault.recovered = self.now()
                 rerun = len(self.chain.submissions) > fault.submission
                 fault.outcome = "failed, chain rerun" if rerun else "requeued, resumed"
+                if not rerun and after_end and not resumed:
+                    fault.outcome = "came after the fold's last write"
