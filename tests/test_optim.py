@@ -36,6 +36,18 @@ def test_every_optimizer_is_torch_s_fused_one_with_the_backbone_s_rate_scaled(na
     assert not torch.equal(model.head.weight, before)
 
 
+def test_a_state_saved_by_torch_s_loop_resumes_with_the_loop():
+    """A run started before seg chose fused kernels continues as it began."""
+    model = Tiny()
+    groups = [{"params": list(model.backbone.parameters())}, {"params": list(model.head.parameters())}]
+    old = torch.optim.Adam(groups, lr=0.1, foreach=False)
+    model(torch.ones(1, 3)).sum().backward()
+    old.step()
+    resumed = from_config(OmegaConf.structured(OptimConfig(lr=0.1)), model)
+    resumed.load_state_dict(old.state_dict())
+    assert [(g["fused"], g["foreach"]) for g in resumed.param_groups] == [(None, False), (None, False)]
+
+
 def test_the_benchmark_prints_each_implementation_and_how_far_it_ends_from_the_loop(capsys):
     assert bench_optimizer(["--depth", "18", "--optimizers", "adam", "sgd", "--steps", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
