@@ -193,7 +193,7 @@ def fake_sbatch(tmp_path: Path) -> tuple[dict[str, str], Path]:
     return os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, calls
 
 
-def test_a_rerun_on_slurm_submits_only_the_folds_and_reductions_left(shards, tmp_path):
+def test_a_rerun_on_slurm_submits_only_the_folds_and_reductions_left(shards, tmp_path, monkeypatch, capsys):
     plan = chain(shards, tmp_path / "runs", folds=2)
     stage1 = plan.experiment.stage(1)
 
@@ -237,25 +237,25 @@ def test_a_rerun_on_slurm_submits_only_the_folds_and_reductions_left(shards, tmp
     calls, jobs = submitted()
     assert jobs == [(1, "", ""), (2, "", "301")] and not any(a.startswith("--dependency") for a in calls[0])
 
-    # The command as a user runs it: what it skipped in one line a stage; a finished chain submits nothing.
+    # The command as a user runs it (in this process: its start-up is not what is tested), with an
+    # sbatch on PATH: what it skipped in one line a stage; a finished chain submits nothing.
     env, sbatch_calls = fake_sbatch(tmp_path)
-    command = [sys.executable, "-m", "seg.cv", CONFIG, "--stages", "2", "--folds", "2", "--nodes", "2", "--reduce",
-               "--recalibrate 3 --select-on val", *plan.overrides]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "stage 1: finished before (every fold trained and reduced), skipped" in done.stdout
-    assert "stage 2: every fold finished before, reduce 1" in done.stdout
+    monkeypatch.setenv("PATH", env["PATH"])
+    args = [CONFIG, "--stages", "2", "--folds", "2", "--reduce", "--recalibrate 3 --select-on val", *plan.overrides]
+    assert cv.main([*args, "--nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1: finished before (every fold trained and reduced), skipped" in out
+    assert "stage 2: every fold finished before, reduce 1" in out
     assert sbatch_calls.read_text().count("\n") == 1 and "reduce.sh" in sbatch_calls.read_text()
     sbatch_calls.unlink()
     reduce_by_hand(plan, 2)
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    assert done.returncode == 0 and "done: every stage finished before, nothing submitted" in done.stdout, done.stderr
+    assert cv.main([*args, "--nodes", "2"]) == 0
+    assert "done: every stage finished before, nothing submitted" in capsys.readouterr().out
     assert not sbatch_calls.exists()
     # A fold that finished as another run (2 processes, the chain now asks 1): refused, nothing submitted.
-    done = subprocess.run([*command[:-1], "--nodes", "1", *plan.overrides], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=120)  # fmt: skip
-    assert done.returncode == 2 and "stage 1 fold 0:" in done.stderr and "batch.global: 8 -> 4" in done.stderr
-    assert not sbatch_calls.exists()
+    assert cv.main([*args, "--nodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 1 fold 0:" in err and "batch.global: 8 -> 4" in err and not sbatch_calls.exists()
 
 
 def test_each_stage_applies_its_entry_of_the_config_and_bad_keys_name_the_entry(tmp_path):
