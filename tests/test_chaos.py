@@ -150,6 +150,8 @@ def test_a_rerun_s_submission_is_read_with_what_it_left_out_and_done_when_its_ow
     chain.submissions.append(submitted_jobs(output))
     assert chain.jobs == ["21", "22"] and chain.array(1) == "" and chain.reduce(2) == "22"
     assert not chain.done({"21_1": "COMPLETED"}) and chain.done({"21_1": "COMPLETED", "22": "COMPLETED"})
+    chain.submissions.append(submitted_jobs("done: every stage finished before, nothing submitted; final model x\n"))
+    assert chain.jobs == [] and chain.array(2) == chain.reduce(2) == "" and chain.done({})
 
 
 def test_a_chain_failed_for_its_disk_is_told_by_the_log_written_since_its_submission(tmp_path: Path):

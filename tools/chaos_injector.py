@@ -67,12 +67,16 @@ class Chain:
     def jobs(self) -> list[str]:
         return [job for _, array, reduce, _ in self.submissions[-1] for job in (array, reduce) if job]
 
+    def submitted(self, stage: int) -> tuple[int, str, str, list[int]]:
+        """The latest submission's jobs of ``stage``: "" and [] for what it left out as finished
+        (a chain found finished throughout submits nothing and prints no stage line)."""
+        return next((jobs for jobs in self.submissions[-1] if jobs[0] == stage), (stage, "", "", []))
+
     def array(self, stage: int) -> str:
-        """The latest submission's array of ``stage`` ("" when it left the stage's folds out, finished)."""
-        return self.submissions[-1][stage - 1][1]
+        return self.submitted(stage)[1]
 
     def reduce(self, stage: int) -> str:
-        return self.submissions[-1][stage - 1][2]
+        return self.submitted(stage)[2]
 
     def states(self) -> dict[str, str]:
         return self.cluster.states(self.jobs)
