@@ -103,16 +103,19 @@ def target(fault: Fault) -> tuple[int, int | str]:
 def rounds(faults: list[Fault], per_round: int = PER_ROUND) -> list[list[Fault]]:
     """The plan in rounds, a fresh chaos chain for each (one chain has too few moments for many
     faults), each round in the plan's order. Faults that fit in one round run in one chain;
-    more are packed in their drawn order, at most
-    ``per_round`` a round and one on each target: a second fault on a fold waits for the fold
-    to recover from the first, by when it may have passed its step or finished (the first
-    50-fault run in rounds of 8 drawn in order left 3 faults unfired so)."""
+    more are packed in their drawn order, at most ``per_round`` a round and one on each target:
+    a second fault on a fold waits for the fold to recover from the first, by when it may have
+    passed its step or finished (the first 50-fault run in rounds of 8 drawn in order left 3
+    faults unfired so)."""
     ordered = sorted(faults, key=lambda f: f.index)
-    batches: list[list[Fault]] = [ordered] if len(ordered) <= per_round else []
-    for fault in ordered if not batches else []:
-        free = [b for b in batches if len(b) < per_round and target(fault) not in {target(f) for f in b}]
-        if free:
-            free[0].append(fault)
-        else:
-            batches.append([fault])
+    batches: list[list[Fault]] = []
+    if len(ordered) <= per_round:
+        batches.append(ordered)
+    else:
+        for fault in ordered:
+            free = [b for b in batches if len(b) < per_round and target(fault) not in {target(f) for f in b}]
+            if free:
+                free[0].append(fault)
+            else:
+                batches.append([fault])
     return [sorted(b, key=lambda f: (f.stage, f.step, f.index)) for b in batches]

@@ -165,20 +165,28 @@ def _take_over(path: Path, holder: dict[str, Any]) -> bool:
         moved.unlink(missing_ok=True)
 
 
-def clear_if_gone(path: str | os.PathLike) -> str | None:
-    """Remove the lease at ``path`` when its holder is gone: the lease a writer leaves when it is
-    killed after its last write (its run finished, nothing will take the lease again). Says
-    whose it was and why, in one line; None when there is none, or its holder may be alive
-    (from another host, until ``STALE_S`` without a heartbeat): that one is left."""
-    path = Path(path)
+def _standing(path: Path) -> tuple[dict[str, Any], float] | None:
+    """The lease at ``path``: its holder and its heartbeat's age in seconds; None when there is
+    none. An unreadable one (a foreign file) is judged by its age alone."""
     holder = _read(path)
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return None
-    holder = holder or {"what": "an unreadable lease", "since": time.time() - age}
+    return holder or {"what": "an unreadable lease", "since": time.time() - age}, age
+
+
+def clear_if_gone(path: str | os.PathLike) -> str | None:
+    """Remove the lease at ``path`` when its holder is gone: the lease a writer leaves when it is
+    killed after its last write (its run finished, nothing will take the lease again). Says
+    whose it was and why, in one line; None when there is none, or its holder may be alive
+    (from another host, until ``STALE_S`` without a heartbeat): that one is left."""
+    standing = _standing(Path(path))
+    if standing is None:
+        return None
+    holder, age = standing
     why = gone(holder, age)
-    if why is None or not _take_over(path, holder):
+    if why is None or not _take_over(Path(path), holder):
         return None
     return f"{path}: removed the lease of {describe_holder(holder)}, left behind: {why}"
 
@@ -192,13 +200,10 @@ def acquire(path: str | os.PathLike, what: str, announce: bool = True) -> Lease:
     for _ in range(5):
         if _create(path, record):
             return Lease(path, record)
-        holder = _read(path)
-        try:
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
+        standing = _standing(path)
+        if standing is None:
             continue  # released meanwhile: try again
-        if holder is None:  # unreadable (a foreign file): judged by its age alone
-            holder = {"what": "an unreadable lease", "since": time.time() - age}
+        holder, age = standing
         why = gone(holder, age)
         if why is None:
             raise LeaseHeldError(
