@@ -65,6 +65,9 @@ def test_tiny_mode_runs_every_part_and_writes_its_json(tmp_path: Path) -> None:
     (train,) = report["train"]
     assert train["status"] == "ok" and train["images_per_s"] > 0 and train["tflop_per_image"] > 0
     check_tiny_profile(report["profile"], done.stdout)
+    assert [r["loss"] for r in report["loss"]] == ["softmax alone", "cross entropy", "dice", "combined (study)", "ohem"]
+    assert all(r["ms"] > 0 and r["size"] == "64x32" for r in report["loss"])
+    assert "loss forward + backward, batch 1 at 64x32" in done.stdout
     (evaluation,) = report["eval"]
     assert evaluation["status"] == "ok" and evaluation["images_per_s"] > 0
     full, small = report["loader"]
@@ -270,7 +273,9 @@ def test_the_speed_grid_starts_with_the_study_model_and_covers_the_issue_s_axes(
     rows = load_tool().speed_grid(compile_rows=True)
     assert (rows[0]["depth"], rows[0]["batch"], rows[0]["precision"]) == (34, 8, "bf16")
     assert {r["depth"] for r in rows} == {34, 50, 101}
-    assert {r["batch"] for r in rows} == {4, 8}
+    assert {r["batch"] for r in rows} == {4, 8, 16}
+    assert {r["optimizer"] for r in rows} == {"fused", "foreach"}
+    assert len({tuple(r.items()) for r in rows}) == len(rows)  # no row twice
     assert {r["precision"] for r in rows} == {"fp32", "bf16", "fp16"}
     assert {r["channels_last"] for r in rows} == {True, False}
     assert {r["compile"] for r in rows} == {True, False}
@@ -284,11 +289,11 @@ def test_bench_train_times_the_training_step_alone_as_the_gpu_check_does(monkeyp
     import bench_train
 
     argv = ["bench_train.py", "--step", "--depth", "18", "--batch", "2", "--precision", "fp32", "--size", "64x32",
-            "--steps", "1", "--warmup", "1"]  # fmt: skip
+            "--steps", "1", "--warmup", "1", "--optimizer", "foreach"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stopped:
         bench_train.main()
     out = capsys.readouterr().out
     assert stopped.value.code == 0, out
-    assert "status: ok" in out and "size: 64x32" in out
+    assert "status: ok" in out and "size: 64x32" in out and "optimizer: foreach" in out
     assert float(out.split("images_per_s: ")[1].split(",")[0]) > 0

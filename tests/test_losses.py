@@ -13,6 +13,7 @@ from seg.recipe.losses import (
     from_config,
     ohem_cross_entropy,
 )
+from tools.bench_loss import main as bench_loss
 
 # Two valid pixels and one ignored, three classes: logits (1, 3, 1, 3), targets (1, 1, 3).
 LOGITS = torch.tensor([[[[2.0, 0.0, 5.0]], [[1.0, 3.0, -5.0]], [[0.0, 1.0, 0.0]]]])
@@ -47,6 +48,38 @@ def test_dice_by_hand_averages_only_the_classes_present():
         intersection = sum(p[c] for p, t in zip(probs, (0, 1), strict=True) if t == c)
         dice.append((2 * intersection + 1) / (probs[0][c] + probs[1][c] + 1 + 1))
     assert dice_loss(LOGITS, TARGET).item() == pytest.approx(1 - sum(dice) / 2, rel=1e-6)
+
+
+def test_dice_equals_the_one_hot_formula_in_value_and_gradient_whatever_the_label_dtype():
+    """The one-hot target is a broadcast comparison, not F.one_hot (tools/bench_loss.py): the
+    same sums as the textbook formula, over uint8 labels (the loader's) as over int64."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 19, 12, 20, generator=generator, requires_grad=True)
+    target = torch.randint(0, 19, (2, 12, 20), generator=generator)
+    target[0, :3], target[1, :, :4] = 255, 255
+    valid = (target != 255).unsqueeze(1).float()
+    probs = logits.softmax(1) * valid
+    onehot = torch.nn.functional.one_hot(torch.where(target == 255, 0, target), 19).permute(0, 3, 1, 2) * valid
+    inter, psum, tsum = (probs * onehot).sum((0, 2, 3)), probs.sum((0, 2, 3)), onehot.sum((0, 2, 3))
+    present = tsum > 0
+    expected = 1 - ((2 * inter + 1) / (psum + tsum + 1))[present].mean()
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    for labels in (target, target.to(torch.uint8)):
+        value = dice_loss(logits, labels)
+        (grad,) = torch.autograd.grad(value, logits)
+        torch.testing.assert_close(value, expected)
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_bench_loss_times_each_term_and_refuses_a_zero_batch(capsys):
+    assert bench_loss(["--batch", "1", "--size", "64x32", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1 at 64x32, fp32 logits" in out
+    rows = {line.rsplit(None, 2)[0]: float(line.split()[-2]) for line in out.splitlines()[2:]}
+    assert set(rows) == {"softmax alone", "cross entropy", "dice", "combined (study)", "ohem"}
+    assert all(ms > 0 for ms in rows.values())
+    assert bench_loss(["--batch", "0"]) == 2
+    assert "--batch 0" in capsys.readouterr().err
 
 
 def test_ohem_keeps_the_hard_pixels_by_hand():

@@ -56,6 +56,7 @@ from seg.recipe.optim import from_config
 from seg.training.step import train_step
 
 from bench_model import training_flops  # a tool beside this one (python puts a script's folder on sys.path)
+from bench_optimizer import IMPLEMENTATIONS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,6 +78,8 @@ def main() -> None:
     step.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16")
     step.add_argument("--channels-last", action="store_true")
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
+    step.add_argument("--optimizer", choices=list(IMPLEMENTATIONS), default="fused",
+                      help="Adam's implementation (training's: fused)")  # fmt: skip
     step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     step.add_argument("--peak-tflops", type=float, help="the device's dense peak, for the FLOP utilisation")
     step.add_argument("--profile", action="store_true", help="torch.profiler over --steps steps instead of "
@@ -127,7 +130,7 @@ def step_only(args: argparse.Namespace) -> int:
     if args.precision == "fp16" and device.type != "cuda":
         print("error: --precision fp16 needs a GPU; use bf16 on the CPU (as training does)", file=sys.stderr)
         return 2
-    row = SpeedRow(args.depth, args.batch, args.precision, args.channels_last, args.compile, size)
+    row = SpeedRow(args.depth, args.batch, args.precision, args.channels_last, args.compile, size, args.optimizer)
     if args.profile:
         from profile_step import format_profile, profile_train_step  # beside this one; it imports this one
 
@@ -184,9 +187,11 @@ class SpeedRow(dict):
     """One training configuration to time."""
 
     def __init__(self, depth: int, batch: int, precision: str, channels_last: bool, compile: bool,
-                 size: tuple[int, int] = (512, 1024)) -> None:  # fmt: skip
+                 size: tuple[int, int] = (512, 1024), optimizer: str = "fused") -> None:  # fmt: skip
+        """``optimizer``: the implementation of the Adam training builds (fused); ``foreach``,
+        torch's default on CUDA, measures what fused gains on the device."""
         super().__init__(depth=depth, batch=batch, precision=precision, channels_last=channels_last,
-                         compile=compile, size=format_size(size))  # fmt: skip
+                         compile=compile, size=format_size(size), optimizer=optimizer)  # fmt: skip
         self.input_size = size
 
 
@@ -202,6 +207,8 @@ def training_step(row: SpeedRow, device: torch.device) -> Iterator[Callable[[], 
         if row["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
         optimizer = from_config(OmegaConf.structured(OptimConfig()), model)  # the study's Adam, as training builds it
+        for group in optimizer.param_groups:
+            group.update(IMPLEMENTATIONS[row["optimizer"]])
         model, optimizer = accelerator.prepare(model, optimizer)
         if row["compile"]:
             model = torch.compile(model)

@@ -25,9 +25,12 @@ Speed (CUDA only)
                  channels_last): the top ops and the step's time by category, first
                  (tools/profile_step.py; --tiny profiles the tiny row on the CPU).
   train          images/s and peak memory of seg.training.step.train_step (device augmentation,
-                 loss, backward, clipping, Adam) at 512x1024 for R34/R50/R101 at OS8, batch 8
-                 and 4, fp32/bf16/fp16, channels_last on and off, torch.compile on and off;
-                 model FLOP utilisation against the device's dense bf16 peak.
+                 loss, backward, clipping, Adam) at 512x1024 for R34/R50/R101 at OS8, batch 16,
+                 8 and 4, fp32/bf16/fp16, channels_last on and off, torch.compile on and off,
+                 fused Adam (training's) and foreach (torch's default on CUDA); model FLOP
+                 utilisation against the device's dense bf16 peak.
+  loss           each training loss's forward + backward at the study's size, batch 8, bf16 logits
+                 (tools/bench_loss.py): the fp32 work at full resolution.
   eval           full-resolution (1024x2048) images/s for whole / slide / whole+flip.
   loader         seg's training pipeline on one core, images/s: full-size PNG with the geometry
                  in the worker, and train-size PNG with the geometry on the device; the cores
@@ -68,6 +71,7 @@ from seg.training.step import train_step
 # on sys.path): the GPU check runs their measurements instead of repeating them.
 from bench_eval import measure_eval, mode_name
 from bench_loader import one_core, pack_shards, pipeline_rate
+from bench_loss import format_losses, measure_losses
 from bench_model import device_peak_tflops
 from bench_train import SpeedRow, fixed_batch, fresh_accelerator, measure_train_step, study_model
 from profile_step import format_profile, profile_train_step
@@ -110,6 +114,8 @@ def main() -> int:
         # where the study's step spends its time (issue 24): a few steps, so first
         report["profile"] = profile_train_step(SpeedRow(34, 8, "bf16", True, False), torch.device("cuda"))
         print(format_profile(report["profile"]), flush=True)
+        report["loss"] = measure_losses(8, STUDY_WINDOW, "bf16", torch.device("cuda"))
+        print(format_losses(report["loss"]), flush=True)
         report["train"] = train_speed_grid(peak, deadline, compile_rows=not args.no_compile)
         print(format_train(report["train"]), flush=True)
         report["eval"] = eval_speed(deadline)
@@ -121,6 +127,8 @@ def main() -> int:
         print(format_train(report["train"]), flush=True)
         report["profile"] = profile_train_step(tiny, torch.device("cpu"), steps=1, warmup=1)
         print(format_profile(report["profile"]), flush=True)
+        report["loss"] = measure_losses(1, (32, 64), "fp32", torch.device("cpu"), steps=1)
+        print(format_losses(report["loss"]), flush=True)
         tta = TestTimeAugmentation("slide", (32, 64), (24, 48))
         report["eval"] = [measure_eval(18, (64, 128), tta, torch.device("cpu"), images=1)]
         print(format_eval(report["eval"]), flush=True)
@@ -350,10 +358,14 @@ def _syncbn_compare(rank: int, world: int, init: str, backend: str, gpu: int) ->
 
 
 def speed_grid(compile_rows: bool) -> list[SpeedRow]:
-    """Most important first: the study's model in every precision and layout and compiled (its
-    first step compiles, ~1 min), then the mmseg backbones, then the smaller batch."""
-    rows = [SpeedRow(34, 8, p, cl, False) for p in ("bf16", "fp32", "fp16") for cl in (True, False)]
+    """Most important first: the study's row (R34, bf16, batch 8, channels_last) and what issue
+    24 asks of it (compiled: its first step compiles, ~1 min; batch 16; torch's default Adam on
+    CUDA, foreach, beside training's fused), the study's model in every precision and layout,
+    then the mmseg backbones, then the smaller batch."""
+    rows = [SpeedRow(34, 8, "bf16", True, False)]
     rows += [SpeedRow(34, 8, "bf16", True, True)] if compile_rows else []
+    rows += [SpeedRow(34, 16, "bf16", True, False), SpeedRow(34, 8, "bf16", True, False, optimizer="foreach")]
+    rows += [SpeedRow(34, 8, p, cl, False) for p in ("bf16", "fp32", "fp16") for cl in (True, False)][1:]
     rows += [SpeedRow(d, 8, p, True, False) for d in (50, 101) for p in ("bf16", "fp32")]
     rows += [SpeedRow(d, 4, "bf16", True, False) for d in (34, 50, 101)]
     rows += [SpeedRow(34, 4, "bf16", True, True), SpeedRow(101, 8, "bf16", True, True)] if compile_rows else []
@@ -450,13 +462,13 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-TRAIN_HEADER = ("| model | batch | precision | channels_last | compile | images/s | step ms | peak GiB | "
-                "TFLOP/img | MFU % |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
+TRAIN_HEADER = ("| model | batch | precision | channels_last | compile | Adam | images/s | step ms | peak GiB | "
+                "TFLOP/img | MFU % |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
 
 
 def format_train_row(r: dict[str, Any]) -> str:
     cells = [f"R{r['depth']}-OS8 {r['size']}", r["batch"], r["precision"], "on" if r["channels_last"] else "off",
-             "on" if r["compile"] else "off"]  # fmt: skip
+             "on" if r["compile"] else "off", r["optimizer"]]  # fmt: skip
     if r["status"] == "ok":
         cells += [r["images_per_s"], r["step_ms"], r.get("peak_memory_gib", "-"), r["tflop_per_image"],
                   r.get("mfu_percent", "-")]  # fmt: skip
