@@ -18,8 +18,8 @@ import torch
 
 from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401 (registers `slurm_cluster`)
 from tools.chaos import chaos, clock_key, compare, main, table
-from tools.chaos_injector import Chain, scancel, submitted_jobs
-from tools.chaos_plan import FOLDS, KINDS, STAGES, STEPS, plan, rounds, target
+from tools.chaos_injector import Chain, Injector, scancel, submitted_jobs
+from tools.chaos_plan import FOLDS, KINDS, STAGES, STEPS, Fault, plan, rounds, target
 
 
 def test_a_seed_draws_the_same_plan_and_uses_every_kind_before_repeating():
@@ -44,6 +44,21 @@ def test_many_faults_run_in_rounds_one_on_each_target_each_in_the_plans_order():
     )  # no more rounds than the busiest target needs
     short = plan(1132, 5, ["kill-rank", "scancel-kill", "usr1-batch", "preempt", "duplicate"], folds=2)
     assert rounds(short, 8) == [short]  # the short mode: one chain, its two faults on one fold included
+
+
+def test_a_fault_waits_while_an_earlier_one_on_its_target_recovers(tmp_path: Path):
+    """The injector's target is the plan's: two kill-reduces of one stage that drew different
+    folds hit one reduction, so the second waits; a fold's fault waits for its fold only."""
+    chain = Chain(cluster=None, runs=tmp_path, shards=tmp_path, folds=2)  # type: ignore[arg-type]
+    first, second = Fault(0, "kill-reduce", 1, 0, 3, 0), Fault(1, "kill-reduce", 1, 1, 5, 0)
+    on_fold, other_fold = Fault(2, "kill-rank", 1, 0, 4, 0), Fault(3, "kill-rank", 1, 1, 4, 0)
+    again = Fault(4, "usr1", 1, 0, 6, 0)
+    injector = Injector(chain, [first, second, on_fold, other_fold, again])
+    assert not any(injector.busy(f) for f in injector.faults)
+    first.fired, on_fold.fired = 1.0, 2.0
+    assert injector.busy(second) and injector.busy(again) and not injector.busy(other_fold)
+    first.recovered, on_fold.recovered = 3.0, 4.0
+    assert not injector.busy(second) and not injector.busy(again)
 
 
 @pytest.mark.parametrize(

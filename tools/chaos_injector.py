@@ -16,7 +16,7 @@ from pathlib import Path
 
 from seg.core.runs import Experiment
 from tests.slurm_cluster import FINISHED, SlurmCluster
-from tools.chaos_plan import CONFIG, FOLDS, REPO, STAGES, TINY, Fault, chain_plan
+from tools.chaos_plan import CONFIG, FOLDS, REPO, STAGES, TINY, Fault, chain_plan, target
 
 POLL_S = 0.2
 # seg/core/storage.py's reasons for a disk that cannot take a write: a chain failing for one of
@@ -198,12 +198,9 @@ class Injector:
     # -- firing
 
     def busy(self, fault: Fault) -> bool:
-        """Whether an earlier fault on the same target has yet to recover: one at a time each."""
-        same = [
-            f
-            for f in self.faults
-            if (f.stage, f.fold, f.kind == "kill-reduce") == (fault.stage, fault.fold, fault.kind == "kill-reduce")
-        ]
+        """Whether an earlier fault on the same target (chaos_plan's ``target``: the fold, or the
+        stage's reduction whatever fold a kill-reduce drew) has yet to recover: one at a time each."""
+        same = [f for f in self.faults if target(f) == target(fault)]
         return any(f.fired is not None and f.recovered is None for f in same)
 
     def maybe_fire(self, fault: Fault, jobs: dict[str, tuple[str, str, str]]) -> None:
