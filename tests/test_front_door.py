@@ -38,3 +38,19 @@ def test_no_command_is_still_a_usage_error(tmp_path):
     done = launch(tmp_path)
     assert done.returncode == 2 and "./launch cv" in done.stdout
     assert not (tmp_path / "venv").exists()
+
+
+def test_seg_python_runs_that_interpreter_as_it_is_with_seg_from_the_checkout(tmp_path):
+    """SEG_PYTHON: an image that holds seg's requirements (a GPU node's, or one fed by
+    tools/offline_wheels.py) runs the commands with no setup, as slurm/fold.sh does."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "args: $*"\necho "path: $PYTHONPATH"\n')
+    fake.chmod(0o755)
+    env = os.environ | {"SEG_VENV": str(tmp_path / "venv"), "SEG_PYTHON": str(fake), "PYTHONPATH": "/elsewhere"}
+    done = subprocess.run(["bash", str(REPO / "launch"), "cv", "configs/study.yaml", "--stages", "1"],
+                          capture_output=True, text=True, env=env, timeout=50)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "args: -m seg.cv configs/study.yaml --stages 1" in done.stdout
+    assert f"path: {REPO}:/elsewhere" in done.stdout
+    assert "setting up" not in done.stdout + done.stderr and not (tmp_path / "venv").exists()
+    assert "SEG_PYTHON=python3 uses that interpreter" in launch(tmp_path, "--help").stdout  # the whole header
