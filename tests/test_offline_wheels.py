@@ -76,6 +76,13 @@ def test_seg_s_requirements_come_from_setup_cfg_and_have_reads_pip_freeze(tmp_pa
         have_versions(have)
 
 
-def test_a_missing_have_file_is_refused_with_what_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_bad_arguments_are_refused_with_what_to_give(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["--have", str(tmp_path / "none.txt"), "--dest", str(tmp_path / "w")]) == 2
     assert "pip freeze > have.txt" in capsys.readouterr().err
+    have = tmp_path / "have.txt"
+    have.write_text("torch\n")
+    assert main(["--have", str(have), "--dest", str(tmp_path / "w"), "--python-version", "3"]) == 2
+    assert "--python-version '3': major.minor, e.g. 3.12" in capsys.readouterr().err
+    assert main(["--have", str(have), "--dest", str(have)]) == 2
+    assert f"--dest {have}: a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

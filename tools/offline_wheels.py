@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import re
 import subprocess
 import sys
 import zipfile
@@ -162,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python-version", default="3.12", help="the target's Python, major.minor (default 3.12)")
     parser.add_argument("--dest", type=Path, required=True, help="the folder the wheels go to")
     args = parser.parse_args(argv)
+    if not re.fullmatch(r"3\.\d+", args.python_version):
+        print(f"error: --python-version {args.python_version!r}: major.minor, e.g. 3.12 (`python3 --version` there)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.dest.exists() and not args.dest.is_dir():
+        print(f"error: --dest {args.dest}: a file, not a folder", file=sys.stderr)
+        return 2
     if not args.have.is_file():
         print(f"error: --have {args.have}: no such file (`python3 -m pip freeze > have.txt` on the target)",
               file=sys.stderr)  # fmt: skip
