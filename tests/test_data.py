@@ -424,6 +424,22 @@ def test_a_whole_frame_at_its_own_size_is_cut_exactly_on_the_device():
     assert np.abs(half[0].permute(1, 2, 0).numpy().astype(int) - pillow).mean() < 3
 
 
+def test_the_cut_flips_each_sample_it_draws_without_asking_the_device_which():
+    """A boolean index (``images[flips]``) would read the flips back from the device (nonzero)
+    every step: the cut selects with torch.where instead."""
+    image, label = colour_coded(height=64, width=96)
+    frames = torch.from_numpy(np.array(image))[None].repeat(3, 1, 1, 1)
+    labels = torch.from_numpy(np.array(label))[None].repeat(3, 1, 1)
+    windows = torch.tensor([[0.0, 0.0, 96.0, 64.0]] * 3, dtype=torch.float64)
+    with torch.profiler.profile() as profiled:
+        images, cut_labels = cut_on_device(frames, labels, windows, torch.tensor([True, False, True]), (64, 96))
+    whole = frames.permute(0, 3, 1, 2)
+    assert [torch.equal(images[i], whole[i].flip(-1) if i != 1 else whole[i]) for i in range(3)] == [True] * 3
+    assert [torch.equal(cut_labels[i], labels[i].flip(-1) if i != 1 else labels[i]) for i in range(3)] == [True] * 3
+    reads = [e.name for e in profiled.events() if e.name in ("aten::nonzero", "aten::_local_scalar_dense")]
+    assert reads == []
+
+
 class _Numbers(torch.utils.data.IterableDataset):
     def __iter__(self):
         return iter(range(10_000))

@@ -141,12 +141,14 @@ def test_losses_are_fp32_under_autocast(name):
         assert LOSSES[name](logits, target).dtype == torch.float32
 
 
-def test_dice_never_waits_for_the_device(monkeypatch):
+def test_the_study_s_loss_never_waits_for_the_device(monkeypatch):
     """No host synchronisation in the loss (a GPU step would stall on it): nothing reads a
-    device value back (item, bool, any, nonzero of a boolean index)."""
+    device value back (item, bool, any, nonzero of a boolean index, masked_select, which
+    torch's own weighted, smoothed cross entropy mean counts with)."""
     logits, target = torch.randn(2, 19, 8, 8, requires_grad=True), torch.randint(0, 19, (2, 8, 8))
     target[0, :2] = 255
-    expected = dice_loss(logits, target)
+    study = CombinedLoss(0.6, 0.1, torch.linspace(0.5, 2.0, 19))
+    expected = (dice_loss(logits, target), study(logits, target)[0])
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a host synchronisation")
@@ -155,11 +157,30 @@ def test_dice_never_waits_for_the_device(monkeypatch):
     for name in ("item", "__bool__", "any", "nonzero", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     monkeypatch.setattr(
-        torch.Tensor, "__getitem__", lambda t, key: forbidden() if torch.is_tensor(key) else index(t, key)
-    )
-    again = dice_loss(logits, target)
+        torch.Tensor, "__getitem__", lambda t, key: forbidden() if torch.is_tensor(key) and key.dtype == torch.bool
+        else index(t, key)
+    )  # fmt: skip
+    monkeypatch.setattr(torch, "masked_select", forbidden)
+    with torch.profiler.profile() as profiled:
+        again = (dice_loss(logits, target), study(logits, target)[0])
     monkeypatch.undo()
-    assert torch.equal(again, expected)
+    assert torch.equal(again[0], expected[0]) and torch.equal(again[1], expected[1])
+    # what torch itself reads back inside its ops (the profiler sees below Python)
+    reads = [e.name for e in profiled.events() if e.name in ("aten::_local_scalar_dense", "aten::masked_select")]
+    assert reads == []
+
+
+def test_cross_entropy_is_torch_s_mean_and_zero_when_every_pixel_is_ignored():
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 19, 6, 10, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 19, (2, 6, 10), generator=generator)
+    target[1, :2] = 255
+    weight = torch.linspace(0.5, 2.0, 19, dtype=torch.float64)
+    for w, s in ((None, 0.0), (weight, 0.0), (weight, 0.1), (None, 0.1)):
+        expected = torch.nn.functional.cross_entropy(logits, target, w, ignore_index=255, label_smoothing=s)
+        torch.testing.assert_close(cross_entropy(logits, target, w, s), expected, rtol=1e-12, atol=0)
+    ignored = torch.full_like(target, 255)
+    assert cross_entropy(logits, ignored, weight, 0.1).item() == 0.0  # torch: nan
 
 
 def test_all_ignored_gives_zero_with_a_graph():

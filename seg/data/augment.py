@@ -97,10 +97,10 @@ def cut_on_device(
         label_crop = labels[i : i + 1, None, cy0:cy1, cx0:cx1].float()
         label = F.interpolate(label_crop, size=(oh, ow), mode="nearest-exact")
         out_labels[i, oy0 : oy0 + oh, ox0 : ox0 + ow] = label[0, 0].to(labels.dtype)
-    flipped = flips.to(images.device).bool()
-    out_images[flipped] = out_images[flipped].flip(-1)
-    out_labels[flipped] = out_labels[flipped].flip(-1)
-    return out_images, out_labels
+    # a boolean index would ask the device which samples (nonzero): flip all, keep where asked
+    flipped = flips.to(images.device, non_blocking=True).bool().view(-1, 1, 1)
+    out_labels = torch.where(flipped, out_labels.flip(-1), out_labels)
+    return torch.where(flipped.unsqueeze(1), out_images.flip(-1), out_images), out_labels
 
 
 class DeviceAugment(nn.Module):

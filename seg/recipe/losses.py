@@ -34,16 +34,23 @@ def cross_entropy(
     distributed: bool = False,
 ) -> torch.Tensor:
     """torch's cross entropy: class weights, ignored pixels, label smoothing (1 - s on the
-    true class, s / C spread over all classes)."""
+    true class, s / C spread over all classes); the mean over the valid pixels (weighted by
+    their class's weight), zero when there is none."""
     logits, target = at_least_fp32(logits), target.long()
-    if not distributed or world_size() == 1:
-        return F.cross_entropy(logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     total = F.cross_entropy(
         logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
     )
+    # torch's own mean is this sum over the same count, but with class weights and smoothing it
+    # counts through masked_select, which waits for the device every step; an all-ignored batch
+    # would give 0 / 0 there
     valid = target != ignore_index
-    count = weight[target[valid]].sum() if weight is not None else valid.sum().to(logits.dtype)
-    # torch's mean is sum / count; globally: sum of all ranks / count of all ranks
+    if weight is None:
+        count = valid.sum().to(logits.dtype)
+    else:
+        count = torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
+    if not distributed or world_size() == 1:
+        return total / count.clamp(min=1e-12)
+    # globally: the sum of all ranks over the count of all ranks
     return total * world_size() / all_reduce_sum(count.to(logits.dtype)).clamp(min=1e-12)
 
 
