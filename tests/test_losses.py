@@ -101,6 +101,25 @@ def test_combined_is_alpha_ce_plus_one_minus_alpha_dice():
     assert parts["ce"].item() == pytest.approx(cross_entropy(LOGITS, TARGET, label_smoothing=0.1).item())
 
 
+def test_a_term_of_weight_zero_is_neither_computed_nor_reported(monkeypatch):
+    """mmseg's recipes (loss.name=ce) are plain CE: no Dice over the full-resolution logits."""
+    import seg.recipe.losses as losses
+
+    ce_only, dice_only = CombinedLoss(alpha=1.0, label_smoothing=0.1), CombinedLoss(alpha=0.0)
+    expected_ce, expected_dice = cross_entropy(LOGITS, TARGET, label_smoothing=0.1), dice_loss(LOGITS, TARGET)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("computed")
+
+    monkeypatch.setattr(losses, "dice_loss", forbidden)
+    total, parts = ce_only(LOGITS, TARGET)
+    assert list(parts) == ["ce"] and torch.equal(total, expected_ce)
+    monkeypatch.undo()
+    monkeypatch.setattr(losses, "cross_entropy", forbidden)
+    total, parts = dice_only(LOGITS, TARGET)
+    assert list(parts) == ["dice"] and torch.equal(total, expected_dice)
+
+
 LOSSES = {
     "ce": lambda x, t: cross_entropy(x, t),
     "ce-smoothed": lambda x, t: cross_entropy(x, t, label_smoothing=0.1),

@@ -117,7 +117,8 @@ def ohem_cross_entropy(
 
 
 class CombinedLoss(nn.Module):
-    """alpha * CE (smoothed, weighted) + (1 - alpha) * Dice; ``alpha=1`` is plain CE."""
+    """alpha * CE (smoothed, weighted) + (1 - alpha) * Dice; ``alpha=1`` is plain CE, ``alpha=0``
+    plain Dice (the other term neither computed nor reported)."""
 
     def __init__(
         self,
@@ -135,12 +136,18 @@ class CombinedLoss(nn.Module):
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce = cross_entropy(
-            logits, target, self.class_weights, self.label_smoothing, self.ignore_index, self.distributed
-        )
-        dice = dice_loss(logits, target, self.ignore_index, distributed=self.distributed)
-        total = self.alpha * ce + (1.0 - self.alpha) * dice
-        return total, {"ce": ce.detach(), "dice": dice.detach()}
+        logits = at_least_fp32(logits)  # once for both terms: autocast's bf16 logits are 4 bytes a value here
+        # a term of weight 0 is not computed (mmseg's recipes: plain CE, no Dice at full resolution)
+        terms: dict[str, tuple[float, torch.Tensor]] = {}
+        if self.alpha > 0:
+            smoothing, weights = self.label_smoothing, self.class_weights
+            ce = cross_entropy(logits, target, weights, smoothing, self.ignore_index, self.distributed)
+            terms["ce"] = (self.alpha, ce)
+        if self.alpha < 1:
+            dice = dice_loss(logits, target, self.ignore_index, distributed=self.distributed)
+            terms["dice"] = (1.0 - self.alpha, dice)
+        total = sum(weight * value for weight, value in terms.values())
+        return total, {name: value.detach() for name, (_, value) in terms.items()}
 
 
 class OHEMLoss(nn.Module):
