@@ -82,6 +82,20 @@ def test_bench_loss_times_each_term_and_refuses_a_zero_batch(capsys):
     assert "--batch 0" in capsys.readouterr().err
 
 
+def test_bench_loss_reports_a_loss_that_breaks_in_its_row_and_goes_on(monkeypatch, capsys):
+    import tools.bench_loss
+
+    def broken(logits, target):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore lines")
+
+    monkeypatch.setattr(tools.bench_loss, "losses", lambda device: {"broken": broken, "dice": dice_loss})
+    assert bench_loss(["--batch", "1", "--size", "64x32", "--steps", "1"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["broken", "RuntimeError:", "CUDA", "out", "of", "memory.", "Tried", "to",
+                                "allocate", "20.00", "GiB"]  # fmt: skip
+    assert lines[3].split()[0] == "dice" and float(lines[3].split()[1]) > 0
+
+
 def test_ohem_keeps_the_hard_pixels_by_hand():
     p0, p1 = math.exp(P0[0]), math.exp(P1[1])  # true-class probabilities 0.665 and 0.844
     # threshold 0.7, min_kept 1: only pixel 0 is below 0.7

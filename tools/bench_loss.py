@@ -56,39 +56,58 @@ def inputs(batch: int, size: tuple[int, int], dtype: torch.dtype, device: torch.
 def measure_losses(
     batch: int, size: tuple[int, int], precision: str, device: torch.device, steps: int = 5
 ) -> list[dict[str, Any]]:
-    """Each loss's forward + backward, ``steps`` timed calls after one untimed."""
+    """Each loss's forward + backward, ``steps`` timed calls after one untimed. A loss that
+    runs out of memory or breaks is reported in its row (``error``), not raised: the GPU
+    check's other tables still come."""
     cuda = device.type == "cuda"
     logits, target = inputs(batch, size, PRECISIONS[precision], device)
     rows = []
     for name, loss in losses(device).items():
-
-        def call(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss) -> None:
+        row: dict[str, Any] = {"loss": name, "batch": batch, "size": format_size(size), "logits": precision}
+        try:
+            row |= time_loss(loss, logits, target, steps, cuda)
+        except Exception as e:  # torch.cuda.OutOfMemoryError is one
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        finally:
             logits.grad = None
-            loss(logits, target).backward()
-
-        call()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if cuda else 0
-        started = time.perf_counter()
-        for _ in range(steps):
-            call()
-        if cuda:
-            torch.cuda.synchronize()
-        row: dict[str, Any] = {"loss": name, "batch": batch, "size": format_size(size), "logits": precision,
-                               "ms": round(1000 * (time.perf_counter() - started) / steps, 2)}  # fmt: skip
-        if cuda:
-            row["peak_memory_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)
         rows.append(row)
     return rows
+
+
+def time_loss(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    steps: int,
+    cuda: bool,
+) -> dict[str, float]:
+    def call() -> None:
+        logits.grad = None
+        loss(logits, target).backward()
+
+    call()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    started = time.perf_counter()
+    for _ in range(steps):
+        call()
+    if cuda:
+        torch.cuda.synchronize()
+    timed = {"ms": round(1000 * (time.perf_counter() - started) / steps, 2)}
+    if cuda:
+        timed["peak_memory_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)
+    return timed
 
 
 def format_losses(rows: list[dict[str, Any]]) -> str:
     first = rows[0]
     lines = [f"loss forward + backward, batch {first['batch']} at {first['size']}, {first['logits']} logits",
              f"{'loss':<18} {'ms':>9} {'peak GiB':>9}"]  # fmt: skip
-    lines += [f"{r['loss']:<18} {r['ms']:>9} {r.get('peak_memory_gib', '-'):>9}" for r in rows]
+    for r in rows:
+        measured = f"{r['ms']:>9} {r.get('peak_memory_gib', '-'):>9}" if "ms" in r else f"  {r['error']}"
+        lines.append(f"{r['loss']:<18} {measured}")
     return "\n".join(lines)
 
 
@@ -106,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     precision = args.precision or ("bf16" if cuda else "fp32")
-    print(format_losses(measure_losses(batch, tuple(args.size), precision, device, args.steps)))
-    return 0
+    rows = measure_losses(batch, tuple(args.size), precision, device, args.steps)
+    print(format_losses(rows))
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
