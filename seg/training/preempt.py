@@ -22,7 +22,10 @@ def agreed_signal(run: Run, signals: Signals, skipped: float = 0.0) -> tuple[int
     (0: go on; a preemption outranks a Ctrl-C), and the samples skipped on all ranks. A write
     of any rank that failed for the disk's sake stops every rank here (StorageFailureError)."""
     flags = [float(signals.preempted), float(signals.interrupted), skipped, float(run.failure is not None)]
-    preempted, interrupted, skipped, failed = all_reduce_sum(torch.tensor(flags, device=run.device)).tolist()
+    # One process has nothing to agree with: its flags stay on the host. On a GPU, reading them
+    # back from the device would wait, every step, for the queued work of the step before.
+    device = run.device if run.world > 1 else torch.device("cpu")
+    preempted, interrupted, skipped, failed = all_reduce_sum(torch.tensor(flags, device=device)).tolist()
     if failed:
         agreed_write(run, None, run.out.dir, "")  # every rank raises the failed rank's line
     return (EXIT_REQUEUE if preempted else EXIT_INTERRUPTED if interrupted else 0), skipped
