@@ -242,6 +242,33 @@ def test_device_augment_normalises_and_level_none_changes_nothing_else():
     assert augmented.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_the_advanced_blend_and_deformation_change_the_samples_they_draw_and_keep_labels_aligned(monkeypatch):
+    """DeviceAugment.blend_and_deform draws its samples on the host (no read-back from the
+    device): forced to every sample, the blend recolours each image and leaves labels be; the
+    deformation moves each label with its image; drawn for none, nothing changes."""
+    image, label = colour_coded(seed=2)
+    images = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].repeat(2, 1, 1, 1).float() / 255
+    labels = torch.from_numpy(np.array(label))[None].repeat(2, 1, 1)
+    augment = DeviceAugment("advanced")
+    monkeypatch.setattr(DeviceAugment, "BLEND_P", 0.0)
+    monkeypatch.setattr(DeviceAugment, "DEFORM_P", 0.0)
+    same, same_labels = augment.blend_and_deform(images.clone(), labels)
+    assert torch.equal(same, images) and torch.equal(same_labels, labels)
+    monkeypatch.setattr(DeviceAugment, "BLEND_P", 1.0)
+    blended, blended_labels = augment.blend_and_deform(images.clone(), labels)
+    assert all(not torch.equal(blended[i], images[i]) for i in range(2)) and torch.equal(blended_labels, labels)
+    monkeypatch.setattr(DeviceAugment, "BLEND_P", 0.0)
+    monkeypatch.setattr(DeviceAugment, "DEFORM_P", 1.0)
+    torch.manual_seed(0)  # the displacement fields (elastic's own test holds over 300 seeds)
+    moved, moved_labels = augment.blend_and_deform(images.clone(), labels)
+    for i in range(2):
+        assert (moved_labels[i] != labels[i]).float().mean() > 0.02
+        out = (moved[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert alignment(out, moved_labels[i].numpy()) > 0.9
+    unlabelled, _ = augment.blend_and_deform(images.clone(), None)  # nothing to move the labels of
+    assert torch.equal(unlabelled, images)
+
+
 def test_eval_sample_resizes_only_the_image():
     image, label = colour_coded()
     image_t, label_t = eval_sample(image, label, (32, 64))

@@ -124,18 +124,33 @@ class DeviceAugment(nn.Module):
             for op in self.ops:
                 x = op(x)
             if self.level == "advanced":
-                chosen = torch.rand(x.shape[0], device=x.device) < 0.05  # blend with a recoloured copy
-                if chosen.any():
-                    recoloured = K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=1.0)(x[chosen])
-                    weight = torch.rand(int(chosen.sum()), 1, 1, 1, device=x.device) * 0.5
-                    x[chosen] = (1 - weight) * x[chosen] + weight * recoloured
-                deform = torch.rand(x.shape[0], device=x.device) < 0.1
-                if deform.any() and labels is not None:
-                    x[deform], moved = elastic(x[deform], labels[deform])
-                    labels = labels.clone()
-                    labels[deform] = moved
+                x, labels = self.blend_and_deform(x, labels)
             x = x.clamp_(0.0, 1.0)
         x = (x - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, None if labels is None else labels.long()
+
+    BLEND_P, DEFORM_P = 0.05, 0.1
+
+    def blend_and_deform(
+        self, x: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The advanced level's last two ops, each on the samples it draws: a blend with a
+        recoloured copy (BLEND_P), the elastic deformation of image and label (DEFORM_P). The
+        samples are drawn on the host (torch's CPU generator, as kornia draws its parameters):
+        drawn on the device, choosing them (``any``, a boolean index) would wait every step for
+        the work queued before."""
+        blend = torch.nonzero(torch.rand(x.shape[0]) < self.BLEND_P).flatten()
+        if len(blend):
+            index = blend.to(x.device, non_blocking=True)
+            picked = x.index_select(0, index)
+            recoloured = K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=1.0)(picked)
+            weight = (torch.rand(len(blend), 1, 1, 1) * 0.5).to(x.device, non_blocking=True)
+            x = x.index_copy(0, index, (1 - weight) * picked + weight * recoloured)
+        deform = torch.nonzero(torch.rand(x.shape[0]) < self.DEFORM_P).flatten()
+        if len(deform) and labels is not None:
+            index = deform.to(x.device, non_blocking=True)
+            moved, moved_labels = elastic(x.index_select(0, index), labels.index_select(0, index))
+            x, labels = x.index_copy(0, index, moved), labels.index_copy(0, index, moved_labels)
+        return x, labels
