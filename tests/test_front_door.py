@@ -54,3 +54,14 @@ def test_seg_python_runs_that_interpreter_as_it_is_with_seg_from_the_checkout(tm
     assert f"path: {REPO}:/elsewhere" in done.stdout
     assert "setting up" not in done.stdout + done.stderr and not (tmp_path / "venv").exists()
     assert "SEG_PYTHON=python3 uses that interpreter" in launch(tmp_path, "--help").stdout  # the whole header
+
+
+def test_a_seg_python_that_is_no_interpreter_is_refused_in_one_line(tmp_path):
+    env = os.environ | {"SEG_VENV": str(tmp_path / "venv"), "SEG_PYTHON": str(tmp_path / "nope")}
+    done = subprocess.run(["bash", str(REPO / "launch"), "cv", "--help"], capture_output=True, text=True, env=env,
+                          timeout=50)  # fmt: skip
+    assert done.returncode == 2
+    nope, venv = tmp_path / "nope", tmp_path / "venv"
+    assert done.stderr == (f"launch: SEG_PYTHON={nope} is no interpreter here: name one that holds seg's "
+                           f"requirements (python3, a path), or unset it to set up {venv}\n")  # fmt: skip
+    assert not (tmp_path / "venv").exists()
