@@ -74,7 +74,7 @@ def test_dice_equals_the_one_hot_formula_in_value_and_gradient_whatever_the_labe
 def test_bench_loss_times_each_term_and_refuses_a_zero_batch(capsys):
     assert bench_loss(["--batch", "1", "--size", "64x32", "--steps", "1"]) == 0
     out = capsys.readouterr().out
-    assert "batch 1 at 64x32, fp32 logits" in out
+    assert f"batch 1 at 64x32, fp32 logits, on CPU, {torch.get_num_threads()} threads" in out
     rows = {line.rsplit(None, 2)[0]: float(line.split()[-2]) for line in out.splitlines()[2:]}
     assert set(rows) == {"softmax alone", "cross entropy", "dice", "combined (study)", "ohem"}
     assert all(ms > 0 for ms in rows.values())

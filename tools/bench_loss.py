@@ -53,6 +53,11 @@ def inputs(batch: int, size: tuple[int, int], dtype: torch.dtype, device: torch.
     return logits.requires_grad_(True), target.to(device)
 
 
+def where(device: torch.device) -> str:
+    """The device as a result names it: the GPU's name, or the CPU's threads."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
 def measure_losses(
     batch: int, size: tuple[int, int], precision: str, device: torch.device, steps: int = 5
 ) -> list[dict[str, Any]]:
@@ -63,7 +68,8 @@ def measure_losses(
     logits, target = inputs(batch, size, PRECISIONS[precision], device)
     rows = []
     for name, loss in losses(device).items():
-        row: dict[str, Any] = {"loss": name, "batch": batch, "size": format_size(size), "logits": precision}
+        row: dict[str, Any] = {"loss": name, "batch": batch, "size": format_size(size), "logits": precision,
+                               "device": where(device)}  # fmt: skip
         try:
             row |= time_loss(loss, logits, target, steps, cuda)
         except Exception as e:  # torch.cuda.OutOfMemoryError is one
@@ -103,7 +109,8 @@ def time_loss(
 
 def format_losses(rows: list[dict[str, Any]]) -> str:
     first = rows[0]
-    lines = [f"loss forward + backward, batch {first['batch']} at {first['size']}, {first['logits']} logits",
+    lines = [f"loss forward + backward, batch {first['batch']} at {first['size']}, {first['logits']} logits, "
+             f"on {first['device']}",
              f"{'loss':<18} {'ms':>9} {'peak GiB':>9}"]  # fmt: skip
     for r in rows:
         measured = f"{r['ms']:>9} {r.get('peak_memory_gib', '-'):>9}" if "ms" in r else f"  {r['error']}"
