@@ -93,7 +93,9 @@ def download(requirement: Requirement, dest: Path, python_version: str) -> Path 
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                "--python-version", python_version, "--implementation", "cp", "--dest", str(dest),
                *(f"--platform={p}" for p in PLATFORMS), str(requirement)]  # fmt: skip
-    if subprocess.run(command, capture_output=True, text=True).returncode != 0:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:  # pip's own reason (no such version, or no index reached), for the log
+        print(f"pip download {requirement}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}", file=sys.stderr)
         return None
     name = canonicalize_name(requirement.name)
     named = {w: parse_wheel_filename(w.name)[1] for w in dest.glob("*.whl") if parse_wheel_filename(w.name)[0] == name}
@@ -123,7 +125,6 @@ def collect(
     wheels: dict[str, Path] = {}
     asked: dict[str, list[tuple[Requirement, str]]] = {}  # name -> every requirement of it met so far
     missing: dict[str, Requirement] = {}  # name -> the requirement no wheel met
-    problems: list[str] = []
     while wanted:
         requirement, by = wanted.pop(0)
         name = canonicalize_name(requirement.name)
@@ -151,9 +152,11 @@ def collect(
         wheels[name] = wheel
         print(f"{wheel.name}  (for {by})", flush=True)
         wanted += [(r, name) for r in wheel_requirements(wheel)]
-    for name, combined in sorted(missing.items()):
-        needed_by = ", ".join(sorted({b for _, b in asked[name]}))
-        problems.append(f"{combined} (needed by {needed_by}): no wheel for CPython {python_version} on Linux x86-64")
+    problems = [
+        f"{combined} (needed by {', '.join(sorted({b for _, b in asked[name]}))}): no wheel for CPython "
+        f"{python_version} on Linux x86-64"
+        for name, combined in sorted(missing.items())
+    ]
     return wheels, problems
 
 
