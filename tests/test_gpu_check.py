@@ -275,6 +275,7 @@ def test_the_speed_grid_starts_with_the_study_model_and_covers_the_issue_s_axes(
     assert {r["depth"] for r in rows} == {34, 50, 101}
     assert {r["batch"] for r in rows} == {4, 8, 16}
     assert {r["optimizer"] for r in rows} == {"fused", "foreach"}
+    assert {r["finite_check"] for r in rows} == {True, False}
     assert len({tuple(r.items()) for r in rows}) == len(rows)  # no row twice
     assert {r["precision"] for r in rows} == {"fp32", "bf16", "fp16"}
     assert {r["channels_last"] for r in rows} == {True, False}
@@ -289,11 +290,35 @@ def test_bench_train_times_the_training_step_alone_as_the_gpu_check_does(monkeyp
     import bench_train
 
     argv = ["bench_train.py", "--step", "--depth", "18", "--batch", "2", "--precision", "fp32", "--size", "64x32",
-            "--steps", "1", "--warmup", "1", "--optimizer", "foreach"]  # fmt: skip
+            "--steps", "1", "--warmup", "1", "--optimizer", "foreach", "--no-finite-check"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stopped:
         bench_train.main()
     out = capsys.readouterr().out
     assert stopped.value.code == 0, out
-    assert "status: ok" in out and "size: 64x32" in out and "optimizer: foreach" in out
+    assert "status: ok" in out and "size: 64x32" in out and "optimizer: foreach, finite_check: False" in out
     assert float(out.split("images_per_s: ")[1].split(",")[0]) > 0
+
+
+def test_the_finite_loss_verdict_raises_and_the_bench_can_leave_it_out_to_time_its_wait() -> None:
+    """seg.training.step.train_step's check_finite: training's verdict on a NaN loss, and the
+    GPU check's row without it (what the verdict's read-back costs a step)."""
+    load_tool()  # tools/ on sys.path
+    import torch
+
+    from seg.training.step import train_step
+
+    from bench_train import fresh_accelerator
+
+    def nan_loss(logits, target):
+        return logits.sum() * float("nan"), {}
+
+    with fresh_accelerator("fp32", cpu=True) as accelerator:
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.Adam(model.parameters(), fused=True)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        x, y = torch.ones(4, 3), torch.zeros(4)
+        with pytest.raises(FloatingPointError, match="not finite"):
+            train_step(model, x, y, nan_loss, optimizer, accelerator, 1.0)
+        loss, _, stepped = train_step(model, x, y, nan_loss, optimizer, accelerator, 1.0, check_finite=False)
+        assert loss.isnan() and stepped  # left out: nothing looked at the loss

@@ -80,6 +80,8 @@ def main() -> None:
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
     step.add_argument("--optimizer", choices=list(IMPLEMENTATIONS), default="fused",
                       help="Adam's implementation (training's: fused)")  # fmt: skip
+    step.add_argument("--no-finite-check", action="store_true",
+                      help="skip the finite-loss verdict, to measure what its wait costs")  # fmt: skip
     step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     step.add_argument("--peak-tflops", type=float, help="the device's dense peak, for the FLOP utilisation")
     step.add_argument("--profile", action="store_true", help="torch.profiler over --steps steps instead of "
@@ -130,7 +132,8 @@ def step_only(args: argparse.Namespace) -> int:
     if args.precision == "fp16" and device.type != "cuda":
         print("error: --precision fp16 needs a GPU; use bf16 on the CPU (as training does)", file=sys.stderr)
         return 2
-    row = SpeedRow(args.depth, args.batch, args.precision, args.channels_last, args.compile, size, args.optimizer)
+    row = SpeedRow(args.depth, args.batch, args.precision, args.channels_last, args.compile, size, args.optimizer,
+                   not args.no_finite_check)  # fmt: skip
     if args.profile:
         from profile_step import format_profile, profile_train_step  # beside this one; it imports this one
 
@@ -187,11 +190,14 @@ class SpeedRow(dict):
     """One training configuration to time."""
 
     def __init__(self, depth: int, batch: int, precision: str, channels_last: bool, compile: bool,
-                 size: tuple[int, int] = (512, 1024), optimizer: str = "fused") -> None:  # fmt: skip
+                 size: tuple[int, int] = (512, 1024), optimizer: str = "fused",
+                 finite_check: bool = True) -> None:  # fmt: skip
         """``optimizer``: the implementation of the Adam training builds (fused); ``foreach``,
-        torch's default on CUDA, measures what fused gains on the device."""
+        torch's default on CUDA, measures what fused gains on the device. ``finite_check``:
+        off, the step skips train_step's finite-loss verdict, to measure what its wait costs."""
         super().__init__(depth=depth, batch=batch, precision=precision, channels_last=channels_last,
-                         compile=compile, size=format_size(size), optimizer=optimizer)  # fmt: skip
+                         compile=compile, size=format_size(size), optimizer=optimizer,
+                         finite_check=finite_check)  # fmt: skip
         self.input_size = size
 
 
@@ -223,7 +229,7 @@ def training_step(row: SpeedRow, device: torch.device) -> Iterator[Callable[[], 
         def step() -> None:
             with record_function("seg::augment"):
                 x, y = augment(images, labels)
-            train_step(model, x, y, loss_fn, optimizer, accelerator, 1.0)
+            train_step(model, x, y, loss_fn, optimizer, accelerator, 1.0, check_finite=row["finite_check"])
 
         yield step
 

@@ -62,19 +62,20 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     clip_grad_norm: float | None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
     """The optimizer's step on tensors already on the device, knowing nothing of the run:
     one micro-batch's forward, loss (fp32), backward, and on the last micro-batch of an
     accumulation the clipped optimizer step. Returns (loss, parts, whether it stepped).
     Every rank checks that its loss is finite before any collective backward. The GPU check
-    times this alone (tools/gpu_check.py, through tools/bench_train.py)."""
+    times this alone (tools/gpu_check.py, through tools/bench_train.py), and once with
+    ``check_finite=False``: what that check's wait for the device costs a step."""
     with accelerator.accumulate(model):
         with accelerator.autocast():
             logits = model(images)
         loss, parts = loss_fn(logits, labels)
         # one wait for the device a step (the ranks' verdict read back), not one per rank and one more
-        bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-        if bad.item() > 0:
+        if check_finite and all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1)).item() > 0:
             raise FloatingPointError("the loss is not finite")
         accelerator.backward(loss)
         if accelerator.sync_gradients and clip_grad_norm:
