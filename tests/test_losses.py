@@ -94,6 +94,10 @@ def test_bench_loss_reports_a_loss_that_breaks_in_its_row_and_goes_on(monkeypatc
     assert lines[2].split() == ["broken", "RuntimeError:", "CUDA", "out", "of", "memory.", "Tried", "to",
                                 "allocate", "20.00", "GiB"]  # fmt: skip
     assert lines[3].split()[0] == "dice" and float(lines[3].split()[1]) > 0
+    monkeypatch.setattr(tools.bench_loss, "inputs", lambda *args: broken(None, None))  # no room for the batch
+    assert bench_loss(["--batch", "1", "--size", "64x32", "--steps", "1"]) == 1
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split()[:2] for r in rows] == [["broken", "RuntimeError:"], ["dice", "RuntimeError:"]]
 
 
 def test_ohem_keeps_the_hard_pixels_by_hand():

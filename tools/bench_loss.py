@@ -65,19 +65,25 @@ def measure_losses(
     runs out of memory or breaks is reported in its row (``error``), not raised: the GPU
     check's other tables still come."""
     cuda = device.type == "cuda"
-    logits, target = inputs(batch, size, PRECISIONS[precision], device)
-    rows = []
-    for name, loss in losses(device).items():
-        row: dict[str, Any] = {"loss": name, "batch": batch, "size": format_size(size), "logits": precision,
-                               "device": where(device)}  # fmt: skip
+    measured = losses(device)
+    rows: list[dict[str, Any]] = [{"loss": name, "batch": batch, "size": format_size(size), "logits": precision,
+                                   "device": where(device)} for name in measured]  # fmt: skip
+    try:
+        logits, target = inputs(batch, size, PRECISIONS[precision], device)
+    except Exception as e:  # no room for the batch itself (torch.cuda.OutOfMemoryError): every row says so
+        return [row | {"error": one_line(e)} for row in rows]
+    for row, loss in zip(rows, measured.values(), strict=True):
         try:
             row |= time_loss(loss, logits, target, steps, cuda)
         except Exception as e:  # torch.cuda.OutOfMemoryError is one
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            row["error"] = one_line(e)
         finally:
             logits.grad = None
-        rows.append(row)
     return rows
+
+
+def one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 def time_loss(
