@@ -181,12 +181,13 @@ def clear_if_gone(path: str | os.PathLike) -> str | None:
     killed after its last write (its run finished, nothing will take the lease again). Says
     whose it was and why, in one line; None when there is none, or its holder may be alive
     (from another host, until ``STALE_S`` without a heartbeat): that one is left."""
-    standing = _standing(Path(path))
+    path = Path(path)
+    standing = _standing(path)
     if standing is None:
         return None
     holder, age = standing
     why = gone(holder, age)
-    if why is None or not _take_over(Path(path), holder):
+    if why is None or not _take_over(path, holder):
         return None
     return f"{path}: removed the lease of {describe_holder(holder)}, left behind: {why}"
 
