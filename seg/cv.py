@@ -40,8 +40,9 @@ from seg.core.lease import LeaseHeldError, acquire, clear_if_gone
 from seg.core.runs import Experiment, latest_state, state_step
 from seg.core.signals import Signals
 from seg.data.manifest import FoldSplit, ManifestError, load_manifest
+from seg.model.weights import WeightsError, read_state_dict
 from seg.recipe.config import ConfigError, load_config
-from seg.recipe.identity import config_as_run, describe_changes, finished_run, fold_identity
+from seg.recipe.identity import SCRATCH, config_as_run, describe_changes, finished_run, fold_identity
 from seg.reduction.reduce import add_arguments, options_record, selection_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def plan(
 ) -> Chain:
     """Check here everything the chain will need, so that a chain that cannot finish fails
     before anything runs: every stage's config, the folds, the reduce options and the
-    selection set they choose on."""
+    selection set they choose on, the model seeding stage 1."""
     if stages < 1:
         raise ConfigError(f"--stages {stages}: at least 1")
     resolved = load_config(config, overrides, 1)
@@ -102,6 +103,11 @@ def plan(
     reduce_options = parse_reduce_options(reduce_args or [])
     selection_group(load_manifest(reduce_options.shards) if reduce_options.shards else manifest,
                     reduce_options.shards or resolved.data.shards, reduce_options.select_on)  # fmt: skip
+    if first_init not in (None, SCRATCH):  # a chain that would fail at its first fold
+        try:
+            read_state_dict(first_init)
+        except WeightsError as e:
+            raise ConfigError(f"--init-from {e}") from None
     experiment = Experiment.named(resolved.train.runs_dir, resolved.train.experiment)
     return Chain(config, list(overrides), stages, list(range(folds)), experiment, reduce_args or [], first_init)
 
@@ -171,11 +177,15 @@ def run_logged(command: list[str], log: Path, what: str, signals: Signals) -> in
     with open(log, "ab") as f:
         f.write(f"$ {shlex.join(command)}\n".encode())
         f.flush()
-        child, passed_on = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT), False
+        # In a process group of its own, the command gets a signal from the chain alone, once: a
+        # terminal's Ctrl-C reaching the launcher too made torchrun's second SIGINT, during its
+        # shutdown, a SIGTERM to the ranks (a preemption, where a Ctrl-C was meant).
+        child = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, preexec_fn=os.setpgrp)
+        passed_on = False
         while (code := child.poll()) is None:
             if signals.stop_requested and not passed_on:
-                # a terminal's Ctrl-C reached it already (one process group); a kill of the chain did not
-                child.send_signal(signal.SIGTERM if signals.preempted else signal.SIGINT)
+                # to the whole group, as a terminal would: the launcher, its ranks and their workers
+                os.killpg(child.pid, signal.SIGTERM if signals.preempted else signal.SIGINT)
                 passed_on = True
             time.sleep(0.2)
     if signals.stop_requested:
@@ -204,7 +214,9 @@ def saved_state(fold_dir: Path) -> str:
 def run_local(chain: Chain, processes: int) -> int:
     """Every stage, fold after fold, then its reduction; stops at the first failure. One local
     chain per stage at a time (the stage's chain lease), and Ctrl-C stops it where it is."""
-    signals = Signals().install()
+    # its commands run in process groups of their own (run_logged): a closed terminal reaches the
+    # chain alone, which passes it on as a Ctrl-C
+    signals = Signals(interrupts=(signal.SIGINT, signal.SIGHUP)).install()
     try:
         for stage in range(1, chain.stages + 1):
             if signals.stop_requested:
@@ -241,7 +253,8 @@ def run_stage(chain: Chain, stage: int, processes: int, signals: Signals) -> int
         what = f"stage {stage} fold {fold}"
         code = run_logged(command, chain.experiment.fold_log(stage, fold), what, signals)
         if signals.stop_requested:
-            return stopped(what, saved_state(chain.experiment.stage(stage).fold(fold).dir))
+            where = "after it had finished" if code == 0 else saved_state(chain.experiment.stage(stage).fold(fold).dir)
+            return stopped(what, where)
         if code:
             print(f"error: {what} failed (exit {code})", file=sys.stderr)
             return code
@@ -256,7 +269,8 @@ def run_stage(chain: Chain, stage: int, processes: int, signals: Signals) -> int
     command += ["--folds", *map(str, chain.folds)]
     code = run_logged(command, chain.experiment.reduce_log(stage), f"stage {stage} reduction", signals)
     if signals.stop_requested:
-        return stopped(f"stage {stage} reduction", "not reduced (an earlier reduction is untouched)")
+        where = "after it had finished" if code == 0 else "not reduced (an earlier reduction is untouched)"
+        return stopped(f"stage {stage} reduction", where)
     if code:
         print(f"error: stage {stage} reduction failed (exit {code})", file=sys.stderr)
     return code
@@ -412,6 +426,17 @@ def submitted_line(chain: Chain, left: StageWork, array: str, reduce: str) -> st
     return f"stage {left.stage}: folds {array} (array {','.join(map(str, left.folds))}{before}), reduce {reduce}"
 
 
+def counts_problem(args: argparse.Namespace) -> str | None:
+    """Why the chain's process counts can't run, before anything does (None: they can)."""
+    if args.local and (args.nodes is not None or args.gpus is not None):
+        return "--nodes and --gpus are Slurm's: with --local, --processes P runs each fold in P processes here"
+    for option, value, least in (("--processes", args.processes, 1), ("--nodes", args.nodes, 1),
+                                 ("--gpus", args.gpus, 0)):  # fmt: skip
+        if value is not None and value < least:
+            return f"{option} {value}: at least {least}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="./launch cv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -423,13 +448,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init-from", help="a model seeding stage 1 (default: the config's backbone weights)")
     parser.add_argument("--local", action="store_true", help="run here, fold after fold, instead of on Slurm")
     parser.add_argument("--processes", type=int, default=1, help="processes per fold (--local) or per CPU node")
-    parser.add_argument("--nodes", type=int, default=1, help="Slurm: machines per fold")
-    parser.add_argument("--gpus", type=int, default=0, help="Slurm: GPUs per machine (one process each)")
+    parser.add_argument("--nodes", type=int, help="Slurm: machines per fold (default 1)")
+    parser.add_argument("--gpus", type=int, help="Slurm: GPUs per machine, one process each (default 0: CPU nodes)")
     parser.add_argument("--sbatch", default="", help='Slurm: more sbatch options, e.g. "-p gpu -t 8:00:00"')
     parser.add_argument(
         "--reduce", default="--recalibrate 20", help='tools/reduce_folds.py options (default "--recalibrate 20")'
     )
     args = parser.parse_intermixed_args(argv)
+    if problem := counts_problem(args):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    args.nodes, args.gpus = args.nodes or 1, args.gpus or 0
     try:
         chain = plan(args.config, args.overrides, args.stages, args.folds, shlex.split(args.reduce), args.init_from)
     except (ConfigError, ManifestError) as e:

@@ -96,6 +96,12 @@ def test_bad_input_fails_before_anything_is_submitted(shards, tmp_path):
         chain(shards, tmp_path, folds=4)
     with pytest.raises(ConfigError, match="--stages 0"):
         chain(shards, tmp_path, stages=0)
+    # the model seeding stage 1, read before any fold starts
+    overrides = [f"data.shards={shards}", f"train.runs_dir={tmp_path}"]
+    for start, message in [(tmp_path / "none.safetensors", "none.safetensors: no such file"),
+                           (Path(CONFIG), "demo.yaml: not a weights file; pass a .safetensors model")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"^--init-from .*{message}"):
+            cv.plan(CONFIG, overrides, 1, None, ["--select-on", "val"], str(start))
     done = subprocess.run([sys.executable, "-m", "seg.cv", CONFIG, "--stages", "1", "train.epochz=3",
                            f"data.shards={shards}"], capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert done.returncode == 2 and "epochz" in done.stderr
@@ -327,8 +333,11 @@ def _tiny_chain(shards: Path, runs: Path, *extra: str) -> list[str]:
 
 
 def test_ctrl_c_of_a_local_chain_lets_the_fold_save_and_says_where_it_stopped(shards, tmp_path):
-    """As a terminal sends it: SIGINT to the whole process group, the chain and its fold."""
-    chain = subprocess.Popen(_tiny_chain(shards, tmp_path, "train.epochs=50", "train.eval_every=100"),
+    """As a terminal sends it: SIGINT to the chain's process group. The fold runs in 2 processes
+    under accelerate's launcher, which once took the chain's passed-on SIGINT as a second one
+    and sent its ranks a SIGTERM: a preemption (exit 75, PREEMPTED), not a stop by hand."""
+    tiny = _tiny_chain(shards, tmp_path, "train.epochs=50", "train.eval_every=100", "--processes", "2")
+    chain = subprocess.Popen(tiny,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                              start_new_session=True)  # fmt: skip
     metrics = tmp_path / "demo" / "stage1" / "fold0" / "metrics.jsonl"
@@ -349,7 +358,86 @@ def test_ctrl_c_of_a_local_chain_lets_the_fold_save_and_says_where_it_stopped(sh
     assert step and Path(step[2]).is_dir() and step[2].endswith(f"step-{int(step[1]):08d}"), lines[0]
     log = (tmp_path / "demo" / "logs" / "stage1-fold0.log").read_text()
     assert f"interrupted: state saved at step {step[1]}" in log  # the fold saved before it exited
+    assert "preempted" not in log and not (metrics.parent / "PREEMPTED").exists()
     assert not (tmp_path / "demo" / "stage1" / ".chain.lease").exists()
+
+
+# A fold's command that counts the SIGINTs it gets in the second after its first.
+_COUNTS_INTS = """
+import signal, sys, time
+count = 0
+def caught(*_):
+    global count
+    count += 1
+signal.signal(signal.SIGINT, caught)
+open(sys.argv[1] + ".ready", "w").close()
+deadline = time.time() + 60
+while count == 0 and time.time() < deadline:
+    time.sleep(0.05)
+time.sleep(1.0)
+open(sys.argv[1], "w").write(str(count))
+"""
+
+_CHAIN = """
+import sys
+from pathlib import Path
+from seg.core.signals import Signals
+from seg.cv import run_logged
+sys.exit(run_logged([sys.executable, "-c", sys.argv[1], sys.argv[2]], Path(sys.argv[3]), "fold", Signals().install()))
+"""
+
+
+def test_a_terminals_ctrl_c_reaches_a_folds_command_once_through_the_chain(tmp_path):
+    """A terminal's Ctrl-C goes to the chain's process group; the chain passes it on. Had the
+    fold's command been in that group too, it would get two: accelerate's launcher takes a
+    second SIGINT during its shutdown as a reason to SIGTERM its ranks (a preemption)."""
+    count = tmp_path / "count"
+    chain = subprocess.Popen([sys.executable, "-c", _CHAIN, _COUNTS_INTS, str(count), str(tmp_path / "fold.log")],
+                             cwd=REPO, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while not count.with_suffix(".ready").exists():
+            assert chain.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        os.killpg(chain.pid, signal.SIGINT)
+        assert chain.wait(timeout=60) == 0
+    finally:
+        chain.kill()
+    assert count.read_text() == "1"
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (["--local", "--processes", "0"], "error: --processes 0: at least 1"),
+        (["--processes", "-1"], "error: --processes -1: at least 1"),
+        (["--nodes", "0"], "error: --nodes 0: at least 1"),
+        (["--gpus", "-2"], "error: --gpus -2: at least 0"),
+        (["--local", "--nodes", "2"], "error: --nodes and --gpus are Slurm's: with --local, --processes P runs"),
+    ],
+)
+def test_process_counts_that_cannot_run_are_refused_before_anything_runs(options, error, tmp_path, capsys):
+    assert cv.main(["no-such-config.yaml", f"train.runs_dir={tmp_path}", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(error) and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_fold_that_finished_as_the_chain_was_stopped_is_said_finished(monkeypatch, tmp_path, capsys):
+    """The stop came as the fold ended (exit 0): the chain says so, not "state saved at step N"."""
+    signals = Signals()
+
+    def ends_as_stopped(*args):
+        signals.interrupted = True
+        return 0
+
+    monkeypatch.setattr(cv, "run_logged", ends_as_stopped)
+    monkeypatch.setattr(cv, "fold_done", lambda *args: False)
+    chain = cv.Chain(CONFIG, [], 1, [0], cv.Experiment.named(tmp_path, "x"))
+    assert cv.run_stage(chain, 1, 1, signals) == 130
+    assert capsys.readouterr().err == (
+        "stage 1 fold 0: interrupted, after it had finished; rerun the same command to continue; exit 130\n"
+    )
 
 
 def test_a_second_local_chain_on_a_stage_is_refused_naming_the_first(shards, tmp_path):

@@ -20,7 +20,8 @@ INTERRUPT = (signal.SIGINT,)
 class Signals:
     """Which of the trainer's signals arrived since ``install``."""
 
-    def __init__(self) -> None:
+    def __init__(self, interrupts: tuple[signal.Signals, ...] = INTERRUPT) -> None:
+        self.interrupts = interrupts  # the signals that ask for a stop by hand (the others: a preemption)
         self.preempted = False
         self.interrupted = False
         self._previous: dict[int, Any] = {}
@@ -33,7 +34,7 @@ class Signals:
 
     def install(self) -> Signals:
         """Catch the signals (again: idempotent); remembers the handlers it replaces."""
-        for sig in (*PREEMPT, *INTERRUPT):
+        for sig in (*PREEMPT, *self.interrupts):
             previous = signal.signal(sig, self._catch)
             self._previous.setdefault(sig, previous)
         return self
@@ -44,7 +45,7 @@ class Signals:
         self._previous.clear()
 
     def _catch(self, signum: int, frame: FrameType | None) -> None:
-        if signum in INTERRUPT:
+        if signum in self.interrupts:
             self.interrupted = True
         else:
             self.preempted = True
