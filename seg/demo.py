@@ -22,16 +22,22 @@ from pathlib import Path
 import numpy as np
 
 from seg.cv import REPO, plan, run_local
+from seg.data.manifest import ManifestError
+from seg.recipe.config import ConfigError
 
 CONFIG = "configs/demo.yaml"
 DATA, SHARDS = Path("data/synthetic"), Path("shards/synthetic")
 
 
-def step(title: str, command: list[str]) -> None:
+def step(title: str, command: list[str]) -> int:
+    """Run one step of the demo; its exit status (the step printed its own error)."""
     started = time.time()
     print(f"\n== {title}\n$ {' '.join(command)}", flush=True)
-    subprocess.run(command, check=True)
+    if code := subprocess.run(command).returncode:
+        print(f"error: the demo's step '{title}' failed (exit {code})", file=sys.stderr)
+        return code
     print(f"== {title}: {time.time() - started:.0f} s", flush=True)
+    return 0
 
 
 def chance_miou(class_pixels: np.ndarray) -> float:
@@ -46,15 +52,15 @@ def reduction_line(stage: int, report: dict) -> str:
     model that seeds the next stage, and the out-of-fold estimate (pooled beside the mean)."""
     by_name = {c["name"]: c for c in report["candidates"]}
     winner, seed = report["winner"], report.get("seed") or report["winner"]
-    parts = [f"stage {stage}: selection mIoU winner {winner['name']} {100 * winner['miou']:.1f}"]
+    parts = [f"stage {stage}: selection mIoU winner {winner['name']} {100 * winner['miou']:.1f}%"]
     if "ensemble" in by_name:
         ensemble = by_name["ensemble"]
-        parts.append(f"ensemble {100 * ensemble['miou']:.1f} ({ensemble['cost']} passes/image)")
-    parts.append(f"next stage from {seed['name']} {100 * seed['miou']:.1f}")
+        parts.append(f"ensemble {100 * ensemble['miou']:.1f}% ({ensemble['cost']} passes/image)")
+    parts.append(f"next stage from {seed['name']} {100 * seed['miou']:.1f}%")
     oof = report.get("out_of_fold")
     if oof:
-        pooled = "n/a" if oof["pooled"] is None else f"{100 * oof['pooled']['miou']:.1f}"
-        parts.append(f"out-of-fold mIoU pooled {pooled}, fold mean {100 * oof['mean']['miou']:.1f}")
+        pooled = "n/a" if oof["pooled"] is None else f"{100 * oof['pooled']['miou']:.1f}%"
+        parts.append(f"out-of-fold mIoU pooled {pooled}, fold mean {100 * oof['mean']['miou']:.1f}%")
     return "; ".join(parts)
 
 
@@ -64,19 +70,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2, help="processes per fold")
     args = parser.parse_args(argv)
+    # checked before the data is made again: a mistyped count costs nothing
+    for option, value, least in (("--stages", args.stages, 1), ("--folds", args.folds, 2),
+                                 ("--processes", args.processes, 1)):  # fmt: skip
+        if value < least:
+            print(f"error: {option} {value}: at least {least}", file=sys.stderr)
+            return 2
     os.chdir(REPO)  # the paths below are the repository's
     started = time.time()
     python = sys.executable
 
-    step("synthetic Cityscapes", [python, "tools/make_synthetic.py", str(DATA), "--size", "512x256", "--train", "60",
-                                  "--train-cities", "10", "--val", "20", "--test", "6", "--overwrite"])  # fmt: skip
-    # dusseldorf (6 frames) is held out of every fold: the reduction chooses on it, not on val.
-    step("pack into shards", [python, "tools/pack_cityscapes.py", str(DATA), "--out", str(SHARDS), "--folds",
-                              str(args.folds), "--selection-cities", "dusseldorf", "--overwrite"])  # fmt: skip
-    step("verify shards", [python, "tools/pack_cityscapes.py", "--verify", str(SHARDS)])
+    data_steps = [
+        ("synthetic Cityscapes", [python, "tools/make_synthetic.py", str(DATA), "--size", "512x256", "--train", "60",
+                                  "--train-cities", "10", "--val", "20", "--test", "6", "--overwrite"]),
+        # dusseldorf (6 frames) is held out of every fold: the reduction chooses on it, not on val.
+        ("pack into shards", [python, "tools/pack_cityscapes.py", str(DATA), "--out", str(SHARDS), "--folds",
+                              str(args.folds), "--selection-cities", "dusseldorf", "--overwrite"]),
+        ("verify shards", [python, "tools/pack_cityscapes.py", "--verify", str(SHARDS)]),
+    ]  # fmt: skip
+    for title, command in data_steps:
+        if code := step(title, command):
+            return code
 
     chain_started = time.time()
-    chain = plan(CONFIG, [], args.stages, args.folds, ["--recalibrate", "5"])
+    try:
+        chain = plan(CONFIG, [], args.stages, args.folds, ["--recalibrate", "5"])
+    except (ConfigError, ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"\n== cross-validation: {args.stages} stages x {args.folds} folds x {args.processes} processes", flush=True)
     if code := run_local(chain, args.processes):
         return code
@@ -86,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     final = experiment.stage(args.stages).reduced_model
     evaluation = experiment.dir / "evaluation"
     # The demo trains and evaluates resized to 192x96 (configs/demo.yaml: data.eval_size).
-    step("evaluate on val", [python, "tools/evaluate.py", str(final), "--split", "val", "--input-size", "192x96",
-                             "--out", str(evaluation)])  # fmt: skip
-    step("report", [python, "tools/report.py", str(experiment.dir)])
+    if code := step("evaluate on val", [python, "tools/evaluate.py", str(final), "--split", "val", "--input-size",
+                                        "192x96", "--out", str(evaluation)]):  # fmt: skip
+        return code
+    if code := step("report", [python, "tools/report.py", str(experiment.dir)]):
+        return code
 
     result = json.loads((evaluation / "metrics.json").read_text())
     manifest = json.loads((SHARDS / "manifest.json").read_text())
@@ -108,8 +131,8 @@ demo done in {time.time() - started:.0f} s
   wandb         offline runs of the folds and reductions; upload them later with
                 wandb sync {experiment.dir}/stage*/{{fold*/,}}wandb/offline-run-*
 
-final mIoU on the synthetic val ({result["samples"]} images): {100 * result["miou"]:.1f}
-  (chance: {100 * chance:.1f}, labels drawn at random with the val class frequencies)""")
+final mIoU on the synthetic val ({result["samples"]} images): {100 * result["miou"]:.1f}%
+  (chance: {100 * chance:.1f}%, labels drawn at random with the val class frequencies)""")
     return 0
 
 
