@@ -31,6 +31,15 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
         ("data.workers=-1", r"'data.workers' .*: -1 is out of range; valid: value >= 0"),
         ("train.ema_decay=1.0", r"'train.ema_decay' .*: 1.0 is out of range; valid: 0 < value < 1"),
         ("schedule.warmup_iters=-3", r"'schedule.warmup_iters' .*: -3 is out of range"),
+        ("train.experiment=../../etc", r"'train.experiment' \(on the command line\): '../../etc' is not a folder name"),
+        ("train.experiment=a/b", r"'train.experiment' .*: 'a/b' is not a folder name: name the experiment without '/'"),
+        ("train.experiment=", r"'train.experiment' on the command line: no value after '=' \(null for none\)"),
+        ("data=5", r"'data' on the command line: a section, not a value; set its keys, e.g. data.shards=\.\.\."),
+        (
+            "tracking.backends=wandb",
+            r"'tracking.backends' on the command line: 'wandb' is not a list; write "
+            r"tracking.backends=\[a,b\]",
+        ),
     ],
 )
 def test_out_of_range_values_are_refused_with_key_value_and_range(override, message):

@@ -283,9 +283,8 @@ def load_config(
         if stage is not None and config.stages:
             config, staged = apply_stage(config, stage, origin(layers, "stages"))
         where = " on the command line"
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.epochs=5)")
+        for override in overrides:
+            check_override(config, override)
         config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
         where = ""
         OmegaConf.to_container(config, throw_on_missing=True)
@@ -297,6 +296,24 @@ def load_config(
     check_values(config, sources)
     OmegaConf.set_readonly(config, True)
     return config
+
+
+def check_override(config: DictConfig, override: str) -> None:
+    """What OmegaConf would refuse in words of its own (a key of None, "AnyNode is not a
+    ListConfig"), or not at all (a missing value), said in the command line's terms."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not key=value (e.g. train.epochs=5)")
+    key, value = override.split("=", 1)
+    key = key.lstrip("+~")
+    node = OmegaConf.select(config, key, default=None)
+    if not value.strip():
+        raise ConfigError(f"config key {key!r} on the command line: no value after '=' (null for none)")
+    if isinstance(node, DictConfig):
+        example = next(iter(node), "KEY")
+        raise ConfigError(f"config key {key!r} on the command line: a section, not a value; set its keys, "
+                          f"e.g. {key}.{example}=...")  # fmt: skip
+    if isinstance(node, ListConfig) and not value.lstrip().startswith("[") and value != "null":
+        raise ConfigError(f"config key {key!r} on the command line: {value!r} is not a list; write {key}=[a,b]")
 
 
 def _keys(tree: DictConfig, prefix: str = "") -> list[str]:
@@ -335,6 +352,10 @@ def check_values(config: DictConfig, sources: dict[str, str]) -> None:
         value = OmegaConf.select(config, key)
         if value is not None and value != AUTO and not in_range(value, *bounds):
             refuse(key, f"{value!r} is out of range; valid: {describe_range(*bounds)}")
+    name = config.train.experiment
+    if name in ("", ".", "..") or "/" in name:  # runs_dir/NAME, and never outside runs_dir
+        refuse("train.experiment", f"{name!r} is not a folder name: name the experiment without '/' (train.runs_dir "
+               f"says where its folder goes)")  # fmt: skip
     backends = list(config.tracking.backends)
     for backend in backends:
         if backend not in BACKENDS:
