@@ -1,4 +1,5 @@
 import hashlib
+import io
 import re
 
 import pytest
@@ -117,14 +118,26 @@ def test_imagenet_weights_load_from_a_local_file_and_report_keys(tmp_path, suffi
     assert missing == ["layer4.2.bn2.weight"]
 
 
+def torch_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 def test_weights_of_another_depth_are_refused_naming_the_key(tmp_path):
     torch.save(torchvision_layout(50), tmp_path / "resnet50.pth")
     message = r"layer1.0.conv1.weight has shape \(64, 64, 1, 1\), the depth-34 backbone needs \(64, 64, 3, 3\)"
     with pytest.raises(WeightsError, match=message):
         load_backbone(DeepLabV3Plus(34, 8), tmp_path / "resnet50.pth")
+    # a file of another kind (a config passed as --init-from, say) and a torch file that breaks:
+    # one line each, the way out named, none of torch's lines of advice
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="cannot read weights"):
+    with pytest.raises(WeightsError, match=r"junk.pth: not a weights file; pass a .safetensors model, or a torch"):
         load_backbone(DeepLabV3Plus(34, 8), tmp_path / "junk.pth")
+    (tmp_path / "broken.pth").write_bytes(torch_bytes({"x": torch.zeros(2)})[:40])
+    with pytest.raises(WeightsError, match=r"broken.pth: cannot read weights \(.+\); pass a .safetensors") as e:
+        load_backbone(DeepLabV3Plus(34, 8), tmp_path / "broken.pth")
+    assert "\n" not in str(e.value)
 
 
 def test_init_from_weights_that_do_not_fit_names_the_file_the_keys_with_shapes_and_the_cause(tmp_path):

@@ -178,14 +178,22 @@ def read_state_dict(path: str | Path, trusted: bool = False) -> dict[str, torch.
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
+    kinds = "a .safetensors model, or a torch state dict (.pth, .pt)"
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch.save's zip nor a legacy pickle
+            raise WeightsError(f"{path}: not a weights file; pass {kinds}")
         state = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except Exception as e:
-        raise WeightsError(f"{path}: cannot read weights ({e})") from None
+    except WeightsError:
+        raise
+    except Exception as e:  # torch's own message runs over lines of advice: its first says what failed
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f"{path}: cannot read weights ({first}); pass {kinds}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a training checkpoint that wraps the weights
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
