@@ -51,6 +51,7 @@ from seg.training.refusals import (
     refused_together,
     say_complete,
     say_refusal,
+    workers_beyond_epoch,
     workers_disagree,
 )
 from seg.training.start import open_fold_folder, open_records, start, take_lease
@@ -96,9 +97,11 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     if args.print_run_dir:
         print(out.dir)
         return 0
+    asked_workers = config.data.workers  # before auto is chosen for the machine
     config = config_as_run(config, out, args.resume)
     error = refusal(args, config)
     identity, split = planned_identity(args, config) if not error else (None, None)
+    error = error or workers_beyond_epoch(asked_workers, config, split)
     done, error = earlier_run(args, out, identity) if identity and not error else (None, error)
     if error:
         return say_refusal(error)

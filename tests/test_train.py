@@ -306,6 +306,11 @@ def test_runs_that_cannot_work_are_refused_in_one_line_before_any_process_group_
             f"train.runs_dir={tmp_path}", "wandb.mode=offline"]  # fmt: skip
     assert main([*argv, "train.batch_size=1"]) == 2
     assert "set model.aspp_pool_norm=false" in capsys.readouterr().err
+    # each worker yields whole batches: 10000 of them once made an epoch of 10000 steps (and ran out of memory)
+    assert main([*argv, "data.workers=10000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config key 'data.workers': 10000 is more than the ") and err.count("\n") == 1
+    assert "the epoch would stretch to 10000 steps; set at most " in err
     assert main(["--resume", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --resume {tmp_path}: not a resumable state") and err.count("\n") == 1

@@ -18,8 +18,9 @@ from seg.core.launch import launcher_problem
 from seg.core.lease import clear_if_gone
 from seg.core.runs import Experiment, Fold, is_state, latest_state
 from seg.core.signals import Drill
+from seg.data.loader import steps_per_epoch
 from seg.data.manifest import FoldSplit, ManifestError
-from seg.data.workers import workers_problem
+from seg.data.workers import AUTO, workers_problem
 from seg.recipe.identity import SCRATCH, describe_changes, differences, finished_run, fold_identity, read_identity
 from seg.training.records import EXIT_REFUSED, Run
 
@@ -89,6 +90,24 @@ def planned_identity(args: argparse.Namespace, config: Any) -> tuple[dict[str, A
         return fold_identity(config, args.stage, split, args.init_from, processes), split
     except (ManifestError, OSError, KeyError):
         return None, None
+
+
+def workers_beyond_epoch(asked: int | str, config: Any, split: FoldSplit | None) -> str | None:
+    """An explicit ``data.workers`` beyond the batches a process takes an epoch: each worker
+    yields whole batches, so the epoch would stretch to a multiple of the workers (10000
+    workers: an epoch of 10000 steps), each worker a process with its own memory."""
+    if asked == AUTO or split is None:
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = steps_per_epoch(split.train_samples, config.train.batch_size, world, 1)
+    if int(asked) <= batches:
+        return None
+    stretched = steps_per_epoch(split.train_samples, config.train.batch_size, world, int(asked))
+    return (
+        f"config key 'data.workers': {asked} is more than the {batches} batches a process takes an epoch "
+        f"({split.train_samples} training samples, batch {config.train.batch_size}, {world} process(es)): "
+        f"the epoch would stretch to {stretched} steps; set at most {batches}, or {AUTO}"
+    )
 
 
 def earlier_run(args: argparse.Namespace, out: Fold, identity: dict[str, Any]) -> tuple[dict | None, str | None]:
