@@ -448,3 +448,21 @@ def test_a_second_local_chain_on_a_stage_is_refused_naming_the_first(shards, tmp
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"is being written by local chain of stage 1 (host {socket.gethostname()}, pid {os.getpid()}" in done.stderr
     assert not (tmp_path / "demo" / "stage1" / "fold0").exists()
+
+
+def test_a_closed_terminals_hangup_stops_a_local_chain_as_a_ctrl_c(monkeypatch, tmp_path):
+    """The folds' process groups are their own: a terminal's HUP reaches the chain alone, which
+    takes it as a Ctrl-C (and passes that on) rather than dying with its fold left running."""
+    seen = []
+
+    def stage(chain, stage, processes, signals):
+        signal.raise_signal(signal.SIGHUP)
+        seen.append((signals.interrupted, signals.preempted))
+        return 130
+
+    monkeypatch.setattr(cv, "run_stage", stage)
+    chain = cv.Chain(CONFIG, [], 1, [0], cv.Experiment.named(tmp_path, "x"))
+    before = signal.getsignal(signal.SIGHUP)
+    assert cv.run_local(chain, 1) == 130
+    assert seen == [(True, False)]
+    assert signal.getsignal(signal.SIGHUP) == before  # given back
