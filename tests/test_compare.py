@@ -3,6 +3,7 @@ its numbers against scipy.stats, every refusal, unfinished folds, bad files, the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -388,3 +389,40 @@ def test_the_comparison_leads_with_what_the_experiments_differ_in(pair, tmp_path
     assert saved["from"] == "the folds' recorded identities (summary.json)"
     assert saved["differences"] == ["config.data.level: 'standard' -> 'none'",
                                     "init_from.model: 'sha256:aaa' -> 'sha256:bbb'"]  # fmt: skip
+
+
+def record_manifest(experiment: Path, sha: str) -> None:
+    """Each fold's summary.json identity records the manifest ``sha`` it trained on, as seg/train.py does."""
+    for summary_path in experiment.glob("stage1/fold*/summary.json"):
+        summary = json.loads(summary_path.read_text())
+        summary["identity"] = identity("standard", 1, "scratch") | {"data": {"manifest_sha256": sha}}
+        summary_path.write_text(json.dumps(summary))
+
+
+def test_experiments_trained_on_a_pack_replaced_at_the_same_path_are_refused(pair, tmp_path, capsys):
+    """A trained on shards/cityscapes, which was repacked there with another fold assignment before B trained:
+    the comparison used to read today's manifest for both and pair them."""
+    a, b = pair
+    shards = tmp_path / "shards" / "cityscapes"
+    before = hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    record_manifest(a, before)
+    swapped = manifest()
+    swapped["groups"]["train-fold0"], swapped["groups"]["train-fold1"] = (
+        swapped["groups"]["train-fold1"], swapped["groups"]["train-fold0"])  # fmt: skip
+    write_shards(shards, swapped)  # repacked in place (--overwrite)
+    after = hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    record_manifest(b, after)
+    with pytest.raises(NotComparableError, match=rf"A's folds trained on manifest sha256 {before}, B's on {after} .*"
+                       rf"now has sha256 {after}, not the {before} the folds recorded"):  # fmt: skip
+        compare([a, b])
+    from tools.compare import main
+
+    assert main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: A and B are not comparable: different shards") and err.count("\n") == 1
+
+    # both trained on the earlier pack: comparable by their records, whatever is at the path now
+    record_manifest(b, before)
+    result = compare([a, b])
+    assert result["pairs"][0]["folds"] == [0, 1, 2, 3, 4]
+    assert result["experiments"][1]["recorded_manifest_sha256"] == before

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seg.data.manifest import MANIFEST, SELECTION_GROUP, ManifestError, fold_group, load_manifest, location
+from seg.data.manifest import (
+    MANIFEST,
+    SELECTION_GROUP,
+    ManifestError,
+    fold_group,
+    load_manifest,
+    location,
+    manifest_sha256,
+    sha256_file,
+)
 from seg.data.remote import is_remote
 from seg.recipe.identity import NOT_IDENTITY, differences, stage_identity
 from seg.results.records import FoldRecord, StageRecord, read_json
@@ -38,6 +47,16 @@ class Shards:
     manifest_path: Path | str | None  # where its manifest.json was found (a URL for remote shards; None: not found)
     manifest: dict[str, Any] | None
     digest: str | None  # sha256 of the manifest without source.root (see shards_identity)
+    file_sha256: str | None = None  # sha256 of the manifest file found now (what an identity records)
+    recorded: str | None = None  # the manifest sha256 the folds' identities recorded when they trained
+
+    def stale(self) -> bool:
+        """Whether the manifest found now is not the one the folds trained on (repacked in place)."""
+        return self.recorded is not None and self.manifest is not None and self.file_sha256 != self.recorded
+
+    def as_trained(self) -> Shards:
+        """These shards with a stale manifest taken as not found: it says nothing of the folds' data."""
+        return Shards(self.path, None, None, None, None, self.recorded) if self.stale() else self
 
 
 @dataclass
@@ -91,7 +110,8 @@ def working_directories(experiment: Path, runs_dir: str | None) -> list[Path]:
 def shards_identity(shards: str, experiment: Path, runs_dir: str | None = None) -> Shards:
     """Find the manifest of ``shards`` (as config.yaml names it) and hash it.
 
-    A fold's summary.json does not record which data it trained on; its config.yaml names
+    A fold's summary.json records only the sha256 of the manifest it trained on (its identity;
+    compare.py sets ``recorded``, which decides when both sides have one); its config.yaml names
     the shards folder (``data.shards``), relative to where the training ran when it is not
     absolute. That is tried from here, then from the experiment folder less ``train.runs_dir``
     and the experiment's name (runs/<experiment> -> the repository root). The manifest lists
@@ -105,7 +125,8 @@ def shards_identity(shards: str, experiment: Path, runs_dir: str | None = None) 
             manifest = load_manifest(shards)
         except ManifestError:
             return Shards(shards, None, None, None)
-        return Shards(shards, location(shards, MANIFEST), manifest, manifest_digest(manifest))
+        digest = manifest_digest(manifest)
+        return Shards(shards, location(shards, MANIFEST), manifest, digest, manifest_sha256(shards))
     candidates = (
         [Path(shards)]
         if Path(shards).is_absolute()
@@ -117,7 +138,7 @@ def shards_identity(shards: str, experiment: Path, runs_dir: str | None = None) 
             manifest = read_json(path)
             if not isinstance(manifest.get("groups"), dict) or not isinstance(manifest.get("options"), dict):
                 raise CompareError(f"{path}: not a seg manifest (no groups or options)")
-            return Shards(shards, path, manifest, manifest_digest(manifest))
+            return Shards(shards, path, manifest, manifest_digest(manifest), sha256_file(path))
     return Shards(shards, None, None, None)
 
 
@@ -157,19 +178,31 @@ def data_differences(a: ComparedStage, b: ComparedStage) -> tuple[list[str], lis
         return [
             f"{missing.label}: no fold of stage{missing.stage} has a config.yaml or model.json naming its shards"
         ], []
-    da, db = a.shards, b.shards
+    ra, rb = a.shards.recorded, b.shards.recorded
+    if ra is not None and ra == rb:  # the same manifest when each trained, wherever (and whatever) it is now
+        return [], []
+    stale = [e for e in (a, b) if e.shards.stale()]
+    notes = [f"{e.label}: {stale_text(e.shards)}" for e in stale]
+    da, db = a.shards.as_trained(), b.shards.as_trained()
     if da.manifest is None or db.manifest is None:
-        lost = ", ".join(f"{e.label} ({e.shards.path})" for e in (a, b) if e.shards.manifest is None)
+        lost = ", ".join(f"{e.label} ({s.path})" for e, s in ((a, da), (b, db)) if s.manifest is None)
+        if ra is not None and rb is not None:  # both recorded, differently: no path can say they agree
+            gone = "; ".join(stale_text(e.shards) for e in stale) or f"the manifest of {lost} is not there"
+            return [
+                f"different shards: {a.label}'s folds trained on manifest sha256 {ra}, {b.label}'s on {rb} "
+                f"(their summary.json identities), and nothing shows they hold the same images ({gone})"
+            ], notes
         if da.path == db.path:
             return [], [
-                f"{a.label} vs {b.label}: manifest.json not found for {lost}; same shards path, content not checked"
+                *notes,
+                f"{a.label} vs {b.label}: manifest.json not found for {lost}; same shards path, content not checked",
             ]
         return [
             f"different shards: {a.label} trained on {da.path}, {b.label} on {db.path}, and the manifest of "
             f"{lost} is not there to show they hold the same data"
-        ], []
+        ], notes
     if da.digest == db.digest:
-        return [], []
+        return [], notes
     ma, mb = da.manifest, db.manifest
     why = []
     folds_a, folds_b = ma["options"].get("folds"), mb["options"].get("folds")
@@ -205,7 +238,15 @@ def data_differences(a: ComparedStage, b: ComparedStage) -> tuple[list[str], lis
             f"different shards: manifest hash {da.digest[:12]} ({da.manifest_path}) in {a.label} vs {db.digest[:12]} "
             f"({db.manifest_path}) in {b.label}" + (f", differing in {', '.join(keys)}" if keys else "")
         )
-    return why, []
+    return why, notes
+
+
+def stale_text(shards: Shards) -> str:
+    """Why a manifest found now says nothing of the data the folds trained on."""
+    return (
+        f"{shards.manifest_path} now has sha256 {shards.file_sha256}, not the {shards.recorded} the folds "
+        "recorded (repacked since)"
+    )
 
 
 def setup_differences(baseline: ComparedStage, other: ComparedStage) -> dict[str, Any]:

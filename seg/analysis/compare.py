@@ -132,7 +132,27 @@ def _shards_of(experiment: ComparedStage) -> Shards | None:
         )
     shards = next(iter(named.values()))
     config = next(f.config for f in experiment.folds.values() if f.config)
-    return shards_identity(shards, experiment.path, config.get("train", {}).get("runs_dir"))
+    found = shards_identity(shards, experiment.path, config.get("train", {}).get("runs_dir"))
+    found.recorded = _recorded_manifest(experiment)
+    return found
+
+
+def _recorded_manifest(experiment: ComparedStage) -> str | None:
+    """The manifest sha256 the finished folds' identities recorded when they trained (None when
+    none did; refused when they differ): what they trained on, whatever is at the path now."""
+    recorded = {
+        k: f.identity.get("data", {}).get("manifest_sha256")
+        for k, f in experiment.finished().items()
+        if f.identity is not None
+    }
+    recorded = {k: sha for k, sha in recorded.items() if isinstance(sha, str)}
+    if len(set(recorded.values())) > 1:
+        listing = ", ".join(f"fold{k}: {sha[:12]}" for k, sha in sorted(recorded.items()))
+        raise NotComparableError(
+            f"{experiment.label}: the folds of stage{experiment.stage} trained on different shards "
+            f"(manifest sha256 {listing}, recorded in their summary.json)"
+        )
+    return next(iter(recorded.values()), None)
 
 
 # --- the comparison -----------------------------------------------------------------------------
@@ -273,6 +293,7 @@ def _experiment_entry(e: ComparedStage, metric: str, use: str, notes: list[str])
         "shards": e.shards.path if e.shards else None,
         "manifest": str(e.shards.manifest_path) if e.shards and e.shards.manifest_path else None,
         "manifest_sha256": e.shards.digest if e.shards else None,
+        "recorded_manifest_sha256": e.shards.recorded if e.shards else None,
         "folds": folds,
         "summary": mean_and_interval(values),
         "out_of_fold": _pooled_entry(e, metric, use),
