@@ -374,3 +374,13 @@ def test_a_model_file_whose_sidecar_describes_another_model_names_the_keys_and_s
     assert message.startswith(f"{tmp_path / 'model.safetensors'}: does not fit the model its sidecar describes (")
     assert "depth=50" in message and "missing 198, e.g. backbone.layer1.0.conv3.weight (256, 64, 1, 1)" in message
     assert "other shapes" in message and "in the file" in message and "copy both again" in message
+
+
+def test_a_mistyped_stage_folder_is_refused_and_nothing_is_created(tmp_path, capsys):
+    from tools.reduce_folds import main
+
+    typo = tmp_path / "nonexist" / "typo" / "stage1"
+    assert main([str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {typo}: no such folder; pass runs/<experiment>/stage{{s}}, the folder holding fold*/\n"
+    assert list(tmp_path.iterdir()) == []

@@ -155,8 +155,10 @@ def reduce_stage(
     """Reduce ``stage_dir/fold*/`` to ``stage_dir/reduced/``; returns the report. One reduction
     of a stage at a time: the main process holds the stage's reduce lease (seg/core/lease.py)
     throughout, and every rank raises what refused it (LeaseHeldError, StorageError)."""
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     stage = Stage.at(stage_dir)
+    if not stage.dir.is_dir():  # a mistyped path: refused before the lease would make its folders
+        raise WeightsError(f"{stage.dir}: no such folder; pass runs/<experiment>/stage{{s}}, the folder holding fold*/")
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     lease, refusal = None, None
     if accelerator.is_main_process:
         try:
