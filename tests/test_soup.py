@@ -384,3 +384,22 @@ def test_a_mistyped_stage_folder_is_refused_and_nothing_is_created(tmp_path, cap
     err = capsys.readouterr().err
     assert err == f"error: {typo}: no such folder; pass runs/<experiment>/stage{{s}}, the folder holding fold*/\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_seed_from_that_names_no_candidate_is_refused_before_any_is_scored(tmp_path, capsys):
+    """The candidates' names follow from the options: an unknown one is refused before the folds are even loaded."""
+    from tools.reduce_folds import main
+
+    stage = tmp_path / "runs" / "x" / "stage1"
+    for fold in (0, 1, 2):
+        (stage / f"fold{fold}").mkdir(parents=True)  # no weights: loading them would fail next
+    assert main([str(stage), "--seed-from", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --seed-from nonsense: not a single-model candidate of this reduction (fold0, fold1, fold2, "
+                   "best, mean, top3, greedy), or best-single\n")  # fmt: skip
+    assert main([str(stage), "--seed-from", "greedy+bn", "--strategies", "mean", "greedy"]) == 2
+    assert "(fold0, fold1, fold2, mean, greedy)" in capsys.readouterr().err
+    assert main([str(stage), "--seed-from", "top2+bn", "--k", "2", "--recalibrate", "4"]) == 2
+    assert "fold 0 has no best weights" in capsys.readouterr().err  # accepted: the folds are loaded next
+    assert main([str(stage), "--seed-from", "best+bn", "--recalibrate", "4"]) == 2  # best is one fold: no +bn
+    assert "top3+bn, greedy+bn), or best-single" in capsys.readouterr().err

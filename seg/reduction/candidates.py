@@ -69,6 +69,20 @@ class Candidate:
         return len(self.models) if self.ensemble else 1
 
 
+def topk_name(k: int, folds: int) -> str:
+    return f"top{min(k, folds)}"
+
+
+def single_model_names(folds: list[int], strategies: tuple[str, ...], k: int, recalibrate: bool) -> list[str]:
+    """The single-model candidates a reduction of ``folds`` can have, known before any score:
+    what --seed-from may name (the greedy soup's size comes with the scores: up to every fold)."""
+    soups = [(name, size) for strategy, name, size in (("mean", "mean", len(folds)),
+             ("topk", topk_name(k, len(folds)), min(k, len(folds))), ("greedy", "greedy", len(folds)))
+             if strategy in strategies]  # fmt: skip
+    names = [f"fold{k}" for k in folds] + (["best"] if "best" in strategies else []) + [name for name, _ in soups]
+    return names + [f"{name}+bn" for name, size in soups if recalibrate and size > 1]
+
+
 def candidates_of(models: list[FoldModel], strategies: tuple[str, ...], k: int) -> list[Candidate]:
     """Every fold alone, then the soups whose folds are known before any score: ``best``,
     ``mean``, ``topk`` (the greedy soup and the ensemble come with the scores)."""
@@ -79,7 +93,7 @@ def candidates_of(models: list[FoldModel], strategies: tuple[str, ...], k: int) 
     if "mean" in strategies:
         candidates.append(Candidate("mean", models))
     if "topk" in strategies:
-        candidates.append(Candidate(f"top{min(k, len(ranked))}", ranked[:k]))
+        candidates.append(Candidate(topk_name(k, len(ranked)), ranked[:k]))
     return candidates
 
 

@@ -43,6 +43,7 @@ from seg.reduction.candidates import (
     candidates_of,
     recalibrated_candidates,
     score_candidates,
+    single_model_names,
 )
 from seg.reduction.soup import FoldModel, load_fold_models
 from seg.results.plots import reduction_figure
@@ -193,6 +194,7 @@ def _reduce_stage(
     """The reduction under the lease: the candidates built, scored on the selection set, the
     winner and the next stage's seed chosen, the report made, and ``reduced/`` written."""
     folds = requested_folds(stage, folds, strategies, seed_from)
+    check_seed_from(seed_from, folds, strategies, k, recalibrate_batches > 0)
     models = load_fold_models(stage.dir, folds, weights)
     config = models[0].sidecar["config"]
     shards = str(shards or config["data"]["shards"])
@@ -229,6 +231,14 @@ def requested_folds(stage: Stage, folds: list[int] | None, strategies: tuple[str
         raise ValueError("--seed-from ensemble: a stage starts from one model, and the ensemble is several; "
                          f"name a single-model candidate, or {BEST_SINGLE}")  # fmt: skip
     return folds
+
+
+def check_seed_from(seed_from: str, folds: list[int], strategies: tuple[str, ...], k: int, recalibrate: bool) -> None:
+    """Refuse a --seed-from that names no candidate of this reduction before any is scored."""
+    names = single_model_names(folds, strategies, k, recalibrate)
+    if seed_from != BEST_SINGLE and seed_from not in names:
+        raise ValueError(f"--seed-from {seed_from}: not a single-model candidate of this reduction "
+                         f"({', '.join(names)}), or {BEST_SINGLE}")  # fmt: skip
 
 
 # --- reporting ----------------------------------------------------------------------------------------
