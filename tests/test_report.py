@@ -451,3 +451,24 @@ def test_a_prediction_overlay_can_carry_a_legend_of_the_classes_it_shows():
     for train_id in (0, 13, 11):  # each class shown has its swatch; a class not shown has none
         assert (legend == PALETTE[train_id]).all(1).sum() > 20
     assert not (legend == PALETTE[5]).all(1).any()
+
+
+def test_the_reduction_says_which_shards_chose_it_and_flags_another_pack_than_the_folds(experiment):
+    root, _ = experiment
+    path = root / "stage1" / "reduced" / "report.json"
+    report = json.loads(path.read_text())
+    for summary_path in root.glob("stage1/fold*/summary.json"):
+        summary = json.loads(summary_path.read_text())
+        summary["identity"] = {"data": {"manifest_sha256": "ab" * 32}}
+        summary_path.write_text(json.dumps(summary))
+    path.write_text(json.dumps(report | {"shards": {"path": "/w/sh", "manifest_sha256": "ab" * 32}}))
+    text = (write_report(root) / "report.md").read_text()
+    assert f"Chosen on the shards `/w/sh` (manifest sha256 `{'ab' * 32}`).\n" in text
+    path.write_text(json.dumps(report | {"shards": {"path": "/w/sh", "manifest_sha256": "cd" * 32}}))
+    text = (write_report(root) / "report.md").read_text()
+    assert f"(manifest sha256 `{'cd' * 32}`). **Not the pack the folds trained on** (sha256 `{'ab' * 32}`)" in text
+    path.write_text(json.dumps(report | {"options": {"shards": "/w/old"}}))  # a reduction before the sha was recorded
+    assert (
+        "Chosen on the shards `/w/old` (manifest sha256 not recorded)."
+        in (write_report(root) / "report.md").read_text()
+    )

@@ -228,11 +228,13 @@ def test_reduce_folds_end_to_end(tmp_path):
     assert stage2["init_from"]["path"] == str(stage / "reduced" / "model.safetensors")
     assert stage2["init_from"]["model"] == "sha256:" + hashlib.sha256(weights_bytes).hexdigest()
 
-    # no selection subset: a clear error pointing at --select-on val
+    # another pack (here one without a selection subset): refused before its selection set is read, naming the
+    # sha256 the folds' identities recorded and the pack's (test_cv pins the no-selection-subset error)
     pack(tmp_path / "cityscapes", tmp_path / "plain", Options(folds=2, splits=("train", "val")), progress=False)
     done = subprocess.run([sys.executable, str(REPO / "tools" / "reduce_folds.py"), str(stage), "--shards",
                            str(tmp_path / "plain")], capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 2 and "--select-on val" in done.stderr
+    assert done.returncode == 2 and fold_identity["data"]["manifest_sha256"] in done.stderr
+    assert hashlib.sha256((tmp_path / "plain" / "manifest.json").read_bytes()).hexdigest() in done.stderr
 
 
 # --- fold ensembles -------------------------------------------------------------------------------
@@ -403,3 +405,46 @@ def test_a_seed_from_that_names_no_candidate_is_refused_before_any_is_scored(tmp
     assert "fold 0 has no best weights" in capsys.readouterr().err  # accepted: the folds are loaded next
     assert main([str(stage), "--seed-from", "best+bn", "--recalibrate", "4"]) == 2  # best is one fold: no +bn
     assert "top3+bn, greedy+bn), or best-single" in capsys.readouterr().err
+
+
+def test_a_reduction_on_another_pack_than_the_folds_trained_on_is_refused(tmp_path, capsys):
+    """The selection set of another pack (or of the folds' own path, repacked since) may hold the folds'
+    training images: refused naming both sha256s; the same pack anywhere else (a copy, a URL) is used."""
+    import shutil
+
+    from seg.data.manifest import manifest_sha256
+    from seg.reduction.reduce import reduce_stage
+    from tools.reduce_folds import main
+
+    shards = selection_shards(tmp_path, train=8, val=1)
+    trained = manifest_sha256(shards)
+    identity = {"config": {}, "stage": 1, "init_from": {"path": None, "model": "scratch"},
+                "data": {"manifest_sha256": trained}}  # fmt: skip
+    stage = tmp_path / "runs" / "x" / "stage1"
+    for fold in range(2):
+        write_fold(stage, fold, small_model(fold).eval(), 0.3 + 0.1 * fold, identity, **{"data.shards": str(shards),
+                   "data.eval_size": "null", "data.workers": "0", "wandb.mode": "disabled"})  # fmt: skip
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["groups"]["train-fold0"], manifest["groups"]["train-fold1"] = (
+        manifest["groups"]["train-fold1"], manifest["groups"]["train-fold0"])  # fmt: skip
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    repacked = manifest_sha256(other)
+
+    assert main([str(stage), "--shards", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --shards {other}: its manifest.json has sha256 {repacked}, but the folds trained on "
+                   f"sha256 {trained} (their identity): another pack's selection set may hold their training images; "
+                   "pass the pack they trained on as --shards (any copy or URL of it), or train the folds on "
+                   "this one\n")  # fmt: skip
+    (shards / "manifest.json").write_text(json.dumps(manifest))  # the folds' own path, repacked in place
+    assert main([str(stage)]) == 2
+    assert f"error: data.shards {shards} (the folds' own, repacked since): its manifest.json has sha256" in (
+        capsys.readouterr().err
+    )
+    assert not (stage / "reduced").exists()
+
+    report = reduce_stage(stage, shards=copy, strategies=("best",))  # the same pack elsewhere: by content
+    assert report["shards"] == {"path": str(copy), "manifest_sha256": trained}

@@ -201,7 +201,30 @@ def _reduction_lines(stage: StageRecord) -> list[str]:
         return [*lines, "Not reduced yet: no `reduced/report.json`.", ""]
     # the out-of-fold table is shown above, from the folds' own summaries
     report = {k: v for k, v in stage.reduction.items() if k != "out_of_fold"}
-    return [*lines, *reduction_lines(report), ""]
+    return [*lines, *reduction_lines(report), "", *_selection_shards_lines(stage)]
+
+
+def trained_manifests(stage: StageRecord) -> set[str]:
+    """The manifest sha256s the stage's finished folds recorded in their identities (summary.json)."""
+    found = {((f.identity or {}).get("data") or {}).get("manifest_sha256") for f in stage.finished()}
+    return {sha for sha in found if isinstance(sha, str)}
+
+
+def _selection_shards_lines(stage: StageRecord) -> list[str]:
+    """Which pack's selection set chose the reduced model, flagged when the folds trained on another."""
+    reduction = stage.reduction or {}
+    shards = reduction.get("shards") or {}
+    path = shards.get("path") or (reduction.get("options") or {}).get("shards")
+    if path is None:
+        return []
+    sha, trained = shards.get("manifest_sha256"), trained_manifests(stage)
+    line = f"Chosen on the shards `{path}` (manifest sha256 {f'`{sha}`' if sha else 'not recorded'})."
+    if sha and trained and sha not in trained:
+        line += (
+            f" **Not the pack the folds trained on** (sha256 {', '.join(f'`{t}`' for t in sorted(trained))}): "
+            "its selection set may hold their training images; reduce again on their pack."
+        )
+    return [line, ""]
 
 
 def _pooled_cell(oof: dict[str, Any] | None) -> str:

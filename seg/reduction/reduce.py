@@ -28,7 +28,7 @@ from seg.core.atomic import atomic_directory, remove_leftovers
 from seg.core.lease import LeaseHeldError, acquire
 from seg.core.runs import Stage
 from seg.core.storage import StorageError, check_writable, writing
-from seg.data.manifest import SELECTION_GROUP, ManifestError, load_manifest
+from seg.data.manifest import SELECTION_GROUP, ManifestError, load_manifest, manifest_sha256
 from seg.evaluation.ensemble import write_ensemble_file
 from seg.evaluation.out_of_fold import stage_out_of_fold
 from seg.model.weights import WeightsError, export_weights
@@ -197,7 +197,9 @@ def _reduce_stage(
     check_seed_from(seed_from, folds, strategies, k, recalibrate_batches > 0)
     models = load_fold_models(stage.dir, folds, weights)
     config = models[0].sidecar["config"]
+    given = shards is not None
     shards = str(shards or config["data"]["shards"])
+    manifest_sha = check_same_pack(models, shards, given)
     group = selection_group(load_manifest(shards), shards, select_on)
     scores = Scores(Reducer(accelerator, config, shards, group))
     say = Say(accelerator, SELECTION_WORDS[select_on])  # the log says what the report says chose the model
@@ -207,7 +209,7 @@ def _reduce_stage(
         candidates += recalibrated_candidates(candidates, scores, recalibrate_batches, folds, say)
     choice = Choice.of(candidates, seed_from)
     options = options_record(strategies, k, recalibrate_batches, select_on, weights, seed_from, folds, shards)
-    report = reduction_report(stage, options, group, models, candidates, choice, folds)
+    report = reduction_report(stage, options, group, models, candidates, choice, folds, manifest_sha)
     if accelerator.is_main_process:
         write_reduced(stage, scores, report, models, candidates, choice)
         # A summary run in the experiment's wandb group, beside the folds' runs (not inside
@@ -233,6 +235,22 @@ def requested_folds(stage: Stage, folds: list[int] | None, strategies: tuple[str
     return folds
 
 
+def check_same_pack(models: list[FoldModel], shards: str, given: bool) -> str:
+    """The sha256 of ``shards``' manifest, refused when the folds' identities recorded another:
+    another pack's selection set may hold their training images. Compared by content, so any
+    location of the same pack (another folder, a URL) passes."""
+    now = manifest_sha256(shards)
+    recorded = ((models[0].sidecar.get("identity") or {}).get("data") or {}).get("manifest_sha256")
+    if recorded is not None and now != recorded:
+        what = f"--shards {shards}" if given else f"data.shards {shards} (the folds' own, repacked since)"
+        raise ManifestError(
+            f"{what}: its manifest.json has sha256 {now}, but the folds trained on sha256 {recorded} (their "
+            f"identity): another pack's selection set may hold their training images; pass the pack they trained "
+            f"on as --shards (any copy or URL of it), or train the folds on this one"
+        )
+    return now
+
+
 def check_seed_from(seed_from: str, folds: list[int], strategies: tuple[str, ...], k: int, recalibrate: bool) -> None:
     """Refuse a --seed-from that names no candidate of this reduction before any is scored."""
     names = single_model_names(folds, strategies, k, recalibrate)
@@ -252,15 +270,18 @@ def reduction_report(
     candidates: list[Candidate],
     choice: Choice,
     folds: list[int],
+    manifest_sha: str,
 ) -> dict[str, Any]:
-    """report.json's content: the options, the selection set, every candidate's scores and
-    cost, the winner, the seed and why, the ensemble's members, the out-of-fold estimate."""
+    """report.json's content: the options, the selection set and the pack it is of (its
+    manifest's sha256), every candidate's scores and cost, the winner, the seed and why, the
+    ensemble's members, the out-of-fold estimate."""
     winner, seed = choice.winner, choice.seed
     ensemble = next((c for c in candidates if c.ensemble), None)
     return {
         "stage_dir": str(stage.dir),
         "options": options,
         "selection": {"group": group, "is_official_val": group == "val", "samples": winner.result["samples"]},
+        "shards": {"path": options["shards"], "manifest_sha256": manifest_sha},
         "weights": options["weights"],
         "folds": {m.fold: {"fold_miou": m.miou, "path": str(m.path)} for m in models},
         "candidates": [
