@@ -448,3 +448,28 @@ def test_a_reduction_on_another_pack_than_the_folds_trained_on_is_refused(tmp_pa
 
     report = reduce_stage(stage, shards=copy, strategies=("best",))  # the same pack elsewhere: by content
     assert report["shards"] == {"path": str(copy), "manifest_sha256": trained}
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_an_interrupted_reduction_says_whether_the_stage_was_reduced(tmp_path, monkeypatch, capsys, written):
+    """Ctrl-C after reduced/ was replaced (while the summary run is logged) used to say nothing was reduced."""
+    import tools.reduce_folds as tool
+
+    stage = tmp_path / "stage1"
+    (stage / "reduced").mkdir(parents=True)  # an earlier reduction
+
+    def interrupted(stage_dir: str, *args: object, **kwargs: object) -> None:
+        if written:  # replaced whole, as atomic_directory does: another folder renamed into place
+            (stage / "new").mkdir()
+            (stage / "reduced").rename(stage / "old")
+            (stage / "new").rename(stage / "reduced")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "reduce_stage", interrupted)
+    assert tool.main([str(stage)]) == 130
+    err = capsys.readouterr().err
+    if written:
+        assert err == (f"interrupted after {stage / 'reduced'} was written: the stage is reduced (its wandb or "
+                       "tensorboard summary may be incomplete); exit 130\n")  # fmt: skip
+    else:
+        assert err == f"interrupted: {stage} not reduced (an earlier reduction is untouched); exit 130\n"

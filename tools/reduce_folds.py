@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # `python tools/reduce_folds.py` from a checkout,
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seg.core.lease import LeaseHeldError
+from seg.core.runs import Stage
 from seg.core.storage import EXIT_STORAGE, StorageError
 from seg.data.manifest import ManifestError
 from seg.data.remote import RemoteError
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage_dir", help="runs/<experiment>/stage{s}, holding fold*/")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    reduced = Stage.at(args.stage_dir).reduced
+    before = _folder_state(reduced)
     try:
         reduce_stage(
             args.stage_dir,
@@ -54,10 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}; the stage's earlier reduction, if any, is untouched", file=sys.stderr)
         return EXIT_STORAGE
     except KeyboardInterrupt:
-        print(f"interrupted: {args.stage_dir} not reduced (an earlier reduction is untouched); exit 130",
-              file=sys.stderr)  # fmt: skip
+        if _folder_state(reduced) not in (before, None):  # reduced/ is replaced whole: this one is complete
+            print(f"interrupted after {reduced} was written: the stage is reduced (its wandb or tensorboard "
+                  "summary may be incomplete); exit 130", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"interrupted: {args.stage_dir} not reduced (an earlier reduction is untouched); exit 130",
+                  file=sys.stderr)  # fmt: skip
         return 130
     return 0
+
+
+def _folder_state(path: Path) -> tuple[int, int] | None:
+    """What tells a folder replaced by a rename from the one that was there (None: there is none)."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
 
 
 if __name__ == "__main__":
