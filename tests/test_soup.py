@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -318,7 +319,7 @@ def test_when_the_ensemble_wins_a_single_model_seeds_the_next_stage_and_the_choi
     assert [c.cost for c in candidates] == [1, 1, 1, 1, 1, 3]
     assert [c.kind for c in candidates][-3:] == ["soup", "soup", "ensemble"]
     seed, why = seed_candidate(candidates, candidates[-1], "best-single")
-    assert seed.name == "greedy" and "The ensemble won the selection (50.00 against 46.00)" in why
+    assert seed.name == "greedy" and "The ensemble won the selection (50.00% against 46.00%)" in why
     seed, why = seed_candidate(candidates, candidates[-1], "mean")
     assert seed.name == "mean" and "--seed-from mean" in why
     assert seed_candidate(candidates, candidates[4], "best-single")[0].name == "greedy"  # a soup won: itself
@@ -326,7 +327,7 @@ def test_when_the_ensemble_wins_a_single_model_seeds_the_next_stage_and_the_choi
         seed_candidate(candidates, candidates[-1], "top9")
 
 
-def test_the_reduction_evaluates_the_ensemble_beside_the_soups_and_reports_each_cost(tmp_path):
+def test_the_reduction_evaluates_the_ensemble_beside_the_soups_and_reports_each_cost(tmp_path, capsys):
     """Fold models written directly (no training), reduced on a packed selection city."""
     from seg.evaluation.ensemble import load_models
     from seg.reduction.reduce import reduce_stage
@@ -337,6 +338,9 @@ def test_the_reduction_evaluates_the_ensemble_beside_the_soups_and_reports_each_
         write_fold(stage, fold, small_model(fold).eval(), 0.3 + 0.1 * fold, **{"data.shards": str(shards),
                    "data.eval_size": "null", "data.workers": "0", "wandb.mode": "disabled"})  # fmt: skip
     report = reduce_stage(stage, k=2)
+    printed = capsys.readouterr().out  # mIoU in percent, with its sign, as train.py prints it
+    assert "   fold0: selection-set mIoU " in printed and "seeds the next stage: " in printed
+    assert re.findall(r"mIoU[^\n]*? (\d+\.\d)\b(?!%)", printed) == []
     by_name = {c["name"]: c for c in report["candidates"]}
     assert {"fold0", "fold1", "best", "mean", "top2", "greedy", "ensemble"} <= set(by_name)
     assert by_name["ensemble"]["cost"] == 2 and by_name["ensemble"]["kind"] == "ensemble"

@@ -39,12 +39,12 @@ class Say:
     def outcome(self, report: dict[str, Any], choice: Choice, stage: Stage) -> None:
         """The winner, the next stage's seed and the out-of-fold estimate."""
         winner, seed, scored = choice.winner, choice.seed, self.scored
-        self(f"winner: {winner.name} (folds {winner.folds}), {scored} {100 * winner.result['miou']:.1f}")
-        self(f"seeds the next stage: {seed.name} (folds {seed.folds}), {scored} {100 * seed.result['miou']:.1f} "
+        self(f"winner: {winner.name} (folds {winner.folds}), {scored} {100 * winner.result['miou']:.1f}%")
+        self(f"seeds the next stage: {seed.name} (folds {seed.folds}), {scored} {100 * seed.result['miou']:.1f}% "
              f"-> {stage.reduced_model}; {choice.why}")  # fmt: skip
         oof = report["out_of_fold"]
-        pooled = "unavailable: " + oof["unavailable"] if oof["pooled"] is None else f"{100 * oof['pooled']['miou']:.1f}"
-        self(f"out-of-fold mIoU (final models): pooled {pooled}; per-fold mean {100 * oof['mean']['miou']:.1f}")
+        pooled = f"{100 * oof['pooled']['miou']:.1f}%" if oof["pooled"] else "unavailable: " + oof["unavailable"]
+        self(f"out-of-fold mIoU (final models): pooled {pooled}; per-fold mean {100 * oof['mean']['miou']:.1f}%")
 
 
 @dataclass
@@ -193,19 +193,19 @@ def score_candidates(
     (its members' probabilities averaged), each said as it is scored."""
     for candidate in candidates:
         candidate.result = scores.of(candidate.models)
-        say(f"{candidate.name:>8}: {say.scored} {100 * candidate.result['miou']:.1f}")
+        say(f"{candidate.name:>8}: {say.scored} {100 * candidate.result['miou']:.1f}%")
     if "greedy" in strategies:
         soup, _ = greedy_soup(models, lambda chosen: scores.of(chosen)["miou"])
         greedy = Candidate("greedy", soup)
         greedy.result = scores.of(soup)
         candidates.append(greedy)
-        say(f"  greedy: folds {greedy.folds}, {say.scored} {100 * greedy.result['miou']:.1f}")
+        say(f"  greedy: folds {greedy.folds}, {say.scored} {100 * greedy.result['miou']:.1f}%")
     if "ensemble" in strategies:
         ensemble = Candidate("ensemble", models, ensemble=True)
         ensemble.result = scores.reducer.score_ensemble([m.state for m in models])
         candidates.append(ensemble)
         say(f"ensemble: folds {ensemble.folds} ({ensemble.cost} forward passes), {say.scored} "
-            f"{100 * ensemble.result['miou']:.1f}")  # fmt: skip
+            f"{100 * ensemble.result['miou']:.1f}%")  # fmt: skip
     return candidates
 
 
@@ -219,7 +219,7 @@ def recalibrated_candidates(
         again = Candidate(f"{candidate.name}+bn", candidate.models, recalibrated=True)
         again.result = scores.of(candidate.models, recalibrated=True)
         recalibrated.append(again)
-        say(f"{again.name:>8}: {say.scored} {100 * again.result['miou']:.1f}")
+        say(f"{again.name:>8}: {say.scored} {100 * again.result['miou']:.1f}%")
     return recalibrated
 
 
@@ -257,8 +257,8 @@ def seed_candidate(candidates: list[Candidate], winner: Candidate, seed_from: st
         raise ValueError("only the ensemble was evaluated: add a single-model strategy (best, mean, topk, greedy)")
     best = max(singles, key=lambda c: c.result["miou"])
     return best, (
-        f"The ensemble won the selection ({100 * winner.result['miou']:.2f} against "
-        f"{100 * best.result['miou']:.2f}), but a stage starts from one model, so the next stage starts from the "
+        f"The ensemble won the selection ({100 * winner.result['miou']:.2f}% against "
+        f"{100 * best.result['miou']:.2f}%), but a stage starts from one model, so the next stage starts from the "
         f"best single-model candidate on the selection set ({winner.cost} forward passes per image for the "
         "ensemble, 1 for it); --seed-from CANDIDATE chooses another."
     )
