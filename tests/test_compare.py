@@ -426,3 +426,17 @@ def test_experiments_trained_on_a_pack_replaced_at_the_same_path_are_refused(pai
     result = compare([a, b])
     assert result["pairs"][0]["folds"] == [0, 1, 2, 3, 4]
     assert result["experiments"][1]["recorded_manifest_sha256"] == before
+
+
+def test_stage_folders_given_for_experiments_are_refused_with_the_folders_to_pass(pair, capsys):
+    a, b = pair
+    from tools.compare import main
+
+    assert main([str(a / "stage1"), str(b / "stage1")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: no stage{{s}}/ folder common to {a / 'stage1'}, {b / 'stage1'}: pass runs/<experiment> folders "
+        f"(those holding stage{{s}}/), e.g. {a} {b} --stage 1\n"
+    )
+    (b.parent / "empty").mkdir()  # not a stage folder: the hint without the example
+    with pytest.raises(CompareError, match=r"pass runs/<experiment> folders \(those holding stage\{s\}/\)$"):
+        compare([a, b.parent / "empty"])

@@ -212,7 +212,10 @@ def compare(
         for p in paths[1:]:
             common &= set(stages_of(p))
         if not common:
-            raise CompareError(f"no stage{{s}}/ folder common to {', '.join(map(str, paths))}")
+            raise CompareError(
+                f"no stage{{s}}/ folder common to {', '.join(map(str, paths))}: pass runs/<experiment> folders "
+                f"(those holding stage{{s}}/){_stage_folder_hint(paths)}"
+            )
         stage = max(common)
     labels = _labels(paths)
     experiments = [read_compared_stage(p, stage, label) for p, label in zip(paths, labels, strict=True)]
@@ -257,6 +260,16 @@ def compare(
         "pairs": pairs,
         "notes": notes,
     }
+
+
+def _stage_folder_hint(paths: list[Path]) -> str:
+    """How to name the experiments when stage folders were given instead (runs/A/stage1 -> runs/A --stage 1)."""
+    given = [(p, runs.stage_number(p.resolve().name)) for p in paths]
+    if not all(number is not None for _, number in given):
+        return ""
+    stages = {number for _, number in given}
+    flag = f" --stage {stages.pop()}" if len(stages) == 1 else ""
+    return f", e.g. {' '.join(str(p.parent) for p, _ in given)}{flag}"
 
 
 def _labels(paths: list[Path]) -> list[str]:
