@@ -1,5 +1,6 @@
 """tools/report.py on hand-written run folders, and the reduction's wandb summary run."""
 
+import hashlib
 import json
 import math
 import socket
@@ -472,3 +473,32 @@ def test_the_reduction_says_which_shards_chose_it_and_flags_another_pack_than_th
         "Chosen on the shards `/w/old` (manifest sha256 not recorded)."
         in (write_report(root) / "report.md").read_text()
     )
+
+
+def test_the_report_says_what_the_next_stage_started_from_by_the_recorded_sha(experiment):
+    """Stage 1 reduced again after stage 2 trained: the report said stage 2 starts from today's reduced model."""
+    root, _ = experiment
+    reduced = root / "stage1" / "reduced"
+    report = json.loads((reduced / "report.json").read_text())
+    seed = {"name": "best", "folds": [2], "miou": 0.42, "why": "The selection winner.", "seed_from": "best-single"}
+    (reduced / "report.json").write_text(json.dumps(report | {"seed": seed}))
+    (reduced / "model.safetensors").write_bytes(b"the model of today's reduction")
+    today = "sha256:" + hashlib.sha256(b"the model of today's reduction").hexdigest()
+    earlier = "sha256:" + hashlib.sha256(b"the greedy+bn model it replaced").hexdigest()
+
+    def stage2_started_from(model: str) -> None:
+        for summary_path in root.glob("stage2/fold*/summary.json"):
+            summary = json.loads(summary_path.read_text())
+            summary["identity"] = {"init_from": {"path": str(reduced / "model.safetensors"), "model": model}}
+            summary_path.write_text(json.dumps(summary))
+
+    stage2_started_from(earlier)
+    text = (write_report(root) / "report.md").read_text()
+    assert "the model the next stage starts from" not in text
+    assert (f"`reduced/model.safetensors` is now **best** (folds 2), mIoU 42.00, {today[:19]}; The selection "
+            f"winner. **stage2 did not start from it**: its folds 0, 1 started from {earlier[:19]} (their "
+            "identities") in text  # fmt: skip
+    stage2_started_from(today)
+    text = (write_report(root) / "report.md").read_text()
+    assert "`reduced/model.safetensors`, the model the next stage starts from: **best**" in text
+    assert f"stage2's folds 0, 1 started from it ({today[:19]}, as their identities record)." in text

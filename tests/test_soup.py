@@ -477,3 +477,30 @@ def test_an_interrupted_reduction_says_whether_the_stage_was_reduced(tmp_path, m
                        "tensorboard summary may be incomplete); exit 130\n")  # fmt: skip
     else:
         assert err == f"interrupted: {stage} not reduced (an earlier reduction is untouched); exit 130\n"
+
+
+def test_reducing_a_stage_again_after_the_next_one_trained_warns_naming_its_folds(tmp_path, capsys):
+    """Stage 2's fold 0 started from the greedy seed; reducing stage 1 again replaced it without a word."""
+    from seg.reduction.lineage import model_digest
+    from tools.reduce_folds import main
+
+    shards = selection_shards(tmp_path, train=8, val=1)
+    stage = tmp_path / "runs" / "x" / "stage1"
+    for fold in range(2):
+        write_fold(stage, fold, small_model(fold).eval(), 0.3 + 0.1 * fold, **{"data.shards": str(shards),
+                   "data.eval_size": "null", "data.workers": "0", "wandb.mode": "disabled"})  # fmt: skip
+    assert main([str(stage), "--strategies", "best"]) == 0
+    seeded = model_digest(stage / "reduced" / "model.safetensors")
+    fold0 = tmp_path / "runs" / "x" / "stage2" / "fold0"
+    fold0.mkdir(parents=True)
+    (fold0 / "summary.json").write_text(json.dumps({"identity": {"init_from": {"path": "p", "model": seeded}}}))
+    assert main([str(stage), "--strategies", "best"]) == 0  # the same seed again: nothing to say
+    assert "warning" not in capsys.readouterr().err
+    assert main([str(stage), "--strategies", "mean"]) == 0
+    now = model_digest(stage / "reduced" / "model.safetensors")
+    assert capsys.readouterr().err == (
+        f"warning: stage2's folds 0 started from the reduced model this reduction replaced ({seeded[:19]}), not from "
+        f"{stage / 'reduced' / 'model.safetensors'} now ({now[:19]}): train them again from it (--init-from "
+        f"{stage / 'reduced' / 'model.safetensors'}), or know that stage2 descends from the earlier reduction (the "
+        "report names both)\n"
+    )

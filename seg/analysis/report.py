@@ -18,6 +18,7 @@ import numpy as np
 from seg.core import runs
 from seg.core.atomic import atomic_directory
 from seg.evaluation.out_of_fold import out_of_fold
+from seg.reduction.lineage import fold_list, model_digest, next_stage, short, started_from
 from seg.results.plots import report_figures
 from seg.results.records import (
     EvaluationRecord,
@@ -201,7 +202,33 @@ def _reduction_lines(stage: StageRecord) -> list[str]:
         return [*lines, "Not reduced yet: no `reduced/report.json`.", ""]
     # the out-of-fold table is shown above, from the folds' own summaries
     report = {k: v for k, v in stage.reduction.items() if k != "out_of_fold"}
-    return [*lines, *reduction_lines(report), "", *_selection_shards_lines(stage)]
+    lineage, elsewhere = _next_stage_lines(stage, report)
+    if elsewhere:  # reduction_lines would say the next stage starts from today's model: it did not
+        report.pop("seed", None)
+    return [*lines, *reduction_lines(report), "", *lineage, *_selection_shards_lines(stage)]
+
+
+def _next_stage_lines(stage: StageRecord, report: dict[str, Any]) -> tuple[list[str], bool]:
+    """What the next stage's folds started from, by the sha256 their identities record, against
+    today's ``reduced/model.safetensors``: (lines, whether some started from another model)."""
+    run_stage = runs.Stage(stage.path, stage.stage)
+    after, current = next_stage(run_stage), model_digest(run_stage.reduced_model)
+    starts = started_from(after) if after is not None else {}
+    if not starts or current is None:
+        return [], False
+    other = {k: model for k, model in starts.items() if model != current}
+    if not other:
+        return [f"{after.dir.name}'s folds {fold_list(list(starts))} started from it ({short(current)}, as their "
+                "identities record).", ""], False  # fmt: skip
+    seed = report.get("seed") or report["winner"]
+    models = ", ".join(sorted({short(model) for model in other.values()}))
+    return [
+        f"`reduced/model.safetensors` is now **{seed['name']}** (folds {fold_list(seed['folds'])}), mIoU "
+        f"{percent(seed['miou'])}, {short(current)}; {seed.get('why', '')} **{after.dir.name} did not start from "
+        f"it**: its folds {fold_list(list(other))} started from {models} (their identities; an earlier reduction "
+        f"of this stage, replaced since, or another model), and {after.dir.name} descends from that.",
+        "",
+    ], True
 
 
 def trained_manifests(stage: StageRecord) -> set[str]:

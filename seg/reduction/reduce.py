@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from seg.reduction.candidates import (
     score_candidates,
     single_model_names,
 )
+from seg.reduction.lineage import model_digest, replaced_seed_warning
 from seg.reduction.soup import FoldModel, load_fold_models
 from seg.results.plots import reduction_figure
 from seg.results.tables import reduction_lines
@@ -211,11 +213,14 @@ def _reduce_stage(
     options = options_record(strategies, k, recalibrate_batches, select_on, weights, seed_from, folds, shards)
     report = reduction_report(stage, options, group, models, candidates, choice, folds, manifest_sha)
     if accelerator.is_main_process:
+        replaced = model_digest(stage.reduced_model)  # what a next stage may have started from
         write_reduced(stage, scores, report, models, candidates, choice)
         # A summary run in the experiment's wandb group, beside the folds' runs (not inside
         # reduced/, which a repeated reduction replaces).
         log_reduction(config, models[0].sidecar["stage"], report, stage.dir, stage.reduction_figure)
         say.outcome(report, choice, stage)
+        if warning := replaced_seed_warning(stage, replaced):
+            print(warning, file=sys.stderr, flush=True)
     accelerator.wait_for_everyone()
     return report
 
