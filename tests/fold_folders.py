@@ -103,8 +103,9 @@ def write_fold(runs: Path, experiment: str, fold: int, final: float, best: float
     return out
 
 
-def write_reduction(runs: Path, experiment: str, folds: list[int], miou: float, stage: int = 1) -> None:
-    """reduced/report.json as seg/reduction/reduce.py writes it, and tools/evaluate.py's eval-val/metrics.json."""
+def write_reduction(runs: Path, experiment: str, folds: list[int], miou: float, shards: Path, stage: int = 1) -> None:
+    """reduced/report.json as seg/reduction/reduce.py writes it, and tools/evaluate.py's eval-val/metrics.json
+    (on ``shards``' val)."""
     stage_dir = runs / experiment / f"stage{stage}"
     reduced = stage_dir / "reduced"
     reduced.mkdir(parents=True)
@@ -122,7 +123,7 @@ def write_reduction(runs: Path, experiment: str, folds: list[int], miou: float, 
     }  # fmt: skip
     (reduced / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (reduced / "eval-val").mkdir()
-    evaluation = result(miou - 0.02, 7) | {"expected": 6, "split": "val", "shards": "x",
+    evaluation = result(miou - 0.02, 7) | {"expected": 6, "split": "val", "shards": str(shards),
                                            "model": str(reduced / "model.safetensors"),
                                            "tta": {"mode": "whole", "scales": [1.0], "flip": False}}  # fmt: skip
     (reduced / "eval-val" / "metrics.json").write_text(json.dumps(evaluation, indent=1) + "\n")

@@ -37,7 +37,7 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
     for k in range(5):
         write_fold(runs, "A", k, BASE[k], BASE[k] + 0.01 * (k % 2), shards)
         write_fold(runs, "B", k, VARIANT[k], VARIANT[k] - 0.005, shards)
-    write_reduction(runs, "A", list(range(5)), 0.47)
+    write_reduction(runs, "A", list(range(5)), 0.47, shards)
     return runs / "A", runs / "B"
 
 
@@ -440,3 +440,23 @@ def test_stage_folders_given_for_experiments_are_refused_with_the_folders_to_pas
     (b.parent / "empty").mkdir()  # not a stage folder: the hint without the example
     with pytest.raises(CompareError, match=r"pass runs/<experiment> folders \(those holding stage\{s\}/\)$"):
         compare([a, b.parent / "empty"])
+
+
+def test_an_evaluation_on_another_pack_is_left_out_of_val_miou(pair, tmp_path):
+    """tools/evaluate.py --shards of another pack wrote into the reduced model's eval-val folder: the comparison put
+    its score (other images) in the val column beside B's own val, without a word."""
+    a, b = pair
+    write_reduction(b.parent, "B", list(range(5)), 0.48, tmp_path / "shards" / "cityscapes")
+    other = write_shards(tmp_path / "shards" / "other", manifest(selection=("weimar",)))
+    path = a / "stage1" / "reduced" / "eval-val" / "metrics.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"shards": str(other)}))
+    result = compare([a, b])
+    assert result["experiments"][0]["evaluations"] == [] and len(result["experiments"][1]["evaluations"]) == 1
+    assert any(n.startswith(f"A: stage1/reduced/eval-val is on other shards (shards {other} (manifest sha256 ")
+               for n in result["notes"])  # fmt: skip
+    # by the manifest sha256 an evaluation records, when it does
+    sha = hashlib.sha256((tmp_path / "shards" / "cityscapes" / "manifest.json").read_bytes()).hexdigest()
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"manifest_sha256": sha}))
+    assert len(compare([a, b])["experiments"][0]["evaluations"]) == 1
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"shards": "x", "manifest_sha256": "ef" * 32}))
+    assert compare([a, b])["experiments"][0]["evaluations"] == []

@@ -502,3 +502,16 @@ def test_the_report_says_what_the_next_stage_started_from_by_the_recorded_sha(ex
     text = (write_report(root) / "report.md").read_text()
     assert "`reduced/model.safetensors`, the model the next stage starts from: **best**" in text
     assert f"stage2's folds 0, 1 started from it ({today[:19]}, as their identities record)." in text
+
+
+def test_the_evaluation_table_shows_the_shards_and_flags_rows_on_different_ones(experiment):
+    root, _ = experiment
+    other = root / "stage1" / "reduced" / "eval-val-1024x512-whole"
+    other.mkdir(parents=True)
+    result = json.loads((root / "evaluation" / "metrics.json").read_text())
+    other.joinpath("metrics.json").write_text(json.dumps(result | {"shards": "/w/sh", "manifest_sha256": "0e3a" * 16}))
+    text = (write_report(root) / "report.md").read_text()
+    assert "| val | 5 | `shards/x` | not recorded |" in text and "| val | 5 | `/w/sh` (0e3a0e3a0e3a) |" in text
+    assert "**The rows are on 2 different shards** (`/w/sh` (0e3a0e3a0e3a), `shards/x`)" in text
+    other.joinpath("metrics.json").unlink()
+    assert "different shards" not in (write_report(root) / "report.md").read_text()

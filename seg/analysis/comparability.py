@@ -298,3 +298,23 @@ def pair_folds(a: ComparedStage, b: ComparedStage, allow_missing: bool) -> tuple
 
 def fold_list(numbers: list[int]) -> str:
     return ", ".join(map(str, numbers))
+
+
+def other_shards(result: dict[str, Any], shards: Shards, experiment: Path) -> str | None:
+    """Why an evaluation (tools/evaluate.py's metrics.json) is not on the pack the experiment's
+    folds trained on; None when it is. By the manifest sha256 it records when it does, else by
+    the manifest now at the shards path it names."""
+    trained = shards.recorded or shards.file_sha256
+    recorded = result.get("manifest_sha256")
+    if isinstance(recorded, str) and trained is not None:
+        return None if recorded == trained else f"manifest sha256 {recorded[:12]}, the folds' {trained[:12]}"
+    path = result.get("shards")
+    if not isinstance(path, str):
+        return "its metrics.json names no shards"
+    if path == shards.path:
+        return None
+    found = shards_identity(path, experiment)
+    if found.manifest is not None and trained in (found.file_sha256, None) and found.digest == shards.digest:
+        return None  # the same pack elsewhere
+    what = f"manifest sha256 {found.file_sha256[:12]}" if found.file_sha256 else "its manifest not found"
+    return f"shards {path} ({what}), the folds' {shards.path}"

@@ -26,6 +26,7 @@ from seg.analysis.comparability import (
     Shards,
     data_differences,
     fold_list,
+    other_shards,
     pair_folds,
     setup_differences,
     shards_identity,
@@ -73,8 +74,9 @@ def read_compared_stage(path: str | Path, stage: int, label: str | None = None) 
                 notes.append(f"{label}: {where} is {fold.status} (no summary.json); left out")
         if not record.folds:
             raise CompareError(f"{run_stage.dir}: no fold*/ folder; nothing to compare")
-        compared = ComparedStage(path, label, record, None, _evaluations(path, stage), notes)
+        compared = ComparedStage(path, label, record, None, [], notes)
         compared.shards = _shards_of(compared)
+        compared.evaluations = _evaluations(compared)
     except RecordError as e:
         raise CompareError(str(e)) from None
     return compared
@@ -87,8 +89,11 @@ def _check(fold: FoldRecord) -> None:
     _ = fold.final_evaluation, fold.best_evaluation  # read and checked (cached for the comparison)
 
 
-def _evaluations(path: Path, stage: int) -> list[tuple[str, dict[str, Any]]]:
-    """tools/evaluate.py's results of this stage's reduced model, on the official val."""
+def _evaluations(compared: ComparedStage) -> list[tuple[str, dict[str, Any]]]:
+    """tools/evaluate.py's results of this stage's reduced model, on the official val of the pack
+    its folds trained on; one on another pack's val (other images: its score sits beside no other)
+    is noted and left out."""
+    path, stage = compared.path, compared.stage
     experiment = runs.Experiment(path)
     reduced, model = experiment.stage(stage).reduced, experiment.stage(stage).reduced_model.resolve()
     found = []
@@ -101,6 +106,12 @@ def _evaluations(path: Path, stage: int) -> list[tuple[str, dict[str, Any]]]:
         in_reduced = metrics.parent.parent == reduced
         named = isinstance(result.get("model"), str) and _same_file(result["model"], model, path)
         if not (in_reduced or named) or result.get("split") != "val":
+            continue
+        why = other_shards(result, compared.shards, path) if compared.shards is not None else None
+        if why is not None:
+            compared.notes.append(
+                f"{compared.label}: {evaluation.label} is on other shards ({why}); left out of val mIoU"
+            )
             continue
         found.append((evaluation.label, checked_result(metrics, result, "the result")))
     return found

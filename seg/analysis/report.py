@@ -276,10 +276,16 @@ def _evaluation_lines(experiment: ExperimentRecord) -> list[str]:
         return [*lines, "No evaluation result (tools/evaluate.py's metrics.json) found in the experiment.", ""]
     lines += [
         "The same model scores differently at another input size or with other test-time settings: "
-        "compare rows of the same settings. mIoU in percent.",
+        "compare rows of the same shards and settings. mIoU in percent.",
         "",
-        "| result | model | split | images | input size | mode | flip | scales | mIoU | fwIoU | pixel acc. |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    packs = {_shards_cell(e.result) for e in experiment.evaluations}
+    if len(packs) > 1:  # another pack's split holds other images: those scores are not comparable
+        lines += [f"**The rows are on {len(packs)} different shards** ({', '.join(sorted(packs))}): scores of "
+                  "different images, comparable only between rows of the same shards.", ""]  # fmt: skip
+    lines += [
+        "| result | model | split | images | shards | input size | mode | flip | scales | mIoU | fwIoU | pixel acc. |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for evaluation in experiment.evaluations:
         r = evaluation.result
@@ -292,11 +298,17 @@ def _evaluation_lines(experiment: ExperimentRecord) -> list[str]:
             mode = f"slide {tta['crop']} (stride {tta['stride']})"
         lines.append(
             f"| `{evaluation.label}` | `{r.get('model', 'n/a')}` | {r.get('split', 'n/a')} | "
-            f"{r.get('samples', 'n/a')} | {size} | "
+            f"{r.get('samples', 'n/a')} | {_shards_cell(r)} | {size} | "
             f"{mode} | {'yes' if tta.get('flip') else 'no'} | {scales} | {percent(r['miou'])} | "
             f"{percent(r.get('fwiou'))} | {percent(r.get('pixel_accuracy'))} |"
         )
     return [*lines, ""]
+
+
+def _shards_cell(result: dict[str, Any]) -> str:
+    """The shards an evaluation ran on: its path, with its manifest's sha256 when it records it."""
+    sha = result.get("manifest_sha256")
+    return f"`{result.get('shards', 'not recorded')}`" + (f" ({sha[:12]})" if isinstance(sha, str) else "")
 
 
 def _final_lines(experiment: ExperimentRecord, figures: dict[str, str]) -> list[str]:
