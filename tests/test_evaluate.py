@@ -15,7 +15,7 @@ from seg.data.augment import DeviceAugment
 from seg.data.loader import EvalStream, shards_of
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
-from seg.evaluation.inference import TestTimeAugmentation, predict_probabilities
+from seg.evaluation.inference import TestTimeAugmentation, _slide, predict_probabilities
 from seg.evaluation.metrics import ConfusionMatrix
 from seg.model.deeplab import DeepLabV3Plus
 from seg.model.weights import export_weights
@@ -319,6 +319,33 @@ def test_the_window_is_decided_by_mmsegs_rule():
     assert (fitted.crop, fitted.stride, clipped) == ((512, 1024), (341, 683), None)  # mmseg's Cityscapes test_cfg
     fitted, clipped = TestTimeAugmentation("slide", stride=(10, 20)).fitted((96, 192), (64, 256))
     assert (fitted.crop, fitted.stride) == ((64, 192), (10, 20)) and "clipped to 192x64" in clipped
+
+
+def test_a_stride_longer_than_the_window_is_refused_before_the_data():
+    """A stride of 1000x500 over a 64x32 window left most pixels unpredicted (0/0 logits: class 0),
+    and the score was silently wrong (6.80% against 28.67%)."""
+    with pytest.raises(ValueError, match=r"--stride 1000x500 is longer than the slide window 64x32 \(--crop\)"):
+        TestTimeAugmentation("slide", (32, 64), (500, 1000))
+    with pytest.raises(ValueError, match="--stride 0x16: each side must be at least 1"):
+        TestTimeAugmentation("slide", stride=(16, 0))
+    with pytest.raises(ValueError, match=r"longer than the slide window 192x96 \(the model's training size"):
+        TestTimeAugmentation("slide", stride=(64, 200)).fitted((96, 192), None)
+    # a stride that fits the window but not the window clipped to the input is clipped with it, and said
+    fitted, clipped = TestTimeAugmentation("slide", (128, 256), (100, 200)).fitted((96, 192), (64, 128))
+    assert (fitted.crop, fitted.stride) == ((64, 128), (64, 128)) and "--stride 200x100 clipped with it" in clipped
+    with pytest.raises(ValueError, match="longer than the slide window"):  # the windows themselves, called directly
+        _slide(DeepLabV3Plus(18, 8).eval(), torch.randn(1, 3, 64, 64), (32, 32), (48, 48))
+
+
+def test_a_stride_longer_than_the_window_is_one_line_from_the_tool(model_and_shards, tmp_path):
+    model_path, _ = model_and_shards
+    given = evaluate_tool(str(model_path), "--mode", "slide", "--crop", "64x32", "--stride", "1000x500",
+                          "--input-size", "256x128", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert given.returncode == 2 and given.stderr.startswith("error: --stride 1000x500 is longer than the slide window")
+    assert given.stderr.count("\n") == 1
+    trained = evaluate_tool(str(model_path), "--mode", "slide", "--stride", "200x64", "--out", str(tmp_path / "out"))
+    assert trained.returncode == 2 and "error: --stride 200x64 is longer than the slide window 192x96" in trained.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # --- mmseg's habit: CONFIG MODEL ------------------------------------------------------------

@@ -41,6 +41,8 @@ class TestTimeAugmentation:
             raise ValueError(f"mode {self.mode!r}: whole or slide")
         if self.mode == "whole" and (self.crop is not None or self.stride is not None):
             raise ValueError("--crop and --stride are the sliding window's: add --mode slide, or leave them out")
+        if self.stride is not None:
+            check_stride(self.stride, self.crop, "--crop")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -57,11 +59,12 @@ class TestTimeAugmentation:
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace, parser: argparse.ArgumentParser) -> TestTimeAugmentation:
-        """The options of :meth:`add_arguments`; a combination that means nothing is the parser's error."""
+        """The options of :meth:`add_arguments`; a combination that means nothing is refused in
+        one line (exit 2), before any model or data is loaded."""
         try:
             return cls(args.mode, _tuple(args.crop), _tuple(args.stride), tuple(args.scales), args.flip)
         except ValueError as e:
-            parser.error(str(e))
+            parser.exit(2, f"error: {e}\n")
 
     def fitted(
         self, model_size: tuple[int, int] | None, input_size: tuple[int, int] | None
@@ -74,6 +77,8 @@ class TestTimeAugmentation:
         crop = self.crop or model_size
         if crop is None:
             raise ValueError("--mode slide needs --crop WIDTHxHEIGHT: the model's config has no data.size")
+        if self.stride is not None:
+            check_stride(self.stride, crop, "--crop" if self.crop else "the model's training size, data.size")
         clipped = None
         if input_size is not None and (crop[0] > input_size[0] or crop[1] > input_size[1]):
             inside = (min(crop[0], input_size[0]), min(crop[1], input_size[1]))
@@ -81,8 +86,25 @@ class TestTimeAugmentation:
             clipped = (f"slide window {format_size(crop)} is larger than the {format_size(input_size)} input: "
                        f"clipped to {format_size(inside)}{single}")  # fmt: skip
             crop = inside
-        stride = self.stride or default_stride(crop)
+        stride = default_stride(crop)
+        if self.stride is not None:
+            # a stride that fitted the window may not fit the clipped one: clipped with it, so windows still meet
+            stride = (min(self.stride[0], crop[0]), min(self.stride[1], crop[1]))
+            if clipped and stride != tuple(self.stride):
+                clipped += f"; --stride {format_size(self.stride)} clipped with it to {format_size(stride)}"
         return replace(self, crop=tuple(crop), stride=tuple(stride)), clipped
+
+
+def check_stride(stride: tuple[int, int], window: tuple[int, int] | None, window_from: str) -> None:
+    """ValueError unless ``stride`` (H, W) is at least 1 and at most ``window`` (when known) on
+    each axis: a longer step leaves pixels between windows that no window predicts (0/0 logits)."""
+    if min(stride) < 1:
+        raise ValueError(f"--stride {format_size(stride)}: each side must be at least 1")
+    if window is not None and (stride[0] > window[0] or stride[1] > window[1]):
+        raise ValueError(
+            f"--stride {format_size(stride)} is longer than the slide window {format_size(window)} ({window_from}): "
+            f"the windows would leave pixels unpredicted; give a stride of at most {format_size(window)}"
+        )
 
 
 def _tuple(size: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -99,6 +121,7 @@ def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[
 
 def _slide(model: nn.Module, image: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
     """Logits of overlapping windows, averaged where they overlap (mmseg's slide_inference)."""
+    check_stride(stride, crop, "crop")  # uncovered pixels would come out as class 0, silently
     n, _, height, width = image.shape
     rows, cols, crop_h, crop_w = slide_windows(height, width, crop, stride)
     logits = None
