@@ -348,6 +348,20 @@ def test_a_stride_longer_than_the_window_is_one_line_from_the_tool(model_and_sha
     assert not (tmp_path / "out").exists()
 
 
+def test_scales_and_workers_that_mean_nothing_are_refused_before_the_model_loads(tmp_path):
+    """--scales 0|-1|nan|inf failed with RuntimeError/ValueError/OverflowError after the model and
+    the data were loaded, --workers -1 with the DataLoader's ValueError."""
+    missing = str(tmp_path / "missing.safetensors")  # refused before it is looked for
+    for scale in ("0", "-1", "nan", "inf"):
+        done = evaluate_tool(missing, "--scales", "1", scale)
+        assert done.returncode == 2 and done.stderr.startswith(f"error: --scales {scale}: each scale must be a finite")
+        assert done.stderr.count("\n") == 1
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), missing, "--workers", "-1"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2 and "--workers: '-1': a number of processes, 0 or more" in done.stderr
+    assert "Traceback" not in done.stderr and "no such file" not in done.stderr
+
+
 # --- mmseg's habit: CONFIG MODEL ------------------------------------------------------------
 
 

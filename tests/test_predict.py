@@ -266,3 +266,16 @@ def test_legend_gives_each_overlay_a_legend_beside_it(model_and_images, tmp_path
         assert overlay.height >= 40 and overlay.width > 72  # the 72x40 image and its legend to the right
     with Image.open(tmp_path / "out" / "single_labelIds.png") as label_ids:
         assert label_ids.size == (72, 40)  # the other outputs keep the image's size
+
+
+def test_scales_that_mean_nothing_are_refused_before_the_model_loads(tmp_path, capsys):
+    """--scales 0|nan failed after the model was loaded and the first image read."""
+    model, out = str(tmp_path / "missing.safetensors"), str(tmp_path / "out")
+    for scale in ("0", "nan"):
+        with pytest.raises(SystemExit) as refused:
+            main([model, str(tmp_path), "--out", out, "--scales", scale])
+        assert refused.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --scales {scale}: each scale must be a finite factor above 0")
+        assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -100,6 +100,17 @@ def evaluation_markdown(result: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def workers(text: str) -> int:
+    """--workers: a count of loader processes, 0 or more (the DataLoader refuses less only after the model loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of processes, 0 or more (0: load in this process)")
+    return value
+
+
 def default_folder(given: list[Path], members: list[Path]) -> Path:
     """Where results go by default: beside the model file or the ensemble.json; a stage
     folder's reduced/ (else the stage folder); several files: their common folder."""
@@ -143,7 +154,7 @@ def run(argv: list[str] | None) -> int:
         help="resize images to WIDTHxHEIGHT, or 'full' (default: the model config's data.eval_size)",
     )
     TestTimeAugmentation.add_arguments(parser)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=workers, default=2, help="data loading processes (0: in this one)")
     parser.add_argument(
         "--out", type=Path, help="where the results go (default: eval-SPLIT-SETTINGS/ beside the model)"
     )

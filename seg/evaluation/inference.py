@@ -7,6 +7,7 @@ Class probabilities are accumulated at the label's size and averaged over every 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,6 +44,12 @@ class TestTimeAugmentation:
             raise ValueError("--crop and --stride are the sliding window's: add --mode slide, or leave them out")
         if self.stride is not None:
             check_stride(self.stride, self.crop, "--crop")
+        for scale in self.scales:
+            if not (math.isfinite(scale) and scale > 0):  # 0 or nan fails only once the model and data are loaded
+                raise ValueError(
+                    f"--scales {scale:g}: each scale must be a finite factor above 0, "
+                    f"typically 0.5 to 2 (mmseg's multi-scale test: 0.5 0.75 1.0 1.25 1.5 1.75)"
+                )
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -147,7 +154,8 @@ def predict_probabilities(
     for scale in tta.scales:
         scaled = images
         if scale != 1.0:
-            target = (round(images.shape[2] * scale), round(images.shape[3] * scale))
+            # (at least a pixel: a tiny scale of a small image would round to nothing)
+            target = (max(1, round(images.shape[2] * scale)), max(1, round(images.shape[3] * scale)))
             scaled = F.interpolate(images, size=target, mode="bilinear", align_corners=False)
         for flip in (False, True) if tta.flip else (False,):
             view = scaled.flip(-1) if flip else scaled
