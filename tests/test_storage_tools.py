@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seg.core.cli import Size
-from seg.core.storage import EXIT_STORAGE, StorageError, storage_problem, writing
+from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, storage_problem, writable_problem, writing
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
 from seg.model.deeplab import DeepLabV3Plus
@@ -60,6 +60,27 @@ def test_the_one_line_names_the_path_why_and_what_to_do_for_every_kind_of_refusa
         raise OSError(errno.EDQUOT, "quota")
     with pytest.raises(KeyError), writing(tmp_path):
         raise KeyError("anything else passes")
+
+
+def test_a_file_where_a_folder_is_expected_is_named_in_one_line(tree_model_shards, tmp_path):
+    """evaluate/predict/report --out FILE, reduce_folds.py FILE and pack --out FILE/sub all ended in
+    NotADirectoryError: 'FILE/tmpXXXX', from the writable check itself."""
+    tree, model, _ = tree_model_shards
+    file = tmp_path / "results.txt"
+    file.write_text("a file, not a folder")
+    assert writable_problem(file) == f"{file} is a file, not a folder: give a folder, or move the file away"
+    assert f"(where {file / 'sub'} would be made)" in writable_problem(file / "sub")
+    with pytest.raises(StorageError, match="is a file, not a folder"):
+        check_writable(file / "sub")
+    image = next((tree / "leftImg8bit" / "val").rglob("*.png"))
+    for done in (
+        _tool(str(REPO / "tools" / "evaluate.py"), str(model), "--out", str(file), "--workers", "0"),
+        _tool(str(REPO / "tools" / "predict.py"), str(model), str(image), "--out", str(file)),
+        _tool(str(REPO / "tools" / "reduce_folds.py"), str(file)),
+        _tool(str(REPO / "tools" / "pack_cityscapes.py"), str(tree), "--out", str(file / "sub")),
+    ):
+        assert f"error: {file} is a file, not a folder" in _error_line(done)
+    assert file.read_text() == "a file, not a folder"
 
 
 def test_pack_on_a_full_disk_says_so_in_one_line_and_leaves_nothing(tree_model_shards, tmp_path):

@@ -82,6 +82,9 @@ def writable_problem(folder: str | os.PathLike) -> str | None:
     """Why files can't be created in ``folder`` (or where it would be made), or None: tried
     with a real temporary file, since ``access`` answers for the permission bits only."""
     where = existing_parent(folder)
+    if not where.is_dir():  # a file where a folder is (or would be made): no disk error, a wrong path
+        inside = "" if where == Path(folder).absolute() else f" (where {folder} would be made)"
+        return f"{where} is a file, not a folder{inside}: give a folder, or move the file away"
     try:
         with tempfile.TemporaryFile(dir=where):
             pass
