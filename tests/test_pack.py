@@ -208,6 +208,11 @@ def test_manifest_helpers_name_what_is_wrong(packed, tmp_path):
         shard_paths(packed, manifest, ["nope"])
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(tmp_path)
+    file = tmp_path / "shards.tar"  # was NotADirectoryError: 'shards.tar/manifest.json'
+    file.write_bytes(b"x")
+    with pytest.raises(ManifestError, match=f"^{file} is a file, not a packed dataset folder"):
+        load_manifest(file)
+    assert pack_cityscapes.main(["--verify", str(file)]) == 2
 
 
 # --- bad input: one clear error naming the file, exit code 2, nothing left behind ---------

@@ -80,6 +80,10 @@ def manifest_bytes(directory: str | Path) -> bytes:
         raise ManifestError(
             f"{Path(directory) / MANIFEST} not found: is {directory} a packed dataset (tools/pack_cityscapes.py)?"
         ) from None
+    except NotADirectoryError:
+        raise ManifestError(
+            f"{directory} is a file, not a packed dataset folder (tools/pack_cityscapes.py makes one)"
+        ) from None
     except RemoteError as e:
         raise ManifestError(str(e)) from None
 
