@@ -362,6 +362,62 @@ def test_scales_and_workers_that_mean_nothing_are_refused_before_the_model_loads
     assert "Traceback" not in done.stderr and "no such file" not in done.stderr
 
 
+# --- the results folder: whole or not at all ------------------------------------------------
+
+
+def test_a_full_disk_leaves_no_partial_results_folder_and_an_earlier_one_untouched(model_and_shards, tmp_path,
+                                                                                   monkeypatch, capsys):  # fmt: skip
+    """It left metrics.json, metrics.md and two of the three figures (exit 74), which the report read as complete."""
+    import errno
+
+    import tools.evaluate
+
+    model_path, _ = model_and_shards
+    out = tmp_path / "out"
+    args = [str(model_path), "--out", str(out), "--workers", "0"]
+
+    def full_after_two(result, matrix, folder, settings):
+        (folder / "per_class_iou.png").write_bytes(b"png")
+        (folder / "confusion.png").write_bytes(b"png")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "frequency_vs_iou.png"))
+
+    monkeypatch.setattr(tools.evaluate, "evaluation_figures", full_after_two)
+    assert tools.evaluate.main(args) == 74
+    assert "no space left on the device" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == []  # no folder, and no partial one beside it
+
+    monkeypatch.undo()
+    assert tools.evaluate.main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(tools.evaluate, "evaluation_figures", full_after_two)
+    assert tools.evaluate.main(args) == 74
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier evaluation, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_reused_results_folder_is_replaced_whole_and_a_users_folder_is_refused(model_and_shards, tmp_path):
+    """The test split's metrics.md ("No metrics") used to sit beside the val evaluation's figures."""
+    model_path, _ = model_and_shards
+    out, export = tmp_path / "out", tmp_path / "png"
+    assert evaluate_tool(str(model_path), "--out", str(out)).returncode == 0
+    assert len(list(out.glob("*.png"))) == 3
+    done = evaluate_tool(str(model_path), "--split", "test", "--export", str(export), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "metrics.md"]
+    again = evaluate_tool(str(model_path), "--split", "val", "--export", str(export), "--out", str(out))
+    assert again.returncode == 0 and f"note: {export} already holds 2 labelIds PNGs" in again.stdout
+
+    (out / "notes.txt").write_text("mine")  # a folder holding what the tool did not write is not replaced
+    refused = evaluate_tool(str(model_path), "--out", str(out))
+    assert (
+        refused.returncode == 2
+        and f"error: {out} holds what an evaluation does not write (notes.txt)" in refused.stderr
+    )
+    assert (out / "notes.txt").read_text() == "mine"
+    inside = evaluate_tool(str(model_path), "--out", str(tmp_path / "e"), "--export", str(tmp_path / "e" / "png"))
+    assert inside.returncode == 2 and "is inside the results folder" in inside.stderr
+
+
 # --- mmseg's habit: CONFIG MODEL ------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ beside the ensemble.json, in the stage's reduced/ (a stage folder), or beside th
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import sys
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from seg.core.atomic import atomic_write_bytes
+from seg.core.atomic import atomic_directory, atomic_write_bytes
 from seg.core.cityscapes import TRAINID_TO_ID
 from seg.core.png import encode_gray8
 from seg.core.runs import Stage
@@ -77,6 +78,9 @@ from seg.evaluation.inference import TestTimeAugmentation
 from seg.model.weights import WeightsError
 from seg.results.plots import evaluation_figures
 from seg.results.tables import count
+
+# What an evaluation writes in its folder (seg.results.plots.evaluation_figures: the PNGs)
+RESULT_FILES = ("metrics.json", "metrics.md", "per_class_iou.png", "confusion.png", "frequency_vs_iou.png")
 
 
 def evaluation_markdown(result: dict, title: str) -> str:
@@ -109,6 +113,38 @@ def workers(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a number of processes, 0 or more (0: load in this process)")
     return value
+
+
+def is_result_file(name: str) -> bool:
+    """Whether ``name`` in a results folder is what an evaluation writes there (or a temporary
+    file of it that a hard kill left)."""
+    return name in RESULT_FILES or any(fnmatch.fnmatch(name, f".{file}.*.tmp") for file in RESULT_FILES)
+
+
+def reuse_problem(out: Path, export: Path | None) -> str | None:
+    """Why the results can't go to ``out``, which is replaced whole: it holds what an evaluation
+    does not write (a user's folder: nothing of theirs is deleted), or ``export`` is inside it."""
+    if export is not None and export.resolve().is_relative_to(out.resolve()):
+        return (
+            f"--export {export} is inside the results folder {out}, which is replaced whole: give each its own folder"
+        )
+    foreign = sorted(p.name for p in out.iterdir() if not is_result_file(p.name)) if out.is_dir() else []
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        return (f"{out} holds what an evaluation does not write ({listed}); its results replace the folder whole, "
+                f"so give a new or empty folder, or an earlier evaluation's")  # fmt: skip
+    return None
+
+
+def write_results(out: Path, result: dict, matrix: np.ndarray | None, title: str) -> None:
+    """``out`` with metrics.json, metrics.md and (``matrix``: a labelled split) the figures,
+    replacing an earlier evaluation's whole: complete or not at all, on a full disk or Ctrl-C,
+    and no figure of another split or setting left beside the new metrics."""
+    with writing(out), atomic_directory(out, overwrite=True) as folder:
+        (folder / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+        (folder / "metrics.md").write_text(evaluation_markdown(result, title))
+        if matrix is not None:
+            evaluation_figures(result, matrix, folder, describe_settings(result["settings"]))
 
 
 def default_folder(given: list[Path], members: list[Path]) -> Path:
@@ -200,6 +236,12 @@ def run(argv: list[str] | None) -> int:
     )
     for folder in [out, *([args.export] if args.export else [])]:
         check_writable(folder)  # before the work: a folder that can't be written fails now, not after every image
+    if problem := reuse_problem(out, args.export):
+        say(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.export and (earlier := len(list(args.export.glob("*_labelIds.png")))):
+        say(f"note: {args.export} already holds {count(earlier, 'labelIds PNG')}: this split's are replaced, any "
+            f"others stay (give an empty folder for a benchmark submission)")  # fmt: skip
     export = None
     if args.export:
         args.export.mkdir(parents=True, exist_ok=True)
@@ -231,12 +273,7 @@ def run(argv: list[str] | None) -> int:
         title = f"{result['model']} on {args.split}"
         if len(members) > 1:
             title = f"ensemble of {len(members)} models ({result['model']}) on {args.split}"
-        with writing(out):
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
-            atomic_write_bytes(out / "metrics.md", evaluation_markdown(result, title).encode())
-            if labelled:
-                evaluation_figures(result, matrix.matrix.cpu().numpy(), out, describe_settings(result["settings"]))
+        write_results(out, result, matrix.matrix.cpu().numpy() if labelled else None, title)
         if labelled:
             print(f"{args.split}: mIoU {100 * result['miou']:.2f}% over {count(seen, 'image')} -> {out}")
         else:
