@@ -279,3 +279,29 @@ def test_scales_that_mean_nothing_are_refused_before_the_model_loads(tmp_path, c
         assert err.startswith(f"error: --scales {scale}: each scale must be a finite factor above 0")
         assert err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_leaves_each_images_outputs_whole_or_none(model_and_images, tmp_path, monkeypatch, capsys):
+    """A failed write left an image's _color.png without its overlay or labelIds."""
+    import errno
+
+    import seg.core.atomic
+
+    model_path, _, single = model_and_images
+    out = tmp_path / "out"
+    argv = [str(model_path), str(single), "--out", str(out)]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    staged = seg.core.atomic._write_temporary
+
+    def full_at_label_ids(path, data):
+        if path.name.endswith("_labelIds.png"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return staged(path, data)
+
+    monkeypatch.setattr(seg.core.atomic, "_write_temporary", full_at_label_ids)
+    assert main([*argv, "--alpha", "0.9"]) == 74
+    assert "no space left on the device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier set, whole; no temporary file
+    assert main([str(model_path), str(single), "--out", str(tmp_path / "new")]) == 74
+    assert listing(tmp_path / "new") == []

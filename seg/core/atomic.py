@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -83,7 +83,28 @@ def remove_leftovers(directory: str | os.PathLike, name: str = "*") -> list[Path
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename. The file gets
     a plain ``open()``'s mode: an existing file's, else 0666 less the umask."""
-    path = Path(path)
+    atomic_write_all({path: data})
+
+
+def atomic_write_all(files: Mapping[str | os.PathLike, bytes]) -> None:
+    """Write several files as a set: every one to a temporary file first (fsync'd), renamed
+    into place only once all are written, so a full disk or Ctrl-C while writing leaves none
+    of them new (an earlier set untouched), never some. Modes as :func:`atomic_write_bytes`."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            staged.append((_write_temporary(Path(path), data), Path(path)))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
+def _write_temporary(path: Path, data: bytes) -> str:
+    """``data`` in a fsync'd temporary file beside ``path``, with the mode ``path`` will have."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
@@ -95,11 +116,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return tmp
 
 
 def plain_modes(root: str | os.PathLike) -> None:

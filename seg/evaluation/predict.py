@@ -4,8 +4,8 @@ The model is built and run the way tools/evaluate.py does: the sidecar's ``confi
 builds the network, ``eval_sample`` decodes (and optionally resizes) the image,
 DeviceAugment("none") normalises it (resized by default to the model config's
 ``data.eval_size``, as tools/evaluate.py does), and ``predict_probabilities`` (whole or sliding
-windows, flips, scales) predicts at the image's own size. Every PNG is written atomically,
-so an error or Ctrl-C never leaves a half-written file.
+windows, flips, scales) predicts at the image's own size. An image's PNGs are written
+atomically as a set, so an error or Ctrl-C never leaves a half-written file or a half set.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from seg.core.atomic import atomic_write_bytes
+from seg.core.atomic import atomic_write_all
 from seg.core.cityscapes import TRAINID_TO_ID, colorize
 from seg.core.png import encode_gray8
 from seg.data.augment import DeviceAugment
@@ -132,17 +132,22 @@ def _encode_rgb(array: np.ndarray) -> bytes:
 
 def write_outputs(stem: Path, image: Image.Image, prediction: np.ndarray, alpha: float, legend: bool = False) -> None:
     """``stem``_color.png, _overlay.png (with ``legend``: a legend of the classes it shows
-    beside it, seg.results.plots.overlay_with_legend) and _labelIds.png (official label ids)."""
+    beside it, seg.results.plots.overlay_with_legend) and _labelIds.png (official label ids),
+    written as a set: a full disk or Ctrl-C leaves the image's three or none new, never one alone."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     colours = colorize(prediction)
-    atomic_write_bytes(f"{stem}_color.png", _encode_rgb(colours))
     blended = overlay(np.asarray(image), colours, alpha)
     if legend:
         from seg.results.plots import overlay_with_legend  # (matplotlib, only when asked for)
 
         blended = overlay_with_legend(blended, prediction)
-    atomic_write_bytes(f"{stem}_overlay.png", _encode_rgb(blended))
-    atomic_write_bytes(f"{stem}_labelIds.png", encode_gray8(TRAINID_TO_ID[prediction]))
+    atomic_write_all(
+        {
+            f"{stem}_color.png": _encode_rgb(colours),
+            f"{stem}_overlay.png": _encode_rgb(blended),
+            f"{stem}_labelIds.png": encode_gray8(TRAINID_TO_ID[prediction]),
+        }
+    )
 
 
 def predict_files(
