@@ -395,6 +395,19 @@ def test_a_full_disk_leaves_no_partial_results_folder_and_an_earlier_one_untouch
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_ctrl_c_is_one_line_and_exit_130(model_and_shards, tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed a KeyboardInterrupt traceback."""
+    import tools.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tools.evaluate, "evaluate", interrupted)
+    assert tools.evaluate.main([str(model_and_shards[0]), "--out", str(tmp_path / "out"), "--workers", "0"]) == 130
+    assert capsys.readouterr().err.startswith("interrupted: no results written")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_reused_results_folder_is_replaced_whole_and_a_users_folder_is_refused(model_and_shards, tmp_path):
     """The test split's metrics.md ("No metrics") used to sit beside the val evaluation's figures."""
     model_path, _ = model_and_shards

@@ -305,3 +305,29 @@ def test_a_full_disk_leaves_each_images_outputs_whole_or_none(model_and_images, 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier set, whole; no temporary file
     assert main([str(model_path), str(single), "--out", str(tmp_path / "new")]) == 74
     assert listing(tmp_path / "new") == []
+
+
+def test_ctrl_c_is_one_line_and_exit_130_with_the_images_before_it_complete(model_and_images, tmp_path, monkeypatch,
+                                                                           capsys):  # fmt: skip
+    """Ctrl-C printed a KeyboardInterrupt traceback."""
+    import seg.evaluation.predict
+
+    model_path, images, _ = model_and_images
+    predicted = seg.evaluation.predict.predict_image
+    calls = []
+
+    def interrupted_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return predicted(*args, **kwargs)
+
+    monkeypatch.setattr(seg.evaluation.predict, "predict_image", interrupted_at_the_second)
+    out = tmp_path / "out"
+    assert main([str(model_path), str(images), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted: the images predicted before are complete in {out}, none in part; exit 130\n"
+    assert listing(out) == [
+        "aachen",
+        *(f"aachen/aachen_000000_000019_{k}.png" for k in ("color", "labelIds", "overlay")),
+    ]

@@ -161,12 +161,16 @@ def default_folder(given: list[Path], members: list[Path]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """The command; a disk that refuses a write (its folders are checked before the work) is
-    one line and EXIT_STORAGE."""
+    one line and EXIT_STORAGE, Ctrl-C one line and 130."""
     try:
         return run(argv)
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_STORAGE
+    except KeyboardInterrupt:  # the results folder is replaced whole or not at all: one line, no traceback
+        print("interrupted: no results written (an earlier evaluation's folder is untouched; labelIds PNGs "
+              "exported so far are complete); exit 130", file=sys.stderr)  # fmt: skip
+        return 130
 
 
 def run(argv: list[str] | None) -> int:

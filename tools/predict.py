@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_STORAGE
+    except KeyboardInterrupt:  # what was written is whole (each image's set is atomic): one line, no traceback
+        print(f"interrupted: the images predicted before are complete in {args.out}, none in part; exit 130",
+              file=sys.stderr)  # fmt: skip
+        return 130
     finally:
         bar.close()
     print(f"{plural(count, 'image')} -> {args.out}")
