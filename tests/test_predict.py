@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from seg.core.cityscapes import PALETTE, TRAINID_TO_ID, VALID_IDS
@@ -331,3 +331,20 @@ def test_ctrl_c_is_one_line_and_exit_130_with_the_images_before_it_complete(mode
         "aachen",
         *(f"aachen/aachen_000000_000019_{k}.png" for k in ("color", "labelIds", "overlay")),
     ]
+
+
+def test_a_photo_stored_sideways_is_predicted_as_it_displays(model_and_images, tmp_path):
+    """A JPEG stored 64x128 with EXIF Orientation=6 (displays 128x64) was predicted and written unrotated."""
+    model_path, _, _ = model_and_images
+    shown = scene(64, 128, 3)  # how the photo displays: 128 wide, 64 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 clockwise to display
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90).save(photo, quality=100, exif=exif)
+    assert Image.open(photo).size == (64, 128)
+    upright = tmp_path / "upright.png"  # the photo's own pixels, turned as it displays
+    ImageOps.exif_transpose(Image.open(photo)).save(upright)
+    assert main([str(model_path), str(photo), "--out", str(tmp_path / "out"), "--size", "full"]) == 0
+    label_ids = Image.open(tmp_path / "out" / "photo_labelIds.png")
+    assert label_ids.size == Image.open(tmp_path / "out" / "photo_overlay.png").size == (128, 64)
+    np.testing.assert_array_equal(np.asarray(label_ids), TRAINID_TO_ID[expected_train_ids(model_path, upright)])

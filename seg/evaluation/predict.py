@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from seg.core.atomic import atomic_write_all
 from seg.core.cityscapes import TRAINID_TO_ID, colorize
@@ -96,10 +96,11 @@ def check_image(path: Path) -> None:
 
 
 def read_image(path: Path) -> Image.Image:
-    """The decoded RGB image."""
+    """The decoded RGB image, turned as it displays (its EXIF orientation applied: a phone's
+    photo is often stored sideways), so the outputs line up with it."""
     with _opened(path) as image:
         image.load()  # decode now: a truncated file fails here, before any of its outputs
-        return image.convert("RGB")
+        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 @torch.no_grad()
