@@ -265,6 +265,22 @@ def test_several_model_files_or_an_ensemble_json_evaluate_their_ensemble(model_a
 # --- sizes the right way round, a window that fits the model, records of what was used ------
 
 
+def test_a_truncated_ensemble_json_is_named_unreadable_json(model_and_shards, tmp_path):
+    """It said "this is a model's JSON sidecar, not the model; pass .../ensemble.safetensors"."""
+    from seg.evaluation.ensemble import load_models
+    from seg.model.weights import WeightsError
+
+    cut = tmp_path / "ensemble.json"
+    cut.write_text(json.dumps({"format": "seg.ensemble", "members": ["a.safetensors", "b.safetensors"]})[:40])
+    with pytest.raises(WeightsError, match=rf"^{cut}: not readable JSON \(.*\); an ensemble.json is written whole"):
+        load_models([cut])
+    sidecar = tmp_path / "model.json"  # a sidecar, even cut short, still names the model to pass
+    sidecar.write_text("{")
+    (tmp_path / "model.safetensors").write_bytes(model_and_shards[0].read_bytes())
+    with pytest.raises(WeightsError, match="this is a model's JSON sidecar, not the model"):
+        load_models([sidecar])
+
+
 def test_an_input_size_the_wrong_way_round_is_refused_naming_the_swap(model_and_shards, tmp_path):
     """96x192 on a 192x96 model used to score badly without a word."""
     model_path, _ = model_and_shards

@@ -78,8 +78,12 @@ def resolve_members(paths: Sequence[str | Path]) -> list[Path]:
                 raise WeightsError(f"{path}: give a stage folder or an ensemble.json alone, not among model files")
         return paths
     path = paths[0]
-    if path.is_file() and path.suffix == ".json" and _is_ensemble_file(path):
-        return read_ensemble_file(path)
+    if path.is_file() and path.suffix == ".json":
+        if _is_ensemble_file(path):
+            return read_ensemble_file(path)
+        # not a sidecar (no model beside it) and no JSON: an ensemble.json cut short, say so (not "pass the model")
+        if not path.with_suffix(".safetensors").is_file() and (problem := _json_problem(path)):
+            raise WeightsError(f"{path}: {problem}; an ensemble.json is written whole by tools/reduce_folds.py")
     stage = Stage.at(path)
     folds = stage.folds()
     if folds:
@@ -99,6 +103,15 @@ def _is_ensemble_file(path: Path) -> bool:
         return json.loads(path.read_text()).get("format") == ENSEMBLE_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _json_problem(path: Path) -> str | None:
+    """Why ``path`` is not readable JSON, or None."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"not readable JSON ({e})"
+    return None
 
 
 def read_ensemble_file(path: Path) -> list[Path]:
