@@ -378,6 +378,34 @@ def test_scales_and_workers_that_mean_nothing_are_refused_before_the_model_loads
     assert "Traceback" not in done.stderr and "no such file" not in done.stderr
 
 
+def test_a_relative_recorded_shards_folder_is_found_from_the_run_wherever_the_command_runs(model_and_shards, tmp_path):
+    """From another folder, shards/synthetic (the demo's data.shards) was looked for in the working directory."""
+    model_path, shards = model_and_shards
+    repo = tmp_path / "repo"
+    reduced = repo / "runs" / "demo" / "stage1" / "reduced"  # runs/<train.experiment>/..., train.runs_dir "runs"
+    reduced.mkdir(parents=True)
+    (repo / "data").mkdir()
+    (repo / "data" / "packed").symlink_to(shards)
+    sidecar = json.loads(model_path.with_suffix(".json").read_text())
+    sidecar["config"]["data"]["shards"] = "data/packed"
+    assert sidecar["config"]["train"]["experiment"] == "demo"
+    (reduced / "model.json").write_text(json.dumps(sidecar))
+    (reduced / "model.safetensors").write_bytes(model_path.read_bytes())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = [sys.executable, str(REPO / "tools" / "evaluate.py"), str(reduced / "model.safetensors"), "--workers", "0"]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd=elsewhere)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((reduced / "eval-val-192x96-whole" / "metrics.json").read_text())
+    assert result["shards"] == str(repo / "data" / "packed") and result["samples"] == 5
+
+    (repo / "data" / "packed").unlink()  # nowhere to be found: the message says what to pass
+    lost = subprocess.run([*run, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                          cwd=elsewhere)  # fmt: skip
+    assert lost.returncode == 2
+    assert "data/packed/manifest.json not found" in lost.stderr and "pass --shards DIR" in lost.stderr
+
+
 # --- the results folder: whole or not at all ------------------------------------------------
 
 

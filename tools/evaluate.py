@@ -136,6 +136,17 @@ def reuse_problem(out: Path, export: Path | None) -> str | None:
     return None
 
 
+def labelled_split(shards: str, split: str, recorded_in: str | None) -> bool:
+    """split_is_labelled; a dataset that can't be read names --shards when it came from
+    ``recorded_in`` (the model's config, or a config given with it), not the command line."""
+    try:
+        return split_is_labelled(shards, split)
+    except ManifestError as e:
+        if not recorded_in:
+            raise
+        raise ManifestError(f"{e} (data.shards of {recorded_in}); pass --shards DIR to name the dataset") from None
+
+
 def write_results(out: Path, result: dict, matrix: np.ndarray | None, title: str) -> None:
     """``out`` with metrics.json, metrics.md and (``matrix``: a labelled split) the figures,
     replacing an earlier evaluation's whole: complete or not at all, on a full disk or Ctrl-C,
@@ -208,9 +219,9 @@ def run(argv: list[str] | None) -> int:
         config_path, model_paths = split_config(args.models)
         model, sidecar, members = load_models(model_paths)
         config, changed = check_config(config_path, sidecar) if config_path else (None, [])
-        defaults = Defaults.of(sidecar, config, config_path)
+        defaults = Defaults.of(sidecar, config, config_path, members[0])
         shards = args.shards or defaults.shards
-        labelled = split_is_labelled(shards, args.split)
+        labelled = labelled_split(shards, args.split, args.shards is None and defaults.source)
         if not labelled and not args.export:
             raise ManifestError(f"{shards}: the {args.split} split has no labels, so there is nothing to measure; "
                                 f"pass --export DIR to write its predictions (labelIds PNGs for the Cityscapes "

@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from seg.analysis.comparability import working_directories
 from seg.core.cli import Size, format_size, orientation_mismatch, parse_size
 from seg.core.distributed import all_reduce_sum
 from seg.data.augment import DeviceAugment
 from seg.data.loader import EvalStream, Shard, shards_of
-from seg.data.manifest import load_manifest
+from seg.data.manifest import MANIFEST, load_manifest
+from seg.data.remote import is_remote
 from seg.data.transforms import eval_sample
 from seg.data.workers import loader_options
 from seg.evaluation.inference import TestTimeAugmentation, predict_probabilities
@@ -159,14 +161,41 @@ class Defaults:
     source: str  # "the model's config" or the config file's path
 
     @classmethod
-    def of(cls, sidecar: dict[str, Any], config: dict[str, Any] | None = None, path: Path | None = None) -> Defaults:
+    def of(
+        cls,
+        sidecar: dict[str, Any],
+        config: dict[str, Any] | None = None,
+        path: Path | None = None,
+        model: Path | None = None,
+    ) -> Defaults:
+        """``model``: the sidecar's model file, from whose run a relative data.shards of the
+        sidecar is found when it is not where the command runs (:func:`recorded_shards`)."""
         chosen = config if config is not None else sidecar.get("config", {})
+        shards = _select(chosen, "data.shards")
+        if config is None and model is not None and isinstance(shards, str):
+            shards = recorded_shards(shards, model, chosen)
         return cls(
-            _select(chosen, "data.shards"),
+            shards,
             _pair(_select(chosen, "data.eval_size")),
             _pair(_select(chosen, "data.size")),
             str(path) if config is not None else "the model's config",
         )
+
+
+def recorded_shards(shards: str, model: Path, config: dict[str, Any]) -> str:
+    """A model's recorded data.shards, found from here: a relative one names a folder relative
+    to where its training ran, tried here first, then where the run's folder says it ran
+    (seg.analysis.comparability.working_directories, as tools/compare.py finds it: the model's
+    ancestor named ``train.experiment``, less ``train.runs_dir``). Unfound: as recorded."""
+    if is_remote(shards) or Path(shards).is_absolute() or (Path(shards) / MANIFEST).is_file():
+        return shards
+    experiment = next((p for p in model.resolve().parents if p.name == _select(config, "train.experiment")), None)
+    if experiment is None:
+        return shards
+    for root in working_directories(experiment, _select(config, "train.runs_dir")):
+        if (root / shards / MANIFEST).is_file():
+            return str(root / shards)
+    return shards
 
 
 def _select(tree: dict[str, Any], key: str) -> Any:
