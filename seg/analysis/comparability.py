@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seg.core.runs import working_directories
 from seg.data.manifest import (
     MANIFEST,
     SELECTION_GROUP,
@@ -91,20 +92,6 @@ class ComparedStage:
         identity = next((f.identity for f in self.finished().values() if f.identity is not None), None)
         config = next((f.config for f in self.folds.values() if f.config is not None), None)
         return stage_identity(identity), config
-
-
-def working_directories(experiment: Path, runs_dir: str | None) -> list[Path]:
-    """Where the training may have run from: the experiment folder less ``train.runs_dir``
-    and the experiment's name (runs/<experiment> -> the repository root), then its parent's parent."""
-    resolved = experiment.resolve()
-    roots = []
-    if runs_dir and not Path(runs_dir).is_absolute():
-        root = resolved.parent
-        for _ in Path(runs_dir).parts:
-            root = root.parent
-        roots.append(root)
-    roots.append(resolved.parent.parent)
-    return list(dict.fromkeys(roots))
 
 
 def shards_identity(shards: str, experiment: Path, runs_dir: str | None = None) -> Shards:

@@ -30,7 +30,6 @@ from seg.analysis.comparability import (
     pair_folds,
     setup_differences,
     shards_identity,
-    working_directories,
 )
 from seg.analysis.statistics import (
     CONFIDENCE,
@@ -125,7 +124,7 @@ def _same_file(recorded: str, target: Path, experiment: Path) -> bool:
 
 
 def _roots(experiment: Path, relative: str) -> list[Path]:
-    return [root / relative for root in working_directories(experiment, None)]
+    return [root / relative for root in runs.working_directories(experiment, None)]
 
 
 def _shards_of(experiment: ComparedStage) -> Shards | None:

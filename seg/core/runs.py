@@ -284,3 +284,17 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def working_directories(experiment: Path, runs_dir: str | None) -> list[Path]:
+    """Where the training may have run from: the experiment folder less ``train.runs_dir``
+    and the experiment's name (runs/<experiment> -> the repository root), then its parent's parent."""
+    resolved = experiment.resolve()
+    roots = []
+    if runs_dir and not Path(runs_dir).is_absolute():
+        root = resolved.parent
+        for _ in Path(runs_dir).parts:
+            root = root.parent
+        roots.append(root)
+    roots.append(resolved.parent.parent)
+    return list(dict.fromkeys(roots))

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from seg.analysis.comparability import working_directories
 from seg.core.cli import Size, format_size, orientation_mismatch, parse_size
 from seg.core.distributed import all_reduce_sum
+from seg.core.runs import working_directories
 from seg.data.augment import DeviceAugment
 from seg.data.loader import EvalStream, Shard, shards_of
 from seg.data.manifest import MANIFEST, load_manifest
@@ -185,7 +185,7 @@ class Defaults:
 def recorded_shards(shards: str, model: Path, config: dict[str, Any]) -> str:
     """A model's recorded data.shards, found from here: a relative one names a folder relative
     to where its training ran, tried here first, then where the run's folder says it ran
-    (seg.analysis.comparability.working_directories, as tools/compare.py finds it: the model's
+    (seg.core.runs.working_directories, as tools/compare.py finds it: the model's
     ancestor named ``train.experiment``, less ``train.runs_dir``). Unfound: as recorded."""
     if is_remote(shards) or Path(shards).is_absolute() or (Path(shards) / MANIFEST).is_file():
         return shards
