@@ -13,6 +13,7 @@ from seg.core.cityscapes import CLASS_NAMES, ID_TO_TRAINID, VALID_IDS
 from seg.core.cli import Size
 from seg.data.augment import DeviceAugment
 from seg.data.loader import EvalStream, shards_of
+from seg.data.manifest import manifest_sha256
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
 from seg.evaluation.inference import TestTimeAugmentation, _slide, predict_probabilities
@@ -398,6 +399,7 @@ def test_a_relative_recorded_shards_folder_is_found_from_the_run_wherever_the_co
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((reduced / "eval-val-192x96-whole" / "metrics.json").read_text())
     assert result["shards"] == str(repo / "data" / "packed") and result["samples"] == 5
+    assert result["manifest_sha256"] == manifest_sha256(shards)  # which pack's images, wherever it is
 
     (repo / "data" / "packed").unlink()  # nowhere to be found: the message says what to pass
     lost = subprocess.run([*run, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,

@@ -56,7 +56,7 @@ from seg.core.png import encode_gray8
 from seg.core.runs import Stage
 from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
 from seg.data.augment import DeviceAugment
-from seg.data.manifest import ManifestError
+from seg.data.manifest import ManifestError, manifest_sha256
 from seg.data.remote import RemoteError
 from seg.evaluation.ensemble import load_models
 from seg.evaluation.evaluate import (
@@ -273,8 +273,10 @@ def run(argv: list[str] | None) -> int:
     except RemoteError as e:  # a remote shard that still fails after its retries
         say(f"error: {e}", file=sys.stderr)
         return 1
+    # the manifest's sha256 says which pack's images these are, wherever it is (compare and report pair by it)
     result = {"samples": seen, "expected": expected, "split": args.split, "shards": str(shards),
-              "model": ", ".join(map(str, model_paths)), "labelled": labelled, "settings": record,
+              "manifest_sha256": manifest_sha256(shards), "model": ", ".join(map(str, model_paths)),
+              "labelled": labelled, "settings": record,
               "export": str(args.export) if args.export else None}  # fmt: skip
     if config_path is not None:
         result["config"] = str(config_path)

@@ -159,7 +159,7 @@ def reduce_stage(
     of a stage at a time: the main process holds the stage's reduce lease (seg/core/lease.py)
     throughout, and every rank raises what refused it (LeaseHeldError, StorageError)."""
     stage = Stage.at(stage_dir)
-    if not stage.dir.is_dir():  # a mistyped path: refused before the lease would make its folders
+    if not stage.dir.exists():  # a mistyped path: refused before the lease would make its folders (a file: below)
         raise WeightsError(f"{stage.dir}: no such folder; pass runs/<experiment>/stage{{s}}, the folder holding fold*/")
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     lease, refusal = None, None
