@@ -305,6 +305,22 @@ def test_existing_output_is_refused_unless_overwrite(synthetic_root, packed, tmp
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("where", "relation"),
+    [("root", "is"), ("link", "is"), ("parent", "contains"), ("inside", "is inside")],
+)
+def test_an_out_that_is_holds_or_lies_in_the_root_is_refused_and_the_tree_kept(tree, capsys, where, relation):
+    """--overwrite replaces the output whole: packing into the tree (or a folder holding it)
+    deleted leftImg8bit/ and gtFine/."""
+    (tree.parent / "link").symlink_to(tree)
+    out = {"root": tree, "link": tree.parent / "link", "parent": tree.parent, "inside": tree / "shards"}[where]
+    before = sorted(p.relative_to(tree) for p in tree.rglob("*"))
+    assert pack_cityscapes.main([str(tree), "--out", str(out), "--folds", "3", "--overwrite", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} {relation} the Cityscapes root {tree}:") and err.count("\n") == 1, err
+    assert sorted(p.relative_to(tree) for p in tree.rglob("*")) == before
+
+
 def test_interrupt_mid_pack_leaves_nothing_and_keeps_an_existing_output(synthetic_root, packed, tmp_path, monkeypatch):
     out = tmp_path / "tiny"
     pack(synthetic_root, out, Options(shard_size=60_000), progress=False)

@@ -437,6 +437,25 @@ def check_resize(root: Path, train: list[Source], resize: tuple[int, int] | None
         raise PackError(swapped)
 
 
+def check_out(root: Path, out: Path) -> None:
+    """Refuse an output that is the input tree, holds it or lies inside it (symlinks resolved):
+    the output is replaced whole (--overwrite), which would delete the tree it reads; one
+    inside the tree would be scanned as part of it by the next pack."""
+    source, target = root.resolve(), out.resolve()
+    if target == source:
+        relation = "is"
+    elif source.is_relative_to(target):
+        relation = "contains"
+    elif target.is_relative_to(source):
+        relation = "is inside"
+    else:
+        return
+    raise PackError(
+        f"--out {out} {relation} the Cityscapes root {root}: packing there would replace or mix with its "
+        f"input; choose an --out outside {root}"
+    )
+
+
 def pack(
     root: str | Path,
     out: str | Path,
@@ -447,6 +466,7 @@ def pack(
 ) -> dict[str, Any]:
     """Pack the tree at ``root`` into ``out``; return the manifest. Atomic: all or nothing."""
     root = Path(root)
+    check_out(root, Path(out))
     if options.image_format not in IMAGE_FORMATS:
         raise PackError(f"--image-format {options.image_format!r}: choose from {', '.join(IMAGE_FORMATS)}")
     if options.shard_size <= 0:
