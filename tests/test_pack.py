@@ -425,6 +425,56 @@ pack.pack({str(synthetic_root)!r}, {str(out)!r}, pack.Options(shard_size=1), wor
         os.killpg(packer.pid, 0)
 
 
+def _run_stopped(script: str, timeout: float = 120) -> subprocess.Popen:
+    """Run ``script`` to its end in a session of its own (``.stderr`` its text); on a timeout
+    nothing of it is left running."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        raise
+    child.stderr = stderr
+    return child
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_of_the_command_stops_its_workers_and_says_so_in_one_line(
+    synthetic_root, tmp_path, sig, code
+):
+    """A kill (SIGTERM) cleans up as a Ctrl-C does, exit 143: it left a full-size partial folder
+    and workers running; a Ctrl-C printed a KeyboardInterrupt traceback."""
+    out = tmp_path / "shards" / "tiny"
+    script = f"""
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
+from seg.data import pack
+from seg.core import parallel
+from tools import pack_cityscapes
+real = pack.write_shard
+def write_shard(root, out, job, options):
+    if job.name.startswith("train-fold1-"):
+        os.kill(os.getppid(), {int(sig)})
+        deadline = time.monotonic() + 60
+        while not parallel.stopping() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real(root, out, job, options)
+pack.write_shard = write_shard
+sys.exit(pack_cityscapes.main([{str(synthetic_root)!r}, "--out", {str(out)!r}, "--shard-size", "1", "--workers", "2"]))
+"""
+    done = _run_stopped(script)
+    lines = done.stderr.replace("\r", "\n").splitlines()
+    assert done.returncode == code and "Traceback" not in done.stderr, done.stderr
+    assert (
+        f"interrupted: {out} not packed (an existing one is untouched), nothing was left behind; exit {code}" in lines
+    )
+    assert not out.exists() and leftovers(out.parent) == [] and not (out.parent / ".tiny.lease").exists()
+    with pytest.raises(ProcessLookupError):  # no worker outlived the packer
+        os.killpg(done.pid, 0)
+
+
 def test_resize_stores_the_train_split_at_the_training_size_and_keeps_val_and_test(synthetic_root, tmp_path):
     out = tmp_path / "resized"
     pack(synthetic_root, out, Options(folds=3, resize=(16, 32)), progress=False)

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from seg.core.signals import Signals
+from seg.core.signals import Signals, Terminated, interrupt_exit_code, interrupt_once
 
 
 @pytest.mark.parametrize(
@@ -39,3 +39,30 @@ def test_one_process_agrees_on_its_signals_without_its_device() -> None:
     assert agreed_signal(run, signals, 2.0) == (0, 2.0)  # type: ignore[arg-type]
     signals.interrupted = True
     assert agreed_signal(run, signals) == (EXIT_INTERRUPTED, 0.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("sig", "raised", "code"), [(signal.SIGINT, KeyboardInterrupt, 130), (signal.SIGTERM, Terminated, 143)]
+)
+def test_a_tool_takes_the_first_ctrl_c_or_term_as_an_interrupt_and_ignores_later_ones(sig, raised, code) -> None:
+    """pack_cityscapes and make_synthetic: a second signal while the first one's clean-up ran
+    broke off the worker pool's shutdown, which then waited for its workers forever."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(raised) as caught, interrupt_once():
+        try:
+            signal.raise_signal(sig)
+        finally:  # the clean-up: neither signal breaks it off now
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+    assert type(caught.value) is raised and interrupt_exit_code(caught.value) == code
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_signal_ignored_from_the_start_stays_ignored() -> None:
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as nohup leaves SIGHUP, a script's & SIGINT
+    try:
+        with interrupt_once():
+            signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,4 +1,8 @@
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,8 @@ from seg.core.atomic import OutputExistsError
 from seg.data.synthetic import CITIES, FRAME, Frame, frame_rng, make_synthetic, paint_labels, png_bytes, render_image
 
 from .conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -106,3 +112,40 @@ def test_a_portrait_size_is_written_with_a_warning_naming_the_swap(tmp_path, cap
     assert main([str(tmp_path / "wide"), "--train", "1", "--train-cities", "1", "--val", "0", "--val-cities", "0",
                  "--test", "0", "--test-cities", "0", "--size", "64x32", "--workers", "1"]) == 0  # fmt: skip
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_the_workers_and_leaves_nothing(tmp_path, sig, code):
+    """SIGTERM left a full-size partial tree and its workers running; now it is a Ctrl-C's exit."""
+    out = tmp_path / "tree"
+    script = f"""
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
+from seg.core import parallel
+from seg.data import synthetic
+from tools.make_synthetic import main
+real = synthetic.write_frame
+def write_frame(root, frame, *args):
+    if frame.split == "val":
+        os.kill(os.getppid(), {int(sig)})
+        while not parallel.stopping():
+            time.sleep(0.01)
+    return real(root, frame, *args)
+synthetic.write_frame = write_frame
+sys.exit(main([{str(out)!r}, "--train", "4", "--train-cities", "2", "--val", "2", "--val-cities", "1", "--test", "0",
+               "--size", "64x32", "--workers", "2"]))
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = child.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        raise
+    assert child.returncode == code and "Traceback" not in stderr, stderr
+    assert f"interrupted: {out} not written (an existing one is untouched), nothing was left behind; exit {code}" in (
+        stderr.replace("\r", "\n").splitlines()
+    )
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ProcessLookupError):  # no worker outlived it
+        os.killpg(child.pid, 0)

@@ -12,6 +12,7 @@ import sys
 
 from seg.core.atomic import OutputExistsError
 from seg.core.cli import orientation_mismatch, parse_size
+from seg.core.signals import interrupt_exit_code, interrupt_once
 from seg.data.synthetic import CITIES, CITYSCAPES_SIZE, make_synthetic
 
 
@@ -39,19 +40,25 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: {swapped} (writing the {args.size.width}x{args.size.height} scenes asked for)", file=sys.stderr
         )
     try:
-        frames = make_synthetic(
-            args.out,
-            counts={s: getattr(args, s) for s in CITIES},
-            cities={s: getattr(args, f"{s}_cities") for s in CITIES},
-            size=args.size,
-            seed=args.seed,
-            workers=args.workers,
-            train_ids=args.train_ids,
-            overwrite=args.overwrite,
-        )
+        with interrupt_once():  # a kill cleans up as a Ctrl-C does: partial tree, workers
+            frames = make_synthetic(
+                args.out,
+                counts={s: getattr(args, s) for s in CITIES},
+                cities={s: getattr(args, f"{s}_cities") for s in CITIES},
+                size=args.size,
+                seed=args.seed,
+                workers=args.workers,
+                train_ids=args.train_ids,
+                overwrite=args.overwrite,
+            )
     except (OutputExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        code = interrupt_exit_code(e)
+        print(f"interrupted: {args.out} not written (an existing one is untouched), nothing was left behind; "
+              f"exit {code}", file=sys.stderr)  # fmt: skip
+        return code
     print(f"wrote {len(frames)} frames to {args.out}")
     return 0
 

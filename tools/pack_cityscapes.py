@@ -21,6 +21,7 @@ from pathlib import Path
 from seg.core import cityscapes as cs
 from seg.core.atomic import OutputExistsError
 from seg.core.cli import parse_bytes, parse_list, parse_size
+from seg.core.signals import interrupt_exit_code, interrupt_once
 from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
 from seg.data.manifest import ManifestError, verify
 from seg.data.pack import FOLD_MODES, IMAGE_FORMATS, Options, PackError, pack
@@ -73,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         help="check packed shards (a folder, or a URL: each fetched) against their manifest",
     )
     args = parser.parse_args(argv)
+    with interrupt_once():  # a kill cleans up as a Ctrl-C does: partial output, workers
+        return _pack_or_verify(parser, args)
 
+
+def _pack_or_verify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    out = None
     try:
         if args.verify:
             problems = verify(args.verify, workers=args.workers)
@@ -108,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"error: {e} (nothing was left behind)", file=sys.stderr)
         return EXIT_STORAGE
+    except KeyboardInterrupt as e:
+        code = interrupt_exit_code(e)
+        what = f"{out} not packed (an existing one is untouched)" if out else f"{args.verify} not verified"
+        print(f"interrupted: {what}, nothing was left behind; exit {code}", file=sys.stderr)
+        return code
     counts = manifest["counts"]
     shards = sum(len(g["shards"]) for g in manifest["groups"].values())
     split_counts = ", ".join(f"{s} {counts[s]}" for s in cs.SPLITS if s in counts)

@@ -45,6 +45,9 @@ def _worker_init(stop: Any) -> None:
     global _stop
     _stop = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    # Not the parent's handler (seg.core.signals.interrupt_once would raise here, with a
+    # traceback): a TERM ends a worker, as the executor's terminate() of a broken pool expects.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _results(

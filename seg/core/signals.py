@@ -5,11 +5,16 @@ SIGTERM (a Slurm preemption, ``scancel``) and SIGUSR1 (a job script's warning be
 time limit) ask for a save and a requeue; SIGINT (Ctrl-C) for a save and a stop. Only the
 standard library here: seg/train.py installs these before its heavy imports, so a signal
 during start-up is not lost.
+
+A tool with nothing to save (a pack, a synthetic tree) takes SIGTERM as a Ctrl-C instead
+(``interrupt_once``): the same clean-up, its own exit code (143).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -73,3 +78,39 @@ class Drill:
         """Called after each training step: signal this process if it is the drill's step and rank."""
         if self.signal is not None and step == self.step and rank == self.rank:
             signal.raise_signal(self.signal)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM raised where a Ctrl-C raises KeyboardInterrupt (inside ``interrupt_once``), so
+    that what cleans up after a Ctrl-C (a partial output, a worker pool) cleans up after a kill."""
+
+    signum = signal.SIGTERM
+
+
+def interrupt_exit_code(interrupt: KeyboardInterrupt) -> int:
+    """The shell's code for the signal that raised ``interrupt``: 130 (Ctrl-C) or 143 (SIGTERM)."""
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
+
+
+@contextlib.contextmanager
+def interrupt_once() -> Iterator[None]:
+    """Inside, the first Ctrl-C raises KeyboardInterrupt and the first SIGTERM :class:`Terminated`;
+    later ones are ignored, since raised again they would break off the clean-up the first one
+    started (a worker pool's shutdown broken off midway waited for its workers forever). A
+    signal ignored from the start (``nohup``, a script's ``&``) stays ignored. The handlers
+    before are back after."""
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, _raise)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

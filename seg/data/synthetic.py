@@ -287,9 +287,9 @@ def make_synthetic(
     frames = plan_frames(counts, cities, seed)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         jobs = [(tmp, frame, width, height, seed, train_ids) for frame in frames]
+        # closed on an error too, so that the error's line starts a line of its own
         bar = tqdm(total=len(jobs), desc="synthesize", unit="img", disable=not progress)
-        with parallel.unordered(_write_frame_star, jobs, workers) as done:
+        with bar, parallel.unordered(_write_frame_star, jobs, workers) as done:
             for _ in done:
                 bar.update()
-        bar.close()
     return frames
