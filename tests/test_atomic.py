@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.core.atomic import atomic_directory, atomic_write_bytes, plain_modes, remove_leftovers
+from seg.core.atomic import (
+    atomic_directory,
+    atomic_write_bytes,
+    leased_atomic_directory,
+    plain_modes,
+    remove_leftovers,
+)
 from seg.core.cli import Size
+from seg.core.lease import LeaseHeldError
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
 from seg.model.weights import export_weights
@@ -109,3 +116,18 @@ def test_remove_leftovers_takes_what_hard_kills_left_and_nothing_else(tmp_path: 
     ]
     assert sorted(p.name for p in remove_leftovers(tmp_path)) == [".other.partial-ef56", ".summary.json.k1ll.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lease", ".reduce.lease", "summary.json"]
+
+
+def test_the_one_writer_of_an_output_removes_what_killed_writers_of_it_left(tmp_path: Path):
+    """A pack or synthetic tree killed hard leaves ``.NAME.partial-*``: the next writer of NAME
+    removes it, holding NAME's lease, so another live writer's work in progress is safe."""
+    for folder in (".out.partial-k1ll", ".out.old-k1ll", ".other.partial-k1ll"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "shard.tar").write_bytes(b"x")
+    with leased_atomic_directory(tmp_path / "out", "a test") as tmp:
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-k1ll", ".out.lease", tmp.name]
+        with pytest.raises(LeaseHeldError, match="a test"), leased_atomic_directory(tmp_path / "out", "a second"):
+            pass
+        assert tmp.is_dir()  # the refused writer left it alone
+        (tmp / "shard.tar").write_bytes(b"y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-k1ll", "out"]

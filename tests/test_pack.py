@@ -440,6 +440,19 @@ def _run_stopped(script: str, timeout: float = 120) -> subprocess.Popen:
     return child
 
 
+def _gone(pids: list[int], within: float = 20) -> bool:
+    """Whether every pid has ended (a zombie waiting for init to reap it counts) within ``within`` s."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    return False
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_of_the_command_stops_its_workers_and_says_so_in_one_line(
     synthetic_root, tmp_path, sig, code
@@ -473,6 +486,35 @@ sys.exit(pack_cityscapes.main([{str(synthetic_root)!r}, "--out", {str(out)!r}, "
     assert not out.exists() and leftovers(out.parent) == [] and not (out.parent / ".tiny.lease").exists()
     with pytest.raises(ProcessLookupError):  # no worker outlived the packer
         os.killpg(done.pid, 0)
+
+
+def test_a_packer_killed_hard_takes_its_workers_along_and_a_rerun_removes_what_it_left(
+    synthetic_root, tmp_path, capsys
+):
+    """SIGKILL (the OOM killer, a second TERM's kill -9) leaves the partial folder: the workers
+    die with the packer (they ran on, re-parented to init), and the next pack removes it."""
+    out, pids = tmp_path / "shards" / "tiny", tmp_path / "worker-pids"
+    script = f"""
+import os, signal, time
+from seg.data import pack
+real = pack.write_shard
+def write_shard(root, out, job, options):
+    with open({str(pids)!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    if job.name.startswith("train-fold1-"):
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(60)
+    return real(root, out, job, options)
+pack.write_shard = write_shard
+pack.pack({str(synthetic_root)!r}, {str(out)!r}, pack.Options(shard_size=1), workers=2, progress=False)
+"""
+    done = _run_stopped(script)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert _gone(sorted({int(pid) for pid in pids.read_text().split()})), "workers outlived the packer"
+    assert len(leftovers(out.parent)) == 1 and (out.parent / ".tiny.lease").exists()
+    assert pack_cityscapes.main([str(synthetic_root), "--out", str(out), "--folds", "3", "--workers", "1"]) == 0
+    assert "taking over the lease of pack_cityscapes into" in capsys.readouterr().out
+    assert leftovers(out.parent) == [] and sorted(p.name for p in out.parent.iterdir()) == ["tiny"]
 
 
 def test_resize_stores_the_train_split_at_the_training_size_and_keeps_val_and_test(synthetic_root, tmp_path):

@@ -12,6 +12,7 @@ import sys
 
 from seg.core.atomic import OutputExistsError
 from seg.core.cli import orientation_mismatch, parse_size
+from seg.core.lease import LeaseHeldError
 from seg.core.signals import interrupt_exit_code, interrupt_once
 from seg.data.synthetic import CITIES, CITYSCAPES_SIZE, make_synthetic
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 train_ids=args.train_ids,
                 overwrite=args.overwrite,
             )
-    except (OutputExistsError, ValueError) as e:
+    except (OutputExistsError, ValueError, LeaseHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -21,6 +21,7 @@ from pathlib import Path
 from seg.core import cityscapes as cs
 from seg.core.atomic import OutputExistsError
 from seg.core.cli import parse_bytes, parse_list, parse_size
+from seg.core.lease import LeaseHeldError
 from seg.core.signals import interrupt_exit_code, interrupt_once
 from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
 from seg.data.manifest import ManifestError, verify
@@ -108,7 +109,7 @@ def _pack_or_verify(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         check_writable(out.parent)
         with writing(out, "packing into"):
             manifest = pack(args.root, out, options, workers=args.workers, overwrite=args.overwrite)
-    except (PackError, OutputExistsError, ManifestError) as e:
+    except (PackError, OutputExistsError, ManifestError, LeaseHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StorageError as e:

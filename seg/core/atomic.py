@@ -80,6 +80,20 @@ def remove_leftovers(directory: str | os.PathLike, name: str = "*") -> list[Path
     return found
 
 
+@contextlib.contextmanager
+def leased_atomic_directory(path: str | os.PathLike, what: str, overwrite: bool = False) -> Iterator[Path]:
+    """``atomic_directory`` by the one writer of ``path``: it holds the lease ``.<name>.lease``
+    beside it throughout (seg/core/lease.py; another live writer is refused with LeaseHeldError)
+    and so may first remove what killed earlier writers of ``path`` left (``remove_leftovers``)."""
+    from seg.core.lease import acquire  # here, not above: the lease builds on this module
+
+    path = Path(path)
+    with acquire(path.parent / f".{path.name}.lease", what):
+        remove_leftovers(path.parent, path.name)
+        with atomic_directory(path, overwrite) as tmp:
+            yield tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename. The file gets
     a plain ``open()``'s mode: an existing file's, else 0666 less the umask."""

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from seg.core import cityscapes as cs
 from seg.core import parallel
-from seg.core.atomic import atomic_directory
+from seg.core.atomic import leased_atomic_directory
 from seg.core.cli import format_size, orientation_mismatch
 from seg.core.png import encode_gray8, encode_rgb8
 from seg.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, SELECTION_GROUP, fold_group, group_fold
@@ -481,7 +481,7 @@ def pack(
     check_resize(root, splits.get("train", []), options.resize)
     jobs = plan_shards(root, groups, options)
 
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with leased_atomic_directory(out, f"pack_cityscapes into {out}", overwrite) as tmp:
         args = [(root, tmp, job, options) for job in sorted(jobs, key=lambda j: -j.planned_bytes)]
         results = []
         bar = tqdm(total=sum(len(j.samples) for j in jobs), desc="pack", unit="img", disable=not progress)

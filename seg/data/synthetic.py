@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from seg.core import cityscapes as cs
 from seg.core import parallel
-from seg.core.atomic import atomic_directory
+from seg.core.atomic import leased_atomic_directory
 from seg.core.cli import Size
 
 CITYSCAPES_SIZE = Size(1024, 2048)  # the real frames' size
@@ -285,7 +285,7 @@ def make_synthetic(
     return the frames written."""
     height, width = size
     frames = plan_frames(counts, cities, seed)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with leased_atomic_directory(out, f"make_synthetic into {out}", overwrite) as tmp:
         jobs = [(tmp, frame, width, height, seed, train_ids) for frame in frames]
         # closed on an error too, so that the error's line starts a line of its own
         bar = tqdm(total=len(jobs), desc="synthesize", unit="img", disable=not progress)
