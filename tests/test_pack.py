@@ -321,6 +321,32 @@ def test_an_out_that_is_holds_or_lies_in_the_root_is_refused_and_the_tree_kept(t
     assert sorted(p.relative_to(tree) for p in tree.rglob("*")) == before
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--fold-mode", "random", "--selection-fraction", "-0.5"], "--selection-fraction -0.5: "),
+        (["--fold-mode", "random", "--selection-fraction", "nan"], "--selection-fraction nan: "),
+        (["--fold-mode", "random", "--selection-fraction", "1"], "--selection-fraction 1.0: "),
+        (["--image-format", "jpg", "--jpeg-quality", "1000"], "--jpeg-quality 1000: "),
+        (["--image-format", "jpg", "--jpeg-quality", "0"], "--jpeg-quality 0: "),
+        (["--jpeg-quality", "-7"], "--jpeg-quality -7: "),
+        (["--splits", ","], "--splits names no split"),
+        (["--workers", "-1"], "--workers -1: "),
+        (["--seed", "-1"], "--seed -1: "),
+    ],
+)
+def test_nonsense_options_are_refused_in_one_line_before_anything_is_written(
+    synthetic_root, tmp_path, capsys, args, named
+):
+    """They ran (a negative fraction held half the frames out, quality 1000 was recorded, no
+    splits packed an empty dataset) or ended in a traceback (nan, a negative seed)."""
+    out = tmp_path / "o"
+    assert pack_cityscapes.main([str(synthetic_root), "--out", str(out), "--folds", "3", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {named}") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_interrupt_mid_pack_leaves_nothing_and_keeps_an_existing_output(synthetic_root, packed, tmp_path, monkeypatch):
     out = tmp_path / "tiny"
     pack(synthetic_root, out, Options(shard_size=60_000), progress=False)

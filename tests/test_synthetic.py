@@ -149,3 +149,22 @@ sys.exit(main([{str(out)!r}, "--train", "4", "--train-cities", "2", "--val", "2"
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ProcessLookupError):  # no worker outlived it
         os.killpg(child.pid, 0)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--workers", "-3"], "--workers -3: "),
+        (["--seed", "-1"], "--seed -1: "),
+        (["--train", "0", "--val", "0", "--test", "0"], "--train, --val, --test are all 0"),
+        (["--val", "-2"], "--val -2: "),
+    ],
+)
+def test_nonsense_counts_seeds_and_workers_are_refused_in_one_line(tmp_path, capsys, args, named):
+    """They were taken (an empty tree, negative workers) or named no option (a negative seed)."""
+    from tools.make_synthetic import main
+
+    assert main([str(tmp_path / "tree"), "--size", "64x32", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {named}") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []

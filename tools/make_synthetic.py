@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing tree")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        print(f"error: --workers {args.workers}: at least 1", file=sys.stderr)
+        return 2
     # A portrait scene can be meant (it is still drawn as a street), so only a warning.
     swapped = orientation_mismatch("--size", args.size, CITYSCAPES_SIZE, "Cityscapes frames")
     if swapped:

@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pack_or_verify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     out = None
+    if args.workers < 1:
+        print(f"error: --workers {args.workers}: at least 1", file=sys.stderr)
+        return 2
     try:
         if args.verify:
             problems = verify(args.verify, workers=args.workers)

@@ -437,6 +437,26 @@ def check_resize(root: Path, train: list[Source], resize: tuple[int, int] | None
         raise PackError(swapped)
 
 
+def check_options(options: Options) -> None:
+    """Refuse options that mean nothing, before anything is read or written (``nan`` fails
+    every comparison, so each range is written as what is accepted)."""
+    if options.image_format not in IMAGE_FORMATS:
+        raise PackError(f"--image-format {options.image_format!r}: choose from {', '.join(IMAGE_FORMATS)}")
+    if options.shard_size <= 0:
+        raise PackError(f"--shard-size {options.shard_size}: must be positive")
+    if not options.splits:
+        raise PackError(f"--splits names no split: give some of {','.join(cs.SPLITS)}")
+    if options.seed < 0:
+        raise PackError(f"--seed {options.seed}: a seed is 0 or more")
+    if not 0 <= options.selection_fraction < 1:
+        raise PackError(
+            f"--selection-fraction {options.selection_fraction}: a share of the train frames, at least 0 and "
+            f"below 1 (e.g. 0.05)"
+        )
+    if not 1 <= options.jpeg_quality <= 100:
+        raise PackError(f"--jpeg-quality {options.jpeg_quality}: libjpeg's quality runs from 1 to 100 (default 95)")
+
+
 def check_out(root: Path, out: Path) -> None:
     """Refuse an output that is the input tree, holds it or lies inside it (symlinks resolved):
     the output is replaced whole (--overwrite), which would delete the tree it reads; one
@@ -466,11 +486,8 @@ def pack(
 ) -> dict[str, Any]:
     """Pack the tree at ``root`` into ``out``; return the manifest. Atomic: all or nothing."""
     root = Path(root)
+    check_options(options)
     check_out(root, Path(out))
-    if options.image_format not in IMAGE_FORMATS:
-        raise PackError(f"--image-format {options.image_format!r}: choose from {', '.join(IMAGE_FORMATS)}")
-    if options.shard_size <= 0:
-        raise PackError(f"--shard-size {options.shard_size}: must be positive")
     splits = scan(root, options.splits)
     groups: dict[str, list[Source]] = {}
     if "train" in splits:

@@ -251,6 +251,8 @@ def plan_frames(counts: dict[str, int], cities: dict[str, int], seed: int) -> li
     """Spread each split's images unevenly over its cities (at least one each)."""
     frames = []
     for split, count in counts.items():
+        if count < 0:
+            raise ValueError(f"--{split} {count}: a number of images, 0 or more")
         if count == 0:
             continue
         names = CITIES[split]
@@ -263,6 +265,8 @@ def plan_frames(counts: dict[str, int], cities: dict[str, int], seed: int) -> li
         per_city = 1 + rng.multinomial(count - n_cities, rng.dirichlet(np.full(n_cities, 2.0)))
         for city, n in zip(names[:n_cities], per_city, strict=True):
             frames += [Frame(split, city, seq) for seq in range(int(n))]
+    if not frames:
+        raise ValueError(f"{', '.join(f'--{s}' for s in counts)} are all 0: ask for at least one image")
     return frames
 
 
@@ -284,6 +288,8 @@ def make_synthetic(
     """Write a synthetic Cityscapes tree at ``out`` with frames of ``size`` (height, width);
     return the frames written."""
     height, width = size
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: a seed is 0 or more")
     frames = plan_frames(counts, cities, seed)
     with leased_atomic_directory(out, f"make_synthetic into {out}", overwrite) as tmp:
         jobs = [(tmp, frame, width, height, seed, train_ids) for frame in frames]
