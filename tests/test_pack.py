@@ -256,6 +256,12 @@ def _break_truncated_label(root: Path) -> str:
     return path.name
 
 
+def _break_folder_named_as_an_image(root: Path) -> str:
+    city = sorted(root.glob("leftImg8bit/train/*"))[0]
+    (city / f"{city.name}_999999_000019{cs.IMAGE_SUFFIX}").mkdir()
+    return f"{city.name}_999999_000019{cs.IMAGE_SUFFIX}"
+
+
 def _break_empty_split(root: Path) -> str:
     for path in root.glob("leftImg8bit/test/*/*.png"):
         path.unlink()
@@ -272,6 +278,7 @@ def _break_empty_split(root: Path) -> str:
         (_break_truncated_image, "truncated or corrupt"),
         (_break_truncated_label, "truncated or corrupt"),
         (_break_empty_split, "--splits"),
+        (_break_folder_named_as_an_image, "is not a file"),
     ],
 )
 @pytest.mark.parametrize("workers", [1, 2])

@@ -93,6 +93,19 @@ def test_pack_on_a_full_disk_says_so_in_one_line_and_leaves_nothing(tree_model_s
         assert list(disk.iterdir()) == []  # the partial output was removed
 
 
+def test_make_synthetic_into_a_read_only_or_full_disk_says_so_in_one_line_and_leaves_nothing(tmp_path):
+    """It ended in an OSError traceback (Errno 30, 28), exit 1."""
+    tool = (str(REPO / "tools" / "make_synthetic.py"), "--train", "3", "--train-cities", "1", "--val", "0",
+            "--test", "0", "--size", "512x256", "--workers", "2")  # fmt: skip
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        refused = _tool(tool[0], str(ro / "tree"), *tool[1:])
+    assert f"cannot create files in {ro} (read-only file system)" in _error_line(refused)
+    with tmpfs(tmp_path / "disk", "200k") as disk:  # room for a start, not for the tree
+        filled = _tool(tool[0], str(disk / "tree"), *tool[1:])
+        assert f"writing {disk / 'tree'} failed: no space left on the device" in _error_line(filled)
+        assert list(disk.iterdir()) == []  # the partial tree was removed
+
+
 def test_evaluate_into_a_read_only_folder_is_refused_before_any_image(tree_model_shards, tmp_path):
     _, model, _ = tree_model_shards
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:

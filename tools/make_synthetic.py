@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from seg.core.atomic import OutputExistsError
 from seg.core.cli import orientation_mismatch, parse_size
 from seg.core.lease import LeaseHeldError
 from seg.core.signals import interrupt_exit_code, interrupt_once
+from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
 from seg.data.synthetic import CITIES, CITYSCAPES_SIZE, make_synthetic
 
 
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: {swapped} (writing the {args.size.width}x{args.size.height} scenes asked for)", file=sys.stderr
         )
     try:
-        with interrupt_once():  # a kill cleans up as a Ctrl-C does: partial tree, workers
+        check_writable(Path(args.out).parent)
+        with interrupt_once(), writing(args.out):  # a kill cleans up as a Ctrl-C does: partial tree, workers
             frames = make_synthetic(
                 args.out,
                 counts={s: getattr(args, s) for s in CITIES},
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputExistsError, ValueError, LeaseHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:
+        print(f"error: {e} (nothing was left behind)", file=sys.stderr)
+        return EXIT_STORAGE
     except KeyboardInterrupt as e:
         code = interrupt_exit_code(e)
         print(f"interrupted: {args.out} not written (an existing one is untouched), nothing was left behind; "

@@ -73,6 +73,8 @@ class Options:
 def _stems(directory: Path, suffix: str, root: Path) -> dict[str, Path]:
     stems = {}
     for path in sorted(directory.glob(f"*/*{suffix}")):
+        if not path.is_file():  # a folder so named would fail at its read, deep in a worker
+            raise PackError(f"{path}: is not a file, yet named like one of the tree's PNGs; move it out of {root}")
         stem = path.name[: -len(suffix)]
         try:
             city, _, _ = cs.parse_stem(stem)
