@@ -594,4 +594,5 @@ def test_a_resize_the_wrong_way_round_is_refused_naming_the_swap(synthetic_root,
     assert err.count("\n") == 1
     assert "--resize 32x48 is WIDTHxHEIGHT: 32 wide, 48 high, portrait" in err
     assert "64x32, landscape; did you mean 48x32?" in err
+    assert re.search(r"but the train frames \(e\.g\. \w+_leftImg8bit\.png\) are 64x32", err), err  # not "is"
     assert not out.exists() and leftovers(tmp_path) == []

@@ -67,8 +67,9 @@ def orientation_mismatch(option: str, size: Sequence[int], reference: Sequence[i
     if "square" in (mine, theirs) or mine == theirs:
         return None
     height, width = size
+    noun = re.sub(r"\s*\(.*\)$", "", what)  # ``the train frames (e.g. x.png)``: frames, plural
     return (
         f"{option} {format_size(size)} is WIDTHxHEIGHT: {width} wide, {height} high, {mine}, but {what} "
-        f"{'are' if what.endswith('s') else 'is'} {format_size(reference)}, {theirs}; did you mean "
+        f"{'are' if noun.endswith('s') else 'is'} {format_size(reference)}, {theirs}; did you mean "
         f"{format_size((width, height))}?"
     )
