@@ -1,7 +1,9 @@
+import contextlib
 import itertools
 import random
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from collections import Counter
@@ -490,6 +492,44 @@ def test_a_loader_worker_survives_a_term_that_lands_while_it_starts():
     assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
     del batches  # the loader ends its worker with the trainer's own TERM: it must still go
     worker.wait(timeout=30)
+
+
+_TRAINER = """
+import time
+from torch.utils.data import DataLoader, IterableDataset
+from seg.data.workers import loader_options
+
+class Busy(IterableDataset):
+    def __iter__(self):
+        yield 0
+        time.sleep(120)  # busy decoding, say: torch's watchdog never looks at its parent
+        yield 1
+
+batches = iter(DataLoader(Busy(), batch_size=None, **loader_options(1, pin_memory=False)))
+next(batches)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_loader_worker_dies_with_a_trainer_killed_outright():
+    """The OOM killer's SIGKILL of a trainer left its busy workers running (and ignoring TERM)."""
+    repo = Path(__file__).resolve().parents[1]
+    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER], stdout=subprocess.PIPE, text=True, cwd=repo)
+    workers = []
+    try:
+        assert trainer.stdout.readline() == "ready\n"
+        workers = psutil.Process(trainer.pid).children()
+        assert len(workers) == 1
+        trainer.kill()
+        trainer.wait(timeout=30)
+        workers[0].wait(timeout=20)  # psutil.TimeoutExpired while it lives on
+    finally:
+        trainer.kill()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
 
 
 @pytest.mark.parametrize(

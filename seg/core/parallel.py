@@ -48,12 +48,13 @@ def check_stop() -> None:
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL this worker when its parent dies (Linux; elsewhere nothing). A
-    parent killed before it could stop the pool (SIGKILL, OOM) otherwise leaves its workers
+    parent killed before it could stop its workers (SIGKILL, OOM) otherwise leaves them
     running, re-parented to init. prctl(PR_SET_PDEATHSIG) has no binding in the standard
     library, hence ctypes. It fires when the parent's forking thread ends: the fork context
-    starts every worker at the first submit, from the thread that iterates (the main one)."""
+    starts every worker at the first submit, from the thread that iterates (the main one), as
+    a DataLoader starts its workers (seg.data.workers) from the thread that iterates it."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
@@ -69,7 +70,7 @@ def _worker_init(stop: Any, parent: int) -> None:
     # Not the parent's handler (seg.core.signals.interrupt_once would raise here, with a
     # traceback): a TERM ends a worker, as the executor's terminate() of a broken pool expects.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent(parent)
+    die_with_parent(parent)
 
 
 def _results(

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from accelerate.utils.environment import get_cpu_distributed_information
 
+from seg.core.parallel import die_with_parent
+
 AUTO = "auto"  # data.workers, data.channels_last: for the machine (resolve_workers, seg.recipe.config.resolve_auto)
 
 
@@ -97,7 +99,11 @@ def ignore_signals(worker: int) -> None:
         signal.signal(sig, signal.SIG_IGN)  # discards one that arrived since the fork
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the thread: it inherits the mask
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGINT})  # blocked by WorkerProcess
-    threading.Thread(target=_exit_on_parents_term, args=(os.getppid(),), daemon=True).start()
+    trainer = os.getppid()
+    threading.Thread(target=_exit_on_parents_term, args=(trainer,), daemon=True).start()
+    # A trainer killed outright (the OOM killer, SIGKILL) left busy workers running, ignoring TERM:
+    # torch's own watchdog looks at the parent only between batches.
+    die_with_parent(trainer)
 
 
 def _exit_on_parents_term(parent: int) -> None:
