@@ -427,6 +427,8 @@ def test_ctrl_c_with_workers_stops_them_within_a_sample_and_leaves_nothing(synth
     script = f"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
 from seg.data import pack
 from seg.core import parallel
 real = pack.write_shard
@@ -496,6 +498,8 @@ def test_ctrl_c_or_sigterm_of_the_command_stops_its_workers_and_says_so_in_one_l
     script = f"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
 from seg.data import pack
 from seg.core import parallel
 from tools import pack_cityscapes

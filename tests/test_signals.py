@@ -47,15 +47,22 @@ def test_one_process_agrees_on_its_signals_without_its_device() -> None:
 def test_a_tool_takes_the_first_ctrl_c_or_term_as_an_interrupt_and_ignores_later_ones(sig, raised, code) -> None:
     """pack_cityscapes and make_synthetic: a second signal while the first one's clean-up ran
     broke off the worker pool's shutdown, which then waited for its workers forever."""
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with pytest.raises(raised) as caught, interrupt_once():
-        try:
-            signal.raise_signal(sig)
-        finally:  # the clean-up: neither signal breaks it off now
-            signal.raise_signal(signal.SIGTERM)
-            signal.raise_signal(signal.SIGINT)
-    assert type(caught.value) is raised and interrupt_exit_code(caught.value) == code
-    assert {s: signal.getsignal(s) for s in before} == before
+    # as in a terminal, whatever this test inherited (an xdist worker ignores SIGINT: kept ignored)
+    inherited = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                 signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}  # fmt: skip
+    try:
+        before = {s: signal.getsignal(s) for s in inherited}
+        with pytest.raises(raised) as caught, interrupt_once():
+            try:
+                signal.raise_signal(sig)
+            finally:  # the clean-up: neither signal breaks it off now
+                signal.raise_signal(signal.SIGTERM)
+                signal.raise_signal(signal.SIGINT)
+        assert type(caught.value) is raised and interrupt_exit_code(caught.value) == code
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        for s, handler in inherited.items():
+            signal.signal(s, handler)
 
 
 def test_a_signal_ignored_from_the_start_stays_ignored() -> None:

@@ -121,6 +121,8 @@ def test_ctrl_c_or_sigterm_stops_the_workers_and_leaves_nothing(tmp_path, sig, c
     script = f"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
 from seg.core import parallel
 from seg.data import synthetic
 from tools.make_synthetic import main

@@ -24,8 +24,6 @@ from seg.model.deeplab import DeepLabV3Plus
 from seg.recipe.config import OptimConfig
 from seg.recipe.optim import OPTIMIZERS, from_config
 
-from bench_loss import where  # a tool beside this one (python puts a script's folder on sys.path)
-
 IMPLEMENTATIONS = {"loop": {"foreach": False, "fused": False}, "foreach": {"foreach": True, "fused": False},
                    "fused": {"foreach": None, "fused": True}}  # fmt: skip
 
@@ -65,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --steps {args.steps}: at least 1", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"optimizer step of R{args.depth}-DeepLabV3+ on {where(device)}, {args.steps} steps")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"optimizer step of R{args.depth}-DeepLabV3+ on {where}, {args.steps} steps")
     print(f"{'optimizer':<9} {'implementation':<14} {'ms/step':>8} {'vs loop':>8}  largest difference from the loop")
     for name in args.optimizers:
         rows = [measure(name, impl, args.depth, args.steps, device) for impl in IMPLEMENTATIONS]
