@@ -420,17 +420,24 @@ def test_the_error_path_never_hangs_with_several_workers_on_a_busy_machine(tree,
     assert slowest < 60, f"an error exit took {slowest:.0f} s"
 
 
-def test_ctrl_c_with_workers_stops_them_within_a_sample_and_leaves_nothing(synthetic_root, tmp_path):
-    """Ctrl-C reaches the packer only (workers ignore SIGINT); the workers see the stop and
-    end within one sample, the packer waits for them and removes its partial output."""
-    out, saw_stop = tmp_path / "shards" / "tiny", tmp_path / "worker-saw-the-stop"
-    script = f"""
+# A packer's script starts as in a terminal, whatever the test inherited (an xdist worker ignores SIGINT).
+_AS_IN_A_TERMINAL = """
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
 from seg.data import pack
 from seg.core import parallel
+"""
+
+
+def test_ctrl_c_with_workers_stops_them_within_a_sample_and_leaves_nothing(synthetic_root, tmp_path):
+    """Ctrl-C reaches the packer only (workers ignore SIGINT); the workers see the stop and
+    end within one sample, the packer waits for them and removes its partial output."""
+    out, saw_stop = tmp_path / "shards" / "tiny", tmp_path / "worker-saw-the-stop"
+    script = (
+        _AS_IN_A_TERMINAL
+        + f"""
 real = pack.write_shard
 def write_shard(root, out, job, options):
     if not job.name.startswith("train-fold1-"):
@@ -445,6 +452,7 @@ def write_shard(root, out, job, options):
 pack.write_shard = write_shard
 pack.pack({str(synthetic_root)!r}, {str(out)!r}, pack.Options(shard_size=1), workers=2, progress=False)
 """
+    )
     packer = subprocess.Popen(
         [sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -495,13 +503,9 @@ def test_ctrl_c_or_sigterm_of_the_command_stops_its_workers_and_says_so_in_one_l
     """A kill (SIGTERM) cleans up as a Ctrl-C does, exit 143: it left a full-size partial folder
     and workers running; a Ctrl-C printed a KeyboardInterrupt traceback."""
     out = tmp_path / "shards" / "tiny"
-    script = f"""
-import os, signal, sys, time
-signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
-signal.signal(signal.SIGTERM, signal.SIG_DFL)
-signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
-from seg.data import pack
-from seg.core import parallel
+    script = (
+        _AS_IN_A_TERMINAL
+        + f"""
 from tools import pack_cityscapes
 real = pack.write_shard
 def write_shard(root, out, job, options):
@@ -514,6 +518,7 @@ def write_shard(root, out, job, options):
 pack.write_shard = write_shard
 sys.exit(pack_cityscapes.main([{str(synthetic_root)!r}, "--out", {str(out)!r}, "--shard-size", "1", "--workers", "2"]))
 """
+    )
     done = _run_stopped(script)
     lines = done.stderr.replace("\r", "\n").splitlines()
     assert done.returncode == code and "Traceback" not in done.stderr, done.stderr

@@ -327,16 +327,23 @@ def test_when_the_ensemble_wins_a_single_model_seeds_the_next_stage_and_the_choi
         seed_candidate(candidates, candidates[-1], "top9")
 
 
+def two_fold_stage(tmp_path: Path, identity: dict | None = None) -> tuple[Path, Path]:
+    """Fold models 0 and 1 written directly (no training) into runs/x/stage1, on packed shards
+    with a selection city: (shards, stage folder)."""
+    shards = selection_shards(tmp_path, train=8, val=1)
+    stage = tmp_path / "runs" / "x" / "stage1"
+    for fold in range(2):
+        write_fold(stage, fold, small_model(fold).eval(), 0.3 + 0.1 * fold, identity, **{"data.shards": str(shards),
+                   "data.eval_size": "null", "data.workers": "0", "wandb.mode": "disabled"})  # fmt: skip
+    return shards, stage
+
+
 def test_the_reduction_evaluates_the_ensemble_beside_the_soups_and_reports_each_cost(tmp_path, capsys):
     """Fold models written directly (no training), reduced on a packed selection city."""
     from seg.evaluation.ensemble import load_models
     from seg.reduction.reduce import reduce_stage
 
-    shards = selection_shards(tmp_path, train=8, val=1)
-    stage = tmp_path / "runs" / "x" / "stage1"
-    for fold in range(2):
-        write_fold(stage, fold, small_model(fold).eval(), 0.3 + 0.1 * fold, **{"data.shards": str(shards),
-                   "data.eval_size": "null", "data.workers": "0", "wandb.mode": "disabled"})  # fmt: skip
+    shards, stage = two_fold_stage(tmp_path)
     report = reduce_stage(stage, k=2)
     printed = capsys.readouterr().out  # mIoU in percent, with its sign, as train.py prints it
     assert "   fold0: selection-set mIoU " in printed and "seeds the next stage: " in printed
@@ -484,11 +491,7 @@ def test_reducing_a_stage_again_after_the_next_one_trained_warns_naming_its_fold
     from seg.reduction.lineage import model_digest
     from tools.reduce_folds import main
 
-    shards = selection_shards(tmp_path, train=8, val=1)
-    stage = tmp_path / "runs" / "x" / "stage1"
-    for fold in range(2):
-        write_fold(stage, fold, small_model(fold).eval(), 0.3 + 0.1 * fold, **{"data.shards": str(shards),
-                   "data.eval_size": "null", "data.workers": "0", "wandb.mode": "disabled"})  # fmt: skip
+    _, stage = two_fold_stage(tmp_path)
     assert main([str(stage), "--strategies", "best"]) == 0
     seeded = model_digest(stage / "reduced" / "model.safetensors")
     fold0 = tmp_path / "runs" / "x" / "stage2" / "fold0"
