@@ -150,12 +150,7 @@ def _shards_of(experiment: ComparedStage) -> Shards | None:
 def _recorded_manifest(experiment: ComparedStage) -> str | None:
     """The manifest sha256 the finished folds' identities recorded when they trained (None when
     none did; refused when they differ): what they trained on, whatever is at the path now."""
-    recorded = {
-        k: f.identity.get("data", {}).get("manifest_sha256")
-        for k, f in experiment.finished().items()
-        if f.identity is not None
-    }
-    recorded = {k: sha for k, sha in recorded.items() if isinstance(sha, str)}
+    recorded = {k: f.manifest_sha256 for k, f in experiment.finished().items() if f.manifest_sha256}
     if len(set(recorded.values())) > 1:
         listing = ", ".join(f"fold{k}: {sha[:12]}" for k, sha in sorted(recorded.items()))
         raise NotComparableError(

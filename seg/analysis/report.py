@@ -233,8 +233,7 @@ def _next_stage_lines(stage: StageRecord, report: dict[str, Any]) -> tuple[list[
 
 def trained_manifests(stage: StageRecord) -> set[str]:
     """The manifest sha256s the stage's finished folds recorded in their identities (summary.json)."""
-    found = {((f.identity or {}).get("data") or {}).get("manifest_sha256") for f in stage.finished()}
-    return {sha for sha in found if isinstance(sha, str)}
+    return {f.manifest_sha256 for f in stage.finished() if f.manifest_sha256}
 
 
 def _selection_shards_lines(stage: StageRecord) -> list[str]:

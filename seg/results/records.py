@@ -170,6 +170,13 @@ class FoldRecord:
         return identity if isinstance(identity, dict) else None
 
     @property
+    def manifest_sha256(self) -> str | None:
+        """The sha256 of the manifest the run trained on, as its identity records it (compare and
+        report pair experiments and reductions by it, whatever is at the shards' path now)."""
+        sha = ((self.identity or {}).get("data") or {}).get("manifest_sha256")
+        return sha if isinstance(sha, str) else None
+
+    @property
     def final_fold_result(self) -> dict[str, Any] | None:
         """summary.json's evaluation of the final model on the held-out fold (``final.fold``), unchecked."""
         final = (self.summary or {}).get("final")
