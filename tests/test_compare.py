@@ -460,3 +460,28 @@ def test_an_evaluation_on_another_pack_is_left_out_of_val_miou(pair, tmp_path):
     assert len(compare([a, b])["experiments"][0]["evaluations"]) == 1
     path.write_text(json.dumps(json.loads(path.read_text()) | {"shards": "x", "manifest_sha256": "ef" * 32}))
     assert compare([a, b])["experiments"][0]["evaluations"] == []
+
+
+def test_val_evaluations_under_different_test_time_settings_are_flagged_naming_each(pair, tmp_path):
+    """A's reduced model evaluated with flips at full size, B's plain at its training size: the val column
+    set the two side by side without a word, as if the experiments made the difference."""
+    a, b = pair
+    write_reduction(b.parent, "B", list(range(5)), 0.48, tmp_path / "shards" / "cityscapes")
+    plain = {"input_size": "192x96", "input_size_from": "the model's config (data.eval_size)", "mode": "whole",
+             "flip": False, "scales": [1.0]}  # fmt: skip
+    flipped = plain | {"input_size": "full", "input_size_from": "--input-size", "flip": True, "scales": [0.75, 1.0]}
+    for side, settings in ((a, flipped), (b, plain)):
+        path = side / "stage1" / "reduced" / "eval-val" / "metrics.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"settings": settings}))
+    assert (
+        "the val evaluations share no test-time setting (A: input full resolution, whole, flip, scales 0.75, 1; "
+        "B: input 192x96, whole, no flip, scales 1): their val mIoU are not comparable with each other"
+    ) in "\n".join(compare([a, b])["notes"])
+    # the same setting on both sides (where it came from aside): nothing to say
+    path = a / "stage1" / "reduced" / "eval-val" / "metrics.json"
+    same = plain | {"input_size_from": "--input-size"}
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"settings": same}))
+    assert not any("test-time setting" in n for n in compare([a, b])["notes"])
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"settings": {"mode": "whole"}}))
+    with pytest.raises(CompareError, match=f"^{path}: settings has no 'input_size'; rerun tools/evaluate.py"):
+        compare([a, b])

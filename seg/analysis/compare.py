@@ -41,6 +41,7 @@ from seg.analysis.statistics import (
 )
 from seg.core import runs
 from seg.core.cityscapes import CLASS_NAMES
+from seg.evaluation.evaluate import describe_settings
 from seg.evaluation.out_of_fold import out_of_fold
 from seg.results.records import FoldRecord, RecordError, checked_result, read_evaluations, read_stage
 
@@ -112,8 +113,29 @@ def _evaluations(compared: ComparedStage) -> list[tuple[str, dict[str, Any]]]:
                 f"{compared.label}: {evaluation.label} is on other shards ({why}); left out of val mIoU"
             )
             continue
-        found.append((evaluation.label, checked_result(metrics, result, "the result")))
+        checked = checked_result(metrics, result, "the result")
+        if isinstance(result.get("settings"), dict):  # what the score depends on besides the model and images
+            try:
+                checked["settings"] = describe_settings(result["settings"])
+            except KeyError as e:
+                raise CompareError(f"{metrics}: settings has no {e}; rerun tools/evaluate.py to rewrite it") from None
+        found.append((evaluation.label, checked))
     return found
+
+
+def _unlike_evaluations(experiments: list[ComparedStage]) -> list[str]:
+    """A note when the experiments' val evaluations share no test-time setting (input size, mode,
+    flip, scales): the same model scores differently under each, so their val mIoU set side by
+    side would compare the settings as much as the experiments."""
+    settings = {e.label: {r["settings"] for _, r in e.evaluations if "settings" in r} for e in experiments}
+    evaluated = {label: found for label, found in settings.items() if found}
+    if len(evaluated) < 2 or set.intersection(*evaluated.values()):
+        return []
+    each = "; ".join(f"{label}: {' | '.join(sorted(found))}" for label, found in evaluated.items())
+    return [
+        f"the val evaluations share no test-time setting ({each}): their val mIoU are not comparable with each "
+        "other; evaluate each reduced model the same way (tools/evaluate.py --input-size, --mode, --flip, --scales)"
+    ]
 
 
 def _same_file(recorded: str, target: Path, experiment: Path) -> bool:
@@ -250,6 +272,8 @@ def compare(
             + "): their selection scores are not comparable with each other"
         )
 
+    notes += _unlike_evaluations(experiments)
+
     per_experiment = [_experiment_entry(e, metric, use, notes) for e in experiments]
     pairs = [_pair_entry(baseline, other, folds, metric, use, notes) for other, folds in pairs_of]
     return {
@@ -316,7 +340,9 @@ def _experiment_entry(e: ComparedStage, metric: str, use: str, notes: list[str])
         "summary": mean_and_interval(values),
         "out_of_fold": _pooled_entry(e, metric, use),
         "reduced": None,
-        "evaluations": [{"label": label, "value": metric_of(r, metric)} for label, r in e.evaluations],
+        "evaluations": [
+            {"label": label, "value": metric_of(r, metric), "settings": r.get("settings")} for label, r in e.evaluations
+        ],
     }
     if e.reduction is not None:
         winner = e.reduction["winner"]
