@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from seg.core.cli import at_least
 from seg.core.launch import launch_command
 from seg.core.lease import LeaseHeldError, acquire, clear_if_gone
 from seg.core.runs import Experiment, latest_state, state_step
@@ -427,13 +428,10 @@ def submitted_line(chain: Chain, left: StageWork, array: str, reduce: str) -> st
 
 
 def counts_problem(args: argparse.Namespace) -> str | None:
-    """Why the chain's process counts can't run, before anything does (None: they can)."""
+    """Why the chain's process counts can't run, before anything does (None: they can); each
+    count's range is its argparse type's."""
     if args.local and (args.nodes is not None or args.gpus is not None):
         return "--nodes and --gpus are Slurm's: with --local, --processes P runs each fold in P processes here"
-    for option, value, least in (("--processes", args.processes, 1), ("--nodes", args.nodes, 1),
-                                 ("--gpus", args.gpus, 0)):  # fmt: skip
-        if value is not None and value < least:
-            return f"{option} {value}: at least {least}"
     return None
 
 
@@ -443,13 +441,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="experiment YAML (configs/)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every fold, e.g. train.epochs=40")
-    parser.add_argument("--stages", type=int, default=1)
+    parser.add_argument("--stages", type=at_least(1), default=1)
     parser.add_argument("--folds", type=int, help="run folds 0..K-1 (default: all the dataset was packed with)")
     parser.add_argument("--init-from", help="a model seeding stage 1 (default: the config's backbone weights)")
     parser.add_argument("--local", action="store_true", help="run here, fold after fold, instead of on Slurm")
-    parser.add_argument("--processes", type=int, default=1, help="processes per fold (--local) or per CPU node")
-    parser.add_argument("--nodes", type=int, help="Slurm: machines per fold (default 1)")
-    parser.add_argument("--gpus", type=int, help="Slurm: GPUs per machine, one process each (default 0: CPU nodes)")
+    parser.add_argument("--processes", type=at_least(1), default=1, help="processes per fold (--local) or per CPU node")
+    parser.add_argument("--nodes", type=at_least(1), help="Slurm: machines per fold (default 1)")
+    parser.add_argument(
+        "--gpus", type=at_least(0), help="Slurm: GPUs per machine, one process each (default 0: CPU nodes)"
+    )
     parser.add_argument("--sbatch", default="", help='Slurm: more sbatch options, e.g. "-p gpu -t 8:00:00"')
     parser.add_argument(
         "--reduce", default="--recalibrate 20", help='tools/reduce_folds.py options (default "--recalibrate 20")'

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seg.core.cli import at_least
 from seg.cv import REPO, plan, run_local
 from seg.data.manifest import ManifestError
 from seg.recipe.config import ConfigError
@@ -66,16 +67,11 @@ def reduction_line(stage: int, report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--processes", type=int, default=2, help="processes per fold")
+    # counts checked as they are read, before the data is made again: a mistyped one costs nothing
+    parser.add_argument("--stages", type=at_least(1), default=2)
+    parser.add_argument("--folds", type=at_least(2), default=3)
+    parser.add_argument("--processes", type=at_least(1), default=2, help="processes per fold")
     args = parser.parse_args(argv)
-    # checked before the data is made again: a mistyped count costs nothing
-    for option, value, least in (("--stages", args.stages, 1), ("--folds", args.folds, 2),
-                                 ("--processes", args.processes, 1)):  # fmt: skip
-        if value < least:
-            print(f"error: {option} {value}: at least {least}", file=sys.stderr)
-            return 2
     os.chdir(REPO)  # the paths below are the repository's
     started = time.time()
     python = sys.executable

@@ -194,9 +194,11 @@ def test_a_fault_signals_one_array_task_not_the_whole_array(kind: str):
 def test_unknown_kinds_or_no_faults_are_refused_with_exit_2(capsys: pytest.CaptureFixture[str]):
     assert main(["--kinds", "kill-rank,meteor"]) == 2
     assert "'kill-rank,meteor'" in capsys.readouterr().err
-    assert main(["--faults", "0"]) == 2
-    assert main(["--per-round", "0"]) == 2
-    assert main(["--folds", "1"]) == 2
+    for count, least in (("--faults", 1), ("--per-round", 1), ("--folds", 2)):
+        with pytest.raises(SystemExit) as refused:
+            main([count, str(least - 1)])
+        assert refused.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: argument {count}: {least - 1}: at least {least}\n")
 
 
 # --- the short mode on a real Slurm -------------------------------------------------------------

@@ -17,15 +17,16 @@ def _no_step(*args, **kwargs):
 @pytest.mark.parametrize(
     ("options", "error"),
     [
-        (["--stages", "0"], "error: --stages 0: at least 1"),
-        (["--folds", "1"], "error: --folds 1: at least 2"),
-        (["--processes", "0"], "error: --processes 0: at least 1"),
+        (["--stages", "0"], "error: argument --stages: 0: at least 1"),
+        (["--folds", "1"], "error: argument --folds: 1: at least 2"),
+        (["--processes", "x"], "error: argument --processes: 'x' is not a whole number"),
     ],
 )
 def test_counts_are_refused_before_the_data_is_made_again(options, error, monkeypatch, capsys):
     monkeypatch.setattr(subprocess, "run", _no_step)
-    assert demo.main(options) == 2
-    assert capsys.readouterr().err == error + "\n"
+    with pytest.raises(SystemExit) as refused:
+        demo.main(options)
+    assert refused.value.code == 2 and capsys.readouterr().err.endswith(error + "\n")
 
 
 def test_a_failing_step_stops_the_demo_in_one_line(monkeypatch, capsys, tmp_path):

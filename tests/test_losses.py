@@ -78,8 +78,9 @@ def test_bench_loss_times_each_term_and_refuses_a_zero_batch(capsys):
     rows = {line.rsplit(None, 2)[0]: float(line.split()[-2]) for line in out.splitlines()[2:]}
     assert set(rows) == {"softmax alone", "cross entropy", "dice", "combined (study)", "ohem"}
     assert all(ms > 0 for ms in rows.values())
-    assert bench_loss(["--batch", "0"]) == 2
-    assert "--batch 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        bench_loss(["--batch", "0"])
+    assert refused.value.code == 2 and "error: argument --batch: 0: at least 1" in capsys.readouterr().err
 
 
 def test_bench_loss_reports_a_loss_that_breaks_in_its_row_and_goes_on(monkeypatch, capsys):

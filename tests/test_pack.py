@@ -338,7 +338,6 @@ def test_an_out_that_is_holds_or_lies_in_the_root_is_refused_and_the_tree_kept(t
         (["--image-format", "jpg", "--jpeg-quality", "0"], "--jpeg-quality 0: "),
         (["--jpeg-quality", "-7"], "--jpeg-quality -7: "),
         (["--splits", ","], "--splits names no split"),
-        (["--workers", "-1"], "--workers -1: "),
         (["--seed", "-1"], "--seed -1: "),
     ],
 )
@@ -351,6 +350,15 @@ def test_nonsense_options_are_refused_in_one_line_before_anything_is_written(
     assert pack_cityscapes.main([str(synthetic_root), "--out", str(out), "--folds", "3", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {named}") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_count_below_one_is_refused_as_the_command_line_is_read(synthetic_root, tmp_path, capsys):
+    """seg.core.cli.at_least, as every count of every command: argparse's usage, then the error."""
+    with pytest.raises(SystemExit) as refused:
+        pack_cityscapes.main([str(synthetic_root), "--out", str(tmp_path / "o"), "--workers", "-1"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.endswith("error: argument --workers: -1: at least 1\n")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from seg.core.cli import format_size, parse_size
+from seg.core.cli import at_least, format_size, parse_size
 from seg.data.augment import DeviceAugment
 from seg.data.synthetic import paint_labels, render_image
 from seg.evaluation.inference import TestTimeAugmentation, predict_probabilities, slide_windows
@@ -104,7 +104,7 @@ def measure_eval(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=parse_size, default="2048x1024", help="frame WIDTHxHEIGHT (default 2048x1024)")
-    parser.add_argument("--frames", type=int, default=3, help="timed images per mode (after one warm-up)")
+    parser.add_argument("--frames", type=at_least(1), default=3, help="timed images per mode (after one warm-up)")
     parser.add_argument("--depth", type=int, default=34, choices=(18, 34, 50, 101))
     parser.add_argument("--output-stride", type=int, default=8, choices=(8, 16))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -115,8 +115,6 @@ def main() -> None:
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
-    if args.frames < 1:
-        parser.error("--frames must be at least 1")
     device = torch.device(args.device)
     if args.precision == "fp16" and device.type != "cuda":
         sys.exit("error: --precision fp16 needs a GPU; use bf16 on the CPU (as training does)")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from seg.core.cityscapes import IGNORE_INDEX, NUM_CLASSES
-from seg.core.cli import Size, format_size, parse_size
+from seg.core.cli import Size, at_least, format_size, parse_size
 from seg.core.distributed import at_least_fp32
 from seg.recipe.losses import CombinedLoss, OHEMLoss, cross_entropy, dice_loss
 
@@ -126,16 +126,13 @@ def format_losses(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=None, help="default 8 on CUDA, 2 on the CPU")
+    parser.add_argument("--batch", type=at_least(1), default=None, help="default 8 on CUDA, 2 on the CPU")
     parser.add_argument("--size", type=parse_size, default=Size(512, 1024), help="WIDTHxHEIGHT (default 1024x512)")
     parser.add_argument("--precision", choices=list(PRECISIONS), help="the logits' dtype (default bf16 on CUDA)")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=at_least(1), default=5)
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     batch = args.batch if args.batch is not None else (8 if cuda else 2)
-    if batch < 1 or args.steps < 1:
-        print(f"error: --batch {batch} --steps {args.steps}: each at least 1", file=sys.stderr)
-        return 2
     device = torch.device("cuda" if cuda else "cpu")
     precision = args.precision or ("bf16" if cuda else "fp32")
     rows = measure_losses(batch, tuple(args.size), precision, device, args.steps)

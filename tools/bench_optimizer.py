@@ -20,6 +20,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from seg.core.cli import at_least
 from seg.model.deeplab import DeepLabV3Plus
 from seg.recipe.config import OptimConfig
 from seg.recipe.optim import OPTIMIZERS, from_config
@@ -57,11 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=34, choices=(18, 34, 50, 101))
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=at_least(1), default=10)
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        print(f"error: --steps {args.steps}: at least 1", file=sys.stderr)
-        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"optimizer step of R{args.depth}-DeepLabV3+ on {where}, {args.steps} steps")

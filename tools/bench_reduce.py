@@ -34,7 +34,7 @@ from accelerate import Accelerator
 
 import seg.reduction.candidates
 import seg.reduction.reduce
-from seg.core.cli import Size, format_size, parse_size
+from seg.core.cli import Size, at_least, format_size, parse_size
 from seg.core.runs import Experiment
 from seg.data.pack import Options, pack
 from seg.data.synthetic import CITIES, Frame, write_frame
@@ -95,20 +95,22 @@ def counted(owner: object, name: str, calls: list[float]) -> Iterator[None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/study.yaml")
-    parser.add_argument("--folds", type=int, default=5, help="K fold models (default 5)")
-    parser.add_argument("--selection-frames", type=int, default=4, help="frames of the selection city (default 4)")
+    parser.add_argument("--folds", type=at_least(2), default=5, help="K fold models (default 5)")
+    parser.add_argument(
+        "--selection-frames", type=at_least(1), default=4, help="frames of the selection city (default 4)"
+    )
     parser.add_argument("--size", type=parse_size, default="2048x1024", help="synthetic frame WIDTHxHEIGHT")
     parser.add_argument(
         "--eval-size",
         default=None,
         help="data.eval_size as WIDTHxHEIGHT, or 'full' (default: the study's, 1024x512 input, labels full size)",
     )
-    parser.add_argument("--recalibrate", type=int, default=0, metavar="BATCHES", help="BN recalibration batches")
+    parser.add_argument(
+        "--recalibrate", type=at_least(0), default=0, metavar="BATCHES", help="BN recalibration batches"
+    )
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
-    parser.add_argument("--k", type=int, default=3, help="topk's k (as tools/reduce_folds.py)")
+    parser.add_argument("--k", type=at_least(1), default=3, help="topk's k (as tools/reduce_folds.py)")
     args = parser.parse_intermixed_args()
-    if args.folds < 2 or args.selection_frames < 1:
-        parser.error("--folds needs at least 2, --selection-frames at least 1")
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-reduce-"))
     try:

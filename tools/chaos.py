@@ -64,6 +64,7 @@ if __package__ in (None, ""):  # `python tools/chaos.py` from a checkout: make `
     sys.path.insert(0, str(REPO))
 
 from seg.core.atomic import atomic_write_bytes  # noqa: E402
+from seg.core.cli import at_least  # noqa: E402
 from seg.core.storage import EXIT_STORAGE  # noqa: E402
 from tests.slurm_cluster import SlurmCluster, cluster_dir, running_cluster  # noqa: E402
 from tools.chaos_injector import Chain, DiskFullError, Injector  # noqa: E402
@@ -312,7 +313,9 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--faults", type=int, default=5, help="how many faults (default 5: the suite's short mode)")
+    parser.add_argument(
+        "--faults", type=at_least(1), default=5, help="how many faults (default 5: the suite's short mode)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="draws the faults: the same seed, the same plan")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {','.join(KINDS)}")
     parser.add_argument(
@@ -322,10 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         "--reference", type=Path, help="a reference runs folder of an earlier run in the same --workdir"
     )
     parser.add_argument(
-        "--per-round", type=int, default=PER_ROUND,
+        "--per-round", type=at_least(1), default=PER_ROUND,
         help=f"faults per chaos chain (default {PER_ROUND}); more run in rounds, a fresh chain each",
     )  # fmt: skip
-    parser.add_argument("--folds", type=int, default=FOLDS, help=f"folds per stage (default {FOLDS}, at least 2)")
+    parser.add_argument(
+        "--folds", type=at_least(2), default=FOLDS, help=f"folds per stage (default {FOLDS}, at least 2)"
+    )
     parser.add_argument("--use-cluster", action="store_true", help="use the running cluster SLURM_CONF names")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the chain counts as stuck")
@@ -337,15 +342,6 @@ def main(argv: list[str] | None = None) -> int:
             f"error: --kinds {args.kinds!r}: {', '.join(unknown) or 'none'} unknown; from {','.join(KINDS)}",
             file=sys.stderr,
         )
-        return 2
-    if args.faults < 1:
-        print(f"error: --faults {args.faults}: at least 1", file=sys.stderr)
-        return 2
-    if args.per_round < 1:
-        print(f"error: --per-round {args.per_round}: at least 1", file=sys.stderr)
-        return 2
-    if args.folds < 2:
-        print(f"error: --folds {args.folds}: at least 2", file=sys.stderr)
         return 2
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="seg-chaos-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ from accelerate import Accelerator
 
 from seg.core.atomic import atomic_directory, atomic_write_bytes
 from seg.core.cityscapes import TRAINID_TO_ID
+from seg.core.cli import at_least
 from seg.core.png import encode_gray8
 from seg.core.runs import Stage
 from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
@@ -102,17 +103,6 @@ def evaluation_markdown(result: dict, title: str) -> str:
     ]
     lines += [f"| {name} | {100 * value:.2f} |" for name, value in result["iou"].items()]
     return "\n".join(lines) + "\n"
-
-
-def workers(text: str) -> int:
-    """--workers: a count of loader processes, 0 or more (the DataLoader refuses less only after the model loads)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a number of processes, 0 or more (0: load in this process)")
-    return value
 
 
 def is_result_file(name: str) -> bool:
@@ -205,7 +195,7 @@ def run(argv: list[str] | None) -> int:
         help="resize images to WIDTHxHEIGHT, or 'full' (default: the model config's data.eval_size)",
     )
     TestTimeAugmentation.add_arguments(parser)
-    parser.add_argument("--workers", type=workers, default=2, help="data loading processes (0: in this one)")
+    parser.add_argument("--workers", type=at_least(0), default=2, help="data loading processes (0: in this one)")
     parser.add_argument(
         "--out", type=Path, help="where the results go (default: eval-SPLIT-SETTINGS/ beside the model)"
     )

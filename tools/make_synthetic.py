@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from seg.core.atomic import OutputExistsError
-from seg.core.cli import orientation_mismatch, parse_size
+from seg.core.cli import at_least, orientation_mismatch, parse_size
 from seg.core.lease import LeaseHeldError
 from seg.core.signals import interrupt_exit_code, interrupt_once
 from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
@@ -33,12 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=parse_size, default="2048x1024", help="WIDTHxHEIGHT (default 2048x1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-ids", action="store_true", help="also write *_gtFine_labelTrainIds.png")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    parser.add_argument("--workers", type=at_least(1), default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing tree")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        print(f"error: --workers {args.workers}: at least 1", file=sys.stderr)
-        return 2
     # A portrait scene can be meant (it is still drawn as a street), so only a warning.
     swapped = orientation_mismatch("--size", args.size, CITYSCAPES_SIZE, "Cityscapes frames")
     if swapped:

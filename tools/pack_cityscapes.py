@@ -20,7 +20,7 @@ from pathlib import Path
 
 from seg.core import cityscapes as cs
 from seg.core.atomic import OutputExistsError
-from seg.core.cli import parse_bytes, parse_list, parse_size
+from seg.core.cli import at_least, parse_bytes, parse_list, parse_size
 from seg.core.lease import LeaseHeldError
 from seg.core.signals import interrupt_exit_code, interrupt_once
 from seg.core.storage import EXIT_STORAGE, StorageError, check_writable, writing
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         help="store the train split at WIDTHxHEIGHT (e.g. 1024x512, the study's input): a quarter of the "
         "pixels to decode per training sample; val and test keep full resolution for evaluation",
     )
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    parser.add_argument("--workers", type=at_least(1), default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument(
         "--verify",
@@ -81,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pack_or_verify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     out = None
-    if args.workers < 1:
-        print(f"error: --workers {args.workers}: at least 1", file=sys.stderr)
-        return 2
     try:
         if args.verify:
             problems = verify(args.verify, workers=args.workers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -17,6 +17,23 @@ def parse_bytes(text: str) -> int:
     if not match or match[2].lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 256MB, 1GiB or 500000")
     return int(float(match[1]) * _UNITS[match[2].lower()])
+
+
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number no smaller than ``least`` (``--workers 0`` with
+    ``at_least(1)``: ``argument --workers: 0: at least 1``). The one check of every count a
+    command takes, made as the command line is read, before any work."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value}: at least {least}")
+        return value
+
+    return parse
 
 
 def parse_list(text: str) -> tuple[str, ...]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from seg.core.atomic import atomic_directory, remove_leftovers
+from seg.core.cli import at_least
 from seg.core.lease import LeaseHeldError, acquire
 from seg.core.runs import Stage
 from seg.core.storage import StorageError, check_writable, writing
@@ -56,16 +56,6 @@ STRATEGIES = ("best", "mean", "topk", "greedy", "ensemble")
 SELECTION_WORDS = {"selection": "selection-set mIoU", "val": "official-val mIoU"}
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}: at least {minimum}")
-        return value
-
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """tools/reduce_folds.py's options; ``./launch cv --reduce "..."`` parses them with these
     too, so a bad option fails before a chain is submitted."""
@@ -74,10 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--folds", type=int, nargs="+", help="folds to reduce (default: every fold*/)")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
-    parser.add_argument("--k", type=_at_least(1), default=3, help="topk: how many best folds to average (default 3)")
+    parser.add_argument("--k", type=at_least(1), default=3, help="topk: how many best folds to average (default 3)")
     parser.add_argument(
         "--recalibrate",
-        type=_at_least(0),
+        type=at_least(0),
         default=0,
         metavar="BATCHES",
         help="also try each average with BN statistics re-estimated over this many batches",
