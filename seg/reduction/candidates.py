@@ -80,7 +80,14 @@ def single_model_names(folds: list[int], strategies: tuple[str, ...], k: int, re
              ("topk", topk_name(k, len(folds)), min(k, len(folds))), ("greedy", "greedy", len(folds)))
              if strategy in strategies]  # fmt: skip
     names = [f"fold{k}" for k in folds] + (["best"] if "best" in strategies else []) + [name for name, _ in soups]
-    return names + [f"{name}+bn" for name, size in soups if recalibrate and size > 1]
+    return names + [f"{name}+bn" for name, size in soups if recalibrate and has_bn_twin(size)]
+
+
+def has_bn_twin(models: int, ensemble: bool = False) -> bool:
+    """Whether a candidate of ``models`` fold models is scored again with its BatchNorm
+    recalibrated (``NAME+bn``): a soup of several is; a fold alone keeps the statistics it
+    trained with, and the ensemble runs each fold's own."""
+    return models > 1 and not ensemble
 
 
 def candidates_of(models: list[FoldModel], strategies: tuple[str, ...], k: int) -> list[Candidate]:
@@ -214,7 +221,7 @@ def recalibrated_candidates(
 ) -> list[Candidate]:
     """Every soup again with its BatchNorm recalibrated (``NAME+bn``), scored."""
     recalibrated = []
-    for candidate in [c for c in candidates if len(c.models) > 1 and not c.ensemble]:
+    for candidate in [c for c in candidates if has_bn_twin(len(c.models), c.ensemble)]:
         scores.recalibrate(candidate.models, batches, folds)
         again = Candidate(f"{candidate.name}+bn", candidate.models, recalibrated=True)
         again.result = scores.of(candidate.models, recalibrated=True)
