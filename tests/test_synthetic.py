@@ -156,7 +156,6 @@ sys.exit(main([{str(out)!r}, "--train", "4", "--train-cities", "2", "--val", "2"
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["--workers", "-3"], "--workers -3: "),
         (["--seed", "-1"], "--seed -1: "),
         (["--train", "0", "--val", "0", "--test", "0"], "--train, --val, --test are all 0"),
         (["--val", "-2"], "--val -2: "),
@@ -169,4 +168,13 @@ def test_nonsense_counts_seeds_and_workers_are_refused_in_one_line(tmp_path, cap
     assert main([str(tmp_path / "tree"), "--size", "64x32", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {named}") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_count_below_one_is_refused_as_the_command_line_is_read(tmp_path, capsys):
+    from tools.make_synthetic import main
+
+    with pytest.raises(SystemExit) as refused:
+        main([str(tmp_path / "tree"), "--size", "64x32", "--workers", "-3"])
+    assert refused.value.code == 2 and capsys.readouterr().err.endswith("error: argument --workers: -3: at least 1\n")
     assert list(tmp_path.iterdir()) == []
