@@ -15,6 +15,7 @@ from seg.recipe.identity import fold_identity
 from seg.train import main
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+STUDY = DEMO.with_name("study.yaml")
 
 
 @pytest.mark.parametrize(
@@ -213,3 +214,26 @@ def test_resolve_auto_takes_the_recorded_workers_then_the_machine_s_and_channels
     explicit = load_config(DEMO, ["data.workers=5", "data.channels_last=false"])
     assert resolve_auto(explicit, cuda=True, recorded_workers=2).data.workers == 5  # a number is kept, as always
     assert resolve_auto(explicit, cuda=True).data.channels_last is False
+
+
+@pytest.mark.parametrize("override", ["optim.lr=inf", "optim.weight_decay=inf", "schedule.power=inf",
+                                      "optim.clip_grad_norm=inf", "model.aux_weight=-inf"])  # fmt: skip
+def test_an_infinite_value_is_out_of_every_range(override):
+    """optim.lr=inf was taken, and the run failed at step 1 blaming the loss."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^config key '{key}' \\(on the command line\\): -?inf is out of range"):
+        load_config(DEMO, [override], 1)
+
+
+def test_an_early_stop_that_comes_before_a_step_at_the_lowered_plateau_rate_is_refused():
+    """The study's plateau_patience 5 dropped the rate at the 6th evaluation without a better mIoU,
+    and early_stop_patience 6 stopped the fold at that same evaluation: the rate never dropped."""
+    with pytest.raises(ConfigError, match=(
+        r"^config key 'train.early_stop_patience' \(on the command line\): 6 stops the run before a step at a "
+        r"plateau-lowered rate \(schedule.plateau_patience 5: the rate drops at evaluation 6 in a row without a "
+        r"better mIoU\); set it above 6, or lower schedule.plateau_patience$")):  # fmt: skip
+        load_config(STUDY, ["schedule.plateau_patience=5", "train.early_stop_patience=6"], 1)
+    study = load_config(STUDY, [], 1)  # the study's: halved at 5, stopped at 6
+    assert (study.schedule.plateau_patience, study.train.early_stop_patience) == (4, 6)
+    # a later stage on another schedule has no plateau to wait for
+    assert load_config(STUDY, ["train.early_stop_patience=2"], 4).schedule.name == "cosine"

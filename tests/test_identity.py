@@ -20,3 +20,24 @@ def test_the_experiment_key_ignores_what_a_resume_may_change():
     two = {"config": {"optim": {"lr": 0.1}}, "batch": {"processes": 2, "per_process": 2, "global": 4}, "code": "b"}
     assert experiment_key(one) == experiment_key(two)
     assert experiment_key(one) != experiment_key({**one, "config": {"optim": {"lr": 0.2}}})
+
+
+def test_another_folds_state_is_another_run_and_an_identity_recorded_before_folds_were_is_not_refused(tmp_path):
+    """`--fold 1 --resume runs/.../fold0/checkpoints/step-8` resumed fold 0's model as fold 1's, and
+    its scores on fold 0's held-out images as fold 1's, whenever the two folds' schedules matched."""
+    from omegaconf import OmegaConf
+
+    from seg.data.manifest import FoldSplit
+    from seg.recipe.config import load_config
+    from seg.recipe.identity import FOLDS_MAY_DIFFER, fold_identity, stage_identity
+    from tests.tiny_training import REPO, TINY, tiny_shards
+
+    shards = tiny_shards(tmp_path)
+    config = load_config(REPO / "configs" / "demo.yaml", [f"data.shards={shards}", *TINY], 1)
+    zero, one = (fold_identity(config, 1, FoldSplit.of(str(shards), k), None, 1) for k in (0, 1))
+    assert (zero["fold"], one["fold"]) == (0, 1)
+    assert "fold: 0 -> 1" in differences(zero, one)
+    assert stage_identity(zero) == stage_identity(one) and "fold" in FOLDS_MAY_DIFFER  # one stage, both folds
+    before = {k: v for k, v in zero.items() if k != "fold"}  # recorded by a seg without the entry
+    assert differences(before, zero) == [] and not any(c.startswith("fold") for c in differences(before, one))
+    assert OmegaConf.is_config(config)

@@ -15,6 +15,7 @@ are the same run.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,8 @@ class ScheduleConfig:
     power: float = 0.9  # poly
     min_lr_ratio: float = 0.05  # cosine floor, and poly's end, as a share of lr
     plateau_factor: float = 0.5
-    plateau_patience: int = 5  # evaluations without improvement
+    plateau_patience: int = 5  # evaluations in a row without a better mIoU let pass; the rate drops at the
+    # next one (counted as torch's ReduceLROnPlateau counts)
 
 
 @dataclass
@@ -224,7 +226,7 @@ def describe_range(low: float | None, high: float | None, low_in: bool, high_in:
 def in_range(value: float, low: float | None, high: float | None, low_in: bool, high_in: bool) -> bool:
     above = low is None or (value >= low if low_in else value > low)
     below = high is None or (value <= high if high_in else value < high)
-    return above and below and value == value  # NaN is in no range
+    return above and below and math.isfinite(value)  # NaN is in no range, and no bound is infinite
 
 
 class ConfigError(ValueError):
@@ -352,6 +354,13 @@ def check_values(config: DictConfig, sources: dict[str, str]) -> None:
         value = OmegaConf.select(config, key)
         if value is not None and value != AUTO and not in_range(value, *bounds):
             refuse(key, f"{value!r} is out of range; valid: {describe_range(*bounds)}")
+    schedule, stop = config.schedule, config.train.early_stop_patience
+    if schedule.name == "plateau" and stop is not None and stop <= schedule.plateau_patience + 1:
+        cut = schedule.plateau_patience + 1
+        refuse("train.early_stop_patience", f"{stop} stops the run before a step at a plateau-lowered rate "
+               f"(schedule.plateau_patience {schedule.plateau_patience}: the rate drops at evaluation {cut} "
+               f"in a row without a better mIoU); set it above {cut}, or lower "
+               "schedule.plateau_patience")  # fmt: skip
     name = config.train.experiment
     if name in ("", ".", "..") or "/" in name:  # runs_dir/NAME, and never outside runs_dir
         refuse("train.experiment", f"{name!r} is not a folder name: name the experiment without '/' (train.runs_dir "

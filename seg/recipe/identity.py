@@ -66,8 +66,10 @@ NOT_IDENTITY = (
 )
 # What two runs of one experiment may differ in (dotted keys of the identity).
 MAY_DIFFER = ("code", "init_from.path", "batch.processes", "batch.per_process", "batch.grad_accum", "loader")
-# ...and two folds of one stage, besides: each fold has its own number of training samples.
-FOLDS_MAY_DIFFER = (*MAY_DIFFER, "schedule")
+# ...and two folds of one stage, besides: each is its own fold, with its own number of training samples.
+FOLDS_MAY_DIFFER = (*MAY_DIFFER, "fold", "schedule")
+# Entries identities gained after runs had recorded theirs: compared only where both sides have one.
+ADDED_LATER = ("fold",)
 
 
 def total_steps(config: DictConfig, per_epoch: int) -> int:
@@ -130,6 +132,7 @@ def fold_identity(
     return {
         "config": _without(OmegaConf.to_container(config, resolve=True), NOT_IDENTITY),
         "stage": stage,
+        "fold": split.fold,  # another fold's state holds a model that trained on this fold's held-out images
         "init_from": start,
         "data": {"manifest_sha256": manifest_sha256(config.data.shards)},
         "batch": {
@@ -179,7 +182,8 @@ def differences(
 ) -> list[str]:
     """What differs between two identities, beyond ``may_differ``, as ``key: recorded -> wanted``.
     A config key one side lacks counts as the schema's default: a run recorded before a key
-    existed ran as its default does (a new option is no new experiment)."""
+    existed ran as its default does (a new option is no new experiment); an entry of
+    ``ADDED_LATER`` one side lacks is not compared (that run did not record it)."""
     a, b, defaults = _flat(recorded), _flat(wanted), _schema_defaults()
 
     def allowed(key: str) -> bool:
@@ -188,10 +192,13 @@ def differences(
     def value(side: dict[str, Any], key: str) -> Any:
         return side.get(key, defaults.get(key, "(absent)"))
 
+    def compared(key: str) -> bool:
+        return not allowed(key) and (key not in ADDED_LATER or (key in a and key in b))
+
     return [
         f"{key}: {value(a, key)!r} -> {value(b, key)!r}"
         for key in sorted(a.keys() | b.keys())
-        if not allowed(key) and value(a, key) != value(b, key)
+        if compared(key) and value(a, key) != value(b, key)
     ]
 
 
