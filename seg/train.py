@@ -46,6 +46,7 @@ from seg.training.preempt import preempted_exit_code
 from seg.training.records import EXIT_REQUEUE, StorageFailureError
 from seg.training.refusals import (
     earlier_run,
+    no_optimizer_step,
     planned_identity,
     refusal,
     refused_together,
@@ -101,7 +102,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     config = config_as_run(config, out, args.resume)
     error = refusal(args, config)
     identity, split = planned_identity(args, config) if not error else (None, None)
-    error = error or workers_beyond_epoch(asked_workers, config, split)
+    error = error or workers_beyond_epoch(asked_workers, config, split) or no_optimizer_step(config, identity)
     done, error = earlier_run(args, out, identity) if identity and not error else (None, error)
     if error:
         return say_refusal(error)

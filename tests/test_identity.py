@@ -41,3 +41,18 @@ def test_another_folds_state_is_another_run_and_an_identity_recorded_before_fold
     before = {k: v for k, v in zero.items() if k != "fold"}  # recorded by a seg without the entry
     assert differences(before, zero) == [] and not any(c.startswith("fold") for c in differences(before, one))
     assert OmegaConf.is_config(config)
+
+
+def test_an_epochs_run_takes_whole_optimizer_steps_and_none_when_the_accumulation_outlasts_it():
+    """The micro-batches after the last whole accumulation were computed and thrown away."""
+    from omegaconf import OmegaConf
+
+    from seg.recipe.identity import total_steps
+
+    def config(epochs: int, accum: int, iters: int | None = None):
+        return OmegaConf.create({"train": {"epochs": epochs, "grad_accum": accum, "iters": iters}})
+
+    assert total_steps(config(2, 1), 7) == 14
+    assert total_steps(config(2, 4), 7) == 12  # 3 optimizer steps; 2 micro-batches would make none
+    assert total_steps(config(1, 100), 7) == 0  # train.py refuses it (seg.training.refusals.no_optimizer_step)
+    assert total_steps(config(2, 4, iters=5), 7) == 20

@@ -311,6 +311,11 @@ def test_runs_that_cannot_work_are_refused_in_one_line_before_any_process_group_
     err = capsys.readouterr().err
     assert err.startswith("error: config key 'data.workers': 10000 is more than the ") and err.count("\n") == 1
     assert "the epoch would stretch to 10000 steps; set at most " in err
+    # an accumulation longer than the whole run once ended "done" without one optimizer step
+    assert main([*argv, "train.epochs=1", "train.grad_accum=100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config key 'train.grad_accum': 100 micro-batches a step is more than the run's ")
+    assert "no optimizer step would run; set at most " in err and err.count("\n") == 1
     assert main(["--resume", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --resume {tmp_path}: not a resumable state") and err.count("\n") == 1

@@ -73,9 +73,13 @@ ADDED_LATER = ("fold",)
 
 
 def total_steps(config: DictConfig, per_epoch: int) -> int:
-    """Micro-batches the run takes: train.iters optimizer steps, or train.epochs epochs."""
+    """Micro-batches the run takes: train.iters optimizer steps, or train.epochs epochs in whole
+    optimizer steps (accumulation runs on across epochs; the last micro-batches, fewer than
+    train.grad_accum, would make no step, so they are not taken)."""
     train = config.train
-    return train.iters * train.grad_accum if train.iters else train.epochs * per_epoch
+    if train.iters:
+        return train.iters * train.grad_accum
+    return train.epochs * per_epoch // train.grad_accum * train.grad_accum
 
 
 def run_length(config: DictConfig, split: FoldSplit, processes: int) -> tuple[int, int]:

@@ -134,6 +134,20 @@ def earlier_run(args: argparse.Namespace, out: Fold, identity: dict[str, Any]) -
     return None, None
 
 
+def no_optimizer_step(config: Any, identity: dict[str, Any] | None) -> str | None:
+    """A train.grad_accum beyond the micro-batches of the whole run: it would end without one
+    optimizer step, its model the initial one."""
+    if identity is None or identity["schedule"]["total_steps"] > 0:
+        return None
+    train, per_epoch = config.train, identity["schedule"]["steps_per_epoch"]
+    batches = train.epochs * per_epoch
+    return (
+        f"config key 'train.grad_accum': {train.grad_accum} micro-batches a step is more than the run's {batches} "
+        f"({train.epochs} epoch(s) of {per_epoch}): no optimizer step would run; set at most {batches}, or more "
+        "train.epochs"
+    )
+
+
 def refused_together(accelerator: Accelerator, error: str | None, code: int = EXIT_REFUSED) -> int:
     """Every rank's verdict to every rank: on an error of any rank, the main process prints
     the first one and every rank returns its exit code (and leaves the process group through
