@@ -52,6 +52,7 @@ from seg.training.refusals import (
     refused_together,
     say_complete,
     say_refusal,
+    size_against_shards,
     workers_beyond_epoch,
     workers_disagree,
 )
@@ -103,6 +104,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     error = refusal(args, config)
     identity, split = planned_identity(args, config) if not error else (None, None)
     error = error or workers_beyond_epoch(asked_workers, config, split) or no_optimizer_step(config, identity)
+    error = error or size_against_shards(config, split)
     done, error = earlier_run(args, out, identity) if identity and not error else (None, error)
     if error:
         return say_refusal(error)

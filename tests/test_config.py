@@ -237,3 +237,32 @@ def test_an_early_stop_that_comes_before_a_step_at_the_lowered_plateau_rate_is_r
     assert (study.schedule.plateau_patience, study.train.early_stop_patience) == (4, 6)
     # a later stage on another schedule has no plateau to wait for
     assert load_config(STUDY, ["train.early_stop_patience=2"], 4).schedule.name == "cosine"
+
+
+def test_a_training_size_lying_the_other_way_than_the_evaluation_or_base_size_is_refused_naming_the_swap():
+    """data.size=[192,96] trained portrait crops of landscape frames without a word; and the hint for
+    data.size=1024x512 said [a,b], never which way round."""
+    with pytest.raises(ConfigError, match=(
+        r"^config key 'data.size' \(on the command line\): \[192, 96\] is \[height, width\]: 96 wide, 192 high, "
+        r"portrait, but data.eval_size \[96, 192\] is landscape; did you mean \[96, 192\]\?$")):  # fmt: skip
+        load_config(DEMO, ["data.size=[192,96]"], 1)
+    with pytest.raises(ConfigError, match=r"but data.base_size \[1024, 2048\] is landscape; did you mean \[32, 64\]"):
+        load_config(DEMO, ["data.size=[64,32]", "data.eval_size=null"], 1)
+    assert list(load_config(DEMO, ["data.size=[64,64]"], 1).data.size) == [64, 64]  # square: either way
+    with pytest.raises(ConfigError, match=r"'1024x512' is not a list; write data.size=\[height,width\]$"):
+        load_config(DEMO, ["data.size=1024x512"], 1)
+
+
+def test_a_training_size_lying_the_other_way_than_shards_packed_at_a_size_is_refused():
+    from types import SimpleNamespace
+
+    from seg.training.refusals import size_against_shards
+
+    split = SimpleNamespace(manifest={"options": {"resize": {"height": 512, "width": 1024}}})
+    config = load_config(STUDY, ["data.size=[1024,512]", "data.eval_size=[1024,512]", "data.base_size=[2048,1024]"], 1)
+    assert size_against_shards(config, split) == (
+        "config key 'data.size': [1024, 512] is [height, width]: 512 wide, 1024 high, portrait, but the shards' "
+        "frame size (1024x512, packed with --resize) is landscape; did you mean [512, 1024]?"
+    )
+    assert size_against_shards(load_config(STUDY, [], 1), split) is None
+    assert size_against_shards(config, SimpleNamespace(manifest={"options": {"resize": None}})) is None

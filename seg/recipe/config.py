@@ -24,6 +24,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
+from seg.core.cli import orientation
 from seg.data.loader import ON_ERROR
 from seg.data.transforms import GEOMETRIES, LEVELS
 from seg.data.workers import AUTO, resolve_workers
@@ -315,7 +316,8 @@ def check_override(config: DictConfig, override: str) -> None:
         raise ConfigError(f"config key {key!r} on the command line: a section, not a value; set its keys, "
                           f"e.g. {key}.{example}=...")  # fmt: skip
     if isinstance(node, ListConfig) and not value.lstrip().startswith("[") and value != "null":
-        raise ConfigError(f"config key {key!r} on the command line: {value!r} is not a list; write {key}=[a,b]")
+        example = "[height,width]" if key.endswith("size") else "[a,b]"
+        raise ConfigError(f"config key {key!r} on the command line: {value!r} is not a list; write {key}={example}")
 
 
 def _keys(tree: DictConfig, prefix: str = "") -> list[str]:
@@ -346,6 +348,11 @@ def check_values(config: DictConfig, sources: dict[str, str]) -> None:
         value = OmegaConf.select(config, key)
         if value is not None and (len(value) != 2 or min(value) <= 0):
             refuse(key, f"{list(value)} is not [height, width]")
+    size = list(config.data.size)
+    for key in ("data.eval_size", "data.base_size"):  # the training crop lies the way the frames it is cut from do
+        other = OmegaConf.select(config, key)
+        if other is not None and (swapped := size_swapped(size, list(other), f"{key} {list(other)}")):
+            refuse("data.size", swapped)
     for key, kind in AUTO_KEYS.items():
         value = OmegaConf.select(config, key)
         if isinstance(value, str) and value != AUTO:
@@ -373,6 +380,20 @@ def check_values(config: DictConfig, sources: dict[str, str]) -> None:
             refuse("tracking.backends", f"{backend!r} is named twice")
         if missing := missing_package(backend):
             refuse("tracking.backends", f"{backend} is asked for but {missing}")
+
+
+def size_swapped(size: list[int], reference: list[int], what: str) -> str | None:
+    """None when ``size`` ([height, width], as data.size holds it) lies the way ``reference``
+    (described by ``what``) does, or either is square; else why it looks swapped and the fix
+    (the config's [height, width] is easily typed the command line's WIDTHxHEIGHT way round)."""
+    mine, theirs = orientation(size), orientation(reference)
+    if "square" in (mine, theirs) or mine == theirs:
+        return None
+    height, width = size
+    return (
+        f"{size} is [height, width]: {width} wide, {height} high, {mine}, but {what} is {theirs}; "
+        f"did you mean [{width}, {height}]?"
+    )
 
 
 def resolve_auto(config: DictConfig, cuda: bool, recorded_workers: int | None = None) -> DictConfig:

@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from seg.core.cli import format_size
 from seg.core.launch import launcher_problem
 from seg.core.lease import clear_if_gone
 from seg.core.runs import Experiment, Fold, is_state, latest_state
@@ -21,6 +22,7 @@ from seg.core.signals import Drill
 from seg.data.loader import steps_per_epoch
 from seg.data.manifest import FoldSplit, ManifestError
 from seg.data.workers import AUTO, workers_problem
+from seg.recipe.config import size_swapped
 from seg.recipe.identity import SCRATCH, describe_changes, differences, finished_run, fold_identity, read_identity
 from seg.training.records import EXIT_REFUSED, Run
 
@@ -132,6 +134,18 @@ def earlier_run(args: argparse.Namespace, out: Fold, identity: dict[str, Any]) -
     if changes:
         return None, f"cannot resume from {state}: it is another run ({describe_changes(changes)}); {way_out}"
     return None, None
+
+
+def size_against_shards(config: Any, split: FoldSplit | None) -> str | None:
+    """A data.size lying the other way than the frames of shards packed at a size (--resize):
+    portrait crops of landscape frames train without a word and score badly."""
+    resize = split.manifest["options"].get("resize") if split is not None else None
+    if not resize:
+        return None
+    frames = [resize["height"], resize["width"]]
+    what = f"the shards' frame size ({format_size(frames)}, packed with --resize)"
+    swapped = size_swapped(list(config.data.size), frames, what)
+    return f"config key 'data.size': {swapped}" if swapped else None
 
 
 def no_optimizer_step(config: Any, identity: dict[str, Any] | None) -> str | None:
