@@ -42,7 +42,7 @@ from seg.core.runs import Experiment, latest_state, state_step
 from seg.core.signals import Signals
 from seg.data.manifest import FoldSplit, ManifestError, load_manifest
 from seg.model.weights import WeightsError, read_state_dict
-from seg.recipe.config import ConfigError, load_config
+from seg.recipe.config import ConfigError, load_config, stage_values_overridden
 from seg.recipe.identity import SCRATCH, config_as_run, describe_changes, finished_run, fold_identity
 from seg.reduction.reduce import add_arguments, options_record, selection_group
 
@@ -464,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for replaced in stage_values_overridden(load_config(args.config, args.overrides), args.overrides, args.stages):
+        print(f"note: {replaced} (the command line comes after a stage's entry: one value in every stage)")
     if args.local:
         return run_local(chain, args.processes)
     problem = slurm_problem()

@@ -266,3 +266,16 @@ def test_a_training_size_lying_the_other_way_than_shards_packed_at_a_size_is_ref
     )
     assert size_against_shards(load_config(STUDY, [], 1), split) is None
     assert size_against_shards(config, SimpleNamespace(manifest={"options": {"resize": None}})) is None
+
+
+def test_stages_on_the_command_line_are_refused_and_a_per_stage_value_replaced_there_is_named():
+    """stages=[{},{optim.lr: 0.5}] was recorded in config.yaml and never applied (a stage's entry comes
+    first); optim.lr=2e-4 flattened the study's per-stage rates without a word."""
+    from seg.recipe.config import stage_values_overridden
+
+    for override in ("stages=[{},{optim.lr: 0.5}]", "stages.1={optim.lr: 0.5}"):
+        with pytest.raises(ConfigError, match=r"^config key 'stages(.1)?' on the command line: a stage's entries are"):
+            load_config(DEMO, [override], 2)
+    study = load_config(STUDY, ["optim.lr=2e-4"])
+    assert stage_values_overridden(study, ["optim.lr=2e-4"], 2) == ["optim.lr=2e-4 replaces stages[1]'s 5e-05"]
+    assert stage_values_overridden(study, ["optim.lr=2e-4"], 1) == []

@@ -311,6 +311,11 @@ def check_override(config: DictConfig, override: str) -> None:
     node = OmegaConf.select(config, key, default=None)
     if not value.strip():
         raise ConfigError(f"config key {key!r} on the command line: no value after '=' (null for none)")
+    if key.split(".")[0] == "stages":  # applied before the command line: it would be recorded, never used
+        raise ConfigError(
+            f"config key {key!r} on the command line: a stage's entries are the config file's; set KEY=VALUE "
+            "for every stage, or write a config (_base_: this one) with its own stages: [...]"
+        )
     if isinstance(node, DictConfig):
         example = next(iter(node), "KEY")
         raise ConfigError(f"config key {key!r} on the command line: a section, not a value; set its keys, "
@@ -409,6 +414,19 @@ def resolve_auto(config: DictConfig, cuda: bool, recorded_workers: int | None = 
     with read_write(resolved):
         resolved.data.workers, resolved.data.channels_last = workers, channels_last
     return resolved
+
+
+def stage_values_overridden(config: DictConfig, overrides: list[str] | tuple[str, ...], stages: int) -> list[str]:
+    """The command line's keys that replace what a ``stages`` entry of ``config`` (as loaded,
+    before any stage) sets for one of the first ``stages`` stages, each as ``optim.lr=2e-4
+    replaces stages[1]'s 5e-05``: the command line comes last, one value in every stage."""
+    keys = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
+    return [
+        f"{keys[key]} replaces stages[{index}]'s {value}"
+        for index, entry in enumerate(config.stages[:stages])
+        for key, value in entry.items()
+        if key in keys
+    ]
 
 
 def apply_stage(config: DictConfig, stage: int, path: Path | None) -> tuple[DictConfig, dict[str, str]]:
