@@ -103,7 +103,8 @@ def plan(
         raise ConfigError(f"--folds {folds}: {resolved.data.shards} was packed with {packed} folds (1..{packed})")
     reduce_options = parse_reduce_options(reduce_args or [])
     selection_group(load_manifest(reduce_options.shards) if reduce_options.shards else manifest,
-                    reduce_options.shards or resolved.data.shards, reduce_options.select_on)  # fmt: skip
+                    reduce_options.shards or resolved.data.shards, reduce_options.select_on,
+                    '--reduce "--select-on val"')  # fmt: skip
     if first_init not in (None, SCRATCH):  # a chain that would fail at its first fold
         try:
             read_state_dict(first_init)

@@ -109,7 +109,8 @@ def test_bad_input_fails_before_anything_is_submitted(shards, tmp_path):
 
 def test_a_chain_that_cannot_reduce_is_refused_before_anything_is_submitted(shards, tmp_path):
     overrides = [f"data.shards={shards}", f"train.runs_dir={tmp_path}"]
-    with pytest.raises(ManifestError, match=r"no selection subset.*--select-on val"):
+    # in ./launch cv's terms: a bare --select-on val there was "unrecognized arguments"
+    with pytest.raises(ManifestError, match=r'no selection subset.*or pass --reduce "--select-on val" \(the report'):
         cv.plan(CONFIG, overrides, 2, None, ["--recalibrate", "3"])
     for options, message in [
         (["--recalibrate", "-1"], "--recalibrate: -1: at least 0"),

@@ -95,13 +95,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def selection_group(manifest: dict[str, Any], shards: str | Path, select_on: str) -> str:
-    """The packed group that chooses the reduced model."""
+def selection_group(
+    manifest: dict[str, Any], shards: str | Path, select_on: str, option: str = "--select-on val"
+) -> str:
+    """The packed group that chooses the reduced model; ``option``: how the caller's command
+    line asks for the official val instead."""
     if select_on == "selection":
         if SELECTION_GROUP not in manifest["groups"]:
             raise ManifestError(
                 f"{shards} has no selection subset ({SELECTION_GROUP}): pack with --selection-cities, "
-                f"or pass --select-on val (the report will say the official val chose the model)"
+                f"or pass {option} (the report will say the official val chose the model)"
             )
         return SELECTION_GROUP
     if select_on == "val":
