@@ -279,3 +279,18 @@ def test_stages_on_the_command_line_are_refused_and_a_per_stage_value_replaced_t
     study = load_config(STUDY, ["optim.lr=2e-4"])
     assert stage_values_overridden(study, ["optim.lr=2e-4"], 2) == ["optim.lr=2e-4 replaces stages[1]'s 5e-05"]
     assert stage_values_overridden(study, ["optim.lr=2e-4"], 1) == []
+
+
+def test_an_epoch_sized_eval_every_under_train_iters_is_warned_of():
+    """The study with train.iters=80000 kept eval_every 1: an evaluation (and a state) every iteration."""
+    from seg.training.loop import evaluations_warning
+
+    study = load_config(STUDY, ["train.iters=80000"], 1)
+    assert evaluations_warning(study.train, 80000) == (
+        "train.eval_every 1 counts iterations when train.iters is set: 80000 evaluations, a state saved at each; "
+        "set train.eval_every (mmseg's val_interval, e.g. 8000)"
+    )
+    assert (
+        evaluations_warning(load_config(STUDY, ["train.iters=80000", "train.eval_every=8000"], 1).train, 80000) is None
+    )
+    assert evaluations_warning(load_config(STUDY, [], 1).train, 10**6) is None  # epochs: eval_every counts epochs

@@ -5,7 +5,9 @@ same step."""
 from __future__ import annotations
 
 import os
+import sys
 import time
+from typing import Any
 
 from seg.core.runs import state_name
 from seg.core.signals import Drill, Signals
@@ -14,6 +16,20 @@ from seg.training.parts import stream_at, training_loader
 from seg.training.preempt import agreed_signal, stop_on_signal
 from seg.training.records import FoldData, Run, TrainingState
 from seg.training.step import LogWindow, log_step, progress_bar, train_on_batch
+
+MANY_EVALUATIONS = 100  # mmseg's iteration recipes evaluate about 10 times (val_interval 8000 of 80000)
+
+
+def evaluations_warning(train: Any, total_steps: int) -> str | None:
+    """With train.iters, train.eval_every counts iterations: an eval_every written for epochs
+    (the study's 1) evaluates, and saves a state, at nearly every iteration."""
+    evaluations = total_steps // train.eval_every
+    if not train.iters or evaluations <= MANY_EVALUATIONS:
+        return None
+    return (
+        f"train.eval_every {train.eval_every} counts iterations when train.iters is set: {evaluations} "
+        f"evaluations, a state saved at each; set train.eval_every (mmseg's val_interval, e.g. {train.iters // 10})"
+    )
 
 
 def train_loop(run: Run, data: FoldData, training: TrainingState, signals: Signals) -> tuple[int, bool]:
@@ -29,6 +45,8 @@ def train_loop(run: Run, data: FoldData, training: TrainingState, signals: Signa
     bar = progress_bar(run, data.total_steps, progress.step)
     window, drill = LogWindow(), Drill(os.environ.get("SEG_DRILL"))
     every = config.train.eval_every * (1 if config.train.iters else data.steps_per_epoch)
+    if run.main_process and progress.step == 0 and (warning := evaluations_warning(config.train, data.total_steps)):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
         if exit_code:
             stop_on_signal(run, progress, exit_code)
