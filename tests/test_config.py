@@ -294,3 +294,10 @@ def test_an_epoch_sized_eval_every_under_train_iters_is_warned_of():
         evaluations_warning(load_config(STUDY, ["train.iters=80000", "train.eval_every=8000"], 1).train, 80000) is None
     )
     assert evaluations_warning(load_config(STUDY, [], 1).train, 10**6) is None  # epochs: eval_every counts epochs
+
+
+def test_a_list_for_a_key_of_named_choices_names_the_choices():
+    """loss.class_weights=[1,2,3] said only: Cannot convert 'ListConfig' to string."""
+    with pytest.raises(ConfigError, match=(r"^config key 'loss.class_weights' on the command line: \[1,2,3\] is not "
+                                           r"one of null, inverse, inverse-sqrt, log$")):  # fmt: skip
+        load_config(DEMO, ["loss.class_weights=[1,2,3]"], 1)

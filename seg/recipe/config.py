@@ -320,6 +320,9 @@ def check_override(config: DictConfig, override: str) -> None:
         example = next(iter(node), "KEY")
         raise ConfigError(f"config key {key!r} on the command line: a section, not a value; set its keys, "
                           f"e.g. {key}.{example}=...")  # fmt: skip
+    if key in CHOICES and value.lstrip().startswith(("[", "{")):  # OmegaConf: "Cannot convert 'ListConfig' to string"
+        choices = ", ".join("null" if c is None else str(c) for c in CHOICES[key])
+        raise ConfigError(f"config key {key!r} on the command line: {value} is not one of {choices}")
     if isinstance(node, ListConfig) and not value.lstrip().startswith("[") and value != "null":
         example = "[height,width]" if key.endswith("size") else "[a,b]"
         raise ConfigError(f"config key {key!r} on the command line: {value!r} is not a list; write {key}={example}")
