@@ -170,6 +170,8 @@ def test_sigusr1_on_one_rank_stops_every_rank_at_the_same_step_and_a_job_script_
     resumed = run(shards, tmp_path, epochs, processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / "PREEMPTED").exists() and (out / "summary.json").exists()
+    # what the learning rate goes with, said once by the main process
+    assert resumed.stdout.count("global batch 4 = 2 process(es) x train.batch_size 2 x train.grad_accum 1\n") == 1
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores for 2 workers")

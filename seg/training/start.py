@@ -73,6 +73,9 @@ def open_fold_folder(run: Run) -> tuple[str | None, int]:
         except OSError as e:
             return storage_problem(e, run.out.config) or str(e), EXIT_STORAGE
         print(OmegaConf.to_yaml(run.config), flush=True)
+        batch = run.identity["batch"]  # the learning rate goes with it: a recipe's is for its global batch
+        print(f"global batch {batch['global']} = {batch['processes']} process(es) x train.batch_size "
+              f"{batch['per_process']} x train.grad_accum {batch['grad_accum']}", flush=True)  # fmt: skip
     return None, 0
 
 
