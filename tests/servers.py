@@ -41,8 +41,8 @@ def wait_listening(port: int, process: subprocess.Popen, what: str, timeout: flo
 
 
 class Nginx:
-    """nginx serving ``root`` on 127.0.0.1 (``/denied/...`` refused with 403), stoppable and
-    restartable on the same port."""
+    """nginx serving ``root`` on 127.0.0.1 (``/denied/...`` refused with 403; ``/login/...``
+    answered with a sign-in page, as a login proxy does), stoppable and restartable on the same port."""
 
     def __init__(self, root: Path, folder: Path) -> None:
         self.root, self.folder, self.port = root, folder, free_port()
@@ -73,6 +73,7 @@ http {{
         root {root};
         limit_rate {limit_rate};
         location /denied/ {{ deny all; }}
+        location /login/ {{ default_type text/html; return 200 "<html><form>Sign in</form></html>"; }}
     }}
 }}
 """)

@@ -21,8 +21,9 @@ from seg.data.loader import EvalStream, TrainStream, eval_loader, shard_samples,
 from seg.data.manifest import ManifestError, fold_groups, load_manifest, verify
 from seg.data.remote import RemoteError, Store
 from seg.data.transforms import TrainGeometry
+from seg.train import main as train_main
 from tests.servers import MotoS3, Nginx, nginx_missing_reason
-from tests.tiny_training import FOLD, run, steps_logged, tiny_shards
+from tests.tiny_training import FOLD, REPO, run, steps_logged, tiny_shards
 from tools import pack_cityscapes
 
 SHARD_SIZE = 12_000  # several shards per group: a server can go away between two of them
@@ -212,6 +213,43 @@ def test_credentials_in_the_url_and_pipe_without_the_opt_in_are_refused(tmp_path
     with pytest.raises(RemoteError, match="not a plain file name"):
         Store.of(template).read("x; touch owned")
     assert not Path("owned").exists()
+
+
+def train_refusal(shards: str, runs: Path, capsys) -> str:
+    """seg/train.py in this process on ``shards``, refused (exit 2): its stderr."""
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--fold", "0", f"data.shards={shards}",
+            f"train.runs_dir={runs}", "wandb.mode=disabled"]  # fmt: skip
+    capsys.readouterr()
+    assert train_main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_urls_of_other_schemes_and_malformed_ones_are_refused_as_such_not_read_as_folders(tmp_path, capsys):
+    with pytest.raises(ManifestError) as ftp:
+        load_manifest("ftp://host/x")
+    assert one_line(ftp) == "unsupported scheme ftp:// in data.shards ftp://host/x: use a folder, http(s):// or s3://"
+    for malformed in ("http:/bad", "https:bad", "s3:/bucket/x"):
+        with pytest.raises(ManifestError) as refused:
+            load_manifest(malformed)
+        assert one_line(refused).startswith(f"data.shards {malformed}: a malformed "), malformed
+    with pytest.raises(ManifestError) as hidden:
+        load_manifest("ftp://someone:hunter2@host/x")
+    message = one_line(hidden)
+    assert message.startswith("unsupported scheme ftp:// in data.shards ftp://host/x...: ") and "hunter2" not in message
+    # what seg/train.py says of them: once (not a folder's 'not found')
+    err = train_refusal("ftp://host/x", tmp_path, capsys)
+    assert err == "error: unsupported scheme ftp:// in data.shards ftp://host/x: use a folder, http(s):// or s3://\n"
+    assert train_refusal("http:/bad", tmp_path, capsys).startswith("error: data.shards http:/bad: a malformed http URL")
+
+
+def test_an_html_page_for_the_manifest_is_named_by_its_content_type_not_as_bad_json(served, monkeypatch):
+    pauses = []
+    monkeypatch.setattr(remote, "_pause", pauses.append)
+    with pytest.raises(ManifestError) as login:
+        load_manifest(f"{served.url}/login/shards")  # nginx answers 200 with a sign-in page, as a login proxy does
+    message = one_line(login)
+    assert message.startswith(f"{served.url}/login/shards/manifest.json: got text/html (the Content-Type), not JSON")
+    assert "login page" in message and "check data.shards" in message and pauses == []
 
 
 # --- faults: retried, then one line naming the URL and the shard ------------------------------

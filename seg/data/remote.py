@@ -6,7 +6,9 @@ sha256 is computed from the bytes as they arrive; its samples are used only once
 byte matched the manifest (size and sha256), so a corrupted or truncated transfer never
 reaches training. A transfer that fails, is cut short or does not match is retried a bounded
 number of times, then one line names the URL, the shard and the problem. 403 and 404 are not
-retried: they say which URL and what to check.
+retried: they say which URL and what to check. A manifest answered with an HTML page (a login page, a proxy's) says so.
+Anything else written as a URL (``ftp://``, ``http:/x``) is refused as such, never read as a
+folder.
 
 Credentials never come from ``data.shards`` (it is written to config.yaml and wandb): S3's
 come from boto3's usual environment (``AWS_ACCESS_KEY_ID``/``AWS_PROFILE``,
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 SCHEMES = ("http://", "https://", "s3://", "pipe:")
+URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^(https?|s3):", re.IGNORECASE)  # ftp://..., http:/x, s3:x
 PIPE_OPT_IN = "SEG_ALLOW_PIPE"
 ATTEMPTS = 3  # tries per transfer: a dropped connection or a restarted server gets two more
 TIMEOUT_S = 60.0  # per socket operation (connect, each read), not per shard
@@ -51,7 +54,9 @@ class _RetryableError(Exception):
 
 
 def is_remote(location: str | os.PathLike) -> bool:
-    return str(location).startswith(SCHEMES)
+    """Whether ``location`` is written as a URL (Store.of refuses the schemes it cannot read),
+    not a folder."""
+    return str(location).startswith(SCHEMES) or bool(URL_LIKE.match(str(location)))
 
 
 def _pause(seconds: float) -> None:
@@ -67,8 +72,8 @@ class Store:
 
     @classmethod
     def of(cls, location: str) -> Store:
-        """The store at ``location``; RemoteError if it carries credentials, or is a ``pipe:``
-        template without the opt-in."""
+        """The store at ``location``; RemoteError if it carries credentials, is a ``pipe:``
+        template without the opt-in, or a URL of another scheme or a malformed one."""
         if location.startswith("pipe:"):
             if os.environ.get(PIPE_OPT_IN) != "1":
                 raise RemoteError(
@@ -79,10 +84,22 @@ class Store:
                 raise RemoteError(f"data.shards {location!r}: a pipe: template needs {{name}} where the file name goes")
             return cls(location)
         parts = urllib.parse.urlsplit(location)
-        if parts.username or parts.password or parts.query or parts.fragment:
-            shown = urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+        hidden = parts.username or parts.password or parts.query or parts.fragment
+        shown = urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", "")) + "..."
+        scheme = location.split(":", 1)[0]
+        if not location.startswith(SCHEMES):
+            if "://" in location:
+                raise RemoteError(
+                    f"unsupported scheme {scheme}:// in data.shards {shown if hidden else location}: "
+                    f"use a folder, http(s):// or s3://{' (in lower case)' if URL_LIKE.match(scheme + ':') else ''}"
+                )
             raise RemoteError(
-                f"data.shards {shown}...: a user, password or query in the URL would be written to config.yaml "
+                f"data.shards {location}: a malformed {scheme} URL (two slashes after '{scheme}:'): "
+                f"write {scheme.lower()}://{'BUCKET/PREFIX' if scheme.lower() == 's3' else 'HOST/PATH'}, or a folder"
+            )
+        if hidden:
+            raise RemoteError(
+                f"data.shards {shown}: a user, password or query in the URL would be written to config.yaml "
                 "and wandb; give credentials through the environment (S3: AWS_* variables or AWS_PROFILE)"
             )
         if not parts.netloc:
@@ -96,7 +113,17 @@ class Store:
 
     def read(self, name: str) -> bytes:
         """The whole of a small file (the manifest), with the same retries as a shard."""
-        return self._tries(name, lambda: _read_all(self._open(name)))
+        return self._tries(name, lambda: self._read_whole(name))
+
+    def _read_whole(self, name: str) -> bytes:
+        with self._open(name) as stream:
+            headers = getattr(stream, "headers", None)  # HTTP's; S3 and pipe: have none to go by
+            if headers is not None and headers.get_content_type() == "text/html":
+                raise RemoteError(
+                    f"{self.url(name)}: got text/html (the Content-Type), not JSON: a login page or a proxy's "
+                    "answer? check data.shards, and that the URL serves the packed folder's files as they are"
+                )
+            return _read_all(stream)
 
     def fetch(self, name: str, size: int, sha256: str, into: Path) -> None:
         """Shard ``name`` into the file ``into`` (atomically: whole and matching, or not at all)."""
@@ -160,12 +187,11 @@ def _read(stream: IO[bytes], n: int) -> bytes:
         raise _RetryableError(f"the transfer broke off ({type(e).__name__}: {e})") from None
 
 
-def _read_all(opened: Any) -> bytes:
-    with opened as stream:
-        blocks = []
-        while block := _read(stream, BLOCK):
-            blocks.append(block)
-        return b"".join(blocks)
+def _read_all(stream: IO[bytes]) -> bytes:
+    blocks = []
+    while block := _read(stream, BLOCK):
+        blocks.append(block)
+    return b"".join(blocks)
 
 
 # --- HTTP (the standard library's client: no curl, no shell) -----------------------------------
