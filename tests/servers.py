@@ -1,14 +1,17 @@
 """Real servers on 127.0.0.1 for the remote-shard tests: Debian's nginx serving a folder, and
 moto's S3 endpoint (server mode). Each runs as its own process on a free port, with its files
-in a temporary folder; the tests stop (and restart) them."""
+in a temporary folder; the tests stop (and restart) them. And a stalled server (a hung server
+or proxy: it takes every connection and never answers), in the test's own process."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,3 +130,33 @@ class MotoS3:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+class Stalled:
+    """A server on 127.0.0.1 that accepts every connection and never answers (socketserver,
+    one thread per connection, each held open until ``stop``); ``connections`` counts them."""
+
+    def __init__(self) -> None:
+        self.connections, self.released = 0, threading.Event()
+        stalled = self
+
+        class Hold(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                stalled.connections += 1
+                stalled.released.wait()
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Hold)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=30)

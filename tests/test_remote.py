@@ -22,7 +22,7 @@ from seg.data.manifest import ManifestError, fold_groups, load_manifest, verify
 from seg.data.remote import RemoteError, Store
 from seg.data.transforms import TrainGeometry
 from seg.train import main as train_main
-from tests.servers import MotoS3, Nginx, nginx_missing_reason
+from tests.servers import MotoS3, Nginx, Stalled, nginx_missing_reason
 from tests.tiny_training import FOLD, REPO, run, steps_logged, tiny_shards
 from tools import pack_cityscapes
 
@@ -70,6 +70,13 @@ def s3(packed):
         remote._S3_CLIENTS.clear()  # a client made before these variables would keep its endpoint
         yield server
         remote._S3_CLIENTS.clear()
+    server.stop()
+
+
+@pytest.fixture
+def stalled():
+    server = Stalled()
+    yield server
     server.stop()
 
 
@@ -250,6 +257,32 @@ def test_an_html_page_for_the_manifest_is_named_by_its_content_type_not_as_bad_j
     message = one_line(login)
     assert message.startswith(f"{served.url}/login/shards/manifest.json: got text/html (the Content-Type), not JSON")
     assert "login page" in message and "check data.shards" in message and pauses == []
+
+
+def test_a_stalled_server_is_said_while_waited_for_and_its_manifest_tried_one_round_a_run(
+    stalled, tmp_path, monkeypatch, capsys
+):
+    """A server that takes the connection and never answers: each retry is said on stderr, and
+    the run (which reads the manifest for its identity, then for its data) says the failure
+    once, after one round of tries, not two."""
+    assert remote.TIMEOUT_S == 15  # per connect and per read, pip's default (it was 60: 3 tries took 3 minutes)
+    monkeypatch.setattr(remote, "TIMEOUT_S", 0.2)
+    monkeypatch.setattr(remote, "_TRIED_OUT", {})
+    pauses = []
+    monkeypatch.setattr(remote, "_pause", pauses.append)
+    err = train_refusal(f"{stalled.url}/x", tmp_path, capsys)
+    manifest = f"{stalled.url}/x/manifest.json"
+    assert err.splitlines() == [
+        f"waiting for {manifest} (try 2 of 3, timeout 0.2 s): try 1: cannot connect (timed out)",
+        f"waiting for {manifest} (try 3 of 3, timeout 0.2 s): try 2: cannot connect (timed out)",
+        f"error: {manifest}: cannot connect (timed out) (tried 3 times)",
+    ]
+    assert pauses == [1, 2]
+    # asked again in the same process (compare, a chain's checks): the same line at once
+    with pytest.raises(ManifestError) as again:
+        load_manifest(f"{stalled.url}/x")
+    assert one_line(again) == f"{manifest}: cannot connect (timed out) (tried 3 times)"
+    assert pauses == [1, 2] and capsys.readouterr().err == ""
 
 
 # --- faults: retried, then one line naming the URL and the shard ------------------------------

@@ -5,8 +5,11 @@ A remote shard is fetched whole into a file (a temporary one, or the cache folde
 sha256 is computed from the bytes as they arrive; its samples are used only once its last
 byte matched the manifest (size and sha256), so a corrupted or truncated transfer never
 reaches training. A transfer that fails, is cut short or does not match is retried a bounded
-number of times, then one line names the URL, the shard and the problem. 403 and 404 are not
-retried: they say which URL and what to check. A manifest answered with an HTML page (a login page, a proxy's) says so.
+number of times, each retry said on stderr (what it waits for, which try, the timeout), then
+one line names the URL, the shard and the problem. 403 and 404 are not retried: they say which
+URL and what to check. A manifest that could not be fetched after its tries is not tried again
+by the same process (a run reads it more than once: its identity, then its data): the same
+line comes at once. A manifest answered with an HTML page (a login page, a proxy's) says so.
 Anything else written as a URL (``ftp://``, ``http:/x``) is refused as such, never read as a
 folder.
 
@@ -25,6 +28,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -40,13 +44,17 @@ SCHEMES = ("http://", "https://", "s3://", "pipe:")
 URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^(https?|s3):", re.IGNORECASE)  # ftp://..., http:/x, s3:x
 PIPE_OPT_IN = "SEG_ALLOW_PIPE"
 ATTEMPTS = 3  # tries per transfer: a dropped connection or a restarted server gets two more
-TIMEOUT_S = 60.0  # per socket operation (connect, each read), not per shard
+TIMEOUT_S = 15.0  # per socket operation (connect, each read), not per shard: pip's and requests' usual 15 s
 BLOCK = 1 << 20
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a manifest's shard names, and manifest.json
 
 
 class RemoteError(OSError):
     """A remote dataset that cannot be read: one line naming the URL and what to check."""
+
+
+class _TriedOutError(RemoteError):
+    """A transfer that failed every try (the manifest's is remembered: not tried again)."""
 
 
 class _RetryableError(Exception):
@@ -62,6 +70,9 @@ def is_remote(location: str | os.PathLike) -> bool:
 def _pause(seconds: float) -> None:
     """The wait between tries (the tests replace it to act between them)."""
     time.sleep(seconds)
+
+
+_TRIED_OUT: dict[str, str] = {}  # a manifest's URL -> the line its failed tries ended with (this process)
 
 
 @dataclass(frozen=True)
@@ -112,8 +123,15 @@ class Store:
         return f"{self.location}/{urllib.parse.quote(name)}"
 
     def read(self, name: str) -> bytes:
-        """The whole of a small file (the manifest), with the same retries as a shard."""
-        return self._tries(name, lambda: self._read_whole(name))
+        """The whole of a small file (the manifest), with the same retries as a shard; tried out
+        once per process: asked again, the same error comes at once (no second round of tries)."""
+        if self.url(name) in _TRIED_OUT:
+            raise RemoteError(_TRIED_OUT[self.url(name)])
+        try:
+            return self._tries(name, lambda: self._read_whole(name))
+        except _TriedOutError as e:
+            _TRIED_OUT[self.url(name)] = str(e)
+            raise
 
     def _read_whole(self, name: str) -> bytes:
         with self._open(name) as stream:
@@ -136,9 +154,15 @@ class Store:
                 return attempt()
             except _RetryableError as e:
                 problem = str(e)
-            if n < ATTEMPTS:
+            if n < ATTEMPTS:  # said, so that a slow server is no silence (each try may wait TIMEOUT_S per read)
+                print(
+                    f"waiting for {self.url(name)} (try {n + 1} of {ATTEMPTS}, timeout {TIMEOUT_S:g} s): "
+                    f"try {n}: {what}{problem}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 _pause(2 ** (n - 1))
-        raise RemoteError(f"{self.url(name)}: {what}{problem} (tried {ATTEMPTS} times)")
+        raise _TriedOutError(f"{self.url(name)}: {what}{problem} (tried {ATTEMPTS} times)")
 
     def _download(self, name: str, size: int, sha256: str, into: Path) -> None:
         digest, count = hashlib.sha256(), 0

@@ -85,7 +85,9 @@ def refusal(args: argparse.Namespace, config: Any) -> str | None:
 
 def planned_identity(args: argparse.Namespace, config: Any) -> tuple[dict[str, Any] | None, FoldSplit | None]:
     """What this run is (seg/recipe/identity.py), and the fold's split it read; (None, None) when the
-    manifest can't be read (the run then refuses with the manifest's own error)."""
+    manifest can't be read (the run then refuses with the manifest's own error, read again by
+    fold_data: a remote manifest that failed its tries here fails there at once, without a
+    second round of tries, seg/data/remote.py)."""
     try:
         split = FoldSplit.of(config.data.shards, args.fold)
         processes = int(os.environ.get("WORLD_SIZE", "1"))
