@@ -102,7 +102,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
     asked_workers = config.data.workers  # before auto is chosen for the machine
     config = config_as_run(config, out, args.resume)
     error = refusal(args, config)
-    identity, split = planned_identity(args, config) if not error else (None, None)
+    identity, split, error = planned_identity(args, config) if not error else (None, None, error)
     error = error or workers_beyond_epoch(asked_workers, config, split) or no_optimizer_step(config, identity)
     error = error or size_against_shards(config, split)
     done, error = earlier_run(args, out, identity) if identity and not error else (None, error)
@@ -119,8 +119,7 @@ def train(args: argparse.Namespace, signals: Signals) -> int:
             return code
         if code := refused_together(run.accelerator, *take_lease(run)):
             return code
-        # again, now that no one else writes here (no identity: the manifest's own error follows)
-        done, error = earlier_run(args, out, identity) if identity else (None, None)
+        done, error = earlier_run(args, out, identity)  # again, now that no one else writes here
         if error or done is not None:
             together = True
             return refused_together(run.accelerator, error) or (say_complete(out, done) if run.main_process else 0)

@@ -7,9 +7,7 @@ byte matched the manifest (size and sha256), so a corrupted or truncated transfe
 reaches training. A transfer that fails, is cut short or does not match is retried a bounded
 number of times, each retry said on stderr (what it waits for, which try, the timeout), then
 one line names the URL, the shard and the problem. 403 and 404 are not retried: they say which
-URL and what to check. A manifest that could not be fetched after its tries is not tried again
-by the same process (a run reads it more than once: its identity, then its data): the same
-line comes at once. A manifest answered with an HTML page (a login page, a proxy's) says so.
+URL and what to check. A manifest answered with an HTML page (a login page, a proxy's) says so.
 Anything else written as a URL (``ftp://``, ``http:/x``) is refused as such, never read as a
 folder.
 
@@ -53,10 +51,6 @@ class RemoteError(OSError):
     """A remote dataset that cannot be read: one line naming the URL and what to check."""
 
 
-class _TriedOutError(RemoteError):
-    """A transfer that failed every try (the manifest's is remembered: not tried again)."""
-
-
 class _RetryableError(Exception):
     """A transfer that may succeed when tried again (a dropped connection, a 5xx, short or bad bytes)."""
 
@@ -70,9 +64,6 @@ def is_remote(location: str | os.PathLike) -> bool:
 def _pause(seconds: float) -> None:
     """The wait between tries (the tests replace it to act between them)."""
     time.sleep(seconds)
-
-
-_TRIED_OUT: dict[str, str] = {}  # a manifest's URL -> the line its failed tries ended with (this process)
 
 
 @dataclass(frozen=True)
@@ -123,15 +114,8 @@ class Store:
         return f"{self.location}/{urllib.parse.quote(name)}"
 
     def read(self, name: str) -> bytes:
-        """The whole of a small file (the manifest), with the same retries as a shard; tried out
-        once per process: asked again, the same error comes at once (no second round of tries)."""
-        if self.url(name) in _TRIED_OUT:
-            raise RemoteError(_TRIED_OUT[self.url(name)])
-        try:
-            return self._tries(name, lambda: self._read_whole(name))
-        except _TriedOutError as e:
-            _TRIED_OUT[self.url(name)] = str(e)
-            raise
+        """The whole of a small file (the manifest), with the same retries as a shard."""
+        return self._tries(name, lambda: self._read_whole(name))
 
     def _read_whole(self, name: str) -> bytes:
         with self._open(name) as stream:
@@ -162,7 +146,7 @@ class Store:
                     flush=True,
                 )
                 _pause(2 ** (n - 1))
-        raise _TriedOutError(f"{self.url(name)}: {what}{problem} (tried {ATTEMPTS} times)")
+        raise RemoteError(f"{self.url(name)}: {what}{problem} (tried {ATTEMPTS} times)")
 
     def _download(self, name: str, size: int, sha256: str, into: Path) -> None:
         digest, count = hashlib.sha256(), 0

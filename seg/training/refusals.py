@@ -83,17 +83,18 @@ def refusal(args: argparse.Namespace, config: Any) -> str | None:
     return None
 
 
-def planned_identity(args: argparse.Namespace, config: Any) -> tuple[dict[str, Any] | None, FoldSplit | None]:
-    """What this run is (seg/recipe/identity.py), and the fold's split it read; (None, None) when the
-    manifest can't be read (the run then refuses with the manifest's own error, read again by
-    fold_data: a remote manifest that failed its tries here fails there at once, without a
-    second round of tries, seg/data/remote.py)."""
+def planned_identity(
+    args: argparse.Namespace, config: Any
+) -> tuple[dict[str, Any], FoldSplit, None] | tuple[None, None, str]:
+    """What this run is (seg/recipe/identity.py) and the fold's split it read, or why they can't
+    be known: the manifest's own error (read once: a remote one that failed its round of tries
+    is not tried again later), or the start model's."""
     try:
         split = FoldSplit.of(config.data.shards, args.fold)
         processes = int(os.environ.get("WORLD_SIZE", "1"))
-        return fold_identity(config, args.stage, split, args.init_from, processes), split
-    except (ManifestError, OSError, KeyError):
-        return None, None
+        return fold_identity(config, args.stage, split, args.init_from, processes), split, None
+    except (ManifestError, OSError) as e:
+        return None, None, str(e)
 
 
 def workers_beyond_epoch(asked: int | str, config: Any, split: FoldSplit | None) -> str | None:
