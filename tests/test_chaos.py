@@ -201,6 +201,31 @@ def test_unknown_kinds_or_no_faults_are_refused_with_exit_2(capsys: pytest.Captu
         assert capsys.readouterr().err.endswith(f"error: argument {count}: {least - 1}: at least {least}\n")
 
 
+def test_a_json_or_workdir_that_cannot_be_written_is_refused_before_any_chain(capsys, monkeypatch, tmp_path: Path):
+    """Found by a user: --json into a missing folder ran every chain, then a traceback."""
+    import tools.chaos
+    from seg.core.storage import EXIT_STORAGE
+    from tests.disks import tmpfs
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a chain started: the path should have been refused first")
+
+    monkeypatch.setattr(tools.chaos, "running_cluster", no_work)
+    missing = tmp_path / "missing" / "chaos.json"
+    for path, line in ((missing, f"its folder {missing.parent} does not exist"), (tmp_path, "is a folder")):
+        with pytest.raises(SystemExit) as refused:
+            main(["--json", str(path), "--workdir", str(tmp_path / "work")])
+        assert refused.value.code == 2
+        assert f"error: --json {path}: {line}" in capsys.readouterr().err
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as read_only:
+        with pytest.raises(SystemExit) as refused:
+            main(["--json", str(read_only / "chaos.json"), "--workdir", str(tmp_path / "work")])
+        assert refused.value.code == EXIT_STORAGE
+        assert f"cannot create files in {read_only} (read-only file system)" in capsys.readouterr().err
+        assert main(["--workdir", str(read_only / "work")]) == EXIT_STORAGE
+        assert f"error: --workdir {read_only / 'work'}: cannot create files in {read_only}" in capsys.readouterr().err
+
+
 # --- the short mode on a real Slurm -------------------------------------------------------------
 
 SHORT_KINDS = ["kill-rank", "scancel-kill", "usr1-batch", "preempt", "duplicate"]

@@ -71,11 +71,57 @@ def test_tiny_mode_runs_every_part_and_writes_its_json(tmp_path: Path) -> None:
     (evaluation,) = report["eval"]
     assert evaluation["status"] == "ok" and evaluation["images_per_s"] > 0
     full, small = report["loader"]
-    assert "full-size" in full["pipeline"] and "train-size" in small["pipeline"]
+    assert full["pipeline"] == "full-size PNG (256x128), geometry in the worker"  # the tiny frames' true size
+    assert small["pipeline"] == "train-size PNG (128x64), geometry on the device"
     assert full["images_per_s_per_core"] > 0 and small["images_per_s_per_core"] > 0
     assert report["passed"] is True
     assert "all checks passed" in done.stdout
     assert "| bf16 | pass |" in done.stdout  # the printed table
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_any_check(capsys, monkeypatch, tmp_path) -> None:
+    """Found by a user: --json into a missing folder ran every check (54 s), then a traceback."""
+    from seg.core.storage import EXIT_STORAGE
+    from tests.disks import tmpfs
+
+    gpu, chain = load_tool(), load_chain_tool()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checks started: the path should have been refused first")
+
+    monkeypatch.setattr(gpu, "environment", no_work)
+    monkeypatch.setattr(chain, "check", no_work)
+
+    def refused(main, path: Path, code: int) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            main(["--tiny", "--json", str(path)])
+        assert stopped.value.code == code
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err.strip().splitlines()[-1]
+
+    missing = tmp_path / "missing" / "check.json"
+    for main in (gpu.main, chain.main):
+        assert f"--json {missing}: its folder {missing.parent} does not exist: make it" in refused(main, missing, 2)
+        assert f"--json {tmp_path}: is a folder: give a file name" in refused(main, tmp_path, 2)
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as read_only:
+        for main in (gpu.main, chain.main):
+            assert refused(main, read_only / "check.json", EXIT_STORAGE) == (
+                f"error: --json {read_only / 'check.json'}: cannot create files in {read_only} (read-only file "
+                f"system): write to a writable folder"
+            )
+        assert chain.main(["--tiny", "--keep", str(read_only / "work")]) == EXIT_STORAGE
+        assert f"--keep {read_only / 'work'}: cannot create files in {read_only}" in capsys.readouterr().err
+
+
+def test_chain_check_refuses_a_count_that_means_nothing(capsys) -> None:
+    """--steps 0 was taken for the default, silently."""
+    chain = load_chain_tool()
+    for option, least in (("--steps", 1), ("--warmup", 0)):
+        with pytest.raises(SystemExit) as stopped:
+            chain.main(["--tiny", option, str(least - 1)])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: argument {option}: {least - 1}: at least {least}\n")
 
 
 def check_tiny_profile(profile: dict, output: str) -> None:

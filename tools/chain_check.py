@@ -45,8 +45,9 @@ if __package__ in (None, ""):  # `python tools/chain_check.py` from a checkout, 
 import torch
 
 from seg.core.atomic import atomic_write_bytes
-from seg.core.cli import Size
+from seg.core.cli import Size, at_least
 from seg.core.runs import Experiment
+from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, check_writable, writing
 from seg.data.loader import steps_per_epoch
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
@@ -99,19 +100,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny chain on the CPU (seconds)")
     parser.add_argument("--json", type=Path, help="write every result here")
-    parser.add_argument("--steps", type=int, help=f"training steps per fold (default {GPU.steps}; tiny {TINY.steps})")
-    parser.add_argument("--warmup", type=int, help=f"steps left out of the sustained rate (default {GPU.warmup})")
+    parser.add_argument(
+        "--steps", type=at_least(1), help=f"training steps per fold (default {GPU.steps}; tiny {TINY.steps})"
+    )
+    parser.add_argument(
+        "--warmup", type=at_least(0), help=f"steps left out of the sustained rate (default {GPU.warmup})"
+    )
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args(argv)
     scale = TINY if args.tiny else GPU
-    if args.steps or args.warmup is not None:
-        steps = args.steps or scale.steps
+    if args.steps is not None or args.warmup is not None:
+        steps = args.steps if args.steps is not None else scale.steps
         warmup = args.warmup if args.warmup is not None else min(scale.warmup, steps // 2)
         scale = Scale(**{**scale.__dict__, "steps": steps, "warmup": warmup})
     if scale.warmup >= scale.steps:
         print(f"error: --warmup {scale.warmup} leaves no step of --steps {scale.steps} to measure", file=sys.stderr)
         return 2
+    if args.json:
+        check_output_file(parser, "--json", args.json)  # before the chain: a bad path fails now, not at the end
     if args.keep:
+        try:
+            check_writable(args.keep)
+        except StorageError as e:
+            print(f"error: --keep {args.keep}: {e}", file=sys.stderr)
+            return EXIT_STORAGE
         args.keep.mkdir(parents=True, exist_ok=True)
         return check(scale, args.keep, args.json, args.tiny)
     with tempfile.TemporaryDirectory(prefix="chain-check-") as scratch:
@@ -152,7 +164,12 @@ def check(scale: Scale, work: Path, json_path: Path | None, tiny: bool) -> int:
     report["seconds"] = round(time.monotonic() - started, 1)
     print(format_report(report), flush=True)
     if json_path:
-        atomic_write_bytes(json_path, (json.dumps(report, indent=2) + "\n").encode())
+        try:
+            with writing(json_path):
+                atomic_write_bytes(json_path, (json.dumps(report, indent=2) + "\n").encode())
+        except StorageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_STORAGE
         print(f"wrote {json_path}")
     return 0 if report["passed"] else 1
 

@@ -63,6 +63,7 @@ from torch import nn
 
 from seg.core.atomic import atomic_write_bytes
 from seg.core.cli import format_size
+from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, writing
 from seg.data.augment import DeviceAugment
 from seg.evaluation.inference import TestTimeAugmentation, default_stride
 from seg.recipe.losses import CombinedLoss
@@ -80,7 +81,7 @@ from profile_step import format_profile, profile_train_step
 STUDY_WINDOW = (512, 1024)  # slide mode's window: the study's training size (H, W)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a small model and input on the CPU (seconds)")
     parser.add_argument("--json", type=Path, help="write every result here")
@@ -88,7 +89,9 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: from its name)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-loader", action="store_true", help="skip the loader measurement")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.json:
+        check_output_file(parser, "--json", args.json)  # before the checks: a bad path fails now, not at the end
 
     cuda = torch.cuda.is_available() and not args.tiny
     started = time.perf_counter()
@@ -146,7 +149,12 @@ def main() -> int:
     failed = [c["name"] for c in checks if c["status"] == "fail"]
     report["passed"] = not failed
     if args.json:
-        atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        try:
+            with writing(args.json):
+                atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        except StorageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_STORAGE
         print(f"wrote {args.json}")
     print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'} in {report['seconds']} s")
     return 1 if failed else 0
@@ -426,8 +434,10 @@ def loader_speed(tiny: bool, train_images_per_s: float | None) -> list[dict[str,
                        size=frame, workers=workers, progress=False)  # fmt: skip
         folders = pack_shards(root, Path(scratch), train_size, ("full-size PNG", "train-size PNG"), workers)
         geometry = TrainGeometry("resize", train_size, "standard")
-        pipelines = (("full-size PNG, geometry in the worker", "full-size PNG", False),
-                     ("train-size PNG, geometry on the device", "train-size PNG", True))  # fmt: skip
+        # named with the sizes stored: the tiny frames are not Cityscapes' full size
+        full, small = format_size(frame), format_size(train_size)
+        pipelines = ((f"full-size PNG ({full}), geometry in the worker", "full-size PNG", False),
+                     (f"train-size PNG ({small}), geometry on the device", "train-size PNG", True))  # fmt: skip
         for name, shards, on_device in pipelines:
             with one_core():
                 per_core = pipeline_rate(folders[shards], geometry, on_device, seconds)

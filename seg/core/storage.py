@@ -9,6 +9,7 @@ errno where there is one and by looking at the disk where there is not.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import os
@@ -119,3 +120,28 @@ def check_writable(folder: str | os.PathLike) -> None:
     (or would be made), so a command fails at once, not after hours of work."""
     if problem := writable_problem(folder):
         raise StorageError(problem)
+
+
+def output_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` can't name a file to write, for a wrong path (not the disk's state): it is
+    a folder, or its folder is missing or a file; None when it can."""
+    path = Path(path)
+    if path.is_dir():
+        return f"is a folder: give a file name, such as {path / 'result.json'}"
+    folder = path.absolute().parent
+    if not folder.exists():
+        return f"its folder {folder} does not exist: make it (mkdir -p {folder}) or write into an existing folder"
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder: give a path in a folder"
+    return None
+
+
+def check_output_file(parser: argparse.ArgumentParser, option: str, path: str | os.PathLike) -> None:
+    """Before the work starts, for a file a command writes when it ends (``--json FILE``): a
+    path that can't name a file is refused as a usage error (exit 2), a folder where files
+    can't be created as the disk's (EXIT_STORAGE), each in one line, so that the command fails
+    at once, not after its whole run."""
+    if problem := output_file_problem(path):
+        parser.error(f"{option} {path}: {problem}")
+    if problem := writable_problem(Path(path).absolute().parent):
+        parser.exit(EXIT_STORAGE, f"error: {option} {path}: {problem}\n")
