@@ -29,6 +29,7 @@ from seg.data.synthetic import paint_labels, render_image
 from seg.evaluation.inference import TestTimeAugmentation, predict_probabilities, slide_windows
 from seg.model.deeplab import DeepLabV3Plus, count_parameters
 
+from bench_model import available_device  # tools beside this one (python puts a script's folder on sys.path)
 from bench_train import fixed_batch, study_model  # a tool beside this one (python puts a script's folder on sys.path)
 
 MODES = ("whole", "slide", "whole+flip", "slide+flip")
@@ -101,7 +102,32 @@ def measure_eval(
             "images_per_s": round(images / elapsed, 2), "status": "ok"}  # fmt: skip
 
 
-def main() -> None:
+def plan_runs(
+    modes: list[str],
+    scales: list[float] | None,
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+    parser: argparse.ArgumentParser,
+) -> list[tuple[str, TestTimeAugmentation]]:
+    """Each mode (at scale 1, and over ``scales`` if given) with its label; a window, stride or
+    scale that means nothing is refused in one line (exit 2) as tools/evaluate.py refuses it."""
+    runs: list[tuple[str, TestTimeAugmentation]] = []
+    scale_sets = [((1.0,), "")]
+    if scales:
+        scale_sets.append((tuple(scales), "@" + ",".join(f"{s:g}" for s in scales)))
+    for views, label in scale_sets:
+        for mode in modes:
+            base, flip = mode.removesuffix("+flip"), mode.endswith("+flip")
+            window = (crop, stride) if base == "slide" else (None, None)  # whole mode takes no window
+            try:
+                tta = TestTimeAugmentation(base, *window, views, flip)
+            except ValueError as e:
+                parser.exit(2, f"error: {e}\n")
+            runs.append((mode_name(tta) + label, tta))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=parse_size, default="2048x1024", help="frame WIDTHxHEIGHT (default 2048x1024)")
     parser.add_argument("--frames", type=at_least(1), default=3, help="timed images per mode (after one warm-up)")
@@ -111,17 +137,18 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", help="also run every mode averaged over these scales")
     parser.add_argument("--crop", type=parse_size, default="1024x512", help="slide window WIDTHxHEIGHT")
     parser.add_argument("--stride", type=parse_size, default="683x341", help="slide step WIDTHxHEIGHT")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=at_least(1), help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    crop, stride = tuple(args.crop), tuple(args.stride)
+    runs = plan_runs(args.modes, args.scales, crop, stride, parser)  # every mode checked before any work
     device = torch.device(args.device)
     if args.precision == "fp16" and device.type != "cuda":
         sys.exit("error: --precision fp16 needs a GPU; use bf16 on the CPU (as training does)")
     if args.threads:
         torch.set_num_threads(args.threads)
     height, width = args.size
-    crop, stride = tuple(args.crop), tuple(args.stride)
     dtype = PRECISIONS[args.precision]
 
     torch.manual_seed(0)
@@ -130,19 +157,6 @@ def main() -> None:
     start = time.perf_counter()
     images = [normalise(frame.to(device), train=False)[0] for frame in frames(args.frames, width, height)]
     render_s = time.perf_counter() - start
-
-    def window(mode: str) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-        return (crop, stride) if mode == "slide" else (None, None)  # whole mode takes no window
-
-    runs: list[tuple[str, TestTimeAugmentation]] = []
-    scale_sets = [((1.0,), "")]
-    if args.scales:
-        scale_sets.append((tuple(args.scales), "@" + ",".join(f"{s:g}" for s in args.scales)))
-    for scales, label in scale_sets:
-        for mode in args.modes:
-            base, flip = mode.removesuffix("+flip"), mode.endswith("+flip")
-            tta = TestTimeAugmentation(base, *window(base), scales, flip)
-            runs.append((mode_name(tta) + label, tta))
 
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"torch {torch.__version__}, device {args.device} ({name}), threads {torch.get_num_threads()}, "

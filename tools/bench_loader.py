@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
+import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -33,16 +36,20 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 
+from seg.core import cityscapes as cs
 from seg.core.atomic import atomic_write_bytes
-from seg.core.cli import format_size, parse_size
+from seg.core.cli import at_least, format_size, parse_size
+from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, writing
 from seg.data import decode
 from seg.data.loader import read_shard, shards_of, train_loader
 from seg.data.manifest import FoldSplit, fold_groups, load_manifest
 from seg.data.pack import Options, pack
-from seg.data.synthetic import make_synthetic
+from seg.data.synthetic import CITYSCAPES_SIZE, make_synthetic
 from seg.data.transforms import TrainGeometry
 
 SHARDS = {  # name: (image format, resize the train split)
@@ -50,6 +57,8 @@ SHARDS = {  # name: (image format, resize the train split)
     "full-size JPEG": ("jpg", False),
     "train-size PNG": ("png", True),
 }
+CITIES = 4  # the synthetic tree's train cities: the fewest frames it takes
+COPIES = 8  # copies of each synthetic frame (replicate)
 
 
 @contextlib.contextmanager
@@ -160,27 +169,67 @@ def replicate(root: Path, times: int) -> None:
             shutil.copyfile(path, path.with_name(f"{city}_{int(seq) + 1000 * k:06d}_{rest}"))
 
 
-def main() -> None:
+def frame_size(root: Path) -> tuple[int, int]:
+    """(H, W) of the tree's train frames, read from the first one's header."""
+    first = min(root.glob(f"leftImg8bit/train/*/*{cs.IMAGE_SUFFIX}"))
+    with Image.open(first) as image:
+        return image.height, image.width
+
+
+def shard_labels(frame: tuple[int, int], size: tuple[int, int]) -> dict[str, str]:
+    """Each of SHARDS as a row names it: the size its images are stored at, said."""
+    return {name: f"{format_size(size if resize else frame)} {image_format.upper().replace('JPG', 'JPEG')} "
+                  f"({'train' if resize else 'full'} size)"
+            for name, (image_format, resize) in SHARDS.items()}  # fmt: skip
+
+
+def environment() -> dict[str, Any]:
+    """Where the rows were measured: what decides a per-core rate."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "png_decoder": "libspng" if decode.pyspng else "Pillow",
+        "jpeg_decoder": "libjpeg" if decode.simplejpeg else "Pillow",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", help="a Cityscapes tree (default: make a synthetic one in a temporary folder)")
-    parser.add_argument("--frames", type=int, default=16, help="synthetic train frames (default 16)")
+    parser.add_argument(
+        "--frames", type=at_least(CITIES), default=16, help=f"synthetic train frames (default 16, at least {CITIES})"
+    )
     parser.add_argument("--size", type=parse_size, default="1024x512", help="training input WIDTHxHEIGHT")
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement (default 3)")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements per row, the best kept (default 3)")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--repeats", type=at_least(1), default=3, help="measurements per row, the best kept (default 3)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the rows, with the settings and environment, here")
+    args = parser.parse_args(argv)
+    if not args.seconds > 0:  # written so, nan is refused too
+        parser.error(f"--seconds {args.seconds:g}: the time per measurement must be above 0 (e.g. 3)")
+    if args.json:
+        check_output_file(parser, "--json", args.json)  # before the measurements: a bad path fails now, not at the end
     size = tuple(args.size)
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     try:
         root = Path(args.root) if args.root else scratch / "cityscapes"
         if not args.root:
-            print(f"making {args.frames} synthetic 2048x1024 frames...", flush=True)
+            print(f"making {args.frames} synthetic {format_size(CITYSCAPES_SIZE)} frames...", flush=True)
             make_synthetic(root, counts={"train": args.frames, "val": 0, "test": 0},
-                           cities={"train": 4, "val": 1, "test": 1}, workers=2, progress=False)  # fmt: skip
-            replicate(root, 8)
+                           cities={"train": CITIES, "val": 1, "test": 1}, workers=2, progress=False)  # fmt: skip
+            replicate(root, COPIES)
         folders = pack_shards(root, scratch, size)
+        frame = frame_size(root)
+        label = shard_labels(frame, size)
         geometry = TrainGeometry(mode="resize", size=size, level="standard")
+        train_frames = len(list(root.glob(f"leftImg8bit/train/*/*{cs.IMAGE_SUFFIX}")))
 
         # Every row is measured --repeats times, round-robin, and keeps its best: on a shared
         # machine load only ever slows a measurement, and round-robin spreads it over the rows.
@@ -199,7 +248,8 @@ def main() -> None:
                 specs.append(({"shards": name, "decoder": decoder, "geometry": where}, measure))
         for row, _ in specs:
             row["read"] = "folder"
-        print(f"per core, input {format_size(size)}, standard level, best of {args.repeats} x {args.seconds:g} s:")
+        print(f"per core, frames {format_size(frame)}, input {format_size(size)}, standard level, "
+              f"best of {args.repeats} x {args.seconds:g} s:")  # fmt: skip
         with http_server(scratch) as url, one_core():
             specs.append(({"shards": "train-size PNG", "decoder": fast, "geometry": "device", "read": "HTTP localhost"},
                           partial(pipeline_rate, f"{url}/train-size-PNG", geometry, True, args.seconds)))  # fmt: skip
@@ -207,31 +257,51 @@ def main() -> None:
             for _ in range(args.repeats):
                 for i, (_, measure) in enumerate(specs):
                     rates[i].append(measure())
-        rows = [{**row, "images_per_s": max(r), "runs": r} for (row, _), r in zip(specs, rates, strict=True)]
+        # rows name their shards by the size stored (64x32 frames are not "full-size" Cityscapes)
+        rows = [{**row, "shards": label[row["shards"]], "kind": row["shards"], "images_per_s": max(r), "runs": r}
+                for (row, _), r in zip(specs, rates, strict=True)]  # fmt: skip
         for r in rows:
             runs = ", ".join(f"{v:.1f}" for v in r["runs"])
-            print(f"  {r['shards']:<15} {r['read']:<15} {r['decoder']:<8} {r['geometry']:<12} "
+            print(f"  {r['shards']:<26} {r['read']:<15} {r['decoder']:<8} {r['geometry']:<12} "
                   f"{r['images_per_s']:6.1f} images/s per core (runs: {runs})")  # fmt: skip
 
         baseline = rows[0]["images_per_s"]
-        bound = {r["shards"]: r["images_per_s"] for r in rows if r["geometry"] == "decode only"}
+        bound = {r["kind"]: r["images_per_s"] for r in rows if r["geometry"] == "decode only"}
         print("\n| shards | read from | decoder | geometry | images/s per core | vs today | vs its decode-only bound |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             r["vs_today"] = r["images_per_s"] / baseline
-            r["vs_decode_bound"] = r["images_per_s"] / bound[r["shards"]]  # the folder's decode-only bound
+            r["vs_decode_bound"] = r["images_per_s"] / bound[r["kind"]]  # the folder's decode-only bound
             print(f"| {r['shards']} | {r['read']} | {r['decoder']} | {r['geometry']} | {r['images_per_s']:.1f} | "
                   f"{r['vs_today']:.2f}x | {r['vs_decode_bound']:.2f} |")  # fmt: skip
-        goal = next(r for r in rows if r["shards"] == "train-size PNG" and r["geometry"] == "device")
+        goal = next(r for r in rows if r["kind"] == "train-size PNG" and r["geometry"] == "device")
         print(
-            f"\ntrain-size PNG, geometry on the device: {goal['vs_today']:.1f}x today's full-size PNG "
+            f"\n{goal['shards']}, geometry on the device: {goal['vs_today']:.1f}x today's {rows[0]['shards']} "
             f"pipeline per core (goal >= 4x), {goal['vs_decode_bound']:.2f} of its decode-only bound (goal >= 0.9)"
         )
         if args.json:
-            atomic_write_bytes(args.json, (json.dumps(rows, indent=1) + "\n").encode())
+            settings = {
+                "root": args.root or f"synthetic: {args.frames} frames, {COPIES} copies each",
+                "frame_size": format_size(frame),
+                "train_frames": train_frames,
+                "training_input_size": format_size(size),
+                "geometry": "resize, standard level",
+                "seconds": args.seconds,
+                "repeats": args.repeats,
+                "threads": 1,
+                "loader_workers": 0,
+            }
+            report = {"environment": environment(), "settings": settings, "rows": rows}
+            with writing(args.json):
+                atomic_write_bytes(args.json, (json.dumps(report, indent=1) + "\n").encode())
+            print(f"wrote {args.json}")
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,7 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from seg.core.cli import format_size, parse_size
+from seg.core.cli import at_least, format_size, parse_size
 from seg.model.deeplab import DeepLabV3Plus
 from seg.recipe.losses import CombinedLoss
 
@@ -123,17 +123,41 @@ def device_peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
 
 
-def main() -> None:
+def available_device(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N`` that this machine has, refused as the
+    command line is read (not with torch's traceback once the model is built)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that torch can use; use cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depths", type=int, nargs="+", default=[34, 50])
-    parser.add_argument("--output-stride", type=int, default=8)
+    parser.add_argument("--depths", type=int, nargs="+", choices=(18, 34, 50, 101), default=[34, 50])
+    parser.add_argument("--output-stride", type=int, choices=(8, 16), default=8)
     parser.add_argument("--size", type=parse_size, default="1024x512", help="training input WIDTHxHEIGHT")
     parser.add_argument("--full-size", type=parse_size, default="2048x1024", help="inference WIDTHxHEIGHT")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["fp32", "bf16", "fp32-channels-last"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeat", type=int, default=1, help="timed training steps (batch 2) after a warm-up")
+    parser.add_argument(
+        "--device",
+        type=available_device,
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda where there is a GPU)",
+    )
+    parser.add_argument("--repeat", type=at_least(1), default=1, help="timed training steps (batch 2) after a warm-up")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak rate for the mode, for the share")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     size, full_size = tuple(args.size), tuple(args.full_size)
 
     print(f"device {args.device}, threads {torch.get_num_threads()}, train {format_size(size)} batch 2")

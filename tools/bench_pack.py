@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from seg.core.cli import format_size, parse_bytes, parse_list, parse_size
+from seg.core.cli import at_least, format_size, parse_bytes, parse_list, parse_size
 from seg.data.pack import Options, ShardJob, assign_groups, pack, plan_shards, scan
 from seg.data.synthetic import make_synthetic
 
@@ -48,16 +48,21 @@ def _run(function, jobs: list, workers: int) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+CITIES = 6  # the synthetic tree's train cities (pack's 5 folds by city need 5): the fewest frames it takes
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", help="a Cityscapes tree (default: make a synthetic one in a temporary folder)")
-    parser.add_argument("--images", type=int, default=40, help="synthetic train frames (default 40)")
+    parser.add_argument(
+        "--images", type=at_least(CITIES), default=40, help=f"synthetic train frames (default 40, at least {CITIES})"
+    )
     parser.add_argument("--size", type=parse_size, default="2048x1024", help="synthetic frame size")
     parser.add_argument("--splits", type=parse_list, default=("train",))
     parser.add_argument("--shard-size", type=parse_bytes, default="16MB", help="small, so 2 workers share the work")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeat", type=int, default=3, help="best of N runs of each measurement")
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=at_least(1), nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=at_least(1), default=3, help="best of N runs of each measurement")
+    args = parser.parse_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-pack-"))
     try:
@@ -67,7 +72,7 @@ def main() -> None:
             make_synthetic(
                 root,
                 counts={"train": args.images, "val": 0, "test": 0},
-                cities={"train": 6, "val": 1, "test": 1},
+                cities={"train": CITIES, "val": 1, "test": 1},
                 size=args.size,
                 workers=max(args.workers),
                 progress=False,

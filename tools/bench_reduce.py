@@ -92,7 +92,7 @@ def counted(owner: object, name: str, calls: list[float]) -> Iterator[None]:
         setattr(owner, name, original)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/study.yaml")
     parser.add_argument("--folds", type=at_least(2), default=5, help="K fold models (default 5)")
@@ -110,7 +110,7 @@ def main() -> None:
     )
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--k", type=at_least(1), default=3, help="topk's k (as tools/reduce_folds.py)")
-    args = parser.parse_intermixed_args()
+    args = parser.parse_intermixed_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-reduce-"))
     try:

@@ -43,9 +43,10 @@ from torch.profiler import record_function
 
 from seg.core.atomic import atomic_write_bytes
 from seg.core.cityscapes import IGNORE_INDEX, NUM_CLASSES
-from seg.core.cli import format_size, parse_size
+from seg.core.cli import at_least, format_size, parse_size
 from seg.core.launch import launch_command
 from seg.core.runs import Experiment
+from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, writing
 from seg.data.augment import DeviceAugment
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
@@ -59,22 +60,25 @@ from bench_model import training_flops  # a tool beside this one (python puts a 
 from bench_optimizer import IMPLEMENTATIONS
 
 REPO = Path(__file__).resolve().parents[1]
+CITIES = 6  # the synthetic tree's train cities (pack's 5 folds by city need 5): the fewest frames it takes
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="the config to train (not with --step)")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--processes", type=at_least(1), nargs="+", default=[1, 2])
     parser.add_argument(
-        "--steps", type=int, default=10, help="optimizer steps timed (plus one warm-up; --step: plus --warmup)"
+        "--steps", type=at_least(1), default=10, help="optimizer steps timed (plus one warm-up; --step: plus --warmup)"
     )
     parser.add_argument("--size", type=parse_size, help="synthetic frame size (default 512x256; --step: 1024x512)")
-    parser.add_argument("--frames", type=int, default=24)
+    parser.add_argument(
+        "--frames", type=at_least(CITIES), default=24, help=f"synthetic train frames (default 24, at least {CITIES})"
+    )
     step = parser.add_argument_group("--step: the training step alone")
     step.add_argument("--step", action="store_true", help="time seg.training.step.train_step alone")
     step.add_argument("--depth", type=int, default=34, choices=(18, 34, 50, 101))
-    step.add_argument("--batch", type=int, default=8, help="images per step")
+    step.add_argument("--batch", type=at_least(1), default=8, help="images per step")
     step.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16")
     step.add_argument("--channels-last", action="store_true")
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -82,12 +86,16 @@ def main() -> None:
                       help="Adam's implementation (training's: fused)")  # fmt: skip
     step.add_argument("--no-finite-check", action="store_true",
                       help="skip the finite-loss verdict, to measure what its wait costs")  # fmt: skip
-    step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    step.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first")
     step.add_argument("--peak-tflops", type=float, help="the device's dense peak, for the FLOP utilisation")
     step.add_argument("--profile", action="store_true", help="torch.profiler over --steps steps instead of "
                       "timing them: the top ops and the step's time by category (tools/profile_step.py)")  # fmt: skip
     step.add_argument("--json", type=Path, help="--profile: write the profile here too")
-    args = parser.parse_intermixed_args()  # overrides may follow the options
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    if args.json and not (args.step and args.profile):
+        parser.error(f"--json {args.json}: writes the profile of --step --profile; add both, or leave --json out")
+    if args.json:
+        check_output_file(parser, "--json", args.json)  # before the steps: a bad path fails now, not at the end
     if args.step:
         sys.exit(step_only(args))
     if args.config is None:
@@ -98,7 +106,7 @@ def main() -> None:
     try:
         root = scratch / "cityscapes"
         make_synthetic(root, counts={"train": args.frames, "val": 2, "test": 0},
-                       cities={"train": 6, "val": 1, "test": 1}, size=args.size, workers=2,
+                       cities={"train": CITIES, "val": 1, "test": 1}, size=args.size, workers=2,
                        progress=False)  # fmt: skip
         pack(root, scratch / "shards", Options(splits=("train", "val")), workers=2, progress=False)
         print(f"{args.config} {' '.join(args.overrides)}; {args.frames} synthetic frames at {format_size(args.size)}")
@@ -140,7 +148,13 @@ def step_only(args: argparse.Namespace) -> int:
         profiled = profile_train_step(row, device, steps=args.steps, warmup=args.warmup)
         print(format_profile(profiled), flush=True)
         if args.json:
-            atomic_write_bytes(args.json, (json.dumps(profiled, indent=2) + "\n").encode())
+            try:
+                with writing(args.json):
+                    atomic_write_bytes(args.json, (json.dumps(profiled, indent=2) + "\n").encode())
+            except StorageError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_STORAGE
+            print(f"wrote {args.json}")
         return 0 if profiled["status"] == "ok" else 1
     result = measure_train_step(row, device, args.peak_tflops, steps=args.steps, warmup=args.warmup)
     print(", ".join(f"{k}: {v}" for k, v in result.items()), flush=True)
