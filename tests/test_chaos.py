@@ -226,6 +226,29 @@ def test_a_json_or_workdir_that_cannot_be_written_is_refused_before_any_chain(ca
         assert f"error: --workdir {read_only / 'work'}: cannot create files in {read_only}" in capsys.readouterr().err
 
 
+def test_a_disk_that_fills_before_the_json_is_written_is_one_line_and_exit_74(capsys, monkeypatch, tmp_path: Path):
+    """The chains' states can fill the disk the result goes to: the table is printed, then one line."""
+    import contextlib
+    import errno
+
+    import tools.chaos
+
+    result = {"seed": 1, "folds": 2, "faults": [], "by_kind": {}, "recoveries": {}, "time_lost_s": 0.0,
+              "chaos_wall_s": 1.0, "reference_wall_s": 1.0, "compared": {}, "problems": [],
+              "verdict": "identical"}  # fmt: skip
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(tools.chaos, "running_cluster", lambda folder: contextlib.nullcontext(None))
+    monkeypatch.setattr(tools.chaos, "chaos", lambda *args: result)
+    monkeypatch.setattr(tools.chaos, "atomic_write_bytes", full)
+    assert main(["--json", str(tmp_path / "chaos.json"), "--workdir", str(tmp_path / "work")]) == 74
+    out, err = capsys.readouterr()
+    assert "verdict: identical" in out
+    assert err.startswith("error: ") and "no space left" in err and err.count("\n") == 1, err
+
+
 # --- the short mode on a real Slurm -------------------------------------------------------------
 
 SHORT_KINDS = ["kill-rank", "scancel-kill", "usr1-batch", "preempt", "duplicate"]
