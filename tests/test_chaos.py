@@ -231,6 +231,7 @@ def test_a_disk_that_fills_before_the_json_is_written_is_one_line_and_exit_74(ca
     import contextlib
     import errno
 
+    import seg.core.storage as storage
     import tools.chaos
 
     result = {"seed": 1, "folds": 2, "faults": [], "by_kind": {}, "recoveries": {}, "time_lost_s": 0.0,
@@ -242,7 +243,7 @@ def test_a_disk_that_fills_before_the_json_is_written_is_one_line_and_exit_74(ca
 
     monkeypatch.setattr(tools.chaos, "running_cluster", lambda folder: contextlib.nullcontext(None))
     monkeypatch.setattr(tools.chaos, "chaos", lambda *args: result)
-    monkeypatch.setattr(tools.chaos, "atomic_write_bytes", full)
+    monkeypatch.setattr(storage, "atomic_write_bytes", full)  # under write_json_result
     assert main(["--json", str(tmp_path / "chaos.json"), "--workdir", str(tmp_path / "work")]) == 74
     out, err = capsys.readouterr()
     assert "verdict: identical" in out

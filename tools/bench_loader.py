@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -42,9 +41,8 @@ import torch
 from PIL import Image
 
 from seg.core import cityscapes as cs
-from seg.core.atomic import atomic_write_bytes
 from seg.core.cli import at_least, format_size, parse_size
-from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, writing
+from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, write_json_result
 from seg.data import decode
 from seg.data.loader import read_shard, shards_of, train_loader
 from seg.data.manifest import FoldSplit, fold_groups, load_manifest
@@ -292,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                 "loader_workers": 0,
             }
             report = {"environment": environment(), "settings": settings, "rows": rows}
-            with writing(args.json):
-                atomic_write_bytes(args.json, (json.dumps(report, indent=1) + "\n").encode())
+            if problem := write_json_result(args.json, report, indent=1):
+                raise StorageError(problem)
             print(f"wrote {args.json}")
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -41,12 +41,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.profiler import record_function
 
-from seg.core.atomic import atomic_write_bytes
 from seg.core.cityscapes import IGNORE_INDEX, NUM_CLASSES
 from seg.core.cli import at_least, format_size, parse_size
 from seg.core.launch import launch_command
 from seg.core.runs import Experiment
-from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, writing
+from seg.core.storage import EXIT_STORAGE, check_output_file, write_json_result
 from seg.data.augment import DeviceAugment
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
@@ -148,11 +147,8 @@ def step_only(args: argparse.Namespace) -> int:
         profiled = profile_train_step(row, device, steps=args.steps, warmup=args.warmup)
         print(format_profile(profiled), flush=True)
         if args.json:
-            try:
-                with writing(args.json):
-                    atomic_write_bytes(args.json, (json.dumps(profiled, indent=2) + "\n").encode())
-            except StorageError as e:
-                print(f"error: {e}", file=sys.stderr)
+            if problem := write_json_result(args.json, profiled):
+                print(f"error: {problem}", file=sys.stderr)
                 return EXIT_STORAGE
             print(f"wrote {args.json}")
         return 0 if profiled["status"] == "ok" else 1

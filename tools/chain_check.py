@@ -44,10 +44,9 @@ if __package__ in (None, ""):  # `python tools/chain_check.py` from a checkout, 
 
 import torch
 
-from seg.core.atomic import atomic_write_bytes
 from seg.core.cli import Size, at_least
 from seg.core.runs import Experiment
-from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, check_writable, writing
+from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, check_writable, write_json_result
 from seg.data.loader import steps_per_epoch
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
@@ -164,11 +163,8 @@ def check(scale: Scale, work: Path, json_path: Path | None, tiny: bool) -> int:
     report["seconds"] = round(time.monotonic() - started, 1)
     print(format_report(report), flush=True)
     if json_path:
-        try:
-            with writing(json_path):
-                atomic_write_bytes(json_path, (json.dumps(report, indent=2) + "\n").encode())
-        except StorageError as e:
-            print(f"error: {e}", file=sys.stderr)
+        if problem := write_json_result(json_path, report):
+            print(f"error: {problem}", file=sys.stderr)
             return EXIT_STORAGE
         print(f"wrote {json_path}")
     return 0 if report["passed"] else 1

@@ -63,9 +63,8 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # `python tools/chaos.py` from a checkout: make `seg`, `tests` and `tools` importable
     sys.path.insert(0, str(REPO))
 
-from seg.core.atomic import atomic_write_bytes  # noqa: E402
 from seg.core.cli import at_least  # noqa: E402
-from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, check_writable, writing  # noqa: E402
+from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, check_writable, write_json_result  # noqa: E402
 from tests.slurm_cluster import SlurmCluster, cluster_dir, running_cluster  # noqa: E402
 from tools.chaos_injector import Chain, DiskFullError, Injector  # noqa: E402
 from tools.chaos_plan import FOLDS, KINDS, PER_ROUND, STAGES, STEPS, plan, prepare_data, rounds  # noqa: E402
@@ -370,13 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}; exit {EXIT_STORAGE}", file=sys.stderr)
         return EXIT_STORAGE
     print(table(result))
-    if args.json:
-        try:
-            with writing(args.json):  # a disk filled by the chains' states: one line, the table printed above
-                atomic_write_bytes(args.json, (json.dumps(result, indent=1) + "\n").encode())
-        except StorageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_STORAGE
+    if args.json and (problem := write_json_result(args.json, result, indent=1)):  # the chains' states filled it
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_STORAGE
     return 0 if result["verdict"] == "identical" else 1
 
 

@@ -61,9 +61,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from seg.core.atomic import atomic_write_bytes
 from seg.core.cli import format_size
-from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, writing
+from seg.core.storage import EXIT_STORAGE, check_output_file, write_json_result
 from seg.data.augment import DeviceAugment
 from seg.evaluation.inference import TestTimeAugmentation, default_stride
 from seg.recipe.losses import CombinedLoss
@@ -149,11 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [c["name"] for c in checks if c["status"] == "fail"]
     report["passed"] = not failed
     if args.json:
-        try:
-            with writing(args.json):
-                atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
-        except StorageError as e:
-            print(f"error: {e}", file=sys.stderr)
+        if problem := write_json_result(args.json, report):
+            print(f"error: {problem}", file=sys.stderr)
             return EXIT_STORAGE
         print(f"wrote {args.json}")
     print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'} in {report['seconds']} s")

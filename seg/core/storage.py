@@ -12,11 +12,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from seg.core.atomic import atomic_write_bytes
 
 EXIT_STORAGE = 74  # sysexits' EX_IOERR: the disk, not the input or the code
 
@@ -120,6 +124,18 @@ def check_writable(folder: str | os.PathLike) -> None:
     (or would be made), so a command fails at once, not after hours of work."""
     if problem := writable_problem(folder):
         raise StorageError(problem)
+
+
+def write_json_result(path: str | os.PathLike, data: Any, indent: int = 2) -> str | None:
+    """A command's result as JSON in ``path`` (``--json FILE``, checked before the work with
+    :func:`check_output_file`), atomically; the disk's one line when the write fails for the
+    disk's sake (it filled meanwhile), else None."""
+    try:
+        with writing(path):
+            atomic_write_bytes(path, (json.dumps(data, indent=indent) + "\n").encode())
+    except StorageError as e:
+        return str(e)
+    return None
 
 
 def output_file_problem(path: str | os.PathLike) -> str | None:
