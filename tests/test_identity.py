@@ -56,3 +56,22 @@ def test_an_epochs_run_takes_whole_optimizer_steps_and_none_when_the_accumulatio
     assert total_steps(config(2, 4), 7) == 12  # 3 optimizer steps; 2 micro-batches would make none
     assert total_steps(config(1, 100), 7) == 0  # train.py refuses it (seg.training.refusals.no_optimizer_step)
     assert total_steps(config(2, 4, iters=5), 7) == 20
+
+
+def test_a_manifest_missing_an_entry_is_refused_at_the_first_read_naming_it(tmp_path):
+    """The run reads the manifest once, for its identity: what it lacks is said there, in one line."""
+    import argparse
+    import json
+
+    from seg.recipe.config import load_config
+    from seg.training.refusals import planned_identity
+    from tests.tiny_training import REPO, tiny_shards
+
+    shards = tiny_shards(tmp_path)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["groups"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    config = load_config(REPO / "configs" / "demo.yaml", [f"data.shards={shards}"], 1)
+    identity, split, error = planned_identity(argparse.Namespace(fold=0, stage=1, init_from=None), config)
+    assert (identity, split) == (None, None)
+    assert error == f"{shards}: its manifest has no 'groups' entry: repack it (tools/pack_cityscapes.py)"

@@ -95,6 +95,8 @@ def planned_identity(
         return fold_identity(config, args.stage, split, args.init_from, processes), split, None
     except (ManifestError, OSError) as e:
         return None, None, str(e)
+    except KeyError as e:  # a manifest of another layout than the one it says it is
+        return None, None, f"{config.data.shards}: its manifest has no {e} entry: repack it (tools/pack_cityscapes.py)"
 
 
 def workers_beyond_epoch(asked: int | str, config: Any, split: FoldSplit | None) -> str | None:
