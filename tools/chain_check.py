@@ -46,7 +46,7 @@ import torch
 
 from seg.core.cli import Size, at_least
 from seg.core.runs import Experiment
-from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, check_writable, write_json_result
+from seg.core.storage import EXIT_STORAGE, check_output_file, writable_problem, write_json_result
 from seg.data.loader import steps_per_epoch
 from seg.data.pack import Options, pack
 from seg.data.synthetic import make_synthetic
@@ -118,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         check_output_file(parser, "--json", args.json)  # before the chain: a bad path fails now, not at the end
     if args.keep:
-        try:
-            check_writable(args.keep)
-        except StorageError as e:
-            print(f"error: --keep {args.keep}: {e}", file=sys.stderr)
+        if problem := writable_problem(args.keep):
+            print(f"error: --keep {args.keep}: {problem}", file=sys.stderr)
             return EXIT_STORAGE
         args.keep.mkdir(parents=True, exist_ok=True)
         return check(scale, args.keep, args.json, args.tiny)

@@ -64,7 +64,7 @@ if __package__ in (None, ""):  # `python tools/chaos.py` from a checkout: make `
     sys.path.insert(0, str(REPO))
 
 from seg.core.cli import at_least  # noqa: E402
-from seg.core.storage import EXIT_STORAGE, StorageError, check_output_file, check_writable, write_json_result  # noqa: E402
+from seg.core.storage import EXIT_STORAGE, check_output_file, writable_problem, write_json_result  # noqa: E402
 from tests.slurm_cluster import SlurmCluster, cluster_dir, running_cluster  # noqa: E402
 from tools.chaos_injector import Chain, DiskFullError, Injector  # noqa: E402
 from tools.chaos_plan import FOLDS, KINDS, PER_ROUND, STAGES, STEPS, plan, prepare_data, rounds  # noqa: E402
@@ -344,12 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         check_output_file(parser, "--json", args.json)  # before the chains: a bad path fails now, not at the end
-    if args.workdir:
-        try:
-            check_writable(args.workdir)
-        except StorageError as e:
-            print(f"error: --workdir {args.workdir}: {e}", file=sys.stderr)
-            return EXIT_STORAGE
+    if args.workdir and (problem := writable_problem(args.workdir)):
+        print(f"error: --workdir {args.workdir}: {problem}", file=sys.stderr)
+        return EXIT_STORAGE
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="seg-chaos-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if args.use_cluster and "SLURM_CONF" not in os.environ:
